@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the checks.
+# Each creates and uses its own virtual environment in .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build first: with it installed, the range in pyproject installs nothing more.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/funnelrec demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check funnelrec tests benchmarks
+	$(VENV)/bin/ruff format --check funnelrec tests benchmarks
+	$(VENV)/bin/mypy funnelrec
+
+test: lint
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

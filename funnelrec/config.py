@@ -1,0 +1,126 @@
+"""Typed configuration: frozen dataclasses filled from a TOML file plus `key=value` overrides.
+
+    cfg = load_config(TrainConfig, Path("configs/small.toml"), ["lr=0.01", "tower.depth=3"])
+
+Values from TOML keep their TOML types; values from overrides are strings parsed by the
+field's annotation (int, float, bool, str, None-able, tuple of those, Literal choices,
+nested dataclasses by dotted keys). Unknown keys and unparseable values raise
+`FunnelrecError` naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from funnelrec.errors import FunnelrecError
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build `cls` from defaults, then the TOML file at `path`, then `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise FunnelrecError(f"{path}: cannot read config ({e.strerror})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise FunnelrecError(f"override '{item}' is not of the form key=value")
+        _set_dotted(values, key.strip().split("."), raw.strip())
+    return from_dict(cls, values)
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a (possibly nested) mapping, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise FunnelrecError(
+            f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: _coerce(hints[name], v, f"{prefix}{name}") for name, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise FunnelrecError(f"invalid config {cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict (for JSON metadata)."""
+    return dataclasses.asdict(obj)
+
+
+def _set_dotted(values: dict[str, Any], keys: list[str], raw: str) -> None:
+    for k in keys[:-1]:
+        values = values.setdefault(k, {})
+        if not isinstance(values, dict):
+            raise FunnelrecError(f"config key '{k}' is not a section")
+    values[keys[-1]] = raw
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise FunnelrecError(f"config key '{key}' is a section, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except FunnelrecError as e:
+                errors.append(str(e))
+        raise FunnelrecError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is typing.Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise FunnelrecError(
+            f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}"
+        )
+    if origin in (tuple, list):
+        items = value
+        if isinstance(value, str):
+            items = [s for s in value.replace("->", ",").split(",") if s.strip()]
+        if not isinstance(items, Sequence):
+            raise FunnelrecError(f"config key '{key}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        out = [_coerce(inner, v, key) for v in items]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise FunnelrecError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp in (int, float, str):
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise FunnelrecError(f"config key '{key}' must be an integer, got {value!r}")
+        try:
+            return tp(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            kind = {int: "an integer", float: "a number", str: "a string"}[tp]
+            raise FunnelrecError(f"config key '{key}' must be {kind}, got {value!r}") from None
+    return value

@@ -1,0 +1,60 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from funnelrec.config import load_config
+from funnelrec.errors import FunnelrecError
+
+
+@dataclass(frozen=True)
+class Tower:
+    depth: int = 2
+    widths: tuple[int, ...] = (512, 256)
+
+
+@dataclass(frozen=True)
+class Cfg:
+    lr: float = 0.01
+    optimizer: Literal["adamw", "adagrad"] = "adamw"
+    cap: int | None = 30
+    shuffle: bool = True
+    name: str = "x"
+    tower: Tower = field(default_factory=Tower)
+
+
+def test_defaults_toml_and_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('lr = 0.5\nname = "from-file"\n[tower]\ndepth = 3\n')
+    cfg = load_config(Cfg, f, ["tower.widths=1024,512,256", "cap=none", "shuffle=false"])
+    assert cfg == Cfg(
+        lr=0.5, cap=None, shuffle=False, name="from-file", tower=Tower(3, (1024, 512, 256))
+    )
+    assert load_config(Cfg).lr == 0.01
+    assert load_config(Cfg, None, ["optimizer=adagrad", "cap=7"]).cap == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lrr=1", "unknown config key 'lrr'"),
+        ("tower.dpth=1", "unknown config key 'tower.dpth'"),
+        ("lr=fast", "config key 'lr' must be a number"),
+        ("optimizer=sgd", "must be one of adamw, adagrad"),
+        ("shuffle=maybe", "must be true or false"),
+        ("novalue", "not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(FunnelrecError, match=message):
+        load_config(Cfg, None, [override])
+
+
+def test_bad_toml_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("lr = = 1")
+    with pytest.raises(FunnelrecError, match="invalid TOML"):
+        load_config(Cfg, f)
+    with pytest.raises(FunnelrecError, match="cannot read config"):
+        load_config(Cfg, tmp_path / "missing.toml")

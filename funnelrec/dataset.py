@@ -263,8 +263,13 @@ class DatasetWriter:
                 ]
         if self._ts[0] <= self._ts[1]:
             m.time_range = {"min_ts": int(self._ts[0]), "max_ts": int(self._ts[1])}
-        (self.path / MANIFEST).write_text(m.to_json())
-        return self._dir.commit()
+        try:
+            (self.path / MANIFEST).write_text(m.to_json())
+            return self._dir.commit()
+        except BaseException:
+            # e.g. the target appeared meanwhile: never leave the temporary directory behind
+            self.abort()
+            raise
 
     def abort(self) -> None:
         for w in self._writers.values():

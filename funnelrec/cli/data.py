@@ -1,9 +1,130 @@
-"""`funnelrec data ...`: import, fetch and describe canonical datasets."""
+"""`funnelrec data ...`: import, fetch and describe canonical datasets.
+
+funnelrec data import sequence beauty.txt --out /tmp/beauty
+funnelrec data import kuairand kuairand_sample.tsv --out /tmp/kr
+funnelrec data import movielens ml-1m/ --out /tmp/ml1m
+funnelrec data fetch movielens-100k --out /tmp/ml100k
+funnelrec data describe /tmp/ml100k
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from enum import StrEnum
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from funnelrec.describe import describe as describe_dataset
+from funnelrec.describe import render
+from funnelrec.fetch import fetch_movielens_100k
+from funnelrec.loaders import ImportResult, import_kuairand, import_movielens, import_sequence
 
 app = typer.Typer(
     help="Import, fetch and describe datasets (canonical event tables).", no_args_is_help=True
 )
+console = Console()
+
+
+class Format(StrEnum):
+    movielens = "movielens"
+    kuairand = "kuairand"
+    sequence = "sequence"
+
+
+class Fetchable(StrEnum):
+    movielens_100k = "movielens-100k"
+
+
+OUT = typer.Option(..., "--out", "-o", help="Dataset directory to create.")
+FORCE = typer.Option(False, "--force", help="Replace an existing dataset directory.")
+
+
+def _summary(result: ImportResult) -> None:
+    counts = result.row_counts
+    parts = [f"{counts[t]:,} {t}" for t in ("watches", "impressions", "searches") if t in counts]
+    parts += [f"{counts['users']:,} users", f"{counts['items']:,} items"]
+    console.print(f"[bold]{', '.join(parts)}[/] -> {result.path} ({result.seconds:.1f} s)")
+    table = Table(show_header=True, box=None, pad_edge=False)
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, n in counts.items():
+        table.add_row(name, f"{n:,}")
+    console.print(table)
+    lo, hi = result.time_range.get("min_ts"), result.time_range.get("max_ts")
+    if lo is not None and hi is not None:
+        if result.synthetic_timestamps:
+            console.print(f"timestamps: synthetic (position in sequence, {lo}..{hi})")
+        else:
+            fmt = "%Y-%m-%d"
+            first = dt.datetime.fromtimestamp(lo, dt.UTC).strftime(fmt)
+            last = dt.datetime.fromtimestamp(hi, dt.UTC).strftime(fmt)
+            console.print(f"time range: {first} .. {last} (UTC)")
+
+
+@app.command("import")
+def import_(
+    fmt: Format = typer.Argument(..., metavar="FORMAT", help="movielens, kuairand or sequence."),
+    src: Path = typer.Argument(
+        ..., metavar="SRC", help="Input file or directory (movielens: a dir or zip)."
+    ),
+    out: Path = OUT,
+    force: bool = FORCE,
+) -> None:
+    """Import raw logs into a canonical dataset directory (built aside, renamed at the end)."""
+    with console.status(f"importing {fmt.value} from {src}"):
+        if fmt is Format.movielens:
+            result = import_movielens(src, out, force=force)
+        elif fmt is Format.kuairand:
+            result = import_kuairand(src, out, force=force)
+        else:
+            result = import_sequence(src, out, force=force)
+    _summary(result)
+
+
+@app.command("fetch")
+def fetch(
+    name: Fetchable = typer.Argument(..., metavar="NAME", help="Data set to fetch."),
+    out: Path = OUT,
+    force: bool = FORCE,
+    timeout: float = typer.Option(10.0, help="Seconds to wait for the publisher's host."),
+) -> None:
+    """Download a public data set (checksum verified) and import it."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("download", total=None)
+
+        def on_progress(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        def on_status(message: str) -> None:
+            progress.update(task, description=message[:60])
+            progress.console.print(message)
+
+        result = fetch_movielens_100k(
+            out, force=force, timeout=timeout, on_progress=on_progress, on_status=on_status
+        )
+    console.print(f"source: {result.source}: {result.detail}")
+    _summary(result.imported)
+
+
+@app.command("describe")
+def describe(path: Path = typer.Argument(..., help="Dataset directory.")) -> None:
+    """Counts, time range, activity and popularity percentiles, optional columns."""
+    console.print(render(describe_dataset(path)))

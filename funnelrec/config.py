@@ -11,6 +11,7 @@ nested dataclasses by dotted keys). Unknown keys and unparseable values raise
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
@@ -35,11 +36,25 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequenc
         except tomllib.TOMLDecodeError as e:
             raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise FunnelrecError(f"override '{item}' is not of the form key=value")
-        _set_dotted(values, key.strip().split("."), raw.strip())
+        key, raw = _split_override(item)
+        _set_dotted(values, key.split("."), raw)
     return from_dict(cls, values)
+
+
+def apply_overrides(config: T, overrides: Sequence[str]) -> T:
+    """`config` (a dataclass instance, e.g. a preset) with `key=value` overrides applied."""
+    values = dataclasses.asdict(config)  # type: ignore[call-overload]
+    for item in overrides:
+        key, raw = _split_override(item)
+        _set_dotted(values, key.split("."), raw)
+    return from_dict(type(config), values)
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise FunnelrecError(f"override '{item}' is not of the form key=value")
+    return key.strip(), raw.strip()
 
 
 def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
@@ -48,9 +63,10 @@ def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise FunnelrecError(
-            f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})"
-        )
+        close = difflib.get_close_matches(unknown[0], list(fields), n=3)
+        hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+        known = f"known: {', '.join(sorted(fields))}"
+        raise FunnelrecError(f"unknown config key '{prefix}{unknown[0]}' ({hint or known})")
     kwargs = {name: _coerce(hints[name], v, f"{prefix}{name}") for name, v in values.items()}
     try:
         return cls(**kwargs)
@@ -69,6 +85,17 @@ def _set_dotted(values: dict[str, Any], keys: list[str], raw: str) -> None:
         if not isinstance(values, dict):
             raise FunnelrecError(f"config key '{k}' is not a section")
     values[keys[-1]] = raw
+
+
+def _parse_int(text: str) -> int:
+    """An integer written plainly or as 1e6 / 100.0 (common in configs of sizes)."""
+    try:
+        return int(text)
+    except ValueError:
+        f = float(text)  # ValueError propagates: not a number at all
+        if not f.is_integer():
+            raise
+        return int(f)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -119,8 +146,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise FunnelrecError(f"config key '{key}' must be an integer, got {value!r}")
         try:
-            return tp(value.strip() if isinstance(value, str) else value)
+            if isinstance(value, str) and tp is not str:
+                value = value.strip().replace("_", "")
+                if tp is int:
+                    return _parse_int(value)
+            return tp(value)
         except (TypeError, ValueError):
             kind = {int: "an integer", float: "a number", str: "a string"}[tp]
-            raise FunnelrecError(f"config key '{key}' must be {kind}, got {value!r}") from None
+            raise FunnelrecError(f"config key '{key}' must be {kind}, got '{value}'") from None
     return value

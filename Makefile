@@ -25,7 +25,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy funnelrec
 
 test: lint
-	$(VENV)/bin/pytest
+	# One BLAS thread: the tests use small matrices, where threads only add overhead.
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

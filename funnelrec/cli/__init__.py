@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from funnelrec.cli import data, demo
+from funnelrec.cli import data, demo, features
 from funnelrec.cli import simulate as simulate_cli
 from funnelrec.errors import FunnelrecError
 
@@ -22,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.add_typer(features.app, name="features")
 app.command("simulate")(simulate_cli.simulate)
 app.command("demo")(demo.demo)
 

@@ -1,0 +1,259 @@
+"""Vocabularies: raw values of one id space (items, search tokens, regions, ...) -> dense ids.
+
+A vocabulary is fitted in one pass over TRAINING data only (SPEC 3, 4): the values are
+counted, sorted by frequency (most frequent first, ties by value), and truncated to the top
+`max_size`. Id 0 is out of vocabulary: every value not kept maps to 0, whose embedding is
+the zero vector. Ids 1..n are therefore in decreasing training frequency, which is what a
+log-uniform negative sampler assumes; `counts` keeps the frequencies themselves (the
+candidate model builds its sampling proposal Q from the item vocabulary's counts).
+
+Example:
+    v = Vocabulary.fit("region", pa.array(["de", "fr", "de", None]))
+    v.lookup(pa.array(["de", "us"]))   # -> array([1, 0], dtype=int32)
+    len(v)                             # -> 3 (ids 0, 1, 2)
+    v.save(path); Vocabulary.load(path)
+
+Saved as Parquet (id, value, count) with the name, kind and OOV count in the file's
+metadata: plain, typed, and fast for million-entry vocabularies. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from funnelrec.errors import ArtifactError, FunnelrecError
+
+FORMAT_VERSION = 1
+
+# Embedding dimension rule (SPEC 3: "roughly proportional to log(number of unique values)").
+# dim = EMB_MULTIPLE * ceil(EMB_SCALE * log2(cardinality) / EMB_MULTIPLE), clipped to
+# [EMB_MIN, EMB_MAX]. The scale puts the paper's example, 1M ids x 32 dims, on the rule
+# (1.6 * log2(1e6) = 31.9); rounding up to a multiple of 4 keeps matrix shapes friendly.
+EMB_SCALE = 1.6
+EMB_MIN = 4
+EMB_MAX = 64
+EMB_MULTIPLE = 4
+
+
+def embedding_dim(
+    cardinality: int,
+    *,
+    scale: float = EMB_SCALE,
+    minimum: int = EMB_MIN,
+    maximum: int = EMB_MAX,
+    multiple: int = EMB_MULTIPLE,
+) -> int:
+    """Embedding width for a vocabulary of `cardinality` ids (including id 0).
+
+    Examples with the defaults: 5 -> 4, 50 -> 12, 10,000 -> 24, 100,000 -> 28, 1M -> 32.
+    """
+    if cardinality < 1:
+        raise FunnelrecError(f"embedding_dim: cardinality must be >= 1, got {cardinality}")
+    if multiple < 1 or minimum < 1 or maximum < minimum:
+        raise FunnelrecError(
+            f"embedding_dim: need multiple >= 1 and 1 <= minimum <= maximum "
+            f"(got multiple={multiple}, minimum={minimum}, maximum={maximum})"
+        )
+    raw = scale * math.log2(max(cardinality, 2))
+    dim = multiple * math.ceil(raw / multiple)
+    return int(min(max(dim, minimum), maximum))
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """One id space. `values[i - 1]` is the raw value of id i; `counts[i]` its training count.
+
+    values:    [n]      raw values (int64 or string), most frequent first
+    counts:    [n + 1]  training frequency per id; counts[0] = occurrences mapped to OOV
+    kind:      "int" or "str"
+    """
+
+    name: str
+    values: np.ndarray
+    counts: np.ndarray
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "str"):
+            raise FunnelrecError(f"vocabulary '{self.name}': kind must be 'int' or 'str'")
+        if self.counts.shape != (len(self.values) + 1,):
+            raise FunnelrecError(
+                f"vocabulary '{self.name}': counts has shape {self.counts.shape}, "
+                f"expected ({len(self.values) + 1},)"
+            )
+        # Lookup table, built once: Arrow's index_in handles ints and strings alike.
+        object.__setattr__(self, "_value_set", self._arrow_values())
+
+    def __len__(self) -> int:
+        """Number of ids, including the OOV id 0 (the embedding table's row count)."""
+        return len(self.values) + 1
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({self.name!r}, size={len(self)}, kind={self.kind!r})"
+
+    def _arrow_values(self) -> pa.Array:
+        if self.kind == "int":
+            return pa.array(np.asarray(self.values, dtype=np.int64), type=pa.int64())
+        return pa.array(list(self.values), type=pa.string())
+
+    @classmethod
+    def fit(
+        cls,
+        name: str,
+        values: pa.Array | pa.ChunkedArray | np.ndarray,
+        *,
+        max_size: int | None = None,
+        min_count: int = 1,
+        weights: np.ndarray | None = None,
+    ) -> Vocabulary:
+        """Count `values` (nulls ignored), keep the top `max_size` with count >= `min_count`.
+
+        `weights` (same length as values) counts each occurrence with a weight instead of 1.
+        """
+        arr = _as_arrow(values)
+        kind = (
+            "str" if (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) else "int"
+        )
+        if kind == "int" and not pa.types.is_integer(arr.type):
+            if arr.null_count == len(arr):
+                arr = arr.cast(pa.int64())
+            else:
+                raise FunnelrecError(
+                    f"vocabulary '{name}': values must be integers or strings, got {arr.type}"
+                )
+        if weights is not None and len(weights) != len(arr):
+            raise FunnelrecError(f"vocabulary '{name}': weights and values differ in length")
+        valid = np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), dtype=bool)
+        if kind == "int":
+            keys = np.asarray(pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(), dtype=np.int64)
+            keys = keys[valid]
+            uniq, inverse = np.unique(keys, return_inverse=True)
+        else:
+            enc = pc.dictionary_encode(arr.cast(pa.string()))
+            indices = np.asarray(
+                pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False), dtype=np.int64
+            )[valid]
+            dict_values = np.array(enc.dictionary.to_pylist(), dtype=object)
+            # Order the dictionary by value so ties in frequency break the same way every run.
+            order = np.argsort(dict_values.astype(str), kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            uniq = dict_values[order]
+            inverse = rank[indices]
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)[valid]
+        freq = np.bincount(inverse, weights=w, minlength=len(uniq))
+        # Most frequent first; np.lexsort's last key is primary, uniq is sorted so the
+        # position breaks ties by value.
+        order = np.lexsort((np.arange(len(uniq)), -freq))
+        keep = order[freq[order] >= min_count]
+        if max_size is not None:
+            keep = keep[: max(int(max_size), 0)]
+        kept_values = uniq[keep]
+        counts = np.empty(len(keep) + 1, dtype=np.float64 if weights is not None else np.int64)
+        counts[1:] = freq[keep]
+        counts[0] = freq.sum() - counts[1:].sum()
+        if kind == "int":
+            kept_values = np.asarray(kept_values, dtype=np.int64)
+        else:
+            kept_values = np.asarray(kept_values, dtype=object)
+        return cls(name=name, values=kept_values, counts=counts, kind=kind)
+
+    def lookup(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+        """Dense ids of raw `values`: [n] int32, 0 for nulls and values not in the vocabulary."""
+        arr = _as_arrow(values)
+        if len(arr) == 0:
+            return np.zeros(0, dtype=np.int32)
+        if self.kind == "int":
+            if not (pa.types.is_integer(arr.type) or arr.null_count == len(arr)):
+                raise FunnelrecError(
+                    f"vocabulary '{self.name}' holds integers, got values of type {arr.type}"
+                )
+            arr = arr.cast(pa.int64())
+        else:
+            arr = arr.cast(pa.string())
+        idx = pc.index_in(arr, value_set=self._value_set)  # type: ignore[attr-defined]
+        out = pc.fill_null(pc.add(idx, 1), 0)
+        return np.asarray(out.to_numpy(zero_copy_only=False), dtype=np.int32)
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Raw values of dense ids (ids must be >= 1)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 1 or ids.max() >= len(self)):
+            raise FunnelrecError(f"vocabulary '{self.name}': ids out of range 1..{len(self) - 1}")
+        return self.values[ids - 1]
+
+    def oov_rate(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> float:
+        """Share of non-null `values` that map to id 0 (nan when there are none)."""
+        arr = _as_arrow(values)
+        n = len(arr) - arr.null_count
+        if n == 0:
+            return float("nan")
+        ids = self.lookup(arr.filter(pc.is_valid(arr)))
+        return float((ids == 0).mean())
+
+    def embedding_dim(self, **rule: int | float) -> int:
+        """Embedding width by `embedding_dim`'s rule (keyword overrides of its constants)."""
+        return embedding_dim(len(self), **rule)  # type: ignore[arg-type]
+
+    def save(self, path: Path | str) -> None:
+        """Write Parquet (id, value, count) atomically, metadata in the schema."""
+        path = Path(path)
+        ids = np.arange(len(self), dtype=np.int64)
+        value_type = pa.int64() if self.kind == "int" else pa.string()
+        values = pa.array([None, *self.values.tolist()], type=value_type)
+        count_type = pa.float64() if self.counts.dtype.kind == "f" else pa.int64()
+        meta = {"format_version": FORMAT_VERSION, "name": self.name, "kind": self.kind}
+        table = pa.table(
+            {"id": ids, "value": values, "count": pa.array(self.counts, type=count_type)}
+        ).replace_schema_metadata({"funnelrec.vocabulary": json.dumps(meta)})
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Vocabulary:
+        path = Path(path)
+        try:
+            table = pq.read_table(path)
+        except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
+            raise ArtifactError(f"{path}: cannot read vocabulary ({e})") from None
+        raw = (table.schema.metadata or {}).get(b"funnelrec.vocabulary")
+        if raw is None:
+            raise ArtifactError(f"{path}: not a funnelrec vocabulary (no metadata)")
+        meta = json.loads(raw)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path}: vocabulary format version {meta.get('format_version')}, "
+                f"this funnelrec reads {FORMAT_VERSION}"
+            )
+        ids = table.column("id").to_numpy()
+        if not np.array_equal(ids, np.arange(len(ids))):
+            raise ArtifactError(f"{path}: vocabulary ids are not 0..n-1")
+        values = table.column("value").slice(1)
+        kind = meta["kind"]
+        vals = (
+            np.asarray(values.to_numpy(), dtype=np.int64)
+            if kind == "int"
+            else np.array(values.to_pylist(), dtype=object)
+        )
+        counts = np.asarray(table.column("count").to_numpy())
+        return cls(name=str(meta["name"]), values=vals, counts=counts, kind=kind)
+
+
+def _as_arrow(values: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    if isinstance(values, pa.Array):
+        return values
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return pa.array(arr.astype(np.int64))
+    return pa.array(arr.tolist())

@@ -76,7 +76,9 @@ class UserContext:
 
     user_id: int
     history: list[int] = field(default_factory=list)
+    history_ts: list[int] = field(default_factory=list)  # watch times, aligned with history
     queries: list[str] = field(default_factory=list)
+    queries_ts: list[int] = field(default_factory=list)
     shown: dict[int, int] = field(default_factory=dict)  # item id -> times already shown
     last_ts: int | None = None
 
@@ -232,7 +234,9 @@ class UserStateStore:
         return UserContext(
             user_id=user_id,
             history=[int(r[0]) for r in reversed(w)],
+            history_ts=[int(r[1]) for r in reversed(w)],
             queries=[str(r[0]) for r in reversed(s)],
+            queries_ts=[int(r[1]) for r in reversed(s)],
             shown={int(item): int(cnt) for item, cnt in i},
             last_ts=last,
         )

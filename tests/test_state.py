@@ -53,6 +53,7 @@ def test_seed_keeps_last_n_in_time_order(tmp_path: Path) -> None:
     store.seed_from_dataset(_dataset(tmp_path))
     ctx = store.context(1)
     assert ctx.history == [3, 1]  # ts 20 then 30: the last two, oldest first
+    assert ctx.history_ts == [20, 30] and ctx.queries_ts == [5, 15]
     assert ctx.queries == ["a", "b"]
     assert ctx.shown == {3: 1, 4: 2}
     assert store.context(2).history == [4]

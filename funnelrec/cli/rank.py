@@ -1,0 +1,538 @@
+"""`funnelrec train ranker` and `funnelrec evaluate ranker`: stage 2 of the funnel (SPEC 3).
+
+    funnelrec train ranker --features FEAT --out ART [--config configs/ranker-1024-512-256.toml]
+                           [--resume] [--force] [model.objective=ctr train.epochs=3 ...]
+    funnelrec evaluate ranker ART --features FEAT [--split test] [--out ART/metrics.json]
+
+Training reads the ranking examples of FEAT (issue 4), starts the output bias at the best
+constant (`ranking.base_log_odds` over the training impressions), trains with the shared
+loop (`train.train`: progress, checkpoints to ART.checkpoint.pt, --resume, determinism),
+keeps the epoch with the lowest weighted per-user loss on the validation split, and writes
+ART/config.json + ART/model.safetensors atomically.
+
+Evaluation scores a split and writes metrics.json: the model's weighted per-user loss,
+AUC, GAUC, log losses and calibration (`rank_metrics.ranking_metrics`), a random order for
+reference, and, on simulated data (the features' dataset has truth/), the oracle's order
+by true expected watch time and the share of high-clickbait items in each user's top 10.
+
+Both are plain functions (`train_ranker`, `evaluate_ranker`) with thin Typer wrappers.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from funnelrec import rank_metrics
+from funnelrec.config import from_dict
+from funnelrec.dataset import AtomicDirectory, write_json_atomic
+from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.examples import Features
+from funnelrec.loader import ranking_loader, read_examples
+from funnelrec.ranking import (
+    TOWER_PRESETS,
+    RankingConfig,
+    RankingFeatureSpec,
+    RankingModel,
+    RankingPredictions,
+    base_log_odds,
+    load_ranker,
+    predict,
+    read_ranker_config,
+    save_ranker_artifact,
+    tower_name,
+)
+from funnelrec.train import TrainConfig, TrainResult, loader_epochs, seed_everything, train
+from funnelrec.truth import TRUTH_DIR, World
+
+console = Console()
+
+METRICS_FORMAT_VERSION = 1
+# "High clickbait" for the top-10 share: the world's top decile of latent clickbait.
+CLICKBAIT_QUANTILE = 0.9
+RANDOM_DRAWS = 10
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig:
+    """Everything `funnelrec train ranker` reads from --config and key=value overrides.
+
+    model:           the network and objective ([model] section; see RankingConfig)
+    train:           the shared loop's settings ([train] section; see TrainConfig). The
+                     ranker's defaults differ from TrainConfig's in one place: grad_clip = 0,
+                     because with positives weighted by watch time in seconds every batch's
+                     gradient norm is far above any fixed threshold, and clipping would
+                     re-weight batches by how much watch time they happen to hold.
+    eval_batch_size: impressions per batch when scoring the validation split
+    validate:        score the validation split after every epoch (weighted per-user loss)
+                     and keep the best epoch (train.patience > 0 also stops early)
+    init_bias:       start the output bias at the best constant logit of the training data
+    """
+
+    model: RankingConfig = field(default_factory=RankingConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(grad_clip=0.0, batch_size=1024, epochs=2)
+    )
+    eval_batch_size: int = 8192
+    validate: bool = True
+    init_bias: bool = True
+
+
+def load_ranker_train_config(
+    path: Path | str | None = None, overrides: Sequence[str] = ()
+) -> RankerTrainConfig:
+    """Defaults, then the TOML file, then `key=value` overrides (dotted: model.tower=512,256).
+
+    Sections start from RankerTrainConfig's own defaults (not the section class's), so a
+    [train] section that sets lr alone keeps grad_clip = 0. `model.tower=none` (or any
+    name in ranking.TOWER_PRESETS, e.g. 1024-512-256) selects a preset.
+    """
+    values: dict[str, Any] = _as_tree(asdict(RankerTrainConfig()))
+    if path is not None:
+        path = Path(path)
+        try:
+            _merge(values, tomllib.loads(path.read_text()))
+        except OSError as e:
+            raise FunnelrecError(f"{path}: cannot read config ({e.strerror})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise FunnelrecError(f"override '{item}' is not of the form key=value")
+        if key.split(".")[-1] == "tower" and raw in TOWER_PRESETS:
+            raw = ",".join(str(w) for w in TOWER_PRESETS[raw])
+        node = values
+        parts = key.split(".")
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise FunnelrecError(f"config key '{k}' is not a section")
+        node[parts[-1]] = raw
+    return from_dict(RankerTrainConfig, values)
+
+
+def _as_tree(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _as_tree(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where a training run into `out` checkpoints (beside it: the artifact is atomic)."""
+    return out.with_name(out.name + ".checkpoint.pt")
+
+
+def _features_meta(feats: Features) -> dict[str, Any]:
+    rank_item = feats.vocab("rank_item")
+    return {
+        "data": {"fingerprint": feats.fingerprint, "features": str(feats.path)},
+        "split": feats.split,
+        "rank_item_vocab": len(rank_item),
+    }
+
+
+def _check_features(meta: Mapping[str, Any], feats: Features, art: Path) -> None:
+    want = meta.get("data", {}).get("fingerprint")
+    if want != feats.fingerprint:
+        raise ArtifactError(
+            f"{art} was trained on data with fingerprint {want}, {feats.path} was built from "
+            f"{feats.fingerprint}"
+        )
+    spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
+    if meta.get("spec") != spec.to_dict():
+        raise ArtifactError(f"{art}: its feature spec differs from that of {feats.path}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def score_split(
+    model: RankingModel, feats: Features, split: str, batch_size: int = 8192, show: bool = True
+) -> RankingPredictions:
+    """The model's logits for every impression of a split (in shard order)."""
+    loader = ranking_loader(feats, split, batch_size=batch_size)
+    if not show:
+        return predict(model, loader)
+    with _progress() as bar:
+        task = bar.add_task(f"scoring {split}", total=feats.num_examples("ranking", split))
+        return predict(model, loader, progress=lambda n: bar.advance(task, n))
+
+
+def train_ranker(
+    features: Path | str,
+    out: Path | str,
+    config: RankerTrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a ranker on FEAT's ranking examples and write the artifact `out`.
+
+    Returns the summary stored in ART/config.json under "training" (steps, examples/s,
+    best validation weighted per-user loss, ...).
+    """
+    cfg = config or RankerTrainConfig()
+    out = Path(out)
+    feats = Features.open(features)
+    spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
+    target = AtomicDirectory(out, force=force)  # fails early if `out` exists
+    try:
+        seed_everything(cfg.train.seed)
+        model = RankingModel(spec, cfg.model)
+        if cfg.init_bias:
+            t = read_examples(feats, "ranking", "train", ["label", "watch_time"])
+            bias = base_log_odds(
+                torch.from_numpy(np.array(t.column("label").to_numpy(), dtype=np.float32)),
+                torch.from_numpy(np.array(t.column("watch_time").to_numpy(), dtype=np.float32)),
+                cfg.model,
+            )
+            model.set_output_bias(bias)
+        loader = ranking_loader(
+            feats,
+            "train",
+            batch_size=cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.train.seed,
+            num_workers=cfg.train.num_workers,
+        )
+        has_valid = cfg.validate and feats.num_examples("ranking", "valid") > 0
+
+        # Early stopping / best epoch by the paper's metric on the validation split; a
+        # split without any page holding both a click and a non-click cannot give it, and
+        # then the held-out training objective stands in.
+        metric_name = "weighted_per_user_loss"
+        if has_valid:
+            v = read_examples(
+                feats, "ranking", "valid", ["label", "watch_time", "user_id", "request_id"]
+            )
+            cols = [
+                v.column(c).to_numpy() for c in ("label", "watch_time", "user_id", "request_id")
+            ]
+            if math.isnan(rank_metrics.weighted_per_user_loss(np.zeros(v.num_rows), *cols)):
+                metric_name = "weighted_log_loss"
+
+        def validation(m: torch.nn.Module) -> float:
+            assert isinstance(m, RankingModel)
+            p = score_split(m, feats, "valid", cfg.eval_batch_size, show=progress)
+            if metric_name == "weighted_per_user_loss":
+                loss = rank_metrics.weighted_per_user_loss(
+                    p.logit, p.label, p.watch_time, p.user_id, p.request_id
+                )
+            else:
+                loss = rank_metrics.weighted_logistic_loss(
+                    p.logit,
+                    p.label,
+                    p.watch_time,
+                    watch_time_unit=cfg.model.watch_time_unit,
+                    clicks_as_negatives=cfg.model.clicks_as_negatives,
+                )
+            return -loss  # the loop maximises
+
+        meta = {
+            "model": model.metadata(),
+            "features": _features_meta(feats),
+            "init_bias": cfg.init_bias,
+            "validate": has_valid,
+        }
+        result: TrainResult = train(
+            model,
+            loader_epochs(loader),
+            cfg.train,
+            steps_per_epoch=len(loader.shards),
+            checkpoint=checkpoint_path(out),
+            resume=resume,
+            evaluate=validation if has_valid else None,
+            meta=meta,
+            progress=progress,
+            description=f"ranker {tower_name(cfg.model.tower)} {cfg.model.objective}",
+        )
+        summary: dict[str, Any] = {
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "examples": result.examples,
+            "seconds": round(result.seconds, 3),
+            "examples_per_s": round(result.examples_per_s, 1),
+            "final_train_loss": result.loss,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+            "validation_metric": metric_name if has_valid else None,
+            "history": [[s, -m] for s, m in result.history],
+            # of the saved weights (the best evaluated epoch's, or the last step's)
+            "valid": -validation(model) if has_valid else None,
+        }
+        save_ranker_artifact(
+            model,
+            target.tmp,
+            meta={
+                **_features_meta(feats),
+                "train_config": asdict(cfg.train),
+                "eval_batch_size": cfg.eval_batch_size,
+                "training": summary,
+            },
+        )
+        target.commit()
+    except BaseException:
+        target.abort()
+        raise
+    checkpoint_path(out).unlink(missing_ok=True)
+    return summary
+
+
+def _truth_items(data: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(item_id [I], clickbait [I]) of a simulated dataset's truth, or None if not simulated."""
+    file = data / TRUTH_DIR / "items.parquet"
+    if not file.exists():
+        return None
+    t = pq.read_table(file, columns=["item_id", "clickbait"])
+    return (
+        np.asarray(t.column("item_id").to_numpy(), dtype=np.int64),
+        np.asarray(t.column("clickbait").to_numpy(), dtype=np.float64),
+    )
+
+
+def evaluate_ranker(
+    art: Path | str,
+    features: Path | str,
+    *,
+    split: str = "test",
+    out: Path | str | None = None,
+    data: Path | str | None = None,
+    top_k: int = 10,
+    seed: int = 0,
+    show: bool = True,
+) -> dict[str, Any]:
+    """Score a split with the ranker of `art` and write metrics.json (default ART/metrics.json).
+
+    data: the dataset the features were built from (default: the path the features
+    recorded); when it is simulated, the oracle and the clickbait shares are added.
+    Returns what was written: {"model": {...}, "random": {...}, ["oracle": {...},]
+    ["clickbait": {...},] "protocol": {...}}.
+    """
+    art = Path(art)
+    feats = Features.open(features)
+    meta = read_ranker_config(art)
+    _check_features(meta, feats, art)
+    model = load_ranker(art)
+    cfg = model.config
+    p = score_split(model, feats, split, int(meta.get("eval_batch_size", 8192)), show=show)
+    args = (p.label, p.watch_time, p.user_id, p.request_id)
+    result: dict[str, Any] = {
+        "format_version": METRICS_FORMAT_VERSION,
+        "model": rank_metrics.ranking_metrics(
+            p.logit,
+            *args,
+            watch_time_unit=cfg.watch_time_unit,
+            clicks_as_negatives=cfg.clicks_as_negatives,
+        ),
+    }
+    # A random order's expected loss is 0.5; one draw on a small split is noisy, so the
+    # reference is the mean of RANDOM_DRAWS seeded draws.
+    rng = np.random.default_rng(seed)
+    draws = [
+        rank_metrics.weighted_per_user_loss(rng.random(len(p)), *args) for _ in range(RANDOM_DRAWS)
+    ]
+    result["random"] = {"weighted_per_user_loss": float(np.mean(draws)), "draws": RANDOM_DRAWS}
+
+    data_path = Path(data) if data is not None else Path(feats.manifest["data"]["path"])
+    truth = _truth_items(data_path) if data_path.exists() else None
+    if truth is not None and len(p):
+        rows = read_examples(feats, "ranking", split, ["item_id", "ts", "item_shown_before"])
+        item = np.asarray(rows.column("item_id").to_numpy(), dtype=np.int64)
+        world = World.load(data_path)
+        oracle = world.expected_watch_time(
+            p.user_id,
+            item,
+            np.asarray(rows.column("ts").to_numpy(), dtype=np.int64),
+            np.nan_to_num(np.asarray(rows.column("item_shown_before").to_numpy())),
+        )
+        result["oracle"] = {
+            "weighted_per_user_loss": rank_metrics.weighted_per_user_loss(oracle, *args),
+            "auc": rank_metrics.auc(oracle, p.label),
+        }
+        ids, clickbait = truth
+        by_id = np.zeros(int(ids.max()) + 1)
+        by_id[ids] = clickbait
+        threshold = float(np.quantile(clickbait, CLICKBAIT_QUANTILE))
+        high = by_id[item] >= threshold
+        result["clickbait"] = {
+            "definition": f"item clickbait >= the world's {CLICKBAIT_QUANTILE:.0%} quantile "
+            f"({threshold:.3f}); share among each user's top {top_k} impressions of the split",
+            "top_k": top_k,
+            "model_top_k_share": rank_metrics.top_k_share(p.logit, p.user_id, high, top_k),
+            "oracle_top_k_share": rank_metrics.top_k_share(oracle, p.user_id, high, top_k),
+            "shown_share": float(high.mean()),
+        }
+    result["protocol"] = {
+        "artifact": str(art),
+        "features": str(feats.path),
+        "data_fingerprint": feats.fingerprint,
+        "split_kind": feats.split,
+        "split": split,
+        "tower": tower_name(cfg.tower),
+        "objective": cfg.objective,
+        "power_features": cfg.power_features,
+        "watch_time_unit": cfg.watch_time_unit,
+        "pairs": "clicked x unclicked impressions of one (user_id, request_id) page; "
+        "ties count half",
+        "calibration": "predicted = exp(logit) * watch_time_unit vs observed seconds per "
+        "impression; deciles of prediction",
+    }
+    if math.isnan(result["model"]["weighted_per_user_loss"]):
+        console.print(
+            f"[yellow]warning:[/] the {split} split has no page with both a clicked and an "
+            "unclicked impression; the weighted per-user loss is undefined"
+        )
+    write_json_atomic(Path(out) if out is not None else art / "metrics.json", result)
+    return result
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.2f}%" if pct else f"{x:.4f}"
+
+
+def print_metrics(result: Mapping[str, Any]) -> None:
+    """A Rich table of what `evaluate_ranker` returned."""
+    m, pr = result["model"], result["protocol"]
+    table = Table(title=f"ranker {pr['tower']} ({pr['objective']}) on {pr['split']}")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    table.add_column("random", justify="right")
+    table.add_column("oracle", justify="right")
+    oracle = result.get("oracle", {})
+    table.add_row(
+        "weighted per-user loss",
+        _fmt(m["weighted_per_user_loss"], pct=True),
+        _fmt(result["random"]["weighted_per_user_loss"], pct=True),
+        _fmt(oracle.get("weighted_per_user_loss"), pct=True),
+    )
+    table.add_row("AUC", _fmt(m["auc"]), "0.5", _fmt(oracle.get("auc")))
+    table.add_row("GAUC (per user)", _fmt(m["gauc"]), "", "")
+    table.add_row("log loss (clicks)", _fmt(m["log_loss"]), "", "")
+    table.add_row("weighted log loss", _fmt(m["weighted_log_loss"]), "", "")
+    cal = m["calibration"]
+    table.add_row(
+        "mean predicted / observed s",
+        f"{cal['mean_predicted']:.1f} / {cal['mean_observed']:.1f} (x{cal['ratio']:.3f})",
+        "",
+        "",
+    )
+    cb = result.get("clickbait")
+    if cb is not None:
+        table.add_row(
+            f"high-clickbait share, top {cb['top_k']}",
+            _fmt(cb["model_top_k_share"], pct=True),
+            _fmt(cb["shown_share"], pct=True),
+            _fmt(cb["oracle_top_k_share"], pct=True),
+        )
+    table.caption = (
+        f"{m['impressions']:,} impressions, {m['clicks']:,} clicks, {m['pages']:,} pages, "
+        f"{m['pairs']:,} pairs; random column for clickbait = share among all shown"
+    )
+    console.print(table)
+    deciles = Table(title="calibration by decile of predicted watch time")
+    for col in ("decile", "impressions", "mean predicted s", "mean observed s", "ratio"):
+        deciles.add_column(col, justify="right")
+    for i, row in enumerate(cal["deciles"], 1):
+        deciles.add_row(
+            str(i),
+            f"{row['count']:,}",
+            f"{row['mean_predicted']:.1f}",
+            f"{row['mean_observed']:.1f}",
+            _fmt(row["ratio"]),
+        )
+    console.print(deciles)
+
+
+# --------------------------------------------------------------------------- Typer commands
+
+
+def train_command(
+    features: Path = typer.Option(..., "--features", "-f", help="Features directory (issue 4)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint.pt."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Overrides, e.g. model.tower=512,256 train.epochs=3"
+    ),
+) -> None:
+    """Train the ranking network (watch-time weighted logistic regression) on FEAT."""
+    cfg = load_ranker_train_config(config, overrides or [])
+    summary = train_ranker(features, out, cfg, resume=resume, force=force)
+    valid = summary["valid"]
+    console.print(
+        f"ranker {tower_name(cfg.model.tower)} ({cfg.model.objective}) -> {out}: "
+        f"{summary['steps']:,} steps, {summary['examples_per_s']:,.0f} ex/s"
+        + (
+            f", valid {summary['validation_metric'].replace('_', ' ')} {valid:.4f}"
+            if valid is not None
+            else ""
+        )
+    )
+
+
+def evaluate_command(
+    art: Path = typer.Argument(..., help="Ranker artifact directory."),
+    features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
+    split: str = typer.Option("test", "--split", help="train, valid or test."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Default: ART/metrics.json."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset of FEAT (default: the path FEAT recorded); truth if any."
+    ),
+    top_k: int = typer.Option(10, "--top-k", help="K of the clickbait top-K share."),
+) -> None:
+    """Weighted per-user loss, AUC, GAUC, log loss and calibration of a ranker."""
+    result = evaluate_ranker(art, features, split=split, out=out, data=data, top_k=top_k)
+    print_metrics(result)
+    console.print(f"wrote {out or Path(art) / 'metrics.json'}")
+
+
+def with_overrides(cfg: RankerTrainConfig, **model: Any) -> RankerTrainConfig:
+    """`cfg` with some RankingConfig fields replaced (for experiment scripts)."""
+    return replace(cfg, model=replace(cfg.model, **model))
+
+
+def impressions_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset without impressions."),
+    features: Path = typer.Option(..., "--features", "-f", help="Its features (issue 4)."),
+    candidates: Path = typer.Option(..., "--candidates", help="Candidate-model artifact."),
+    out: Path = typer.Option(..., "--out", "-o", help="New dataset: DATA + impressions."),
+    k: int = typer.Option(20, "-k", help="Impressions per page (retrieved top k)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing dataset."),
+) -> None:
+    """Synthesise impressions from the candidate model's retrievals (data without any)."""
+    from funnelrec.ranking_from_candidates import impressions_from_candidates
+
+    impressions_from_candidates(data, features, candidates, out, k=k, force=force)
+    console.print(f"wrote {out}; next: funnelrec features build --data {out} --out FEAT")

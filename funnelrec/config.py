@@ -67,7 +67,14 @@ def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
         hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else ""
         known = f"known: {', '.join(sorted(fields))}"
         raise FunnelrecError(f"unknown config key '{prefix}{unknown[0]}' ({hint or known})")
-    kwargs = {name: _coerce(hints[name], v, f"{prefix}{name}") for name, v in values.items()}
+    kwargs = {}
+    for name, v in values.items():
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+            # A partial section keeps the parent's own defaults for the keys it leaves out
+            # (a field's default_factory may differ from the section class's defaults).
+            v = {**dataclasses.asdict(default), **v}  # type: ignore[arg-type]
+        kwargs[name] = _coerce(hints[name], v, f"{prefix}{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -77,6 +84,14 @@ def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass config as a plain dict (for JSON metadata)."""
     return dataclasses.asdict(obj)
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _set_dotted(values: dict[str, Any], keys: list[str], raw: str) -> None:
@@ -128,7 +143,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (tuple, list):
         items = value
         if isinstance(value, str):
-            items = [s for s in value.replace("->", ",").split(",") if s.strip()]
+            # "none" (or nothing) is the empty list: e.g. a tower with no hidden layer.
+            text = "" if value.strip().lower() == "none" else value
+            items = [s for s in text.replace("->", ",").split(",") if s.strip()]
         if not isinstance(items, Sequence):
             raise FunnelrecError(f"config key '{key}' must be a list, got {value!r}")
         inner = args[0] if args else Any

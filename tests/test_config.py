@@ -15,6 +15,17 @@ class Tower:
 
 
 @dataclass(frozen=True)
+class Outer:
+    tower: Tower = field(default_factory=lambda: Tower(depth=4, widths=(8,)))
+
+
+def test_partial_section_keeps_the_parents_default_and_none_is_empty() -> None:
+    cfg = load_config(Outer, None, ["tower.depth=1"])
+    assert cfg.tower == Tower(depth=1, widths=(8,))
+    assert load_config(Outer, None, ["tower.widths=none"]).tower.widths == ()
+
+
+@dataclass(frozen=True)
 class Cfg:
     lr: float = 0.01
     optimizer: Literal["adamw", "adagrad"] = "adamw"

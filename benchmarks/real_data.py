@@ -1,0 +1,503 @@
+"""Baselines on real data (MovieLens-100k, Amazon Beauty) under shared/BENCHMARKS.md's protocol.
+
+    .venv/bin/python benchmarks/real_data.py                      # both data sets, all models
+    .venv/bin/python benchmarks/real_data.py --datasets ml-100k --models itemknn,als
+
+Protocol (the same as the peer table in shared/BENCHMARKS.md): each user's interactions in
+time order (ties in file order); users with fewer than 3 dropped; the last interaction is
+the test target, the one before it validation, the rest training; every model fitted on
+training data only; full ranking over all items, the user's training and validation items
+excluded from the ranking (never the target); one target per user, so HR@K = Recall@K;
+ties broken at random with a fixed seed (one random order of the items, `metrics.tie_keys`).
+History at test time: 'train' = training items only; '+val' = training items plus the
+validation item. Exclusion is the same in both.
+
+Data: MovieLens-100k is fetched with `funnelrec.fetch` into --ml100k when that directory
+does not exist (GroupLens, else the recbole 1.2.1 wheel from the package index); Beauty is
+imported from ../shared/data/amazon-beauty/beauty.txt (--beauty) into --work. A data set
+that cannot be had is skipped with a message. Writes benchmarks/results/real_data.json
+and prints a table beside the peers' numbers.
+
+Adding a model: write `def my_model(data: Split) -> ModelRun` that fits on
+`data.train` and returns a score function per history setting (`ScoreFn`: user ids [b]
+and their histories -> [b, N + 1] scores), and add it to MODELS. `evaluate` is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from funnelrec import __version__
+from funnelrec.baselines import ALS, BPR, CoWatch, Interactions, ItemKNN, Jagged, Popularity
+from funnelrec.dataset import Dataset, write_json_atomic
+from funnelrec.errors import FunnelrecError
+from funnelrec.metrics import RetrievalMetrics, exclusion_mask, target_ranks, tie_keys
+from funnelrec.splits import leave_last_out, user_offsets
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+SEED = 0
+MIN_INTERACTIONS = 3
+KS = (10, 50)
+SCORE_BUDGET = 1 << 24  # (query, item) scores held at once
+SETTINGS = ("train", "+val")
+PROTOCOL = (
+    "leave-last-out per user in time order (users with < 3 interactions dropped); test = "
+    "last, validation = the one before, training = the rest; models fitted on training "
+    "only; full ranking over all items with the user's training and validation items "
+    "excluded (never the target); HR@K = Recall@K (one target per user); ties broken at "
+    f"random with seed {SEED}; history 'train' = training items, '+val' = training items + "
+    "the validation item"
+)
+
+# The peers' figures, from shared/BENCHMARKS.md (same protocol), for side-by-side printing.
+PEERS: dict[str, dict[str, dict[str, float]]] = {
+    "ml-100k": {
+        "most-popular": {"train hr@10": 0.0859, "train ndcg@10": 0.0445, "train hr@50": 0.1983},
+        "itemknn": {
+            "train hr@10": 0.0965, "train ndcg@10": 0.0517, "train hr@50": 0.2672,
+            "+val hr@10": 0.1018, "+val ndcg@10": 0.0545,
+        },
+        "bpr": {"train hr@10": 0.1357, "train ndcg@10": 0.0707, "train hr@50": 0.3277},
+        "als": {
+            "train hr@10": 0.1262, "train ndcg@10": 0.0657, "train hr@50": 0.3521,
+            "+val hr@10": 0.1421, "+val ndcg@10": 0.0714,
+        },
+        "youtubednn tuned (torch-rechub)": {
+            "train hr@10": 0.1718, "train ndcg@10": 0.0906, "train hr@50": 0.4093,
+            "+val hr@10": 0.1707, "+val ndcg@10": 0.0891,
+        },
+    },
+    "beauty": {
+        "most-popular": {"train hr@10": 0.0078, "train ndcg@10": 0.0035, "train hr@50": 0.0215},
+        "itemknn": {
+            "train hr@10": 0.0182, "train ndcg@10": 0.0097, "train hr@50": 0.0434,
+            "+val hr@10": 0.0250, "+val ndcg@10": 0.0139,
+        },
+        "bpr": {"train hr@10": 0.0090, "train ndcg@10": 0.0046, "train hr@50": 0.0280},
+        "als": {
+            "train hr@10": 0.0175, "train ndcg@10": 0.0090, "train hr@50": 0.0474,
+            "+val hr@10": 0.0201, "+val ndcg@10": 0.0107,
+        },
+        "youtubednn tuned (torch-rechub)": {
+            "train hr@10": 0.0248, "train ndcg@10": 0.0125, "train hr@50": 0.0635,
+            "+val hr@10": 0.0242, "+val ndcg@10": 0.0120,
+        },
+    },
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# The split
+
+
+@dataclass
+class Split:
+    """One data set cut by the protocol. Q evaluated users, N items (ids 1..N).
+
+    train:        training interactions of every kept user (sorted by user, ts)
+    users:        [Q] dataset user ids evaluated
+    history:      setting -> Jagged [Q] rows: 'train' items, '+val' items, oldest first
+    seen:         Jagged [Q] training + validation items (excluded from the ranking)
+    target:       [Q] test item; target_ts [Q] its timestamp
+    """
+
+    name: str
+    num_items: int
+    train: Interactions
+    users: np.ndarray
+    history: dict[str, Jagged]
+    seen: Jagged
+    target: np.ndarray
+    target_ts: np.ndarray
+    synthetic_timestamps: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _jagged_ranges(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Jagged:
+    """Rows values[lo[q]:hi[q]] as a Jagged, without a Python loop."""
+    lengths = hi - lo
+    offsets = np.zeros(lo.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    idx = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1] - lo, lengths)
+    return Jagged(values[idx], offsets)
+
+
+def load_split(name: str, path: Path) -> Split:
+    """Read a funnelrec dataset's watches and cut them by the protocol."""
+    ds = Dataset.open(path)
+    t = ds.table("watches", columns=["user_id", "item_id", "ts"])
+    user = t.column("user_id").to_numpy().astype(np.int64)
+    item = t.column("item_id").to_numpy().astype(np.int64)
+    ts = t.column("ts").to_numpy().astype(np.int64)
+    order = np.lexsort((ts, user))  # stable: ties keep the table's (= file) order
+    user, item, ts = user[order], item[order], ts[order]
+    counts = np.bincount(user)
+    keep = counts[user] >= MIN_INTERACTIONS
+    user, item, ts = user[keep], item[keep], ts[keep]
+    num_items = int(pq.read_metadata(path / "items.parquet").num_rows)
+    num_items = max(num_items, int(item.max()))
+
+    start = user_offsets(user)
+    sp = leave_last_out(start, ts, min_watches=MIN_INTERACTIONS)
+    users = np.flatnonzero(sp.valid_end > sp.train_end)  # users with a held-out watch
+    lo, tr_end, va_end = sp.user_start[users], sp.train_end[users], sp.valid_end[users]
+    part = sp.part_of_watches(user.size)
+    train = Interactions(user[part == 0], item[part == 0], ts[part == 0])
+    target = item[va_end]
+    in_train = np.zeros(num_items + 1, dtype=bool)
+    in_train[train.item] = True
+    stats = {
+        "users": int(users.size),
+        "items": num_items,
+        "interactions": int(user.size),
+        "train_interactions": len(train),
+        "targets_never_in_training": int((~in_train[target]).sum()),
+        "dropped_users": int(((counts > 0) & (counts < MIN_INTERACTIONS)).sum()),
+    }
+    return Split(
+        name=name,
+        num_items=num_items,
+        train=train,
+        users=users.astype(np.int64),
+        history={
+            "train": _jagged_ranges(item, lo, tr_end),
+            "+val": _jagged_ranges(item, lo, va_end),
+        },
+        seen=_jagged_ranges(item, lo, va_end),
+        target=target,
+        target_ts=ts[va_end],
+        synthetic_timestamps=bool(ds.manifest.synthetic_timestamps),
+        stats=stats,
+    )
+
+
+def _rows(j: Jagged, lo: int, hi: int) -> Jagged:
+    a, b = int(j.offsets[lo]), int(j.offsets[hi])
+    return Jagged(j.values[a:b], j.offsets[lo : hi + 1] - a)
+
+
+# ---------------------------------------------------------------------------------------
+# The shared evaluation
+
+ScoreFn = Callable[[np.ndarray, Jagged], np.ndarray]  # users [b], histories -> [b, N + 1]
+
+
+@dataclass
+class ModelRun:
+    """A fitted model: a score function per history setting it supports."""
+
+    name: str
+    fit_seconds: float
+    scores: dict[str, ScoreFn]
+    note: str = ""
+
+
+def evaluate(
+    score: ScoreFn, data: Split, setting: str, progress: Progress | None = None
+) -> dict[str, float]:
+    """HR / NDCG / Recall @ KS of one score function on every evaluated user."""
+    n1 = data.num_items + 1
+    keys = tie_keys(n1, SEED)
+    acc = RetrievalMetrics(KS)
+    q = data.users.size
+    rows = max(1, SCORE_BUDGET // n1)
+    task = progress.add_task(f"{data.name} {setting}", total=q) if progress else None
+    for lo in range(0, q, rows):
+        hi = min(q, lo + rows)
+        s = torch.from_numpy(
+            np.ascontiguousarray(score(data.users[lo:hi], _rows(data.history[setting], lo, hi)))
+        )
+        if s.shape != (hi - lo, n1):
+            raise FunnelrecError(f"scores of shape {tuple(s.shape)}, expected {(hi - lo, n1)}")
+        seen = _rows(data.seen, lo, hi)
+        exclude = exclusion_mask(
+            torch.from_numpy(seen.values), torch.from_numpy(seen.offsets[:-1]), n1
+        )
+        target = torch.from_numpy(data.target[lo:hi]).reshape(-1, 1)
+        acc.update(target_ranks(s.float(), target, exclude, keys), torch.ones(hi - lo))
+        if progress is not None and task is not None:
+            progress.advance(task, hi - lo)
+    m = acc.compute()
+    return {k: m[k] for k in (f"{x}@{k}" for x in ("hr", "ndcg", "recall") for k in KS)}
+
+
+# ---------------------------------------------------------------------------------------
+# The models: one function each, fitted on data.train only
+
+
+def most_popular(data: Split) -> ModelRun:
+    m = Popularity().fit(data.train, data.num_items)
+    return ModelRun("most popular", m.fit_seconds, {"train": lambda u, h: m.score(h)})
+
+
+RECENT_WINDOW_S = 7 * 86400
+
+
+def recent_popular(data: Split) -> ModelRun:
+    """Counts of training watches in the 7 days before each test request (the target's
+    time): "popular now", as the serving source sees it. Needs real timestamps."""
+    if data.synthetic_timestamps:
+        raise FunnelrecError("timestamps are synthetic (positions): no time window")
+    started = time.perf_counter()
+    m = Popularity(window_s=RECENT_WINDOW_S)
+    # one fit per distinct request time, strictly before the target
+    nows, which = np.unique(data.target_ts - 1, return_inverse=True)
+    table = np.stack([m.fit(data.train, data.num_items, now=int(t)).scores_ for t in nows])
+
+    def score(users: np.ndarray, h: Jagged) -> np.ndarray:
+        return table[which[np.searchsorted(data.users, users)]]
+
+    return ModelRun(
+        "popular last 7 days",
+        time.perf_counter() - started,
+        {"train": score},
+        note=f"one fit per request time ({nows.size} fits)",
+    )
+
+
+def _cowatch(data: Split, last_n: int, name: str) -> ModelRun:
+    m = CoWatch(next_n=5, neighbours=100, last_n=last_n).fit(data.train, data.num_items)
+    return ModelRun(
+        name,
+        m.fit_seconds,
+        {"train": lambda u, h: m.score(h), "+val": lambda u, h: m.score(h)},
+    )
+
+
+def cowatch_last(data: Split) -> ModelRun:
+    return _cowatch(data, 1, "co-watch, last watch")
+
+
+def cowatch_last5(data: Split) -> ModelRun:
+    return _cowatch(data, 5, "co-watch, last 5 watches")
+
+
+def itemknn(data: Split) -> ModelRun:
+    m = ItemKNN(neighbours=100).fit(data.train, data.num_items)
+    return ModelRun(
+        "itemknn",
+        m.fit_seconds,
+        {"train": lambda u, h: m.score(h), "+val": lambda u, h: m.score(h)},
+    )
+
+
+def bpr(data: Split) -> ModelRun:
+    m = BPR(factors=64, threads=1, seed=SEED).fit(data.train, data.num_items)
+    # BPR has no fold-in: only the learned vectors of training users ('train' history).
+    return ModelRun("bpr", m.fit_seconds, {"train": lambda u, h: m.score(h, users=u)})
+
+
+def als(data: Split) -> ModelRun:
+    m = ALS(factors=64, threads=2, seed=SEED).fit(data.train, data.num_items)
+    return ModelRun(
+        "als",
+        m.fit_seconds,
+        # 'train': the learned user vectors; '+val': a fold-in of the longer history
+        {"train": lambda u, h: m.score(h, users=u), "+val": lambda u, h: m.score(h)},
+    )
+
+
+MODELS: dict[str, Callable[[Split], ModelRun]] = {
+    "most-popular": most_popular,
+    "recent-popular": recent_popular,
+    "cowatch-last": cowatch_last,
+    "cowatch-last5": cowatch_last5,
+    "itemknn": itemknn,
+    "bpr": bpr,
+    "als": als,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Data sets
+
+
+def ml100k_dataset(path: Path, console: Console) -> Path:
+    if not (path / "manifest.json").exists():
+        from funnelrec.fetch import fetch_movielens_100k
+
+        console.print(f"fetching MovieLens-100k into {path}")
+        fetch_movielens_100k(path, force=path.exists(), on_status=console.print)
+    return path
+
+
+def beauty_dataset(src: Path, path: Path, console: Console) -> Path:
+    if not (path / "manifest.json").exists():
+        if not src.exists():
+            raise FunnelrecError(f"{src} not found")
+        from funnelrec.loaders import import_sequence
+
+        console.print(f"importing {src} into {path}")
+        import_sequence(src, path, force=path.exists())
+    return path
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def run_dataset(data: Split, models: list[str], console: Console) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key in models:
+        try:
+            run = MODELS[key](data)
+        except FunnelrecError as e:
+            console.print(f"[yellow]{data.name}: {key} skipped: {e}")
+            out[key] = {"skipped": str(e)}
+            continue
+        res: dict[str, Any] = {"name": run.name, "fit_s": round(run.fit_seconds, 3)}
+        if run.note:
+            res["note"] = run.note
+        with Progress(
+            TextColumn(f"{run.name:<28}"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            for setting in SETTINGS:
+                if setting in run.scores:
+                    t0 = time.perf_counter()
+                    res[setting] = evaluate(run.scores[setting], data, setting, progress)
+                    res[f"{setting} eval_s"] = round(time.perf_counter() - t0, 2)
+        out[key] = res
+        tr, va = res.get("train", {}), res.get("+val", {})
+        console.print(
+            f"{data.name}: {run.name}: HR@10 {_fmt(tr.get('hr@10'))} / {_fmt(va.get('hr@10'))} "
+            f"(train / +val), fit {run.fit_seconds:.1f} s"
+        )
+    return out
+
+
+def print_table(name: str, stats: dict[str, Any], results: dict[str, Any], c: Console) -> None:
+    t = Table(
+        title=f"{name}: {stats['users']:,} users, {stats['items']:,} items, "
+        f"{stats['interactions']:,} interactions"
+    )
+    for col in (
+        "model", "HR@10 train", "NDCG@10 train", "HR@50 train", "HR@10 +val",
+        "NDCG@10 +val", "HR@50 +val", "fit s", "peer HR@10 train / +val",
+    ):  # fmt: skip
+        t.add_column(col, justify="left" if col == "model" else "right")
+    peers = PEERS.get(name, {})
+    for key, res in results.items():
+        if "skipped" in res:
+            t.add_row(key, *["-"] * 7, f"skipped: {res['skipped']}")
+            continue
+        tr, va = res.get("train", {}), res.get("+val", {})
+        peer = peers.get(key, {})
+        t.add_row(
+            res["name"],
+            _fmt(tr.get("hr@10")),
+            _fmt(tr.get("ndcg@10")),
+            _fmt(tr.get("hr@50")),
+            _fmt(va.get("hr@10")),
+            _fmt(va.get("ndcg@10")),
+            _fmt(va.get("hr@50")),
+            f"{res['fit_s']:.1f}",
+            f"{_fmt(peer.get('train hr@10'))} / {_fmt(peer.get('+val hr@10'))}" if peer else "",
+        )
+    for key, peer in peers.items():
+        if key not in results:
+            t.add_row(
+                f"[dim]peer: {key}",
+                _fmt(peer.get("train hr@10")),
+                _fmt(peer.get("train ndcg@10")),
+                _fmt(peer.get("train hr@50")),
+                _fmt(peer.get("+val hr@10")),
+                _fmt(peer.get("+val ndcg@10")),
+                "-",
+                "",
+                "",
+            )
+    c.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="ml-100k,beauty", help="comma-separated")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS)
+    )
+    p.add_argument("--work", type=Path, default=Path("/tmp/funnelrec-bench"))
+    p.add_argument("--ml100k", type=Path, default=None, help="dataset dir (default WORK/ml-100k)")
+    p.add_argument(
+        "--beauty", type=Path, default=REPO.parent / "shared/data/amazon-beauty/beauty.txt"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS / "real_data.json")
+    args = p.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    torch.set_num_threads(2)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        console.print(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+        return 2
+    console.print(f"[bold]Protocol:[/] {PROTOCOL}")
+
+    report: dict[str, Any] = {
+        "benchmark": "real_data",
+        "protocol": PROTOCOL,
+        "seed": SEED,
+        "ks": list(KS),
+        "funnelrec_version": __version__,
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+        "torch_threads": torch.get_num_threads(),
+        "peers_source": "shared/BENCHMARKS.md",
+        "datasets": {},
+    }
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        try:
+            if name == "ml-100k":
+                path = ml100k_dataset(args.ml100k or args.work / "ml-100k", console)
+            elif name == "beauty":
+                path = beauty_dataset(args.beauty, args.work / "beauty", console)
+            else:
+                raise FunnelrecError(f"unknown data set {name!r} (ml-100k, beauty)")
+        except FunnelrecError as e:
+            console.print(f"[yellow]{name}: skipped: {e}")
+            report["datasets"][name] = {"skipped": str(e)}
+            continue
+        data = load_split(name, path)
+        console.print(f"{name}: {data.stats}")
+        results = run_dataset(data, models, console)
+        report["datasets"][name] = {
+            "path": str(path),
+            "stats": data.stats,
+            "models": results,
+            "peers": PEERS.get(name, {}),
+        }
+        print_table(name, data.stats, results, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, report)
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`funnelrec run`: every stage once on the tiny world, then only what a change touches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from funnelrec.config import apply_overrides
+from funnelrec.errors import FunnelrecError
+from funnelrec.pipeline import DataStage, RunConfig, StageSettings, load_run_config, run
+from funnelrec.recommender import Recommender
+
+STAGES = ["data", "features", "candidates", "index", "ranker", "evaluation", "artifact"]
+
+
+def _config(out: Path) -> RunConfig:
+    return RunConfig(
+        out=str(out),
+        data=DataStage(preset="tiny", seed=1),
+        candidates=StageSettings(
+            overrides=("dim=16", "num_negatives=128", "batch_size=256", "max_steps=40")
+        ),
+        ranker=StageSettings(
+            overrides=("model.tower=32", "train.max_steps=40", "train.batch_size=512")
+        ),
+        progress=False,
+    )
+
+
+def test_run_all_stages_then_skip_what_is_up_to_date(tmp_path: Path) -> None:
+    quiet = Console(quiet=True)
+    cfg = _config(tmp_path / "run")
+    first = run(cfg, console=quiet)
+    assert first.ran == STAGES and first.skipped == []
+    assert {"model", "popularity"} <= set(first.metrics["candidates"])
+    assert Recommender.load(first.artifact).has_item(1)
+
+    again = run(cfg, console=quiet)
+    assert again.ran == [] and again.skipped == STAGES
+
+    # A new ranker setting redoes the ranker and what reads it, nothing upstream.
+    changed = apply_overrides(cfg, ["ranker.overrides=model.tower=16"])
+    third = run(changed, console=quiet)
+    assert third.ran == ["ranker", "evaluation", "artifact"]
+
+
+def test_run_config_file_and_errors(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text('out = "x"\n[candidates]\nconfig = "cand.toml"\n')
+    cfg = load_run_config(f, ["data.seed=3"])
+    assert cfg.data.seed == 3 and cfg.candidates.config == str(tmp_path / "cand.toml")
+    with pytest.raises(FunnelrecError, match=r"unknown config key 'data\.sed'"):
+        load_run_config(f, ["data.sed=3"])
+    bad = RunConfig(out=str(tmp_path / "r"), data=DataStage(source="import", format="csv"))
+    with pytest.raises(FunnelrecError, match=r"data\.format 'csv'"):
+        run(bad, console=Console(quiet=True))

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from funnelrec.cli import data, demo, features
+from funnelrec.cli import data, evaluate, features, index, package, rank, run, serve, train
 from funnelrec.cli import simulate as simulate_cli
 from funnelrec.errors import FunnelrecError
 
@@ -21,10 +21,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+train.app.command("ranker")(rank.train_command)
+evaluate.app.command("ranker")(rank.evaluate_command)
+features.app.command("impressions")(rank.impressions_command)
+
+app.command("demo")(run.demo)
+app.command("run")(run.run_command)
+app.command("simulate")(simulate_cli.simulate)
 app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
-app.command("simulate")(simulate_cli.simulate)
-app.command("demo")(demo.demo)
+app.add_typer(train.app, name="train")
+app.add_typer(index.app, name="index")
+app.add_typer(evaluate.app, name="evaluate")
+app.command("package")(package.package_command)
+app.command("serve")(serve.serve)
+app.command("recommend")(serve.recommend)
 
 
 def main() -> None:

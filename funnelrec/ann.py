@@ -1,0 +1,699 @@
+"""Top-N retrieval by dot product over item embeddings: a FAISS index with item ids attached.
+
+At serving, candidate generation is a nearest-neighbour search in dot-product space over
+the item (output) embeddings of the candidate model (SPEC.md 2). `ItemIndex` wraps one
+FAISS inner-product index and the mapping from its rows to dataset item ids:
+
+    index = ItemIndex.build(embeddings, item_ids)          # kind chosen by corpus size
+    ids, scores = index.search(user_vectors, k=100, exclude=watched_per_user)
+    index.tune(heldout_user_vectors, k=100, target_recall=0.95)   # smallest efSearch/nprobe
+    index.save(art / "index")
+    index = ItemIndex.load(art / "index", expected_dim=d, expected_item_ids=item_ids)
+
+Kinds (see docs/ann.md for the measurements behind the defaults):
+    exact  IndexFlatIP: brute force, exact; the default up to EXACT_MAX_ITEMS items.
+    hnsw   IndexHNSWFlat (inner product): graph search, knob `ef_search`; the default above.
+    ivf    IndexIVFFlat (inner product): k-means buckets, knob `nprobe`.
+    ivfpq  IndexIVFPQ (inner product): like ivf with vectors compressed to `pq_m` bytes;
+           scores are approximate (the only kind where they are).
+
+On disk, DIR/index.faiss is a FAISS `IndexIDMap` (the search index plus its row -> item id
+map) and DIR/index.json records format version, kind, parameters, dimension, count, a hash
+of the item ids and the recall measured against exact search; both are written in a
+temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import faiss as _faiss
+import numpy as np
+from numpy.typing import ArrayLike
+
+from funnelrec import __version__
+from funnelrec.dataset import AtomicDirectory, write_json_atomic
+from funnelrec.errors import ArtifactError, FunnelrecError
+
+# FAISS's bundled type stubs lack much of the SWIG API used here (SearchParametersHNSW,
+# `sel=`, HNSW storage, ...): treat the module as untyped.
+faiss: Any = _faiss
+
+Kind = Literal["exact", "hnsw", "ivf", "ivfpq"]
+KINDS: tuple[Kind, ...] = ("exact", "hnsw", "ivf", "ivfpq")
+
+INDEX_FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+
+# Up to this many items the default is exact search: one query over 50k x 128 floats took
+# 4-8 ms on one core of the reference machine (10k: 0.5 ms), well inside the serving
+# budget of tens of ms (SPEC 2), and exact needs no build, no tuning and loses no recall.
+EXACT_MAX_ITEMS = 50_000
+
+# Exclusion by over-fetching (search k + m, drop the excluded) is batched and cheap while
+# m is small; rows that exclude more than this use a FAISS id selector, one query at a time.
+OVERFETCH_MAX = 1024
+
+# Rows added per call while building: small enough for a live progress bar.
+_ADD_CHUNK = 50_000
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Build and search parameters; each kind reads only its own fields.
+
+    Zero means "choose from the corpus size" (see `resolved`).
+    """
+
+    hnsw_m: int = 32  # hnsw: links per node; memory (4 d + 8 M) bytes/vector (FAISS wiki)
+    ef_construction: int = 100  # hnsw: candidate list while inserting; build time ~ linear
+    ef_search: int = 128  # hnsw: candidate list while searching (raised to k when smaller)
+    nlist: int = 0  # ivf*: k-means buckets; 0 = 4 sqrt(N) rounded to a power of two
+    nprobe: int = 32  # ivf*: buckets scanned per query
+    train_size: int = 0  # ivf*: vectors sampled for k-means; 0 = 64 per bucket (and per PQ code)
+    pq_m: int = 0  # ivfpq: sub-quantizers (bytes per vector at 8 bits); 0 = d/8, a divisor
+    pq_bits: int = 8  # ivfpq: bits per sub-quantizer code
+
+    def resolved(self, kind: Kind, count: int, dim: int) -> IndexParams:
+        """Fill the automatic (zero) fields for `count` vectors of `dim` and check ranges."""
+        p = self
+        if kind in ("ivf", "ivfpq"):
+            nlist = p.nlist or _auto_nlist(count)
+            if not 1 <= nlist <= count:
+                raise FunnelrecError(f"nlist={nlist} must be between 1 and the {count} items")
+            train = p.train_size or 64 * nlist
+            if kind == "ivfpq" and not p.train_size:
+                train = max(train, 64 * 2**p.pq_bits)  # each sub-quantizer runs k-means too
+            p = dataclasses.replace(p, nlist=nlist, train_size=min(train, count))
+            if p.nprobe < 1:
+                raise FunnelrecError(f"nprobe={p.nprobe} must be at least 1")
+        if kind == "ivfpq":
+            pq_m = p.pq_m or _auto_pq_m(dim)
+            if dim % pq_m != 0:
+                raise FunnelrecError(f"pq_m={pq_m} must divide the embedding dimension {dim}")
+            if not 1 <= p.pq_bits <= 16:
+                raise FunnelrecError(f"pq_bits={p.pq_bits} must be between 1 and 16")
+            p = dataclasses.replace(p, pq_m=pq_m)
+        if kind == "hnsw" and (p.hnsw_m < 2 or p.ef_construction < 1 or p.ef_search < 1):
+            raise FunnelrecError("hnsw_m must be >= 2, ef_construction and ef_search >= 1")
+        return p
+
+    def for_kind(self, kind: Kind) -> dict[str, int]:
+        """The fields `kind` uses, as recorded in index.json."""
+        names = {
+            "exact": (),
+            "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+            "ivf": ("nlist", "nprobe", "train_size"),
+            "ivfpq": ("nlist", "nprobe", "train_size", "pq_m", "pq_bits"),
+        }[kind]
+        return {n: getattr(self, n) for n in names}
+
+
+def default_kind(count: int) -> Kind:
+    """Exact search up to `EXACT_MAX_ITEMS` items, HNSW above."""
+    return "exact" if count <= EXACT_MAX_ITEMS else "hnsw"
+
+
+def item_ids_hash(item_ids: ArrayLike) -> str:
+    """SHA-256 of the item ids as little-endian int64, in row order: identifies a mapping."""
+    ids = np.ascontiguousarray(np.asarray(item_ids), dtype="<i8")
+    return hashlib.sha256(ids.tobytes()).hexdigest()
+
+
+def _auto_nlist(count: int) -> int:
+    # FAISS wiki: 4 sqrt(N) to 16 sqrt(N) buckets; at least 39 training points per bucket.
+    target = max(1.0, 4 * math.sqrt(count))
+    nlist = 2 ** round(math.log2(target))
+    return int(max(1, min(nlist, count // 39 or 1)))
+
+
+def _auto_pq_m(dim: int) -> int:
+    # 8 dimensions per sub-quantizer: with 4, FAISS 1.15's k-means on 4-d sub-vectors was
+    # ~10x slower per point on the reference machine (a slow kernel for tiny d).
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return m
+
+
+def _as_matrix(x: ArrayLike, what: str) -> np.ndarray:
+    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if a.ndim != 2:
+        raise FunnelrecError(f"{what} must be a 2-d array [rows, dim], got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise FunnelrecError(f"{what} contains NaN or infinite values")
+    return a
+
+
+class ItemIndex:
+    """A FAISS inner-product index over item embeddings, searched by dataset item id.
+
+    Build with `ItemIndex.build` or open with `ItemIndex.load`. `threads` (None = all cores)
+    is applied through `faiss.omp_set_num_threads` before each build and search; FAISS's
+    setting is process-wide, so the last index used sets it.
+    """
+
+    def __init__(
+        self,
+        idmap: Any,
+        kind: Kind,
+        params: IndexParams,
+        *,
+        threads: int | None = None,
+        recall: dict[str, Any] | None = None,
+        build_seconds: float | None = None,
+    ) -> None:
+        self._idmap = idmap  # owns the search index and the row -> item id map
+        self._index = faiss.downcast_index(idmap.index)
+        self.kind: Kind = kind
+        self.params = params
+        self.threads = threads
+        self.recall = recall
+        self.build_seconds = build_seconds
+        self._base_ref: Any = None  # set by `build`: keeps the Python wrapper of the index
+        self._param_cache: dict[int, Any] = {}  # search knob value -> SearchParameters
+        self.item_ids: np.ndarray = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+        self.item_ids.flags.writeable = False
+        self.ids_hash = item_ids_hash(self.item_ids)
+        self._sorter = np.argsort(self.item_ids, kind="stable")
+        self._sorted_ids = self.item_ids[self._sorter]
+        self._dense = bool(np.array_equal(self.item_ids, np.arange(len(self.item_ids))))
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension d."""
+        return int(self._index.d)
+
+    @property
+    def count(self) -> int:
+        """Number of items N in the index."""
+        return int(self._index.ntotal)
+
+    # ---------------------------------------------------------------- build
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: ArrayLike,
+        item_ids: ArrayLike,
+        kind: Kind | None = None,
+        params: IndexParams | None = None,
+        *,
+        threads: int | None = None,
+        progress: bool = False,
+        seed: int = 0,
+    ) -> ItemIndex:
+        """Index `embeddings` [N, d] whose row i is item `item_ids[i]` ([N] int64, unique, >= 0).
+
+        `kind` None picks `default_kind(N)`. `progress` shows a Rich bar while adding.
+        `seed` fixes the IVF training sample and k-means.
+        """
+        x = _as_matrix(embeddings, "embeddings")
+        ids = np.ascontiguousarray(np.asarray(item_ids), dtype=np.int64)
+        n, d = x.shape
+        if n == 0:
+            raise FunnelrecError("cannot build an index over zero items")
+        if ids.shape != (n,):
+            raise FunnelrecError(f"item_ids has shape {ids.shape}, expected ({n},) for {n} rows")
+        if (ids < 0).any():
+            raise FunnelrecError("item ids must be >= 0 (FAISS uses -1 for 'no result')")
+        if len(np.unique(ids)) != n:
+            raise FunnelrecError("item ids must be unique")
+        kind = kind or default_kind(n)
+        if kind not in KINDS:
+            raise FunnelrecError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+        p = (params or IndexParams()).resolved(kind, n, d)
+        if threads is not None:
+            faiss.omp_set_num_threads(threads)
+
+        start = time.perf_counter()
+        base = _new_index(kind, p, d)
+        idmap = faiss.IndexIDMap(base)
+        if kind in ("ivf", "ivfpq"):
+            rng = np.random.default_rng(seed)
+            sample = x if p.train_size >= n else x[np.sort(rng.choice(n, p.train_size, False))]
+            base.cp.seed = seed
+            idmap.train(sample)
+        with _progress_bar(progress, f"index {kind}", n) as advance:
+            for lo in range(0, n, _ADD_CHUNK):
+                hi = min(n, lo + _ADD_CHUNK)
+                idmap.add_with_ids(x[lo:hi], ids[lo:hi])
+                advance(hi - lo)
+        index = cls(idmap, kind, p, threads=threads, build_seconds=time.perf_counter() - start)
+        index._base_ref = base
+        return index
+
+    # ---------------------------------------------------------------- search
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change the search-time knob: `ef_search` (hnsw) or `nprobe` (ivf, ivfpq)."""
+        changes: dict[str, int] = {}
+        if ef_search is not None:
+            if ef_search < 1:
+                raise FunnelrecError(f"ef_search={ef_search} must be at least 1")
+            changes["ef_search"] = ef_search
+        if nprobe is not None:
+            if not 1 <= nprobe <= max(1, self.params.nlist):
+                raise FunnelrecError(f"nprobe={nprobe} must be between 1 and {self.params.nlist}")
+            changes["nprobe"] = nprobe
+        self.params = dataclasses.replace(self.params, **changes)
+
+    def search(
+        self,
+        queries: ArrayLike,
+        k: int,
+        exclude: ArrayLike | Sequence[ArrayLike] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` items by dot product for each query.
+
+        queries: [B, d] (or [d] for one query) float32 user vectors.
+        exclude: item ids never to return: None; one id array applied to every query; or a
+            sequence of B id arrays (or a [B, m] array), one per query. Ids not in the index
+            are ignored. Excluding never shortens the result: rows the approximate search
+            cannot fill are searched exhaustively (ivfpq: over all compressed codes).
+        Returns (item_ids [B, k] int64, scores [B, k] float32), best first ([k] each for a
+        [d] query). Only when fewer than k items remain after exclusion are the last
+        places filled with item id -1 and score -inf.
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        single = q.ndim == 1
+        q = _as_matrix(q.reshape(1, -1) if single else q, "queries")
+        if q.shape[1] != self.dim:
+            raise FunnelrecError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
+        if k < 1:
+            raise FunnelrecError(f"k={k} must be at least 1")
+        excl = self._exclusions(exclude, len(q))
+        if len(q) == 0:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        if self.threads is not None:
+            faiss.omp_set_num_threads(self.threads)
+        rows, scores = self._search_positions(q, k, excl)
+        ids = np.where(rows >= 0, self.item_ids[np.maximum(rows, 0)], -1)
+        if single:
+            return ids[0], scores[0]
+        return ids, scores
+
+    def _search_positions(
+        self, q: np.ndarray, k: int, excl: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (positions, not item ids) and scores; -1 / -inf only past what exists."""
+        b, n = len(q), self.count
+        if excl is None and k <= n:  # the serving path: one batched call, nothing to drop
+            scores, rows = self._index.search(q, k, params=self._params(k))
+            if rows.min() >= 0:
+                return rows, scores
+        out_rows = np.full((b, k), -1, dtype=np.int64)
+        out_scores = np.full((b, k), -np.inf, dtype=np.float32)
+        sizes = np.zeros(b, dtype=np.int64) if excl is None else np.array([len(e) for e in excl])
+        available = np.minimum(k, n - sizes)  # results each row can have at all
+
+        # Batched pass: rows excluding at most OVERFETCH_MAX ids fetch k + m and drop them.
+        batched = np.flatnonzero(sizes <= OVERFETCH_MAX)
+        if len(batched):
+            fetch = int(min(n, k + sizes[batched].max()))
+            scores, rows = self._index.search(q[batched], fetch, params=self._params(fetch))
+            if excl is None:
+                valid = rows >= 0  # a short approximate row has -1 at its end
+                out_rows[:, :fetch] = np.where(valid, rows, -1)[:, :k]
+                out_scores[:, :fetch] = np.where(valid, scores, -np.inf)[:, :k]
+            for j, r in enumerate(batched if excl is not None else ()):
+                keep = rows[j] >= 0
+                if excl is not None and sizes[r]:
+                    keep &= ~np.isin(rows[j], excl[r])
+                got = rows[j][keep][:k]
+                out_rows[r, : len(got)] = got
+                out_scores[r, : len(got)] = scores[j][keep][:k]
+        # Rows with long exclusion lists: one query each, with an id selector.
+        for r in np.flatnonzero(sizes > OVERFETCH_MAX):
+            assert excl is not None
+            kk = int(available[r])
+            scores, rows = self._search_selected(q[r : r + 1], kk, excl[r], exhaustive=False)
+            got = rows[0] >= 0
+            out_rows[r, : got.sum()] = rows[0][got]
+            out_scores[r, : got.sum()] = scores[0][got]
+        # Whatever is still short (an approximate search that ran dry): exhaustive search.
+        filled = (out_rows >= 0).sum(axis=1)
+        for r in np.flatnonzero(filled < available):
+            kk = int(available[r])
+            e = excl[r] if excl is not None else np.zeros(0, dtype=np.int64)
+            scores, rows = self._search_selected(q[r : r + 1], kk, e, exhaustive=True)
+            out_rows[r, :kk] = rows[0]
+            out_scores[r, :kk] = scores[0]
+        return out_rows, out_scores
+
+    def _params(self, k: int, sel: Any = None, exhaustive: bool = False) -> Any:
+        """FAISS per-call search parameters (thread-safe, unlike setting index fields).
+
+        Without a selector they are cached: creating one costs ~20 us, a fair share of a
+        sub-millisecond query.
+        """
+        if self.kind == "hnsw":
+            key = max(self.params.ef_search, k)
+        elif self.kind in ("ivf", "ivfpq"):
+            key = self.params.nlist if exhaustive else self.params.nprobe
+        else:
+            key = 0
+        if sel is None and key in self._param_cache:
+            return self._param_cache[key]
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=key, sel=sel)
+        elif self.kind in ("ivf", "ivfpq"):
+            params = faiss.SearchParametersIVF(nprobe=key, sel=sel)
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        if sel is None:
+            if len(self._param_cache) > 64:
+                self._param_cache.clear()
+            self._param_cache[key] = params
+        return params
+
+    def _search_selected(
+        self, q: np.ndarray, k: int, excluded: np.ndarray, *, exhaustive: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search one query over all rows but `excluded` (positions) with an IDSelector."""
+        inner = faiss.IDSelectorBatch(excluded)  # both selectors must stay alive here
+        sel = faiss.IDSelectorNot(inner)
+        if exhaustive and self.kind == "hnsw":
+            # The graph may not reach k unexcluded rows; its flat storage scans them all.
+            storage = faiss.downcast_index(self._index.storage)
+            scores, rows = storage.search(q, k, params=faiss.SearchParameters(sel=sel))
+        else:
+            scores, rows = self._index.search(q, k, params=self._params(k, sel, exhaustive))
+        del inner
+        return scores, rows
+
+    def _exclusions(
+        self, exclude: ArrayLike | Sequence[ArrayLike] | None, b: int
+    ) -> list[np.ndarray] | None:
+        """Per query, the sorted unique positions of the excluded item ids in the index."""
+        if exclude is None:
+            return None
+        per_query: list[Any]
+        if isinstance(exclude, np.ndarray):
+            per_query = list(exclude) if exclude.ndim == 2 else [exclude] * b
+        elif len(seq := cast(Sequence[Any], exclude)) > 0 and all(np.ndim(e) == 1 for e in seq):
+            per_query = list(seq)
+        else:
+            per_query = [exclude] * b
+        if len(per_query) != b:
+            raise FunnelrecError(f"exclude has {len(per_query)} id lists for {b} queries")
+        return [self._positions(np.asarray(e).reshape(-1)) for e in per_query]
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the given item ids (ids not in the index dropped), sorted and unique."""
+        ids = ids.astype(np.int64, copy=False)
+        if self._dense:
+            return np.unique(ids[(ids >= 0) & (ids < self.count)])
+        at = np.minimum(np.searchsorted(self._sorted_ids, ids), self.count - 1)
+        found = self._sorted_ids[at] == ids
+        return np.unique(self._sorter[at[found]])
+
+    # ---------------------------------------------------------------- recall
+
+    def exact_search(
+        self, queries: ArrayLike, k: int, *, embeddings: ArrayLike | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-`k` (item_ids [B, k], scores [B, k]) by brute force, for reference.
+
+        ivfpq keeps only compressed vectors, so it needs the original `embeddings` [N, d]
+        (rows in the index's order); the other kinds scan their own stored vectors.
+        """
+        q = _as_matrix(np.atleast_2d(np.asarray(queries, dtype=np.float32)), "queries")
+        if q.shape[1] != self.dim:
+            raise FunnelrecError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
+        k = min(k, self.count)
+        if self.threads is not None:
+            faiss.omp_set_num_threads(self.threads)
+        if embeddings is not None:
+            x = _as_matrix(embeddings, "embeddings")
+            if x.shape != (self.count, self.dim):
+                raise FunnelrecError(f"embeddings {x.shape} do not match the index's {self.count}")
+            scores, rows = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+        elif self.kind == "ivfpq":
+            raise FunnelrecError("exact search over an ivfpq index needs the original embeddings")
+        elif self.kind == "hnsw":
+            scores, rows = faiss.downcast_index(self._index.storage).search(q, k)
+        else:
+            scores, rows = self._index.search(q, k, params=self._params(k, exhaustive=True))
+        return self.item_ids[rows], scores
+
+    def recall_vs_exact(
+        self,
+        queries: ArrayLike,
+        k: int = 100,
+        *,
+        embeddings: ArrayLike | None = None,
+        query_source: str = "unspecified",
+    ) -> float:
+        """Mean over queries [B, d] of |top-k of `search` ∩ exact top-k| / k; kept in `recall`.
+
+        `query_source` says where the queries came from (saved in index.json).
+        """
+        truth, _ = self.exact_search(queries, k, embeddings=embeddings)
+        got, _ = self.search(np.atleast_2d(np.asarray(queries, dtype=np.float32)), truth.shape[1])
+        hits = [len(np.intersect1d(g, t)) for g, t in zip(got, truth, strict=True)]
+        value = float(np.mean(hits) / truth.shape[1])
+        self.recall = {
+            "k": int(truth.shape[1]),
+            "recall": value,
+            "queries": len(truth),
+            "query_source": query_source,
+            "search_params": self._knob(),
+        }
+        return value
+
+    def tune(
+        self,
+        queries: ArrayLike,
+        k: int = 100,
+        target_recall: float = 0.95,
+        *,
+        embeddings: ArrayLike | None = None,
+        query_source: str = "unspecified",
+    ) -> float:
+        """Set the smallest ef_search / nprobe whose recall@k on `queries` reaches the target.
+
+        Tries a geometric ladder of values; when none reaches the target, keeps the largest.
+        Returns the recall reached (also kept in `recall`). exact: nothing to tune.
+        """
+        if self.kind == "exact":
+            return self.recall_vs_exact(
+                queries, k, embeddings=embeddings, query_source=query_source
+            )
+        truth, _ = self.exact_search(queries, k, embeddings=embeddings)
+        if self.kind == "hnsw":
+            values = sorted({max(v, truth.shape[1]) for v in _LADDER})
+        else:
+            values = sorted({min(v, self.params.nlist) for v in _LADDER})
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        recall = 0.0
+        for v in values:
+            if self.kind == "hnsw":
+                self.set_search_params(ef_search=v)
+            else:
+                self.set_search_params(nprobe=v)
+            got, _ = self.search(q, truth.shape[1])
+            hits = [len(np.intersect1d(g, t)) for g, t in zip(got, truth, strict=True)]
+            recall = float(np.mean(hits) / truth.shape[1])
+            if recall >= target_recall:
+                break
+        self.recall = {
+            "k": int(truth.shape[1]),
+            "recall": recall,
+            "queries": len(truth),
+            "query_source": query_source,
+            "search_params": self._knob(),
+            "target_recall": target_recall,
+        }
+        return recall
+
+    def _knob(self) -> dict[str, int]:
+        if self.kind == "hnsw":
+            return {"ef_search": self.params.ef_search}
+        if self.kind in ("ivf", "ivfpq"):
+            return {"nprobe": self.params.nprobe}
+        return {}
+
+    # ---------------------------------------------------------------- save / load
+
+    def metadata(self) -> dict[str, Any]:
+        """What index.json holds."""
+        return {
+            "format_version": INDEX_FORMAT_VERSION,
+            "kind": self.kind,
+            "metric": "inner_product",
+            "params": self.params.for_kind(self.kind),
+            "dim": self.dim,
+            "count": self.count,
+            "item_ids_sha256": self.ids_hash,
+            "recall": self.recall,
+            "build_seconds": self.build_seconds,
+            "faiss_version": faiss.__version__,
+            "created_by": f"funnelrec {__version__}",
+        }
+
+    def save(self, path: Path | str, *, force: bool = False) -> Path:
+        """Write DIR/index.faiss and DIR/index.json atomically; `force` replaces DIR."""
+        target = Path(path)
+        staging = AtomicDirectory(target, force=force)
+        try:
+            faiss.write_index(self._idmap, str(staging.tmp / INDEX_FILE))
+            write_json_atomic(staging.tmp / META_FILE, self.metadata())
+            return staging.commit()
+        finally:
+            staging.abort()
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        *,
+        expected_dim: int | None = None,
+        expected_item_ids: ArrayLike | None = None,
+        expected_item_ids_hash: str | None = None,
+        threads: int | None = None,
+    ) -> ItemIndex:
+        """Open an index saved by `save`, refusing one that does not match the model.
+
+        expected_dim: the model's embedding width. expected_item_ids ([N] int64, rows in
+        embedding order) or its `item_ids_hash`: the model's item id mapping.
+        Raises ArtifactError naming what does not match.
+        """
+        path = Path(path)
+        meta_path, index_path = path / META_FILE, path / INDEX_FILE
+        if not meta_path.is_file() or not index_path.is_file():
+            raise ArtifactError(
+                f"{path}: no ANN index here (need {META_FILE} and {INDEX_FILE}; "
+                "build one with `funnelrec index build`)"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{meta_path}: unreadable ({e})") from None
+        version = meta.get("format_version")
+        if version != INDEX_FORMAT_VERSION:
+            raise ArtifactError(
+                f"{meta_path}: index format version {version}, this funnelrec reads "
+                f"{INDEX_FORMAT_VERSION}; rebuild it with `funnelrec index build`"
+            )
+        if expected_dim is not None and meta.get("dim") != expected_dim:
+            raise ArtifactError(
+                f"{path}: index dimension {meta.get('dim')} does not match the model's "
+                f"embedding dimension {expected_dim}; rebuild the index"
+            )
+        want_hash = expected_item_ids_hash
+        if expected_item_ids is not None:
+            want_hash = item_ids_hash(expected_item_ids)
+        if want_hash is not None and meta.get("item_ids_sha256") != want_hash:
+            n_expected = (
+                "" if expected_item_ids is None else f" ({np.size(expected_item_ids)} items)"
+            )
+            raise ArtifactError(
+                f"{path}: index item-id mapping ({meta.get('count')} items) does not match "
+                f"the model's{n_expected}; rebuild the index"
+            )
+        kind = meta.get("kind")
+        if kind not in KINDS:
+            raise ArtifactError(f"{meta_path}: unknown index kind {kind!r}")
+        try:
+            idmap = faiss.read_index(str(index_path))
+        except RuntimeError as e:
+            raise ArtifactError(f"{index_path}: unreadable FAISS index ({e})") from None
+        if not isinstance(idmap, faiss.IndexIDMap):
+            raise ArtifactError(f"{index_path}: not a funnelrec index (no item id map)")
+        index = cls(
+            idmap,
+            kind,
+            IndexParams(**meta.get("params", {})),
+            threads=threads,
+            recall=meta.get("recall"),
+            build_seconds=meta.get("build_seconds"),
+        )
+        if index.dim != meta.get("dim") or index.count != meta.get("count"):
+            raise ArtifactError(
+                f"{path}: {INDEX_FILE} holds {index.count} x {index.dim}, {META_FILE} says "
+                f"{meta.get('count')} x {meta.get('dim')}"
+            )
+        if index.ids_hash != meta.get("item_ids_sha256"):
+            raise ArtifactError(f"{path}: item ids in {INDEX_FILE} do not match {META_FILE}")
+        return index
+
+
+_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def _new_index(kind: Kind, p: IndexParams, d: int) -> Any:
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "exact":
+        return faiss.IndexFlatIP(d)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, p.hnsw_m, ip)
+        index.hnsw.efConstruction = p.ef_construction
+        index.hnsw.efSearch = p.ef_search
+        # FAISS prunes each node's level-0 links with a heuristic made for metric
+        # distances; under inner product it drops many useful links (on clustered data of
+        # varying norms recall@100 stalled near 0.85). Keeping the lists full fixes it.
+        index.keep_max_size_level0 = True
+        return index
+    # IVF with inner product clusters on the sphere (FAISS sets spherical k-means).
+    quantizer: Any = faiss.IndexFlatIP(d)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, d, p.nlist, ip)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.pq_m, p.pq_bits, ip)
+    index.nprobe = p.nprobe
+    index.own_fields = True  # the IVF index frees its quantizer ...
+    quantizer.this.disown()  # ... and Python must not free it again
+    return index
+
+
+class _progress_bar:
+    """A Rich progress bar (items, rate, ETA) when enabled; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda _n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self._bar.__enter__()
+        task = self._bar.add_task(self.description, total=self.total, rate="")
+        start, done = time.perf_counter(), 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            self._bar.update(task, advance=n, rate=f"{rate:,.0f} items/s")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.__exit__(None, None, None)

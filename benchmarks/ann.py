@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mib": rss_mib() - rss0,
             "params": index.params.for_kind(kind),
             "rss_is_of": "loading the saved index" if loaded else "the build",
+            "seconds_from": "the earlier run that built the cached index" if loaded else "this run",
         }
         if args.cache is not None:  # the saved index.faiss: vectors + graph / lists + ids
             saved = next(args.cache.glob(f"{kind}-{args.items}x{args.dim}-seed{args.seed}-*"))

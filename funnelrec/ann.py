@@ -303,9 +303,12 @@ class ItemIndex:
         return ids, scores
 
     def _search_positions(
-        self, q: np.ndarray, k: int, excl: list[np.ndarray] | None
+        self, q: np.ndarray, k: int, excl: list[np.ndarray] | None, complete: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows (positions, not item ids) and scores; -1 / -inf only past what exists."""
+        """Top-k rows (positions, not item ids) and scores; -1 / -inf only past what exists.
+
+        complete=False skips the exhaustive completion of short rows (for `tune`).
+        """
         b, n = len(q), self.count
         if excl is None and k <= n:  # the serving path: one batched call, nothing to drop
             scores, rows = self._index.search(q, k, params=self._params(k))
@@ -342,7 +345,7 @@ class ItemIndex:
             out_scores[r, : got.sum()] = scores[0][got]
         # Whatever is still short (an approximate search that ran dry): exhaustive search.
         filled = (out_rows >= 0).sum(axis=1)
-        for r in np.flatnonzero(filled < available):
+        for r in np.flatnonzero(filled < available) if complete else ():
             kk = int(available[r])
             e = excl[r] if excl is not None else np.zeros(0, dtype=np.int64)
             scores, rows = self._search_selected(q[r : r + 1], kk, e, exhaustive=True)
@@ -482,8 +485,10 @@ class ItemIndex:
     ) -> float:
         """Set the smallest ef_search / nprobe whose recall@k on `queries` reaches the target.
 
-        Tries a geometric ladder of values; when none reaches the target, keeps the largest.
-        Returns the recall reached (also kept in `recall`). exact: nothing to tune.
+        Tries a geometric ladder of values, judging the approximate search alone (without the
+        exhaustive completion of rows it leaves short); when none reaches the target, keeps
+        the largest. Returns `recall_vs_exact` at the chosen value (also kept in `recall`).
+        exact: nothing to tune.
         """
         if self.kind == "exact":
             return self.recall_vs_exact(
@@ -494,27 +499,28 @@ class ItemIndex:
             values = sorted({max(v, truth.shape[1]) for v in _LADDER})
         else:
             values = sorted({min(v, self.params.nlist) for v in _LADDER})
-        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        recall = 0.0
+        q = _as_matrix(np.atleast_2d(np.asarray(queries, dtype=np.float32)), "queries")
         for v in values:
             if self.kind == "hnsw":
                 self.set_search_params(ef_search=v)
             else:
                 self.set_search_params(nprobe=v)
-            got, _ = self.search(q, truth.shape[1])
+            # Judge the approximate search alone: with the exhaustive completion of short
+            # rows, a knob too small to fill k (nprobe=1 on small buckets) would look exact
+            # while every query pays for a full scan.
+            if self.threads is not None:
+                faiss.omp_set_num_threads(self.threads)
+            rows, _ = self._search_positions(q, truth.shape[1], None, complete=False)
+            got = np.where(rows >= 0, self.item_ids[np.maximum(rows, 0)], -1)
             hits = [len(np.intersect1d(g, t)) for g, t in zip(got, truth, strict=True)]
             recall = float(np.mean(hits) / truth.shape[1])
             if recall >= target_recall:
                 break
-        self.recall = {
-            "k": int(truth.shape[1]),
-            "recall": recall,
-            "queries": len(truth),
-            "query_source": query_source,
-            "search_params": self._knob(),
-            "target_recall": target_recall,
-        }
-        return recall
+        # Record what `search` delivers at the chosen knob (short rows completed).
+        served = self.recall_vs_exact(q, k, embeddings=embeddings, query_source=query_source)
+        assert self.recall is not None
+        self.recall["target_recall"] = target_recall
+        return served
 
     def _knob(self) -> dict[str, int]:
         if self.kind == "hnsw":

@@ -211,6 +211,19 @@ def test_tune_picks_smallest_knob_reaching_target(
     assert ItemIndex.load(tmp_path / "idx").params.nprobe == chosen
 
 
+def test_tune_ignores_settings_that_only_an_exhaustive_completion_makes_exact(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    x, ids, q = data
+    # ~31 vectors per bucket: nprobe 1 or 2 cannot fill k=100, and `search` completes such
+    # rows exhaustively (recall 1); tuning must not take that for a good setting.
+    index = ItemIndex.build(x, ids, "ivf", IndexParams(nlist=64, nprobe=1), threads=1)
+    index.set_search_params(nprobe=1)
+    assert index.recall_vs_exact(q, 100) == 1.0
+    assert index.tune(q, k=100, target_recall=0.9) >= 0.9
+    assert index.params.nprobe >= 4
+
+
 def test_load_refuses_mismatches(
     data: tuple[np.ndarray, np.ndarray, np.ndarray], built: dict[str, ItemIndex], tmp_path: Path
 ) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 
 from funnelrec import __version__
 from funnelrec.batch import CandidateBatch
-from funnelrec.config import from_dict
+from funnelrec.config import from_dict, read_toml
 from funnelrec.dataset import AtomicDirectory, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.softmax import Proposal, SampledSoftmax
@@ -583,13 +582,7 @@ def load_training_config(
     checked and parsed by `config.from_dict` (unknown keys are errors)."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise FunnelrecError(f"{path}: cannot read config ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
+        raw = read_toml(path)
         for key, value in raw.items():
             if isinstance(value, dict):
                 values.setdefault(key, {}).update(value)

@@ -26,19 +26,22 @@ T = TypeVar("T")
 
 def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from defaults, then the TOML file at `path`, then `key=value` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise FunnelrecError(f"{path}: cannot read config ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
     for item in overrides:
         key, raw = _split_override(item)
         _set_dotted(values, key.split("."), raw)
     return from_dict(cls, values)
+
+
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or invalid files raise `FunnelrecError`."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise FunnelrecError(f"{path}: cannot read config ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
 
 
 def apply_overrides(config: T, overrides: Sequence[str]) -> T:

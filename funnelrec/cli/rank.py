@@ -21,7 +21,6 @@ Both are plain functions (`train_ranker`, `evaluate_ranker`) with thin Typer wra
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from funnelrec import rank_metrics
-from funnelrec.config import from_dict
+from funnelrec.config import from_dict, read_toml
 from funnelrec.dataset import AtomicDirectory, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.examples import Features
@@ -101,13 +100,7 @@ def load_ranker_train_config(
     """
     values: dict[str, Any] = _as_tree(asdict(RankerTrainConfig()))
     if path is not None:
-        path = Path(path)
-        try:
-            _merge(values, tomllib.loads(path.read_text()))
-        except OSError as e:
-            raise FunnelrecError(f"{path}: cannot read config ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise FunnelrecError(f"{path}: invalid TOML ({e})") from None
+        _merge(values, read_toml(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()

@@ -30,7 +30,6 @@ The artifact directory a training run writes (see `save_candidate_artifact`):
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from funnelrec import __version__
 from funnelrec.batch import CandidateBatch
 from funnelrec.config import from_dict, read_toml
-from funnelrec.dataset import AtomicDirectory, write_json_atomic
+from funnelrec.dataset import AtomicDirectory, read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.softmax import Proposal, SampledSoftmax
 from funnelrec.train import TrainConfig, TrainResult, loader_epochs, seed_everything, train
@@ -382,23 +381,8 @@ def save_candidate_artifact(
 
 
 def read_candidate_config(art: Path | str) -> dict[str, Any]:
-    """config.json of a candidate artifact, checked for kind and format version."""
-    art = Path(art)
-    file = art / CONFIG_FILE
-    try:
-        meta: dict[str, Any] = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{art}: not a candidate model artifact (no {CONFIG_FILE})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{file}: unreadable ({e})") from None
-    if meta.get("kind") != KIND:
-        raise ArtifactError(f"{art}: a '{meta.get('kind')}' artifact, not a candidate model")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{file}: candidate artifact format version {meta.get('format_version')}, "
-            f"this funnelrec reads {FORMAT_VERSION}"
-        )
-    return meta
+    """config.json of a candidate model artifact, checked for kind and format version."""
+    return read_artifact_meta(art, CONFIG_FILE, KIND, FORMAT_VERSION, "candidate model")
 
 
 def _from_dict(cls: Any, values: dict[str, Any]) -> Any:

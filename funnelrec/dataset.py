@@ -93,6 +93,30 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_artifact_meta(
+    art: Path | str, file_name: str, kind: str, version: int, what: str
+) -> dict[str, Any]:
+    """The JSON metadata of an artifact, refused unless its kind and format version match.
+
+    `what` names the artifact in messages ("candidate model", "ranker")."""
+    art = Path(art)
+    file = art / file_name
+    try:
+        meta: dict[str, Any] = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{art}: not a {what} artifact (no {file_name})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{file}: unreadable ({e})") from None
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{art}: a '{meta.get('kind')}' artifact, not a {what}")
+    if meta.get("format_version") != version:
+        raise ArtifactError(
+            f"{file}: {what} artifact format version {meta.get('format_version')}, "
+            f"this funnelrec reads {version}"
+        )
+    return meta
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

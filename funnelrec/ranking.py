@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from funnelrec import __version__
 from funnelrec.batch import RankingBatch
-from funnelrec.dataset import write_json_atomic
+from funnelrec.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 
 FORMAT_VERSION = 1
@@ -459,22 +459,7 @@ def save_ranker_artifact(model: RankingModel, out: Path | str, *, meta: Mapping[
 
 def read_ranker_config(art: Path | str) -> dict[str, Any]:
     """config.json of a ranker artifact, checked for kind and format version."""
-    art = Path(art)
-    file = art / CONFIG_FILE
-    try:
-        meta: dict[str, Any] = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{art}: not a ranker artifact (no {CONFIG_FILE})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{file}: unreadable ({e})") from None
-    if meta.get("kind") != KIND:
-        raise ArtifactError(f"{art}: a '{meta.get('kind')}' artifact, not a ranker")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{file}: ranker artifact format version {meta.get('format_version')}, "
-            f"this funnelrec reads {FORMAT_VERSION}"
-        )
-    return meta
+    return read_artifact_meta(art, CONFIG_FILE, KIND, FORMAT_VERSION, "ranker")
 
 
 def load_ranker(art: Path | str, device: str | torch.device = "cpu") -> RankingModel:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -50,6 +51,7 @@ from funnelrec.softmax import Proposal, SampledSoftmax
 from funnelrec.train import TrainConfig, TrainResult, loader_epochs, seed_everything, train
 
 if TYPE_CHECKING:
+    from funnelrec.distributed import Distributed
     from funnelrec.examples import Features
 
 FORMAT_VERSION = 1
@@ -89,6 +91,13 @@ class CandidateConfig:
     sparse:         sparse gradients for the item and token tables; None = auto (tables
                     of >= SPARSE_AUTO_ROWS rows)
     serving_example_age: the example age fed at serving [0; "or slightly negative"]
+    normalize:      score by cosine: u and every v_j L2-normalised, logits divided by
+                    `temperature` (not the paper's plain dot product; it often trains
+                    better on small data). The exported item vectors are normalised, and
+                    serving's u is too, so the ANN index sees the same scores.
+    temperature:    divides the cosine logits when `normalize` [1.0]
+    history_decay:  1.0 = the paper's plain mean of the history bag; below 1, a
+                    recency-weighted mean (the k-th latest watch weighs decay ** k)
     """
 
     dim: int = 256
@@ -111,6 +120,9 @@ class CandidateConfig:
     logq_correction: bool = True
     sparse: bool | None = None
     serving_example_age: float = 0.0
+    normalize: bool = False
+    temperature: float = 1.0
+    history_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -124,6 +136,14 @@ class CandidateConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise FunnelrecError(f"candidate config: dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.history_decay <= 1.0:
+            raise FunnelrecError(
+                f"candidate config: history_decay must be in (0, 1], got {self.history_decay}"
+            )
+        if self.temperature <= 0:
+            raise FunnelrecError(
+                f"candidate config: temperature must be > 0, got {self.temperature}"
+            )
         if self.loss == "sampled" and self.num_negatives < 1 and not self.in_batch_negatives:
             raise FunnelrecError("candidate config: sampled loss needs num_negatives >= 1")
 
@@ -169,19 +189,26 @@ class CandidateInputs:
         )
 
 
-def bag_mean(table: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> Tensor:
+def bag_mean(table: nn.EmbeddingBag, ids: Tensor, offsets: Tensor, decay: float = 1.0) -> Tensor:
     """Mean embedding of each bag [B, dim], padding (id 0) left out; an empty bag -> 0.
 
     Computed as a weighted sum (weight 1 / non-padding length): the same numbers as
-    EmbeddingBag's mode="mean" with padding_idx=0, about 1.5x faster on CPU."""
+    EmbeddingBag's mode="mean" with padding_idx=0, about 1.5x faster on CPU.
+    decay < 1: a recency-weighted mean instead, the k-th id from a bag's end (bags are
+    oldest first) weighing decay ** k, the weights of each bag normalised to sum to 1."""
     real = (ids != 0).to(table.weight.dtype)
     if ids.numel() == 0:
         return table(ids, offsets, per_sample_weights=real)
     lengths = torch.diff(offsets, append=offsets.new_tensor([ids.shape[0]]))
     rows = torch.repeat_interleave(torch.arange(offsets.shape[0], device=ids.device), lengths)
+    if decay != 1.0:
+        # position from the bag's end: (start + length - 1) - index
+        ends = offsets + lengths - 1
+        back = (ends[rows] - torch.arange(ids.shape[0], device=ids.device)).to(real.dtype)
+        real = real * torch.pow(torch.full_like(back, decay), back)
     count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
     count.index_add_(0, rows, real)
-    weights = real / count.clamp(min=1.0)[rows]
+    weights = real / count.clamp(min=1e-12)[rows]
     out: Tensor = table(ids, offsets, per_sample_weights=weights)
     return out
 
@@ -271,10 +298,16 @@ class CandidateModel(nn.Module):
             in_batch_negatives=c.in_batch_negatives,
             correction=c.logq_correction,
             full=c.loss == "full",
+            normalize_items=c.normalize,
         )
 
     def item_embeddings(self) -> Tensor:
-        """The output item table v: [N + 1, d] (row 0 = padding, never a candidate)."""
+        """The item vectors v that score u: [N + 1, d] (row 0 = padding, never a
+        candidate): the output table itself, or its rows L2-normalised (`normalize`)."""
+        table = self._output_table()
+        return F.normalize(table, dim=1) if self.config.normalize else table
+
+    def _output_table(self) -> Tensor:
         if self.item_output is not None:
             return self.item_output.weight
         return self.item_input.weight
@@ -293,7 +326,7 @@ class CandidateModel(nn.Module):
     def user_vector(self, batch: CandidateBatch, example_age: Tensor) -> Tensor:
         """u [B, d] from a batch's context and the given example age [B]."""
         c = self.config
-        parts = [bag_mean(self.item_input, batch.history, batch.history_offsets)]
+        parts = [bag_mean(self.item_input, batch.history, batch.history_offsets, c.history_decay)]
         if self.token_input is not None:
             parts.append(bag_mean(self.token_input, batch.search, batch.search_offsets))
         if self.region is not None and self.device_emb is not None:
@@ -306,6 +339,8 @@ class CandidateModel(nn.Module):
         if c.use_example_age:
             parts.append(example_age.to(parts[0].dtype)[:, None])
         u: Tensor = self.tower(torch.cat(parts, dim=1))
+        if c.normalize:
+            u = F.normalize(u, dim=1) / c.temperature
         return u
 
     def forward(self, batch: CandidateBatch) -> Tensor:
@@ -323,7 +358,8 @@ class CandidateModel(nn.Module):
             u, labels = u[keep], labels[keep]
         if labels.numel() == 0:
             return u.sum() * 0.0  # keeps the graph: a batch of only unknown labels
-        loss: Tensor = self.softmax(u, self.item_embeddings(), labels, sparse=self.sparse)
+        # the raw table: the softmax normalises only the rows it gathers (`normalize`)
+        loss: Tensor = self.softmax(u, self._output_table(), labels, sparse=self.sparse)
         return loss
 
 
@@ -610,18 +646,28 @@ def fit_candidates(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    dist: Distributed | None = None,
 ) -> TrainResult:
     """Train a candidate model on a features directory and write artifact `out`.
 
     Checkpoints go to `checkpoint_path(out)` (removed once the artifact is written); with
     `resume`, training continues from there. The artifact is built in a temporary
     directory and renamed into place.
+
+    dist: this process's place in a data-parallel run (`distributed.setup`, under
+    torchrun): each rank reads its share of the training row groups and of the validation
+    examples, and only rank 0 writes checkpoints and the artifact. None: one process.
     """
+    import itertools
+    import math
+
+    from funnelrec.distributed import Distributed, local_batch_size
     from funnelrec.examples import Features
-    from funnelrec.loader import candidate_loader
-    from funnelrec.metrics import ModelScorer, evaluate_split
+    from funnelrec.loader import candidate_loader, seen_items
+    from funnelrec.metrics import ModelScorer, SequentialSeen, evaluate_retrieval
 
     cfg = config or CandidateTrainingConfig()
+    dist = dist or Distributed()
     feats = feat if isinstance(feat, Features) else Features.open(feat)
     out = Path(out)
     ckpt = checkpoint_path(out)
@@ -641,23 +687,56 @@ def fit_candidates(
     loader = candidate_loader(
         feats,
         "train",
-        batch_size=cfg.train.batch_size,
+        batch_size=local_batch_size(cfg.train.batch_size, dist),
         shuffle=True,
         seed=cfg.train.seed,
         num_workers=cfg.train.num_workers,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     evaluate = None
     if feats.num_examples("candidates", "valid") > 0:
+        # the examples `metrics.evaluate_split(limit=valid_examples)` scores, their batches
+        # shared out over the ranks in contiguous runs; Recall@K is then the mean over all
+        flat, offsets = seen_items(feats, "valid")
+        total = len(offsets) - 1
+        if cfg.valid_examples is not None:
+            total = min(total, cfg.valid_examples)
+        vbs = min(1024, max(total, 1))
+        n_batches = math.ceil(total / vbs)
+        share = math.ceil(n_batches / dist.world_size)
+        first = min(n_batches, dist.rank * share)
+        last = min(n_batches, first + share)
+        valid = candidate_loader(feats, "valid", batch_size=vbs)
+        device = torch.device(cfg.train.device)
+        num_items = len(feats.vocab("item")) - 1
+
+        class OnDevice(ModelScorer):
+            """Batches go to the model's device (a GPU), scores come back to the CPU,
+            where the metrics' exclusion masks are."""
+
+            def queries(self, batch: CandidateBatch) -> Tensor:
+                return super().queries(batch.to(device))
+
+            def scores(self, queries: Tensor) -> Tensor:
+                return super().scores(queries).cpu()
 
         def evaluate(m: nn.Module) -> float:
-            report = evaluate_split(
-                {"model": ModelScorer(m)},
-                feats,
-                "valid",
+            seen = SequentialSeen(flat, offsets)
+            seen.cursor = first * vbs
+            report = evaluate_retrieval(
+                {"model": OnDevice(m)},
+                itertools.islice(iter(valid), first, last),
+                num_items=num_items,
                 ks=(cfg.valid_k,),
-                limit=cfg.valid_examples,
+                seen=seen,
             )
-            return report.metrics["model"][f"recall@{cfg.valid_k}"]
+            recall = report.metrics["model"][f"recall@{cfg.valid_k}"]
+            if not dist.enabled:
+                return recall
+            hits = recall * report.queries if report.queries else 0.0
+            hits, queries = dist.all_reduce_sums([hits, report.queries])
+            return hits / queries
 
     fmeta = features_meta(feats)
     result = train(
@@ -671,6 +750,7 @@ def fit_candidates(
         meta={"model": asdict(cfg.model), "features": fmeta, "valid_k": cfg.valid_k},
         progress=progress,
         description="train candidates",
+        dist=dist,
     )
     meta = {
         **fmeta,
@@ -688,14 +768,20 @@ def fit_candidates(
             "best_step": result.best_step,
             "stopped_early": result.stopped_early,
             "valid_history": result.history,
+            "processes": result.world_size,
+            "comm_bytes_per_step": round(result.comm_bytes_per_step),
         },
     }
-    target = AtomicDirectory(out, force=force)
-    try:
-        save_candidate_artifact(model, target.tmp, item_ids=feats.vocab("item").values, meta=meta)
-        target.commit()
-    except BaseException:
-        target.abort()
-        raise
-    ckpt.unlink(missing_ok=True)
+    if dist.is_main:
+        target = AtomicDirectory(out, force=force)
+        try:
+            save_candidate_artifact(
+                model, target.tmp, item_ids=feats.vocab("item").values, meta=meta
+            )
+            target.commit()
+        except BaseException:
+            target.abort()
+            raise
+        ckpt.unlink(missing_ok=True)
+    dist.barrier()  # the other ranks return once the artifact is in place
     return result

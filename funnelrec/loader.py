@@ -15,6 +15,14 @@ groups of all shards, then the rows of a window of `buffer_groups` row groups (t
 shards are also written in random order, so every window is already a mix of users).
 The order depends only on (seed, epoch), so runs are repeatable and resumable.
 
+Data-parallel training (`distributed`): with `rank=r, world_size=N` a loader yields only
+rank r's row groups: the epoch's permuted row groups are dealt out in turn to the rank
+with the fewest rows so far, so the N ranks together read every example once per epoch,
+each its own row groups, and their shares differ by at most one row group (with fewer
+than 8 row groups per rank, row groups are cut into parts first, to keep shares even).
+
+    candidate_loader(FEAT, "train", batch_size=512, shuffle=True, rank=1, world_size=2)
+
 Ranking shards hold raw continuous values; the loader maps them through the fitted
 quantile normaliser into x, x^2, sqrt(x) and missing flags (the columns of the ranking
 spec's `dense_columns`). Their bags (history, search) are per request: the loader keeps the
@@ -23,6 +31,7 @@ split's requests table in memory and gathers each impression's bags by `request_
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +48,10 @@ from funnelrec.errors import ArtifactError
 from funnelrec.examples import REQUESTS, Features, gather_ranges
 
 Stage = Literal["candidates", "ranking"]
+
+# With several ranks, each reads at least this many units (row groups or parts of one), so
+# that the ranks' shares of an epoch differ by at most ~1/8.
+MIN_UNITS_PER_RANK = 8
 
 
 def _as_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -148,6 +161,8 @@ class ShardDataset(IterableDataset):
     convert:        Arrow table of batch rows -> batch object
     batch_size:     rows per batch (the last one may be smaller unless drop_last)
     shuffle, seed:  row-group order and rows within a window of `buffer_groups` groups
+    rank, world_size: read only this rank's share of the epoch's row groups (one rank of a
+                    data-parallel run; see the module docstring)
     """
 
     def __init__(
@@ -161,9 +176,15 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         drop_last: bool = False,
         buffer_groups: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank = rank
+        self.world_size = world_size
         self.files = files
         self.columns = columns
         self.convert = convert
@@ -173,30 +194,58 @@ class ShardDataset(IterableDataset):
         self.drop_last = drop_last
         self.buffer_groups = max(1, buffer_groups)
         self.epoch = 0
-        units = []
+        groups = []
         for f, path in enumerate(files):
             try:
                 meta = pq.ParquetFile(path).metadata
             except (OSError, pa.ArrowInvalid) as e:
                 raise ArtifactError(f"{path}: unreadable shard ({e})") from None
-            units += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        self.units = [u for u in units if u[2] > 0]
-        self.num_rows = sum(u[2] for u in self.units)
+            groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        groups = [u for u in groups if u[2] > 0]
+        # units of reading and shuffling: (file, row group, first row, rows). Ranks' shares
+        # differ by up to one unit, so with few row groups per rank (small data) each group
+        # is cut into parts: every rank then reads the groups it has a part of, a small
+        # overhead on small data. One rank keeps whole groups (its order never changes).
+        parts = 1
+        if world_size > 1 and len(groups) < MIN_UNITS_PER_RANK * world_size:
+            parts = math.ceil(MIN_UNITS_PER_RANK * world_size / max(len(groups), 1))
+        self.units: list[tuple[int, int, int, int]] = []
+        for f, g, rows in groups:
+            cuts = np.linspace(0, rows, min(parts, rows) + 1).astype(np.int64)
+            self.units += [(f, g, int(a), int(b - a)) for a, b in itertools.pairwise(cuts)]
+        self.num_rows = sum(u[3] for u in self.units)
 
     def __len__(self) -> int:
-        """Batches per epoch (exact with one reading process)."""
+        """Batches per epoch (exact with one reading process and one rank; with several
+        ranks, each rank's share of the rows)."""
+        rows = self.num_rows / self.world_size
         if self.drop_last:
-            return self.num_rows // self.batch_size
-        return math.ceil(self.num_rows / self.batch_size)
+            return int(rows // self.batch_size)
+        return math.ceil(rows / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _share(self, units: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        """This rank's units of the epoch's order: each unit in turn goes to the rank with the
+        fewest rows so far (every rank computes the same assignment), so shares differ by at
+        most one unit's rows."""
+        rows = [0] * self.world_size
+        mine = []
+        for u in units:
+            r = min(range(self.world_size), key=rows.__getitem__)  # ties: the lowest rank
+            rows[r] += u[3]
+            if r == self.rank:
+                mine.append(u)
+        return mine
 
     def __iter__(self) -> Iterator[Any]:
         units = list(self.units)
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.shuffle:
             units = [units[i] for i in rng.permutation(len(units))]
+        if self.world_size > 1:
+            units = self._share(units)
         info = get_worker_info()
         if info is not None:
             units = units[info.id :: info.num_workers]
@@ -205,10 +254,11 @@ class ShardDataset(IterableDataset):
         bs = self.batch_size
         for k in range(0, len(units), self.buffer_groups):
             parts = []
-            for f, g, _ in units[k : k + self.buffer_groups]:
+            for f, g, first, rows in units[k : k + self.buffer_groups]:
                 if f not in handles:
                     handles[f] = pq.ParquetFile(self.files[f])
-                parts.append(handles[f].read_row_group(g, columns=self.columns))
+                group = handles[f].read_row_group(g, columns=self.columns)
+                parts.append(group if rows == group.num_rows else group.slice(first, rows))
             if pending is not None and pending.num_rows:
                 parts.insert(0, pending)
             table = pa.concat_tables(parts)
@@ -259,11 +309,13 @@ def candidate_loader(
     drop_last: bool = False,
     num_workers: int = 0,
     buffer_groups: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ExampleLoader:
     """Batches of candidate-generation examples (`CandidateBatch`) of split train/valid/test.
 
     Without shuffle the order is the shards' order (that of `seen_items` and
-    `read_examples`)."""
+    `read_examples`). rank, world_size: this rank's share (see the module docstring)."""
     f = _features(feat)
     n_dense = len(f.candidate_spec["dense_columns"])
     ds = ShardDataset(
@@ -275,6 +327,8 @@ def candidate_loader(
         seed=seed,
         drop_last=drop_last,
         buffer_groups=buffer_groups,
+        rank=rank,
+        world_size=world_size,
     )
     return ExampleLoader(ds, num_workers=num_workers)
 
@@ -289,11 +343,14 @@ def ranking_loader(
     drop_last: bool = False,
     num_workers: int = 0,
     buffer_groups: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ExampleLoader:
     """Batches of ranking examples (`RankingBatch`) of split train/valid/test.
 
     Without shuffle, the impressions of one request are consecutive and in position order
-    (valid/test shards are sorted by user, ts, request, position)."""
+    (valid/test shards are sorted by user, ts, request, position). rank, world_size: this
+    rank's share of the row groups (see the module docstring)."""
     f = _features(feat)
     convert = RankingConverter(f, split)
     ds = ShardDataset(
@@ -305,6 +362,8 @@ def ranking_loader(
         seed=seed,
         drop_last=drop_last,
         buffer_groups=buffer_groups,
+        rank=rank,
+        world_size=world_size,
     )
     return ExampleLoader(ds, num_workers=num_workers)
 

@@ -118,6 +118,7 @@ class SampledSoftmax(nn.Module):
         in_batch_negatives: bool = False,
         correction: bool = True,
         full: bool = False,
+        normalize_items: bool = False,
     ) -> None:
         super().__init__()
         if num_negatives < 0:
@@ -129,6 +130,8 @@ class SampledSoftmax(nn.Module):
         self.in_batch_negatives = bool(in_batch_negatives)
         self.correction = bool(correction)
         self.full = bool(full)
+        # L2-normalise the item rows a batch uses (cosine scoring; the model normalises u)
+        self.normalize_items = bool(normalize_items)
         probs = proposal.probs.to(torch.float64)
         cdf = torch.cumsum(probs[1:], 0)
         cdf[-1] = 1.0  # guard against rounding so that a uniform draw < 1 always lands
@@ -172,6 +175,8 @@ class SampledSoftmax(nn.Module):
             ids = torch.arange(1, item_weight.shape[0], device=labels.device)
             pos_v = F.embedding(labels, item_weight, sparse=sparse)
             cand_v = F.embedding(ids, item_weight, sparse=sparse)
+            if self.normalize_items:
+                pos_v, cand_v = F.normalize(pos_v, dim=1), F.normalize(cand_v, dim=1)
             bias = torch.zeros(ids.shape[0], device=u.device, dtype=u.dtype)
             return softmax_cross_entropy(u, pos_v, cand_v, bias, labels, ids)
         return self.sampled_loss(u, item_weight, labels, self.sample(self.num_negatives), sparse)
@@ -190,6 +195,8 @@ class SampledSoftmax(nn.Module):
         m = b - 1 if self.in_batch_negatives else 0
         # one gather for labels and negatives: one [N + 1, d] gradient to build, not two
         rows = F.embedding(torch.cat([labels, negatives]), item_weight, sparse=sparse)
+        if self.normalize_items:
+            rows = F.normalize(rows, dim=1)
         pos_v = rows[:b]  # [B, d]
         ids_parts, v_parts = [], []
         if n > 0:

@@ -21,6 +21,17 @@ batches of an epoch depend only on the epoch (`loader_epochs` of a seeded loader
 Early stopping: `evaluate(model)` runs at the end of each epoch (or every `eval_every`
 steps); after `patience` evaluations without improvement training stops, and the best
 weights are restored.
+
+Data-parallel (`dist=distributed.setup(device)` in each process torchrun starts): every
+rank trains a replica on its own batches (`batch_size` / N examples each), gradients are
+averaged over ranks before clipping (`distributed.sync_gradients`: dense ones all-reduced,
+sparse tables' touched rows all-gathered), so all replicas take the same step. The loss
+and the Ctrl-C request are agreed on in the same exchange; `evaluate` must return the same
+number on every rank (reduce it, e.g. `Distributed.all_reduce_sums`). Only rank 0 writes
+checkpoints; they hold every rank's RNG state, and resuming needs the same number of ranks.
+
+    torchrun --standalone --nproc-per-node 2 -m funnelrec.train candidates -f FEAT -o ART
+    python -m funnelrec.train candidates -f FEAT -o ART --device cuda    # one process
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
+from funnelrec.distributed import Distributed, rank_seed, sync_gradients
 from funnelrec.errors import ArtifactError, FunnelrecError
 
 CHECKPOINT_FORMAT = 1
@@ -73,12 +85,12 @@ class TrainConfig:
     sparse_lr:        learning rate of the sparse tables; None = lr
     weight_decay:     decoupled weight decay of dense parameters (never embeddings' rows)
     grad_clip:        max global gradient norm; 0 = no clipping
-    batch_size:       examples per batch (the loader uses it)
+    batch_size:       examples per step, over all processes of a data-parallel run
     epochs:           passes over the training examples
     max_steps:        stop after this many steps in total (None = epochs decide)
     seed:             seeds torch, numpy and random; with the loader's seed, the whole run
     threads:          torch intra-op threads (None = torch's default)
-    device:           "cpu" or "cuda"
+    device:           "cpu" or "cuda" (under torchrun: each process's own GPU)
     checkpoint_every: steps between checkpoints (0 = only on Ctrl-C)
     eval_every:       steps between evaluations (0 = at the end of each epoch)
     patience:         evaluations without improvement before stopping (0 = never stop)
@@ -114,6 +126,12 @@ class TrainConfig:
             raise FunnelrecError("train config: grad_clip, checkpoint_every, eval_every >= 0")
         if self.patience < 0:
             raise FunnelrecError(f"train config: patience must be >= 0, got {self.patience}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise FunnelrecError(
+                f"train config: device must be cpu, cuda or cuda:N, got {self.device!r}"
+            ) from None
 
 
 class TrainingInterrupted(FunnelrecError):
@@ -122,7 +140,8 @@ class TrainingInterrupted(FunnelrecError):
 
 @dataclass
 class TrainResult:
-    """What happened. history: (step, metric) of each evaluation."""
+    """What happened. history: (step, metric) of each evaluation. Counts are over all
+    ranks; comm_*: this rank's gradient exchange in this call (0 on one process)."""
 
     steps: int
     epochs: int
@@ -134,6 +153,9 @@ class TrainResult:
     best_step: int | None = None
     stopped_early: bool = False
     history: list[tuple[int, float]] = field(default_factory=list)
+    world_size: int = 1
+    comm_bytes_per_step: float = 0.0
+    comm_seconds: float = 0.0
 
 
 EpochBatches = Callable[[int, int], Iterable[Any]]
@@ -159,12 +181,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Optimizers for `model`'s parameters (see the module docstring)."""
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, sparse) trainable parameters: sparse ones are the model's
+    `sparse_parameters()` (tables with sparse gradients), in a fixed order."""
     sparse_fn = getattr(model, "sparse_parameters", None)
-    sparse: list[Tensor] = list(sparse_fn()) if callable(sparse_fn) else []
+    sparse: list[nn.Parameter] = list(sparse_fn()) if callable(sparse_fn) else []
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    return dense, sparse
+
+
+def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Optimizers for `model`'s parameters (see the module docstring)."""
+    dense, sparse = split_parameters(model)
     sparse_lr = config.sparse_lr if config.sparse_lr is not None else config.lr
     if config.optimizer == "adagrad":
         groups: list[dict[str, Any]] = [
@@ -216,26 +245,28 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # only the training GPU's generator (dropout): asking for every GPU's would start a
+    # CUDA context on each of them, in every process of a multi-GPU run
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -339,25 +370,33 @@ def train(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     description: str = "training",
+    dist: Distributed | None = None,
 ) -> TrainResult:
     """Train `model` in place (see the module docstring).
 
-    batches:         (epoch, start) -> batches; `loader_epochs(loader)` makes one
-    steps_per_epoch: batches per epoch, for the progress bar's total and ETA
+    batches:         (epoch, start) -> batches; `loader_epochs(loader)` makes one. Under
+                     `dist`, this rank's share of the epoch (its loader's rank/world_size)
+    steps_per_epoch: steps per epoch, for the progress bar's total and ETA
     checkpoint:      file to checkpoint to (and resume from)
-    evaluate:        validation metric of the model, higher is better (e.g. Recall@K)
+    evaluate:        validation metric of the model, higher is better (e.g. Recall@K);
+                     under `dist`, called on every rank and must agree across ranks
     meta:            JSON-able description of what is trained (model and data config); a
                      resumed checkpoint must carry the same
+    dist:            this process's place in a data-parallel run (None: one process)
     """
     if not callable(getattr(model, "compute_loss", None)):
         raise FunnelrecError(f"{type(model).__name__} has no compute_loss(batch)")
     if resume and checkpoint is None:
         raise FunnelrecError("resume needs a checkpoint path")
+    dist = dist or Distributed()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FunnelrecError(f"device {config.device!r}: no CUDA GPU is available here")
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
     model.to(device)
     optimizers = build_optimizers(model, config)
+    dense_params, sparse_params = split_parameters(model)
     pos = _Position()
     best_state: dict[str, Tensor] | None = None
     meta_json = json.dumps(meta or {}, sort_keys=True, default=str)
@@ -365,32 +404,49 @@ def train(
         assert checkpoint is not None
         ckpt = load_checkpoint(checkpoint)
         _check_resumable(ckpt, config, meta_json, checkpoint)
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != dist.world_size:
+            raise ArtifactError(
+                f"{checkpoint}: checkpoint was made by {saved_world} process(es), this run has "
+                f"{dist.world_size}; resume with the same number (--nproc)"
+            )
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
         saved = ckpt["position"]
         pos = _Position(**{**saved, "history": [(int(s), float(m)) for s, m in saved["history"]]})
         best_state = ckpt.get("best_model")
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng_ranks"][dist.rank] if dist.enabled else ckpt["rng"], device)
     else:
-        seed_rng_for_training(config.seed)
+        seed_rng_for_training(config.seed, dist.rank)
+    # replicas must start equal; after a resume they already are (one checkpoint)
+    if not resume:
+        dist.broadcast_module(model)
 
     def save() -> None:
+        """Called on every rank at the same step: rank 0 writes, the others wait for it."""
         if checkpoint is None:
             return
-        _save_atomic(
-            {
+        rng = _rng_state(device)
+        every_rng = dist.all_gather_objects(rng)
+        if dist.is_main:
+            state = {
                 "format_version": CHECKPOINT_FORMAT,
                 "config": asdict(config),
                 "meta": meta_json,
                 "model": model.state_dict(),
                 "optimizers": [opt.state_dict() for opt in optimizers],
-                "rng": _rng_state(),
+                "rng": rng,
                 "position": asdict(pos),
                 "best_model": best_state,
-            },
-            checkpoint,
-        )
+                "world_size": dist.world_size,
+            }
+            if dist.enabled:
+                state["rng_ranks"] = every_rng
+            _save_atomic(state, checkpoint)
+        # a rank that left early (an exception after Ctrl-C) would make torchrun kill
+        # rank 0 mid-write
+        dist.barrier()
 
     def run_eval() -> bool:
         """Evaluate; True if training should stop early."""
@@ -418,45 +474,67 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     t0 = time.perf_counter()
-    examples_before = pos.examples
+    examples_before, steps_before = pos.examples, pos.step
+    comm_bytes, comm_s = 0, 0.0
     rate_t, rate_n, rate = t0, 0, 0.0
     done = pos.stopped_early or (config.max_steps is not None and pos.step >= config.max_steps)
-    with _StopOnSigint() as stop, _progress(progress) as bar:
+    with _StopOnSigint() as stop, _progress(progress and dist.is_main) as bar:
         task = bar.add_task(description, total=total, completed=pos.step, rate="-", loss="-")
         while not done and pos.epoch < config.epochs:
             # torch's DataLoader draws a seed from the global RNG when an iterator is made;
             # a resumed run makes one mid-epoch, so keep that draw off the training stream
             with torch.random.fork_rng(devices=[]):
                 it: Iterator[Any] = iter(batches(pos.epoch, pos.batch))
+            exhausted = stopping = False
             while True:
                 if config.max_steps is not None and pos.step >= config.max_steps:
                     done = True
                     break
-                try:
-                    batch = next(it)
-                except StopIteration:
+                batch = None
+                if not exhausted:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        exhausted = True
+                    except Exception:
+                        if not stop.requested:  # else a loader worker died of the same Ctrl-C
+                            raise
+                        exhausted = True
+                # one process: the epoch ends with its batches; several: when every
+                # rank's have (a rank without a batch still joins the exchange)
+                if batch is None and not dist.enabled:
                     break
-                except Exception:
-                    if stop.requested:  # a loader worker that died of the same Ctrl-C
-                        break
-                    raise
-                if hasattr(batch, "to"):
-                    batch = batch.to(device)
-                loss = model.compute_loss(batch)  # type: ignore[operator]
+                n = 0 if batch is None else len(batch) if hasattr(batch, "__len__") else 1
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value = math.nan
+                if batch is not None:
+                    if hasattr(batch, "to"):
+                        batch = batch.to(device)
+                    loss = model.compute_loss(batch)  # type: ignore[operator]
+                    loss.backward()
+                    value = float(loss.detach())
+                stopping = stop.requested
+                if dist.enabled:
+                    tc = time.perf_counter()
+                    sync = sync_gradients(
+                        dense_params, sparse_params, dist, examples=n, loss=value, stop=stopping
+                    )
+                    comm_s += time.perf_counter() - tc
+                    comm_bytes += sync.bytes
+                    # every rank takes the same decisions from here on: the agreed values
+                    n, value, stopping = sync.examples, sync.loss, sync.stop
+                    if n == 0:
+                        break
                 if config.grad_clip > 0:
                     clip_grad_norm(params, config.grad_clip)
                 for opt in optimizers:
                     opt.step()
-                value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FunnelrecError(
                         f"training diverged: loss {value} at step {pos.step + 1} "
                         "(lower lr or keep grad_clip on)"
                     )
-                n = len(batch) if hasattr(batch, "__len__") else 1
                 pos.batch += 1
                 pos.step += 1
                 pos.examples += n
@@ -466,7 +544,7 @@ def train(
                 if now - rate_t >= 1.0:
                     rate, rate_t, rate_n = rate_n / (now - rate_t), now, 0
                 bar.update(task, completed=pos.step, rate=f"{rate:,.0f}", loss=f"{pos.loss:.4f}")
-                if stop.requested:
+                if stopping:
                     break
                 # evaluate before checkpointing, so a checkpoint holds its step's evaluation
                 if config.eval_every and pos.step % config.eval_every == 0 and run_eval():
@@ -474,7 +552,9 @@ def train(
                     break
                 if config.checkpoint_every and pos.step % config.checkpoint_every == 0:
                     save()
-            if stop.requested:
+            if not dist.enabled:
+                stopping = stop.requested
+            if stopping:
                 save()
                 where = f"; checkpoint saved to {checkpoint} (continue with --resume)"
                 raise TrainingInterrupted(
@@ -491,6 +571,7 @@ def train(
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     seconds = time.perf_counter() - t0
+    steps = pos.step - steps_before
     return TrainResult(
         steps=pos.step,
         epochs=pos.epoch,
@@ -502,12 +583,16 @@ def train(
         best_step=pos.best_step,
         stopped_early=pos.stopped_early,
         history=list(pos.history),
+        world_size=dist.world_size,
+        comm_bytes_per_step=comm_bytes / steps if steps else 0.0,
+        comm_seconds=comm_s,
     )
 
 
-def seed_rng_for_training(seed: int) -> None:
-    """The RNG state a fresh run starts its first step from (negatives, dropout)."""
-    seed_everything(seed + 1)  # +1: not the stream the model's initialisation drew from
+def seed_rng_for_training(seed: int, rank: int = 0) -> None:
+    """The RNG state a fresh run starts its first step from (negatives, dropout); each
+    rank of a data-parallel run draws its own stream (rank 0's is the 1-process one)."""
+    seed_everything(rank_seed(seed, rank) + 1)  # +1: not the stream the model's init drew from
 
 
 def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, meta: str, path: Path) -> None:
@@ -522,3 +607,9 @@ def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, meta: str, path:
         )
     if ckpt.get("meta") != meta:
         raise ArtifactError(f"{path}: checkpoint was made for another model or data configuration")
+
+
+if __name__ == "__main__":  # torchrun ... -m funnelrec.train candidates ... (see distributed.py)
+    from funnelrec.distributed import main
+
+    main()

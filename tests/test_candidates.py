@@ -90,6 +90,23 @@ def test_history_is_a_mean_with_padding_left_out_and_empty_bags_as_zero() -> Non
     assert m.item_input.weight.grad[0].abs().sum() == 0  # padding row never learns
 
 
+def test_history_decay_weighs_recent_watches_more() -> None:
+    m = model_of(history_decay=0.5)
+    w = m.item_input.weight.detach()
+    ids, offsets = torch.tensor([3, 4, 5, 0, 7, 8]), torch.tensor([0, 3, 4, 4])
+    bag = bag_mean(m.item_input, ids, offsets, decay=0.5)
+    # oldest first: 5 is the latest (weight 1), then 4 (0.5), then 3 (0.25)
+    torch.testing.assert_close(bag[0], (w[5] + 0.5 * w[4] + 0.25 * w[3]) / 1.75)
+    torch.testing.assert_close(bag[1], torch.zeros(8))  # only padding
+    torch.testing.assert_close(bag[2], torch.zeros(8))  # empty bag
+    torch.testing.assert_close(bag[3], (w[8] + 0.5 * w[7]) / 1.5)
+    torch.testing.assert_close(
+        bag_mean(m.item_input, ids, offsets, decay=1.0), bag_mean(m.item_input, ids, offsets)
+    )
+    with pytest.raises(FunnelrecError, match="history_decay"):
+        CandidateConfig(history_decay=0.0)
+
+
 def test_serving_forces_example_age_to_zero_and_training_uses_it() -> None:
     m = model_of()
     b = batch()
@@ -123,6 +140,25 @@ def test_full_loss_option_is_the_exact_softmax(sparse: bool) -> None:
     loss.backward()
     grad = m.item_embeddings().grad
     assert grad is not None and grad.is_sparse == sparse
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_normalize_scores_by_cosine_over_temperature(loss: str) -> None:
+    m = model_of(loss=loss, normalize=True, temperature=0.25)
+    b = batch()
+    u = m(b)
+    torch.testing.assert_close(u.norm(dim=1), torch.full((6,), 4.0))  # unit / 0.25
+    v = m.item_embeddings()
+    torch.testing.assert_close(v[1:].norm(dim=1), torch.ones(v.shape[0] - 1))
+    assert v[0].abs().sum() == 0  # padding stays the zero vector
+    if loss == "full":
+        want = full_softmax_loss(m.user_vector(b, b.example_age), v, b.label)
+        assert m.compute_loss(b).item() == pytest.approx(want.item(), rel=1e-5)
+    raw = model_of(loss=loss)
+    raw.load_state_dict(m.state_dict())
+    assert not torch.allclose(raw(b), u)  # the option changes the scores
+    with pytest.raises(FunnelrecError, match="temperature"):
+        CandidateConfig(normalize=True, temperature=0.0)
 
 
 def test_out_of_vocabulary_labels_are_left_out_of_the_loss() -> None:

@@ -229,3 +229,44 @@ def test_seen_items_and_errors(feat) -> None:
         seen_items(feat, "train")
     with pytest.raises(Exception, match="split must be one of"):
         candidate_loader(feat, "bogus")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("whole_groups", [False, True], ids=["cut groups", "whole groups"])
+def test_ranks_share_out_every_row_once_per_epoch(
+    feat, world: int, whole_groups: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    import funnelrec.loader
+
+    # 1: as with many row groups per rank, which read disjoint row groups; 16: as with
+    # small data, where row groups are cut into parts
+    monkeypatch.setattr(funnelrec.loader, "MIN_UNITS_PER_RANK", 1 if whole_groups else 16)
+    plain = sorted(_keys(candidate_loader(feat, "train", batch_size=50)))
+    loaders = [
+        candidate_loader(feat, "train", batch_size=20, shuffle=True, seed=3, rank=r,
+                         world_size=world)
+        for r in range(world)
+    ]  # fmt: skip
+    units = loaders[0].shards.units
+    groups = sum(pq.ParquetFile(f).num_row_groups for f in feat.shards("candidates", "train"))
+    if whole_groups:
+        assert len(units) == groups and all(first == 0 for _, _, first, _ in units)
+    else:
+        assert groups < 16 * world <= len(units)
+    shares_of_epoch = []
+    for _ in range(2):
+        shares = [_keys(loader) for loader in loaders]
+        assert sorted(k for share in shares for k in share) == plain  # each row once, one rank
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= max(rows for *_, rows in units)
+        shares_of_epoch.append(shares)
+    assert shares_of_epoch[0][0] != shares_of_epoch[1][0]  # a new order (and share) each epoch
+    # a resumed rank gets the same share of an epoch
+    again = candidate_loader(feat, "train", batch_size=20, shuffle=True, seed=3, rank=1,
+                             world_size=world)  # fmt: skip
+    again.set_epoch(1)
+    assert _keys(again) == shares_of_epoch[1][1]
+    with pytest.raises(ValueError, match=r"rank 2 is not in 0\.\.1"):
+        candidate_loader(feat, "train", rank=2, world_size=2)

@@ -242,3 +242,33 @@ def test_loader_epochs_sets_the_epoch_and_skips() -> None:
     f = loader_epochs(Loader())
     assert list(f(2, 1)) == [21, 22, 23]
     assert list(loader_epochs([7, 8, 9])(0, 2)) == [9]
+
+
+def test_checkpoints_record_one_process_and_the_device_is_checked(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run.pt"
+    result = train(make_model(), epochs(), cfg(epochs=1), checkpoint=ckpt, progress=False)
+    assert result.world_size == 1 and result.comm_bytes_per_step == 0
+    saved = load_checkpoint(ckpt)
+    assert saved["world_size"] == 1 and "rng_ranks" not in saved
+    with pytest.raises(FunnelrecError, match="device must be cpu, cuda or cuda:N"):
+        cfg(device="gpu0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_training_on_cuda_lowers_the_loss_and_resumes(tmp_path: Path, sparse: bool) -> None:
+    batch = next(iter(epochs()(0, 0))).to("cuda")
+    ckpt = tmp_path / "run.pt"
+    model = make_model(sparse=sparse)
+    with pytest.raises(TrainingInterrupted):
+        train(model, epochs(sigint_at=(1, 3)), cfg(device="cuda"), checkpoint=ckpt,
+              progress=False)  # fmt: skip
+    resumed = make_model(seed=99, sparse=sparse)
+    torch.manual_seed(0)
+    before = resumed.to("cuda").compute_loss(batch).item()
+    result = train(resumed, epochs(), cfg(device="cuda"), checkpoint=ckpt, resume=True,
+                   progress=False)  # fmt: skip
+    assert result.steps == 18
+    assert all(p.device.type == "cuda" for p in resumed.parameters())
+    torch.manual_seed(0)
+    assert resumed.compute_loss(batch).item() < before

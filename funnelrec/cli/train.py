@@ -3,6 +3,9 @@
 funnelrec train candidates --features /tmp/small-feat --out /tmp/cand
 funnelrec train candidates --features F --out A --config configs/candidates-small.toml dim=64
 funnelrec train candidates --features F --out A --resume      # after Ctrl-C or a crash
+funnelrec train candidates --features F --out A --device cuda
+funnelrec train candidates --features F --out A --nproc 2     # data-parallel, via torchrun
+torchrun --standalone --nproc-per-node 2 -m funnelrec.train candidates --features F --out A
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from funnelrec import distributed
 from funnelrec.candidates import checkpoint_path, fit_candidates, load_training_config
 
 app = typer.Typer(
@@ -38,20 +42,44 @@ def candidates(
     force: bool = typer.Option(
         False, "--force", help="Replace an existing artifact (and any leftover checkpoint)."
     ),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu or cuda (the same as the override device=...)."
+    ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Train data-parallel in N processes on this machine (runs torchrun); "
+        "batch_size stays the batch of one step over all of them.",
+    ),
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. dim=64 lr=0.01 epochs=3."
     ),
 ) -> None:
     """Train the candidate-generation network (sampled softmax, logQ correction)."""
-    cfg = load_training_config(config, overrides or [])
-    result = fit_candidates(features, out, cfg, resume=resume, force=force)
+    overrides = [*(overrides or []), *([f"device={device}"] if device else [])]
+    cfg = load_training_config(config, overrides)  # a bad config fails here, once
+    if nproc != 1:
+        code = distributed.launch_train(
+            "candidates", features, out, config, overrides, nproc, resume=resume, force=force
+        )
+        if code != 0:
+            raise typer.Exit(code)  # the processes printed their errors
+        return
+    dist = distributed.setup(cfg.train.device)
+    try:
+        result = fit_candidates(features, out, cfg, resume=resume, force=force, dist=dist)
+    finally:
+        distributed.teardown(dist)
+    if not dist.is_main:
+        return
     best = (
         f", best valid recall@{cfg.valid_k} {result.best_metric:.4f} at step {result.best_step}"
         if result.best_metric is not None
         else ""
     )
+    ranks = f" on {result.world_size} processes" if result.world_size > 1 else ""
     console.print(
-        f"trained {result.steps:,} steps ({result.examples:,} examples, "
+        f"trained {result.steps:,} steps{ranks} ({result.examples:,} examples, "
         f"{result.examples_per_s:,.0f}/s), loss {result.loss:.4f}{best}"
         + (" (stopped early)" if result.stopped_early else "")
     )

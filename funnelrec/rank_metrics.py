@@ -246,12 +246,15 @@ def ranking_metrics(
     *,
     watch_time_unit: float = 1.0,
     clicks_as_negatives: bool = False,
+    calibration_factor: float = 1.0,
 ) -> dict[str, Any]:
     """Every ranking metric at once (score = logits), as a JSON-able dict.
 
-    Keys: weighted_per_user_loss, auc, gauc, log_loss, weighted_log_loss, calibration
-    (see `calibration`; predictions are exp(score) * watch_time_unit), impressions, clicks,
-    pages, pairs.
+    Keys: weighted_per_user_loss, auc, gauc, log_loss, weighted_log_loss, impressions,
+    clicks, pages, pairs, and two `calibration` reports: "calibration" of the model's
+    expected watch time c * exp(score) * watch_time_unit (c = calibration_factor, also
+    stored there as "factor") and "calibration_raw" of exp(score) * watch_time_unit. The
+    deciles are the same impressions in both (a positive factor keeps the order).
     """
     s = np.asarray(score, dtype=np.float64).ravel()
     y = np.asarray(label).ravel() > 0.5
@@ -268,7 +271,11 @@ def ranking_metrics(
         "weighted_log_loss": weighted_logistic_loss(
             s, y, t, watch_time_unit=watch_time_unit, clicks_as_negatives=clicks_as_negatives
         ),
-        "calibration": calibration(np.exp(s) * watch_time_unit, t),
+        "calibration": {
+            "factor": calibration_factor,
+            **calibration(np.exp(s) * (watch_time_unit * calibration_factor), t),
+        },
+        "calibration_raw": calibration(np.exp(s) * watch_time_unit, t),
         "impressions": len(s),
         "clicks": int(y.sum()),
         "pages": len(np.unique(_groups(user_id, request_id))),

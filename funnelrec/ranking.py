@@ -17,9 +17,16 @@ Each impression (a candidate item shown to a user on one page) becomes one input
 Training: weighted logistic regression. A clicked impression is a positive of weight
 T / `watch_time_unit` (T = seconds watched); an unclicked one is a negative of weight 1.
 The learned odds are then sum(T) / (unit * (N - k)) = E[T] (1 + P) / unit approximately
-(N impressions, k clicks, P = k / N), so at serving `exp(z) * unit` is the expected watch
-time of the impression (`expected_watch_time`). `objective="ctr"` gives every example
-weight 1 (plain click-through rate), the paper's "weighted equally" ablation.
+(N impressions, k clicks, P = k / N), so at serving `exp(z) * unit` estimates the expected
+watch time of the impression. `objective="ctr"` gives every example weight 1 (plain
+click-through rate), the paper's "weighted equally" ablation.
+
+Calibration: that estimate runs high by 1 / (1 - P) at the optimum, and a finite training
+run lands anywhere near it, so after training one positive factor c is fitted on the
+validation split (`fit_calibration`: mean c * exp(z) * unit = mean observed watch time per
+impression) and stored in the artifact. Expected watch time in seconds is then
+c * exp(z) * unit (`expected_watch_time`, `seconds_from_logits`); a positive constant
+keeps every ranking order and metric of order (AUC, weighted per-user loss) unchanged.
 
 Worked example (one id space "item" of 1,000 ids, dim 16; a 64-wide tower):
     spec = RankingFeatureSpec(
@@ -31,13 +38,14 @@ Worked example (one id space "item" of 1,000 ids, dim 16; a 64-wide tower):
     )
     model = RankingModel(spec, RankingConfig(tower=(64,)))
     z = model(batch)                       # [B] logits
-    seconds = model.expected_watch_time(batch)   # [B] = exp(z) * watch_time_unit
+    seconds = model.expected_watch_time(batch)   # [B] = c * exp(z) * watch_time_unit
     loss = model.compute_loss(batch)       # scalar, weighted logistic loss
 
 The artifact a training run writes (`save_ranker_artifact`, read by `load_ranker`):
 
     ART/config.json         format version, kind "ranker", model config, feature spec,
-                            training config and summary, the features' data fingerprint
+                            calibration, training config and summary, the features'
+                            data fingerprint
     ART/model.safetensors   the state dict
 
 See docs/ranking.md for the metrics and the paper's Table 1 configurations.
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -55,7 +64,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -65,7 +74,9 @@ from funnelrec.batch import RankingBatch
 from funnelrec.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 
-FORMAT_VERSION = 1
+# 2: config.json carries "calibration". Version 1 artifacts still load, uncalibrated (c = 1).
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 # The paper's Table 1 tower configurations (hidden ReLU layer widths, bottom to top).
 TOWER_PRESETS: dict[str, tuple[int, ...]] = {
@@ -293,6 +304,87 @@ def base_log_odds(
     return math.log(pos / neg)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Raw estimate to seconds: expected watch time = factor * exp(logit) * watch_time_unit.
+
+    One positive factor, so the order of any two impressions never changes.
+    factor:        c (1.0 = uncalibrated)
+    fitted_on:     the split it was fitted on ("valid"), None when not fitted
+    impressions:   how many impressions it was fitted on
+    mean_raw:      mean exp(logit) * unit over them (seconds), before calibration
+    mean_observed: mean observed watch time per impression over them (0 for non-clicks)
+    note:          why the factor is 1 when it was not fitted
+    """
+
+    factor: float = 1.0
+    fitted_on: str | None = None
+    impressions: int = 0
+    mean_raw: float | None = None
+    mean_observed: float | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.factor > 0 and math.isfinite(self.factor)):
+            raise FunnelrecError(f"calibration factor must be > 0 and finite, got {self.factor}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (stored in config.json under "calibration")."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Calibration:
+        """Inverse of `to_dict`."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except (TypeError, FunnelrecError) as e:
+            raise ArtifactError(f"malformed ranker calibration ({e})") from None
+
+
+def fit_calibration(
+    logit: ArrayLike,
+    watch_time: ArrayLike,
+    *,
+    watch_time_unit: float = 1.0,
+    fitted_on: str = "valid",
+) -> Calibration:
+    """The factor c with mean(c * exp(logit) * unit) = mean(watch_time) over these impressions.
+
+    logit, watch_time: [n] held-out impressions (watch time 0 when not clicked). Returns an
+    unfitted Calibration (factor 1, with a note) when there is nothing to fit: no
+    impressions or no watch time. Computed in log space, so large logits do not overflow
+    (up to exp(logit) ~ 1e300, where the factor itself would leave float64).
+    """
+    z = np.asarray(logit, dtype=np.float64).ravel()
+    t = np.asarray(watch_time, dtype=np.float64).ravel()
+    if len(z) != len(t):
+        raise FunnelrecError(f"calibration: {len(z)} logits but {len(t)} watch times")
+    if len(z) == 0:
+        return Calibration(note=f"not fitted: the {fitted_on} split has no impressions")
+    if not np.isfinite(z).all():
+        raise FunnelrecError("calibration: non-finite logits")
+    observed = float(t.mean())
+    if not observed > 0:
+        return Calibration(note=f"not fitted: no watch time in the {fitted_on} split")
+    # log mean(exp(z)) = logsumexp(z) - log n, stable for any z
+    top = float(z.max())
+    log_mean_raw = top + math.log(float(np.exp(z - top).sum())) - math.log(len(z))
+    log_mean_raw += math.log(watch_time_unit)
+    log_factor = math.log(observed) - log_mean_raw
+    if max(abs(log_mean_raw), abs(log_factor)) > 700:  # exp() of these leaves float64
+        raise FunnelrecError(
+            f"calibration: exp(logit) averages e^{log_mean_raw:.0f}, beyond float64 range"
+        )
+    return Calibration(
+        factor=math.exp(log_factor),
+        fitted_on=fitted_on,
+        impressions=len(z),
+        mean_raw=math.exp(log_mean_raw),
+        mean_observed=observed,
+    )
+
+
 class RankingModel(nn.Module):
     """The ranking network: shared embedding tables, per-feature inputs, ReLU tower, one logit.
 
@@ -300,6 +392,8 @@ class RankingModel(nn.Module):
         embeddings: id space name -> nn.Embedding [vocab_size, dim] (row 0 fixed at zero)
         tower:      nn.Sequential of Linear+ReLU layers then Linear(., 1)
         input_slices: feature name -> (start, stop) of its slice in the first layer's input
+        calibration: the factor from exp(logit) * unit to seconds (not a weight: it lives in
+                    config.json, and `fit_calibration` sets it after training)
     """
 
     dense_keep: Tensor  # [F'] indices of the dense columns fed to the network
@@ -309,6 +403,7 @@ class RankingModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.config = config or RankingConfig()
+        self.calibration = Calibration()
         sparse = self.config.sparse
         self.sparse_spaces = frozenset(
             s.name
@@ -396,13 +491,30 @@ class RankingModel(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def forward(self, batch: RankingBatch) -> Tensor:
-        """Logits [B]; exp(logit) * watch_time_unit is the expected watch time (seconds)."""
+        """Logits [B]; see `expected_watch_time` for seconds."""
         out: Tensor = self.tower(self.features(batch)).squeeze(-1)
         return out
 
-    def expected_watch_time(self, batch: RankingBatch) -> Tensor:
-        """Expected watch time per impression in seconds, [B] (meaningful for watch_time)."""
-        return torch.exp(self.forward(batch)) * self.config.watch_time_unit
+    def expected_watch_time(self, batch: RankingBatch, *, calibrated: bool = True) -> Tensor:
+        """Expected watch time per impression in seconds, [B]: c * exp(logit) * unit.
+
+        calibrated=False leaves out the calibration factor c (the raw odds estimate). For
+        objective "ctr" exp(logit) is click odds, and c only scales them to the mean.
+        """
+        factor = self.calibration.factor if calibrated else 1.0
+        return torch.exp(self.forward(batch)) * (self.config.watch_time_unit * factor)
+
+    def seconds_from_logits(
+        self, logit: ArrayLike, *, calibrated: bool = True
+    ) -> NDArray[np.float64]:
+        """Expected watch time in seconds of logits already computed ([n] -> [n], NumPy).
+
+        The serving path's conversion: c * exp(logit) * unit, monotone in the logit.
+        """
+        factor = self.calibration.factor if calibrated else 1.0
+        z = np.asarray(logit, dtype=np.float64)
+        out: NDArray[np.float64] = np.exp(z) * (self.config.watch_time_unit * factor)
+        return out
 
     def compute_loss(self, batch: RankingBatch) -> Tensor:
         """The training objective on one batch (scalar): see `weighted_logistic_loss`."""
@@ -422,23 +534,38 @@ class RankingModel(nn.Module):
             "kind": "ranker",
             "config": self.config.to_dict(),
             "spec": self.spec.to_dict(),
+            "calibration": self.calibration.to_dict(),
         }
 
 
+UNCALIBRATED_V1 = "format 1 artifact (before calibration): factor 1, exp(logit) * unit as is"
+
+
 def build_ranker(metadata: Mapping[str, Any]) -> RankingModel:
-    """A fresh (untrained) model from `RankingModel.metadata()` output (or config.json)."""
+    """A fresh (untrained) model from `RankingModel.metadata()` output (or config.json).
+
+    The calibration comes along; a format 1 artifact has none and gets factor 1 (its
+    `calibration.note` says so).
+    """
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION or metadata.get("kind") != KIND:
+    if version not in READ_VERSIONS or metadata.get("kind") != KIND:
         raise ArtifactError(
             f"ranker metadata: format version {version} kind {metadata.get('kind')!r}, "
-            f"this funnelrec reads version {FORMAT_VERSION} kind '{KIND}'"
+            f"this funnelrec reads versions {', '.join(map(str, READ_VERSIONS))} kind '{KIND}'"
         )
     try:
         spec = RankingFeatureSpec.from_dict(metadata["spec"])
         config = RankingConfig.from_dict(metadata["config"])
     except (KeyError, FunnelrecError) as e:
         raise ArtifactError(f"ranker metadata: {e}") from None
-    return RankingModel(spec, config)
+    model = RankingModel(spec, config)
+    if version == 1:
+        model.calibration = Calibration(note=UNCALIBRATED_V1)
+    elif "calibration" in metadata:
+        model.calibration = Calibration.from_dict(metadata["calibration"])
+    else:
+        raise ArtifactError(f"ranker metadata: format version {version} without calibration")
+    return model
 
 
 def save_ranker_artifact(model: RankingModel, out: Path | str, *, meta: Mapping[str, Any]) -> None:
@@ -458,14 +585,28 @@ def save_ranker_artifact(model: RankingModel, out: Path | str, *, meta: Mapping[
 
 
 def read_ranker_config(art: Path | str) -> dict[str, Any]:
-    """config.json of a ranker artifact, checked for kind and format version."""
-    return read_artifact_meta(art, CONFIG_FILE, KIND, FORMAT_VERSION, "ranker")
+    """config.json of a ranker artifact, checked for kind and format version (1 or 2)."""
+    try:
+        return read_artifact_meta(art, CONFIG_FILE, KIND, FORMAT_VERSION, "ranker")
+    except ArtifactError as newest:
+        try:
+            return read_artifact_meta(art, CONFIG_FILE, KIND, 1, "ranker")
+        except ArtifactError:
+            raise newest from None
 
 
 def load_ranker(art: Path | str, device: str | torch.device = "cpu") -> RankingModel:
-    """The trained ranker of artifact `art`, in eval mode on `device`."""
+    """The trained ranker of artifact `art`, in eval mode on `device`.
+
+    A format 1 artifact (no calibration) loads with factor 1 and a warning.
+    """
     art = Path(art)
     model = build_ranker(read_ranker_config(art))
+    if model.calibration.note == UNCALIBRATED_V1:
+        warnings.warn(
+            f"{art}: {UNCALIBRATED_V1}; retrain to calibrate expected watch time",
+            stacklevel=2,
+        )
     try:
         state = load_file(str(art / WEIGHTS_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as e:

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -76,6 +77,87 @@ def test_artifact_reloads_to_the_same_scores(world: tuple[Path, Path], trained: 
     batch = next(iter(ranking_loader(world[1], "valid", batch_size=64)))
     again = load_ranker(trained)
     assert torch.equal(model(batch), again(batch))
+
+
+def test_calibration_is_fitted_on_validation_and_reported_raw_and_calibrated(
+    world: tuple[Path, Path], trained: Path
+) -> None:
+    meta = json.loads((trained / "config.json").read_text())
+    cal = meta["calibration"]
+    assert cal["fitted_on"] == "valid" and cal["factor"] > 0
+    assert meta["training"]["calibration_factor"] == cal["factor"]
+    model = load_ranker(trained)
+    assert model.calibration.factor == cal["factor"]
+    # on the validation split the calibrated mean is the observed mean, by construction
+    p = rank.score_split(model, Features.open(world[1]), "valid", show=False)
+    assert cal["impressions"] == len(p)
+    assert np.mean(model.seconds_from_logits(p.logit)) == pytest.approx(p.watch_time.mean())
+    # evaluate reports both; the factor scales every decile and changes no order metric
+    result = rank.evaluate_ranker(trained, world[1], split="test", show=False)
+    m = result["model"]
+    assert m["calibration"]["factor"] == cal["factor"]
+    assert m["calibration"]["ratio"] == pytest.approx(cal["factor"] * m["calibration_raw"]["ratio"])
+    for a, b in zip(m["calibration"]["deciles"], m["calibration_raw"]["deciles"], strict=True):
+        assert a["count"] == b["count"] and a["mean_observed"] == b["mean_observed"]
+        assert a["mean_predicted"] == pytest.approx(cal["factor"] * b["mean_predicted"])
+    assert result["protocol"]["calibration_fit"]["fitted_on"] == "valid"
+
+
+def test_calibrate_false_keeps_factor_one(world: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg = rank.load_ranker_train_config(
+        None, [*FAST, "train.max_steps=2", "validate=false", "calibrate=false"]
+    )
+    rank.train_ranker(world[1], tmp_path / "a", cfg, progress=False)
+    model = load_ranker(tmp_path / "a")
+    assert model.calibration.factor == 1.0 and "calibrate = false" in model.calibration.note
+    # validate=false alone still calibrates (one scoring pass over the validation split)
+    cfg = rank.load_ranker_train_config(None, [*FAST, "train.max_steps=2", "validate=false"])
+    summary = rank.train_ranker(world[1], tmp_path / "b", cfg, progress=False)
+    assert summary["valid"] is None
+    assert load_ranker(tmp_path / "b").calibration.fitted_on == "valid"
+
+
+def test_limit_scores_the_first_users_whole(
+    world: tuple[Path, Path], trained: Path, tmp_path: Path
+) -> None:
+    feats, model = Features.open(world[1]), load_ranker(trained)
+    full = rank.score_split(model, feats, "test", batch_size=512, show=False)
+    limit = len(full) // 3
+    part = rank.score_split(model, feats, "test", batch_size=512, show=False, limit=limit)
+    n = len(part)
+    assert limit <= n < len(full)
+    assert full.user_id[n] != full.user_id[n - 1]  # cut where a new user begins
+    assert np.array_equal(part.logit, full.logit[:n]) and np.array_equal(
+        part.request_id, full.request_id[:n]
+    )
+    result = rank.evaluate_ranker(
+        trained, world[1], limit=limit, show=False, out=tmp_path / "m.json"
+    )
+    assert result["protocol"]["impressions_scored"] == n == result["model"]["impressions"]
+    assert result["protocol"]["impressions_in_split"] == len(full)
+    cfg = rank.load_ranker_train_config(
+        None, [*FAST, "train.max_steps=2", f"valid_impressions={limit}"]
+    )
+    rank.train_ranker(world[1], tmp_path / "a", cfg, progress=False)
+    assert (
+        limit
+        <= load_ranker(tmp_path / "a").calibration.impressions
+        < feats.num_examples("ranking", "valid")
+    )
+
+
+def test_leave_last_out_test_split_is_refused_with_the_fix(
+    world: tuple[Path, Path], trained: Path, tmp_path: Path
+) -> None:
+    build_features(
+        world[0],
+        tmp_path / "last",
+        split="last",
+        config=FeaturesConfig(n_quantiles=100, history_n=20),
+        progress=False,
+    )
+    with pytest.raises(FunnelrecError, match=r"leave-last-out.*--split time"):
+        rank.evaluate_ranker(trained, tmp_path / "last", show=False)
 
 
 def test_training_is_deterministic(world: tuple[Path, Path], tmp_path: Path) -> None:

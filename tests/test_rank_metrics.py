@@ -129,6 +129,15 @@ def test_ranking_metrics_bundle_is_consistent() -> None:
     assert m["impressions"] == 9 and m["clicks"] == 5 and m["pages"] == 4 and m["pairs"] == 6
     assert len(m["calibration"]["deciles"]) == 9  # 9 impressions: one per bin, empty bin dropped
     assert m["calibration"]["mean_predicted"] == pytest.approx(np.exp(f["score"]).mean())
+    assert m["calibration"]["factor"] == 1.0
+    assert [d["mean_predicted"] for d in m["calibration_raw"]["deciles"]] == [
+        d["mean_predicted"] for d in m["calibration"]["deciles"]
+    ]
+    # a calibration factor scales the predictions, never the order metrics
+    c = rm.ranking_metrics(**f, calibration_factor=0.5)
+    assert c["calibration"]["ratio"] == pytest.approx(0.5 * m["calibration"]["ratio"])
+    assert c["calibration_raw"]["mean_predicted"] == m["calibration_raw"]["mean_predicted"]
+    assert c["weighted_per_user_loss"] == m["weighted_per_user_loss"] and c["auc"] == m["auc"]
 
 
 def test_top_k_share_hand_computed() -> None:

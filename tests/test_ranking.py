@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +12,19 @@ import torch
 
 from funnelrec import rank_metrics
 from funnelrec.batch import RankingBatch
-from funnelrec.errors import FunnelrecError
+from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.ranking import (
     TOWER_PRESETS,
+    Calibration,
     IdSpace,
     RankingConfig,
     RankingFeatureSpec,
     RankingModel,
     base_log_odds,
     build_ranker,
+    fit_calibration,
+    load_ranker,
+    save_ranker_artifact,
     weighted_logistic_loss,
 )
 
@@ -452,3 +458,117 @@ def test_sparse_tables_train_with_the_shared_loop() -> None:
     assert torch.all(after[0] == 0)  # padding / OOV row untouched
     assert not torch.equal(before[1], after[1])  # used rows moved
     assert torch.equal(before[10:], after[10:])  # unused rows did not (SparseAdam)
+
+
+# ---- calibration -----------------------------------------------------------------------------
+
+
+def test_fit_calibration_recovers_a_known_factor_and_matches_the_mean() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(2.0, 1.0, 20_000)
+    t = rng.exponential(3.0 * np.exp(z))  # E[T | z] = 3 exp(z): the true factor is 3
+    cal = fit_calibration(z, t)
+    assert cal.factor == pytest.approx(3.0, rel=0.05)
+    assert cal.fitted_on == "valid" and cal.impressions == len(z)
+    assert cal.factor * np.exp(z).mean() == pytest.approx(t.mean(), rel=1e-9)
+    assert cal.mean_raw == pytest.approx(np.exp(z).mean()) and cal.mean_observed == t.mean()
+    # the unit is part of the raw estimate: c * exp(z) * unit still matches the mean
+    in_minutes = fit_calibration(z, t, watch_time_unit=60.0)
+    assert in_minutes.factor * 60.0 == pytest.approx(cal.factor)
+    # logits far beyond exp's range do not overflow (computed in log space)
+    big = fit_calibration(z + 600.0, t)
+    assert math.log(big.factor) == pytest.approx(math.log(cal.factor) - 600)
+    with pytest.raises(FunnelrecError, match="float64"):
+        fit_calibration(z + 1000.0, t)
+
+
+def test_fit_calibration_without_data_keeps_factor_one_and_says_why() -> None:
+    assert fit_calibration([], []).factor == 1.0
+    assert "no impressions" in fit_calibration([], []).note
+    none = fit_calibration([0.5, 1.0], [0.0, 0.0])
+    assert none.factor == 1.0 and none.fitted_on is None and "no watch time" in none.note
+    with pytest.raises(FunnelrecError, match="logits"):
+        fit_calibration([1.0], [1.0, 2.0])
+    with pytest.raises(FunnelrecError, match="factor"):
+        Calibration(factor=0.0)
+
+
+def test_calibrated_model_matches_known_mean_watch_time_and_keeps_the_order() -> None:
+    """Groups of known click rate and watch time: the paper's loss overshoots the mean watch
+    time per impression by 1 / (1 - P) per group; one factor fitted on a holdout brings the
+    mean back, on a third sample, without changing any order."""
+    spec = RankingFeatureSpec(
+        id_spaces=(IdSpace("group", 5, 2),), categorical=(("group", "group"),)
+    )
+    torch.manual_seed(0)
+    model = RankingModel(spec, RankingConfig(tower=()))
+    fit_full_batch(model, group_world(0)[0])
+    holdout, fresh = group_world(1)[0], group_world(2)[0]
+    with torch.no_grad():
+        z_holdout = model(holdout).double().numpy()
+        z_fresh = model(fresh).double().numpy()
+        raw = model.expected_watch_time(fresh).double().numpy()
+    # truth: mean over groups of P * E[T | click] = (0.5 + 10 + 50 + 160) / 4
+    true_mean = (0.05 * 10 + 0.2 * 50 + 0.5 * 100 + 0.8 * 200) / 4
+    assert raw.mean() > 1.5 * true_mean  # uncalibrated: far too high (P up to 0.8)
+    model.calibration = fit_calibration(z_holdout, holdout.watch_time.numpy())
+    with torch.no_grad():
+        calibrated = model.expected_watch_time(fresh).double().numpy()
+    assert calibrated.mean() == pytest.approx(true_mean, rel=0.05)
+    np.testing.assert_allclose(model.seconds_from_logits(z_fresh), calibrated, rtol=1e-6)
+    np.testing.assert_allclose(model.seconds_from_logits(z_fresh, calibrated=False), raw, rtol=1e-6)
+    # order preserved: same sort, same ranking metrics
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 500)
+    seconds = model.seconds_from_logits(z)
+    assert np.array_equal(np.argsort(z, kind="stable"), np.argsort(seconds, kind="stable"))
+    label = (rng.random(500) < 0.3).astype(np.float32)
+    t = label * rng.exponential(60, 500)
+    page = np.arange(500) // 10
+    assert rank_metrics.auc(seconds, label) == rank_metrics.auc(z, label)
+    assert rank_metrics.weighted_per_user_loss(
+        seconds, label, t, page, page
+    ) == rank_metrics.weighted_per_user_loss(z, label, t, page, page)
+
+
+def test_calibration_travels_with_the_artifact(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RankingModel(item_spec(), RankingConfig(tower=(8,)))
+    model.calibration = Calibration(
+        factor=0.8, fitted_on="valid", impressions=10, mean_raw=50.0, mean_observed=40.0
+    )
+    save_ranker_artifact(model, tmp_path, meta={})
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["format_version"] == 2 and meta["calibration"]["factor"] == 0.8
+    again = load_ranker(tmp_path)
+    assert again.calibration == model.calibration
+    batch = make_batch([1, 2], [3, 4], [[5], [6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(
+            again.expected_watch_time(batch),
+            0.8 * again.expected_watch_time(batch, calibrated=False),
+        )
+
+
+def test_format_1_artifact_loads_uncalibrated_and_says_so(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RankingModel(item_spec(), RankingConfig(tower=(8,)))
+    save_ranker_artifact(model, tmp_path, meta={})
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["calibration"]
+    meta["format_version"] = 1  # as written before calibration existed
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"format 1 artifact.*factor 1"):
+        old = load_ranker(tmp_path)
+    assert old.calibration.factor == 1.0 and "format 1" in old.calibration.note
+    batch = make_batch([1, 2], [3, 4], [[5], [6, 7]])
+    with torch.no_grad():
+        assert torch.equal(old.expected_watch_time(batch), torch.exp(old(batch)))
+    # a version-2 file must carry its calibration; other versions are refused
+    meta["format_version"] = 2
+    with pytest.raises(ArtifactError, match="without calibration"):
+        build_ranker(meta)
+    meta["format_version"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="format version 3"):
+        load_ranker(tmp_path)

@@ -7,13 +7,16 @@
 Training reads the ranking examples of FEAT (issue 4), starts the output bias at the best
 constant (`ranking.base_log_odds` over the training impressions), trains with the shared
 loop (`train.train`: progress, checkpoints to ART.checkpoint.pt, --resume, determinism),
-keeps the epoch with the lowest weighted per-user loss on the validation split, and writes
+keeps the epoch with the lowest weighted per-user loss on the validation split, fits the
+calibration factor on the validation split (`ranking.fit_calibration`), and writes
 ART/config.json + ART/model.safetensors atomically.
 
 Evaluation scores a split and writes metrics.json: the model's weighted per-user loss,
-AUC, GAUC, log losses and calibration (`rank_metrics.ranking_metrics`), a random order for
-reference, and, on simulated data (the features' dataset has truth/), the oracle's order
-by true expected watch time and the share of high-clickbait items in each user's top 10.
+AUC, GAUC, log losses and calibration, raw and calibrated (`rank_metrics.ranking_metrics`),
+a random order for reference, and, on simulated data (the features' dataset has truth/),
+the oracle's order by true expected watch time and the share of high-clickbait items in
+each user's top 10. A split without a single click has nothing to measure and is refused
+with the reason (leave-last-out features: use `--split time`).
 
 Both are plain functions (`train_ranker`, `evaluate_ranker`) with thin Typer wrappers.
 """
@@ -21,7 +24,7 @@ Both are plain functions (`train_ranker`, `evaluate_ranker`) with thin Typer wra
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,19 +37,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from funnelrec import rank_metrics
+from funnelrec import distributed, rank_metrics
+from funnelrec.batch import RankingBatch
 from funnelrec.config import from_dict, read_toml
 from funnelrec.dataset import AtomicDirectory, write_json_atomic
+from funnelrec.distributed import Distributed, local_batch_size
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.examples import Features
 from funnelrec.loader import ranking_loader, read_examples
 from funnelrec.ranking import (
     TOWER_PRESETS,
+    Calibration,
     RankingConfig,
     RankingFeatureSpec,
     RankingModel,
     RankingPredictions,
     base_log_odds,
+    fit_calibration,
     load_ranker,
     predict,
     read_ranker_config,
@@ -78,6 +85,12 @@ class RankerTrainConfig:
     validate:        score the validation split after every epoch (weighted per-user loss)
                      and keep the best epoch (train.patience > 0 also stops early)
     init_bias:       start the output bias at the best constant logit of the training data
+    calibrate:       after training, fit the factor c on the validation split so that mean
+                     c * exp(logit) * unit = mean observed watch time per impression (one
+                     pass over the split, also with validate = false); False = c = 1
+    valid_impressions: score only the first ~N validation impressions, whole users in the
+                     split's user order, for the best epoch and the calibration; None = all
+                     (a medium world's validation split holds millions)
     """
 
     model: RankingConfig = field(default_factory=RankingConfig)
@@ -87,6 +100,14 @@ class RankerTrainConfig:
     eval_batch_size: int = 8192
     validate: bool = True
     init_bias: bool = True
+    calibrate: bool = True
+    valid_impressions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.valid_impressions is not None and self.valid_impressions < 1:
+            raise FunnelrecError(
+                f"valid_impressions must be >= 1 (or none), got {self.valid_impressions}"
+            )
 
 
 def load_ranker_train_config(
@@ -168,15 +189,49 @@ def _progress() -> Progress:
 
 
 def score_split(
-    model: RankingModel, feats: Features, split: str, batch_size: int = 8192, show: bool = True
+    model: RankingModel,
+    feats: Features,
+    split: str,
+    batch_size: int = 8192,
+    show: bool = True,
+    limit: int | None = None,
 ) -> RankingPredictions:
-    """The model's logits for every impression of a split (in shard order)."""
-    loader = ranking_loader(feats, split, batch_size=batch_size)
+    """The model's logits for the impressions of a split, in shard order.
+
+    limit: stop after about this many impressions, at a user boundary. Valid and test
+    shards are sorted by user, so this is every page of the split's first users; a user
+    larger than a whole batch past the limit may be cut (train shards are not sorted).
+    """
+    total = feats.num_examples("ranking", split)
+    loader: Iterable[RankingBatch] = ranking_loader(feats, split, batch_size=batch_size)
+    if limit is not None and limit < total:
+        # One batch past the limit, so that the first user boundary after it is in hand.
+        loader = _first_examples(loader, limit + batch_size)
+        total = min(total, limit + batch_size)
     if not show:
-        return predict(model, loader)
-    with _progress() as bar:
-        task = bar.add_task(f"scoring {split}", total=feats.num_examples("ranking", split))
-        return predict(model, loader, progress=lambda n: bar.advance(task, n))
+        p = predict(model, loader)
+    else:
+        with _progress() as bar:
+            task = bar.add_task(f"scoring {split}", total=total)
+            p = predict(model, loader, progress=lambda n: bar.advance(task, n))
+    if limit is None or len(p) <= limit:
+        return p
+    starts = np.flatnonzero(p.user_id[1:] != p.user_id[:-1]) + 1  # where a new user begins
+    after = starts[starts >= limit]
+    cut = int(after[0]) if len(after) else (int(starts[-1]) if len(starts) else len(p))
+    return RankingPredictions(
+        **{k: getattr(p, k)[:cut] for k in RankingPredictions.__dataclass_fields__}
+    )
+
+
+def _first_examples(batches: Iterable[RankingBatch], n: int) -> Iterator[RankingBatch]:
+    """Batches until at least `n` examples have been yielded."""
+    seen = 0
+    for batch in batches:
+        if seen >= n:
+            return
+        yield batch
+        seen += len(batch)
 
 
 def train_ranker(
@@ -187,17 +242,28 @@ def train_ranker(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    dist: Distributed | None = None,
 ) -> dict[str, Any]:
     """Train a ranker on FEAT's ranking examples and write the artifact `out`.
 
     Returns the summary stored in ART/config.json under "training" (steps, examples/s,
-    best validation weighted per-user loss, ...).
+    best validation weighted per-user loss, ...), on every rank.
+
+    dist: this process's place in a data-parallel run (`distributed.setup`, under
+    torchrun): each rank reads its share of the training row groups, `batch_size` stays
+    the batch of one step over all ranks, and rank 0 alone scores the validation split,
+    fits the calibration and writes the artifact. None: one process.
     """
     cfg = config or RankerTrainConfig()
+    dist = dist or Distributed()
     out = Path(out)
     feats = Features.open(features)
     spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
-    target = AtomicDirectory(out, force=force)  # fails early if `out` exists
+    if out.exists() and not force:  # every rank fails early, not rank 0 alone
+        raise FunnelrecError(f"{out} already exists (use --force to overwrite)")
+    # rank 0 alone builds (and on failure removes) the artifact
+    target = AtomicDirectory(out, force=force) if dist.is_main else None
+    summary: dict[str, Any] | None = None
     try:
         seed_everything(cfg.train.seed)
         model = RankingModel(spec, cfg.model)
@@ -212,10 +278,12 @@ def train_ranker(
         loader = ranking_loader(
             feats,
             "train",
-            batch_size=cfg.train.batch_size,
+            batch_size=local_batch_size(cfg.train.batch_size, dist),
             shuffle=True,
             seed=cfg.train.seed,
             num_workers=cfg.train.num_workers,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
         has_valid = cfg.validate and feats.num_examples("ranking", "valid") > 0
 
@@ -233,9 +301,7 @@ def train_ranker(
             if math.isnan(rank_metrics.weighted_per_user_loss(np.zeros(v.num_rows), *cols)):
                 metric_name = "weighted_log_loss"
 
-        def validation(m: torch.nn.Module) -> float:
-            assert isinstance(m, RankingModel)
-            p = score_split(m, feats, "valid", cfg.eval_batch_size, show=progress)
+        def validation_loss(p: RankingPredictions) -> float:
             if metric_name == "weighted_per_user_loss":
                 loss = rank_metrics.weighted_per_user_loss(
                     p.logit, p.label, p.watch_time, p.user_id, p.request_id
@@ -248,7 +314,26 @@ def train_ranker(
                     watch_time_unit=cfg.model.watch_time_unit,
                     clicks_as_negatives=cfg.model.clicks_as_negatives,
                 )
-            return -loss  # the loop maximises
+            return loss
+
+        def score_valid(m: RankingModel) -> RankingPredictions:
+            return score_split(
+                m,
+                feats,
+                "valid",
+                cfg.eval_batch_size,
+                show=progress and dist.is_main,
+                limit=cfg.valid_impressions,
+            )
+
+        def validation(m: torch.nn.Module) -> float:
+            assert isinstance(m, RankingModel)
+            # Data-parallel: rank 0 alone scores the split (the per-user metric needs whole
+            # pages, and `valid_impressions` cuts at a user boundary of the whole split) and
+            # the all-reduce hands its figure to the other ranks, which the loop requires to
+            # agree; they wait in it meanwhile. The split is small next to training.
+            value = -validation_loss(score_valid(m)) if dist.is_main else 0.0  # maximised
+            return dist.all_reduce_sums([value])[0]
 
         meta = {
             "model": model.metadata(),
@@ -267,36 +352,58 @@ def train_ranker(
             meta=meta,
             progress=progress,
             description=f"ranker {tower_name(cfg.model.tower)} {cfg.model.objective}",
+            dist=dist,
         )
-        summary: dict[str, Any] = {
-            "steps": result.steps,
-            "epochs": result.epochs,
-            "examples": result.examples,
-            "seconds": round(result.seconds, 3),
-            "examples_per_s": round(result.examples_per_s, 1),
-            "final_train_loss": result.loss,
-            "best_step": result.best_step,
-            "stopped_early": result.stopped_early,
-            "validation_metric": metric_name if has_valid else None,
-            "history": [[s, -m] for s, m in result.history],
-            # of the saved weights (the best evaluated epoch's, or the last step's)
-            "valid": -validation(model) if has_valid else None,
-        }
-        save_ranker_artifact(
-            model,
-            target.tmp,
-            meta={
-                **_features_meta(feats),
-                "train_config": asdict(cfg.train),
-                "eval_batch_size": cfg.eval_batch_size,
-                "training": summary,
-            },
-        )
-        target.commit()
+        if target is not None:  # rank 0 finishes alone (the replicas are equal)
+            # One scoring of the validation split with the saved weights gives both the
+            # summary's validation figure and the calibration.
+            has_valid_rows = feats.num_examples("ranking", "valid") > 0
+            final = score_valid(model) if (has_valid or cfg.calibrate) and has_valid_rows else None
+            if not cfg.calibrate:
+                model.calibration = Calibration(note="not fitted: calibrate = false")
+            elif final is None:
+                model.calibration = Calibration(note="not fitted: no validation split")
+            else:
+                model.calibration = fit_calibration(
+                    final.logit, final.watch_time, watch_time_unit=cfg.model.watch_time_unit
+                )
+            summary = {
+                "steps": result.steps,
+                "epochs": result.epochs,
+                "examples": result.examples,
+                "seconds": round(result.seconds, 3),
+                "examples_per_s": round(result.examples_per_s, 1),
+                "final_train_loss": result.loss,
+                "best_step": result.best_step,
+                "stopped_early": result.stopped_early,
+                "validation_metric": metric_name if has_valid else None,
+                "history": [[s, -m] for s, m in result.history],
+                # of the saved weights (the best evaluated epoch's, or the last step's)
+                "valid": validation_loss(final) if has_valid and final is not None else None,
+                "calibration_factor": model.calibration.factor,
+                "processes": result.world_size,
+            }
+            save_ranker_artifact(
+                model,
+                target.tmp,
+                meta={
+                    **_features_meta(feats),
+                    "train_config": asdict(cfg.train),
+                    "eval_batch_size": cfg.eval_batch_size,
+                    "training": summary,
+                },
+            )
+            target.commit()
     except BaseException:
-        target.abort()
+        if target is not None:
+            target.abort()
         raise
-    checkpoint_path(out).unlink(missing_ok=True)
+    if dist.is_main:
+        checkpoint_path(out).unlink(missing_ok=True)
+    # rank 0's summary for every rank; also the barrier: the others return once the
+    # artifact is in place
+    summary = dist.all_gather_objects(summary)[0]
+    assert summary is not None
     return summary
 
 
@@ -312,6 +419,27 @@ def _truth_items(data: Path) -> tuple[np.ndarray, np.ndarray] | None:
     )
 
 
+def _check_has_clicks(feats: Features, split: str) -> None:
+    """Refuse a split without any click: every ranking metric would be undefined (NaN)."""
+    if split not in ("train", "valid", "test"):
+        raise FunnelrecError(f"unknown split '{split}' (train, valid or test)")
+    rows = read_examples(feats, "ranking", split, ["label"])
+    if rows.num_rows and np.asarray(rows.column("label").to_numpy()).max() > 0.5:
+        return
+    if not rows.num_rows:
+        raise FunnelrecError(f"{feats.path}: the ranking {split} split has no impressions")
+    if feats.split == "last":
+        raise FunnelrecError(
+            f"{feats.path}: the ranking {split} split has no clicked impression: with "
+            "leave-last-out features it holds only the impressions after each user's held-out "
+            "last watch, so none can be clicked; rebuild the features with `funnelrec features "
+            "build --split time`"
+        )
+    raise FunnelrecError(
+        f"{feats.path}: the ranking {split} split has no clicked impression, nothing to measure"
+    )
+
+
 def evaluate_ranker(
     art: Path | str,
     features: Path | str,
@@ -322,21 +450,27 @@ def evaluate_ranker(
     top_k: int = 10,
     seed: int = 0,
     show: bool = True,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Score a split with the ranker of `art` and write metrics.json (default ART/metrics.json).
 
     data: the dataset the features were built from (default: the path the features
     recorded); when it is simulated, the oracle and the clickbait shares are added.
+    limit: score about this many impressions only: every page of the split's first users
+    (`score_split`); None = the whole split.
     Returns what was written: {"model": {...}, "random": {...}, ["oracle": {...},]
     ["clickbait": {...},] "protocol": {...}}.
     """
     art = Path(art)
     feats = Features.open(features)
+    _check_has_clicks(feats, split)
     meta = read_ranker_config(art)
     _check_features(meta, feats, art)
     model = load_ranker(art)
     cfg = model.config
-    p = score_split(model, feats, split, int(meta.get("eval_batch_size", 8192)), show=show)
+    p = score_split(
+        model, feats, split, int(meta.get("eval_batch_size", 8192)), show=show, limit=limit
+    )
     args = (p.label, p.watch_time, p.user_id, p.request_id)
     result: dict[str, Any] = {
         "format_version": METRICS_FORMAT_VERSION,
@@ -345,6 +479,7 @@ def evaluate_ranker(
             *args,
             watch_time_unit=cfg.watch_time_unit,
             clicks_as_negatives=cfg.clicks_as_negatives,
+            calibration_factor=model.calibration.factor,
         ),
     }
     # A random order's expected loss is 0.5; one draw on a small split is noisy, so the
@@ -359,6 +494,7 @@ def evaluate_ranker(
     truth = _truth_items(data_path) if data_path.exists() else None
     if truth is not None and len(p):
         rows = read_examples(feats, "ranking", split, ["item_id", "ts", "item_shown_before"])
+        rows = rows.slice(0, len(p))  # the scored prefix (shard order, as the loader reads)
         item = np.asarray(rows.column("item_id").to_numpy(), dtype=np.int64)
         world = World.load(data_path)
         oracle = world.expected_watch_time(
@@ -390,14 +526,17 @@ def evaluate_ranker(
         "data_fingerprint": feats.fingerprint,
         "split_kind": feats.split,
         "split": split,
+        "impressions_scored": len(p),
+        "impressions_in_split": feats.num_examples("ranking", split),
         "tower": tower_name(cfg.tower),
         "objective": cfg.objective,
         "power_features": cfg.power_features,
         "watch_time_unit": cfg.watch_time_unit,
         "pairs": "clicked x unclicked impressions of one (user_id, request_id) page; "
         "ties count half",
-        "calibration": "predicted = exp(logit) * watch_time_unit vs observed seconds per "
-        "impression; deciles of prediction",
+        "calibration": "predicted = c * exp(logit) * watch_time_unit vs observed seconds per "
+        "impression, deciles of prediction; calibration_raw: the same with c = 1",
+        "calibration_fit": model.calibration.to_dict(),
     }
     if math.isnan(result["model"]["weighted_per_user_loss"]):
         console.print(
@@ -433,10 +572,16 @@ def print_metrics(result: Mapping[str, Any]) -> None:
     table.add_row("GAUC (per user)", _fmt(m["gauc"]), "", "")
     table.add_row("log loss (clicks)", _fmt(m["log_loss"]), "", "")
     table.add_row("weighted log loss", _fmt(m["weighted_log_loss"]), "", "")
-    cal = m["calibration"]
+    cal, raw = m["calibration"], m["calibration_raw"]
     table.add_row(
         "mean predicted / observed s",
         f"{cal['mean_predicted']:.1f} / {cal['mean_observed']:.1f} (x{cal['ratio']:.3f})",
+        "",
+        "",
+    )
+    table.add_row(
+        "  uncalibrated exp(logit)",
+        f"{raw['mean_predicted']:.1f} / {raw['mean_observed']:.1f} (x{raw['ratio']:.3f})",
         "",
         "",
     )
@@ -453,16 +598,25 @@ def print_metrics(result: Mapping[str, Any]) -> None:
         f"{m['pairs']:,} pairs; random column for clickbait = share among all shown"
     )
     console.print(table)
-    deciles = Table(title="calibration by decile of predicted watch time")
-    for col in ("decile", "impressions", "mean predicted s", "mean observed s", "ratio"):
+    fit = pr.get("calibration_fit", {})
+    how = (
+        f"fitted on {fit['impressions']:,} {fit['fitted_on']} impressions"
+        if fit.get("fitted_on")
+        else fit.get("note", "")
+    )
+    deciles = Table(
+        title=f"calibration by decile of predicted watch time (c = {cal['factor']:.4f}, {how})"
+    )
+    for col in ("decile", "impressions", "mean predicted s", "mean observed s", "ratio", "raw"):
         deciles.add_column(col, justify="right")
-    for i, row in enumerate(cal["deciles"], 1):
+    for i, (row, r) in enumerate(zip(cal["deciles"], raw["deciles"], strict=True), 1):
         deciles.add_row(
             str(i),
             f"{row['count']:,}",
             f"{row['mean_predicted']:.1f}",
             f"{row['mean_observed']:.1f}",
             _fmt(row["ratio"]),
+            _fmt(r["ratio"]),
         )
     console.print(deciles)
 
@@ -476,17 +630,42 @@ def train_command(
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint.pt."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu or cuda (the same as the override train.device=...)."
+    ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Train data-parallel in N processes on this machine (runs torchrun); "
+        "train.batch_size stays the batch of one step over all of them.",
+    ),
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Overrides, e.g. model.tower=512,256 train.epochs=3"
     ),
 ) -> None:
     """Train the ranking network (watch-time weighted logistic regression) on FEAT."""
-    cfg = load_ranker_train_config(config, overrides or [])
-    summary = train_ranker(features, out, cfg, resume=resume, force=force)
+    overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
+    cfg = load_ranker_train_config(config, overrides)  # a bad config fails here, once
+    if nproc != 1:
+        code = distributed.launch_train(
+            "ranker", features, out, config, overrides, nproc, resume=resume, force=force
+        )
+        if code != 0:
+            raise typer.Exit(code)  # the processes printed their errors
+        return
+    dist = distributed.setup(cfg.train.device)
+    try:
+        summary = train_ranker(features, out, cfg, resume=resume, force=force, dist=dist)
+    finally:
+        distributed.teardown(dist)
+    if not dist.is_main:
+        return
     valid = summary["valid"]
     console.print(
         f"ranker {tower_name(cfg.model.tower)} ({cfg.model.objective}) -> {out}: "
-        f"{summary['steps']:,} steps, {summary['examples_per_s']:,.0f} ex/s"
+        f"{summary['steps']:,} steps"
+        + (f" on {dist.world_size} processes" if dist.enabled else "")
+        + f", {summary['examples_per_s']:,.0f} ex/s"
         + (
             f", valid {summary['validation_metric'].replace('_', ' ')} {valid:.4f}"
             if valid is not None
@@ -504,9 +683,14 @@ def evaluate_command(
         None, "--data", help="Dataset of FEAT (default: the path FEAT recorded); truth if any."
     ),
     top_k: int = typer.Option(10, "--top-k", help="K of the clickbait top-K share."),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Score only ~N impressions: all pages of the split's first users."
+    ),
 ) -> None:
     """Weighted per-user loss, AUC, GAUC, log loss and calibration of a ranker."""
-    result = evaluate_ranker(art, features, split=split, out=out, data=data, top_k=top_k)
+    result = evaluate_ranker(
+        art, features, split=split, out=out, data=data, top_k=top_k, limit=limit
+    )
     print_metrics(result)
     console.print(f"wrote {out or Path(art) / 'metrics.json'}")
 

@@ -34,7 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.candidates import fit_candidates, load_candidate_model, load_training_config
-from funnelrec.examples import Features, build_features
+from funnelrec.config import load_config
+from funnelrec.examples import Features, FeaturesConfig, build_features
 from funnelrec.loader import read_examples
 from funnelrec.metrics import ModelScorer, PopularityScorer, Scorer, evaluate_split
 from funnelrec.simulate import generate, preset_config
@@ -69,15 +70,23 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/funnelrec-candidates-quality"))
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "candidates-small.toml")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--features",
+        default="",
+        help="space-separated feature overrides, key=value (e.g. 'history_n=20')",
+    )
     p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     args = p.parse_args()
     console = Console()
     data = args.work / f"{args.preset}-{args.seed}"
-    feat = args.work / f"{args.preset}-{args.seed}-feat"
+    feature_overrides = args.features.split()
+    tag = "-".join(o.replace("=", "") for o in feature_overrides)
+    feat = args.work / f"{args.preset}-{args.seed}-feat{'-' + tag if tag else ''}"
     if not data.exists():
         generate(preset_config(args.preset), seed=args.seed, out=data)
     if not feat.exists():
-        build_features(data, feat, split="last")
+        fcfg = load_config(FeaturesConfig, None, feature_overrides)
+        build_features(data, feat, split="last", config=fcfg)
     feats = Features.open(feat)
     cfg = load_training_config(args.config, args.overrides)
     art = args.work / f"{args.preset}-{args.seed}-cand"
@@ -105,6 +114,7 @@ def main() -> None:
     res = {
         "benchmark": "candidates_quality",
         "world": {"preset": args.preset, "seed": args.seed},
+        "feature_overrides": feature_overrides,
         "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
         "training": {
             "steps": result.steps,

@@ -26,7 +26,12 @@ and their histories -> [b, N + 1] scores), and add it to MODELS. `evaluate` is s
 from __future__ import annotations
 
 import argparse
+import atexit
+import hashlib
+import json
+import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -124,6 +129,7 @@ class Split:
     """
 
     name: str
+    path: Path
     num_items: int
     train: Interactions
     users: np.ndarray
@@ -178,6 +184,7 @@ def load_split(name: str, path: Path) -> Split:
     }
     return Split(
         name=name,
+        path=path,
         num_items=num_items,
         train=train,
         users=users.astype(np.int64),
@@ -319,6 +326,91 @@ def als(data: Split) -> ModelRun:
     )
 
 
+# funnelrec's own candidate model: features built from the same dataset with the same
+# leave-last-out cut (min 3 watches; test = last, validation = the one before), trained on
+# the training examples only (validation Recall@10 picks the epoch), and scored by exact
+# dot products over every item. Set by main() from --funnelrec-config / overrides.
+FUNNELREC_CONFIGS = {"ml-100k": "candidates-ml100k.toml", "beauty": "candidates-beauty.toml"}
+FUNNELREC_OVERRIDES: list[str] = []
+FUNNELREC_FEATURE_OVERRIDES: list[str] = []
+WORK = Path("/tmp/funnelrec-bench")
+PROGRESS = False
+AGE_AT_REQUEST = True
+
+
+def funnelrec(data: Split) -> ModelRun:
+    from funnelrec.candidates import fit_candidates, load_candidate_model, load_training_config
+    from funnelrec.config import load_config
+    from funnelrec.examples import Demographics, Features, FeaturesConfig, build_features
+
+    fcfg = load_config(FeaturesConfig, None, ["cap=none", *FUNNELREC_FEATURE_OVERRIDES])
+    tag = hashlib.sha1(" ".join(FUNNELREC_FEATURE_OVERRIDES).encode()).hexdigest()[:8]
+    feat_dir = WORK / f"{data.name}-features-{tag}-{os.getpid()}"
+    art = WORK / f"{data.name}-candidates-{os.getpid()}"
+    for d in (feat_dir, art):  # per process (runs may go side by side), removed at exit
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+    build_features(data.path, feat_dir, split="last", config=fcfg, force=True, progress=False)
+    feats = Features.open(feat_dir)
+    config = load_training_config(
+        REPO / "configs" / FUNNELREC_CONFIGS[data.name], FUNNELREC_OVERRIDES
+    )
+    started, cpu = time.perf_counter(), time.process_time()
+    fit_candidates(feats, art, config, force=True, progress=PROGRESS)
+    fit_s, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
+    model = load_candidate_model(art)
+    emb, item_ids = load_item_embeddings_of(art)
+    t_min, t_max = (int(x) for x in feats.manifest["split"]["train_time_range"])
+    users = Dataset.open(data.path).table("users").to_pylist()
+    by_user = {int(r["user_id"]): r for r in users}
+
+    def demographics(u: int) -> Demographics | None:
+        r = by_user.get(u)
+        if r is None:
+            return None
+        age = r.get("age")
+        return Demographics(
+            age=None if age is None or age != age else float(age),
+            gender=r.get("gender"),
+            region=r.get("region"),
+            device=r.get("device"),
+            logged_in=r.get("logged_in"),
+        )
+
+    def score(u: np.ndarray, h: Jagged) -> np.ndarray:
+        hist = [h.values[h.offsets[i] : h.offsets[i + 1]].tolist() for i in range(u.size)]
+        batch = feats.candidate_batch(
+            hist, demographics=[demographics(int(x)) for x in u], user_ids=u.tolist()
+        )
+        with torch.no_grad():
+            if AGE_AT_REQUEST:
+                # the request's "now" is the target's time (known when asking, the target
+                # itself is not): example age (t_max - now) / span, clamped at 0 as served
+                now = data.target_ts[np.searchsorted(data.users, u)]
+                age = torch.from_numpy((t_max - now) / max(t_max - t_min, 1)).clamp(min=0)
+                q = model.user_vector(batch, age.float())
+            else:
+                q = model(batch)
+            s = (q @ emb.T).numpy()
+        out = np.full((u.size, data.num_items + 1), -1e30, dtype=np.float32)
+        out[:, item_ids] = s  # items never in training keep the lowest score
+        return out
+
+    return ModelRun(
+        "funnelrec candidates",
+        fit_s,
+        {"train": score, "+val": score},
+        note=f"config {FUNNELREC_CONFIGS[data.name]} {' '.join(FUNNELREC_OVERRIDES)}; "
+        f"fit {fit_cpu:.1f} s CPU",
+    )
+
+
+def load_item_embeddings_of(art: Path) -> tuple[torch.Tensor, np.ndarray]:
+    from funnelrec.candidates import load_item_embeddings
+
+    emb, ids = load_item_embeddings(art)
+    return emb, ids.numpy()
+
+
 MODELS: dict[str, Callable[[Split], ModelRun]] = {
     "most-popular": most_popular,
     "recent-popular": recent_popular,
@@ -327,6 +419,7 @@ MODELS: dict[str, Callable[[Split], ModelRun]] = {
     "itemknn": itemknn,
     "bpr": bpr,
     "als": als,
+    "funnelrec": funnelrec,
 }
 
 
@@ -450,7 +543,20 @@ def main(argv: list[str] | None = None) -> int:
         "--beauty", type=Path, default=REPO.parent / "shared/data/amazon-beauty/beauty.txt"
     )
     p.add_argument("--out", type=Path, default=RESULTS / "real_data.json")
+    p.add_argument(
+        "--funnelrec-overrides", default="", help="space-separated key=value for its training"
+    )
+    p.add_argument(
+        "--feature-overrides", default="", help="space-separated key=value for its features"
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="keep results in --out of data sets and models not run"
+    )
     args = p.parse_args(argv)
+    global WORK
+    WORK = args.work
+    FUNNELREC_OVERRIDES.extend(args.funnelrec_overrides.split())
+    FUNNELREC_FEATURE_OVERRIDES.extend(args.feature_overrides.split())
     console = Console(width=None if sys.stdout.isatty() else 150)
     torch.set_num_threads(2)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -493,6 +599,15 @@ def main(argv: list[str] | None = None) -> int:
             "peers": PEERS.get(name, {}),
         }
         print_table(name, data.stats, results, console)
+    if args.merge and args.out.exists():
+        # keep the other data sets' results of an earlier run (one data set re-run)
+        # and, within a data set, the models not re-run
+        earlier = json.loads(args.out.read_text()).get("datasets", {})
+        for name, res in report["datasets"].items():
+            old = earlier.get(name, {})
+            if "models" in res and "models" in old:
+                res["models"] = {**old["models"], **res["models"]}
+        report["datasets"] = {**earlier, **report["datasets"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)
     console.print(f"wrote {args.out}")

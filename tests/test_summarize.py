@@ -1,0 +1,266 @@
+"""benchmarks/summarize.py: the benchmarks index and the README section from result JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize.py"
+README = """# proj
+
+Intro.
+
+<!-- performance:start -->
+old text
+<!-- performance:end -->
+
+## Documentation
+
+- docs.
+"""
+
+
+def load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("summarize_under_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    spec.loader.exec_module(module)
+    return module
+
+
+summarize = load()
+
+
+def ann() -> dict[str, Any]:
+    row = {"kind": "hnsw", "setting": "efSearch=400", "recall": 0.95097, "p50_ms": 2.6071}
+    return {
+        "items": 1_000_000,
+        "dim": 128,
+        "k": 100,
+        "queries": 1000,
+        "commit": "abc1234",
+        "date": "2026-01-02T03:04:05+00:00",
+        "machine": {"cpus": 2, "faiss": "1.15.1"},
+        "build": {"hnsw": {"seconds": 2755.4, "rss_mib": 744.5, "params": {"hnsw_m": 32}}},
+        "rows": [
+            {"kind": "exact", "setting": "-", "recall": 1.0, "p50_ms": 52.06, "p99_ms": 59.67},
+            {**row, "p99_ms": 4.1827},
+        ],
+        "best": {**row, "p99_ms": 4.1827, "goal": "p99 <= 1.0 ms at recall@k >= 0.95",
+                 "goal_met": False},
+    }  # fmt: skip
+
+
+def real_data() -> dict[str, Any]:
+    figs = {"hr@10": 0.25, "ndcg@10": 0.12, "hr@50": 0.5}
+    return {
+        "benchmark": "real_data",
+        "machine": {"python": "3.11.7"},
+        "datasets": {
+            "ml-100k": {
+                "stats": {"users": 943, "items": 1682, "interactions": 100000},
+                "models": {
+                    "als": {"name": "als", "fit_s": 2.6, "train": {"hr@10": 0.1336}},
+                    "funnelrec": {"name": "funnelrec candidates", "fit_s": 20.0, "+val": figs},
+                    "recent-popular": {"skipped": "no time window"},
+                },
+                "peers": {
+                    "als": {"train hr@10": 0.1262, "+val hr@10": 0.1421},
+                    "youtubednn tuned": {"train hr@10": 0.2, "+val ndcg@10": 0.0891},
+                },
+            },
+            "beauty": {"skipped": "not found"},
+        },
+    }
+
+
+def serving() -> dict[str, Any]:
+    def pct(p50: float, p99: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p99, "mean_ms": p50, "max_ms": p99}
+
+    lat = {
+        "requests": 300,
+        "k": 10,
+        "ranked_p50": 310.0,
+        "stages_ms": {"ranking": pct(9.0, 15.0), "total": pct(20.0, 31.0),
+                      "http_total": pct(21.5, 33.25)},
+        "goal_p99_ms": 50.0,
+        "goal_met": True,
+        "server_cpu_ms_per_request": 19.0,
+        "load_average_before": [1.5, 1.0, 1.0],
+    }  # fmt: skip
+    return {
+        "index": {"kind": "hnsw", "count": 100000},
+        "world": {"users": 200000, "items": 100000},
+        "ranker_tower": "1024-512-256",
+        "latency": lat,
+        "load": {"concurrency": 8, "seconds": 60.0, "completed": 3000, "errors": 0,
+                 "throughput_rps": 50.0, "latency_ms": pct(150.0, 260.0)},
+    }  # fmt: skip
+
+
+def ranking_table() -> dict[str, Any]:
+    def row(loss: float, objective: str = "watch_time") -> dict[str, Any]:
+        return {
+            "tower": "t",
+            "objective": objective,
+            "power_features": True,
+            "weighted_per_user_loss": loss,
+            "auc": 0.7,
+            "gauc": 0.6,
+            "clickbait_top10_share": 0.1,
+            "ratio_calibrated": 1.01,
+            "train_wall_s": 30.0,
+        }
+
+    return {
+        "benchmark": "ranking_table",
+        "protocol": {"steps": 300, "batch_size": 1024},
+        "rows": {"none": row(0.42), "1024-512-256": row(0.35), "ctr": row(0.39, "ctr")},
+        "goals": {"deeper_is_better": True, "ctr_worse_loss": True,
+                  "calibrated_within_10pct": {"none": True, "1024-512-256": False}},
+    }  # fmt: skip
+
+
+def setup(tmp_path: Path, results: dict[str, Any]) -> tuple[Path, list[str]]:
+    """Results, scripts and a README with markers under tmp_path; the CLI arguments."""
+    res, scripts = tmp_path / "bench" / "results", tmp_path / "bench"
+    res.mkdir(parents=True)
+    for name, data in results.items():
+        text = data if isinstance(data, str) else json.dumps(data)
+        (res / f"{name}.json").write_text(text)
+    # the second command is continued with a backslash, as serving.py's docstring does
+    (scripts / "ann.py").write_text(
+        '"""ANN: recall and latency.\n\n'
+        "    .venv/bin/python benchmarks/ann.py --items 10  # quick\n"
+        "    .venv/bin/python benchmarks/ann.py --cache C \\\n        --wait-load 1.5\n"
+        '\nMore."""\n'
+    )
+    (scripts / "ranking_table.py").write_text(
+        '"""Table 1."""\n\nROWS: dict[str, float | None] = {"none": 41.6, "1024-512-256": 34.6}\n'
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    args = ["--results", str(res), "--out", str(scripts / "README.md"), "--readme", str(readme)]
+    return tmp_path, [*args, "--scripts", str(scripts)]
+
+
+def run(args: list[str], *extra: str) -> int:
+    return int(summarize.main([*args, *extra]))
+
+
+def test_known_results_render_tables_and_headlines(tmp_path: Path) -> None:
+    results = {"ann": ann(), "real_data": real_data(), "serving": serving(),
+               "ranking_table": ranking_table()}  # fmt: skip
+    root, args = setup(tmp_path, results)
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+
+    # the index: one section per result, its command from the docstring, provenance
+    for name in results:
+        assert f"\n## {name}\n" in index
+    assert ".venv/bin/python benchmarks/ann.py --items 10  # quick" in index
+    assert ".venv/bin/python benchmarks/ann.py --cache C --wait-load 1.5" in index
+    assert "date 2026-01-02; commit abc1234" in index  # from the JSON
+    assert "commit uncommitted" in index  # no git repository here
+    assert "| hnsw | efSearch=400 | 0.951 | 2.61 | 4.18 |" in index
+    assert "| funnelrec candidates | - | - | - | 0.2500 | 0.1200 | 0.5000 | 20.0 |  |" in index
+    assert "| peer: als | 0.1262 | - | - | 0.1421 | - | - | - | shared/BENCHMARKS.md |" in index
+    assert "skipped: no time window" in index
+    assert "Skipped: not found" in index
+    assert "| http_total | 21.5 / 33.2 |" in index
+    assert "| 1024-512-256 | t | watch time | yes | 35.00% | 34.6% |" in index  # paper: ROWS
+
+    # the README: only the part between the markers changes
+    head, rest = readme.split(summarize.START)
+    section, tail = rest.split(summarize.END)
+    assert head == README.split(summarize.START)[0]
+    assert tail == README.split(summarize.END)[1]
+    assert "old text" not in section
+    assert "do not\nedit this section by hand" in section
+    # ML-100k: 0.25 against the best peer's 0.2 (either history column) = 1.25x, and 20 s
+    # of training against 116 s: both goals met
+    assert "funnelrec 0.2500 / 0.1200 (+val) vs best peer 0.2000 / 0.0891" in section
+    assert "1.25x; training 20.0 s vs 116 s" in section
+    assert "training ≤ 1/5 of tuned YoutubeDNN's (met)" in section
+    assert "(bench/README.md#real_data)" in section
+    assert "recall@100 0.951 at p99 4.18 ms" in section
+    assert "p99 ≤ 1.0 ms at recall@k ≥ 0.95 (not met)" in section
+    assert "p50 21.5 ms, p99 33.2 ms" in section
+    assert "50.0 req/s with 8 clients, p99 260 ms, 0 errors" in section
+    assert "p99 ≤ 50.0 ms (met)" in section
+    assert "none 42.00% (paper 41.6%); 1024-512-256 35.00% (paper 34.6%)" in section
+    assert "(3 of 4 checks met)" in section
+    assert not list((root / "bench").glob(".*.tmp")), "temporary files left behind"
+
+
+def test_unknown_or_changed_structures_get_a_generic_section(tmp_path: Path) -> None:
+    results = {
+        "mystery": {"benchmark": "mystery", "date": "2026-02-03", "speed": 12.5, "nested": {}},
+        "ann": {"items": 10, "rows": "not a list"},  # a known name in a shape it no longer has
+        "broken": "{not json",
+        "listy": [1, 2, 3],
+    }
+    root, args = setup(tmp_path, results)
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "## mystery" in index and "| speed | 12.5 |" in index
+    assert "date 2026-02-03" in index and "Other fields: `nested`." in index
+    assert "structure is not one `summarize.py` knows" in index
+    assert "| items | 10 |" in index
+    assert "Could not be read: JSONDecodeError" in index
+    assert "A JSON list, not an object." in index
+    assert "[mystery](bench/README.md#mystery)" in readme
+
+
+def test_readme_without_markers_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, args = setup(tmp_path, {"ann": ann()})
+    text = "# proj\n\n<!-- performance:end -->\n<!-- performance:start -->\n"
+    (root / "README.md").write_text(text)
+    assert run(args) == 2
+    assert "<!-- performance:start -->" in capsys.readouterr().err
+    assert (root / "README.md").read_text() == text
+    (root / "README.md").write_text("# proj\n")
+    assert run(args) == 2
+    assert not (root / "bench" / "README.md").exists()
+
+
+def test_check_detects_drift_and_writes_nothing(tmp_path: Path) -> None:
+    root, args = setup(tmp_path, {"ann": ann()})
+    assert run(args, "--check") == 1  # nothing generated yet
+    assert not (root / "bench" / "README.md").exists()
+    assert run(args) == 0
+    assert run(args, "--check") == 0
+    before = (root / "bench" / "README.md").read_text(), (root / "README.md").read_text()
+
+    changed = ann()
+    changed["rows"][1]["recall"] = 0.97
+    (root / "bench" / "results" / "ann.json").write_text(json.dumps(changed))
+    assert run(args, "--check") == 1
+    assert ((root / "bench" / "README.md").read_text(), (root / "README.md").read_text()) == before
+    assert run(args) == 0
+    assert "0.970" in (root / "bench" / "README.md").read_text()
+    assert run(args, "--check") == 0
+
+    # a hand edit inside the section is drift too
+    readme = root / "README.md"
+    readme.write_text(readme.read_text().replace("## Performance", "## Speed"))
+    assert run(args, "--check") == 1
+
+
+def test_no_results_still_writes_both(tmp_path: Path) -> None:
+    root, args = setup(tmp_path, {})
+    assert run(args) == 0
+    assert "No results yet." in (root / "bench" / "README.md").read_text()
+    assert "No benchmark results yet." in (root / "README.md").read_text()

@@ -10,7 +10,19 @@ import sys
 
 import typer
 
-from funnelrec.cli import data, evaluate, features, index, package, rank, run, serve, train
+from funnelrec.cli import (
+    data,
+    evaluate,
+    experiment,
+    features,
+    index,
+    package,
+    rank,
+    report,
+    run,
+    serve,
+    train,
+)
 from funnelrec.cli import simulate as simulate_cli
 from funnelrec.errors import FunnelrecError
 
@@ -36,6 +48,8 @@ app.add_typer(evaluate.app, name="evaluate")
 app.command("package")(package.package_command)
 app.command("serve")(serve.serve)
 app.command("recommend")(serve.recommend)
+app.command("report")(report.report_command)
+app.command("experiment")(experiment.experiment_command)
 
 
 def main() -> None:

@@ -1,0 +1,35 @@
+"""`funnelrec report RUN_DIR`: metrics JSON of a run or of experiments -> Markdown + HTML.
+
+funnelrec report runs/experiments          # after `funnelrec experiment paper`
+funnelrec report runs/demo --out /tmp/r    # a `funnelrec run` directory
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from funnelrec.report import write_report
+
+console = Console()
+
+
+def report_command(
+    run_dir: Path = typer.Argument(..., help="Run or experiment directory holding metrics JSON."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Where report.md, report.html and figures go (default RUN_DIR)."
+    ),
+) -> None:
+    """Metric tables with their protocol, curves and latency histograms: one Markdown file
+    and one self-contained HTML page (figures embedded)."""
+    report = write_report(run_dir, out)
+    console.print(
+        f"{report.sections} sections, {len(report.figures)} figures -> {report.markdown}, "
+        f"{report.html}"
+    )
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command("report")(report_command)

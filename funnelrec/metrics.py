@@ -26,6 +26,16 @@ each averaged over queries.
     scorers = {"model": ModelScorer(model), "popularity": PopularityScorer(counts)}
     report = evaluate_retrieval(scorers, batches, num_items=N, seen=history_seen)
     report.metrics["model"]["recall@10"], report.metrics["model_seen_included"]["recall@10"]
+
+Approximate retrieval (an ANN index, issue 6) is scored by the same metrics from a ranked
+list instead of full scores: a `Retriever` returns the top max(K) vocabulary ids of each
+query, the seen items excluded in the search itself (as serving does), and a target's rank
+is its place in that list, or inf (a miss) when it is not there. So every metric at K
+compares directly with the exact one; only MRR is cut at max(K) (a target outside the
+list adds 0, not 1 / its exact rank).
+
+    retrievers = {"model_ann": IndexRetriever(ModelScorer(model), index, item_ids)}
+    report = evaluate_retrieval(scorers, batches, num_items=N, retrievers=retrievers)
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from funnelrec.batch import CandidateBatch
 from funnelrec.errors import FunnelrecError
 
 if TYPE_CHECKING:
+    from funnelrec.ann import ItemIndex
     from funnelrec.examples import Features
 
 KS: tuple[int, ...] = (10, 50, 100, 200, 500)
@@ -121,6 +132,70 @@ class PopularityScorer:
 
     def scores(self, queries: Tensor) -> Tensor:
         return self.counts.expand(queries.shape[0], -1)
+
+
+class Retriever(Protocol):
+    """Retrieves a ranked list of vocabulary ids per query (e.g. from an ANN index)."""
+
+    def queries(self, batch: CandidateBatch) -> Tensor:
+        """A batch -> whatever `retrieve` needs per query, [B, ...]."""
+        ...
+
+    def retrieve(self, queries: Tensor, k: int, exclude: list[np.ndarray] | None) -> Tensor:
+        """[b, ...] queries -> [b, k] int64 vocabulary ids, best first (0 past the end).
+
+        exclude: per query, vocabulary ids never to return (None: nothing excluded).
+        """
+        ...
+
+
+class IndexRetriever:
+    """The top k of an ANN index (`ann.ItemIndex`) over the model's item embeddings.
+
+    scorer: gives the user vectors (the model's, as in `ModelScorer.queries`).
+    item_ids: [N] the dataset item id of vocabulary ids 1..N, the artifact's export
+    (`candidates.load_item_embeddings`): the index returns dataset ids, metrics use
+    vocabulary ids.
+    """
+
+    def __init__(self, scorer: ModelScorer, index: ItemIndex, item_ids: np.ndarray) -> None:
+        self.scorer = scorer
+        self.index = index
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self._order = np.argsort(self.item_ids, kind="stable")
+        self._sorted = self.item_ids[self._order]
+
+    def queries(self, batch: CandidateBatch) -> Tensor:
+        return self.scorer.queries(batch)
+
+    def retrieve(self, queries: Tensor, k: int, exclude: list[np.ndarray] | None) -> Tensor:
+        q = queries.detach().cpu().numpy().astype(np.float32, copy=False)
+        excl = None
+        if exclude is not None:  # vocabulary ids -> dataset ids (0 = OOV: not in the index)
+            excl = [self.item_ids[e[e > 0] - 1] for e in exclude]
+        k_eff = min(k, self.index.count)
+        ids, _ = self.index.search(q, k_eff, exclude=excl)
+        ids = ids.reshape(len(q), k_eff)
+        at = np.minimum(np.searchsorted(self._sorted, ids), len(self._sorted) - 1)
+        found = (ids >= 0) & (self._sorted[at] == ids)
+        out = np.zeros((len(q), k), dtype=np.int64)
+        out[:, :k_eff] = np.where(found, self._order[at] + 1, 0)
+        return torch.from_numpy(out)
+
+
+def list_ranks(lists: Tensor, targets: Tensor) -> Tensor:
+    """1-based place of each target in its query's ranked list; inf when absent.
+
+    lists: [Q, K] vocabulary ids (0 = empty place); targets: [Q, T] as in `target_ranks`.
+    Returns [Q, T] float64 ranks.
+    """
+    out = torch.full(targets.shape, math.inf, dtype=torch.float64)
+    for c in range(targets.shape[1]):
+        t = targets[:, c : c + 1]
+        match = (lists == t) & (t > 0)
+        place = match.to(torch.int64).argmax(dim=1) + 1
+        out[:, c] = torch.where(match.any(dim=1), place.to(torch.float64), math.inf)
+    return out
 
 
 def tie_keys(num_ids: int, seed: int = 0) -> Tensor:
@@ -259,17 +334,26 @@ def evaluate_retrieval(
     seen: SeenProvider | None = history_seen,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    retrievers: dict[str, Retriever] | None = None,
 ) -> RetrievalReport:
     """Full-corpus retrieval metrics of every scorer on the same held-out batches.
 
     num_items: N, the vocabulary ids being 1..N. seen: the items to exclude for each
     example of a batch, jagged (None: only the seen-included metrics). One target per
     example: its label. `progress` is called with each batch's size.
+    retrievers: scored from their top max(ks) lists (see the module docstring), under
+    their own names, beside the scorers.
     """
     n1 = num_items + 1
     keys = tie_keys(n1, seed)
+    retrievers = retrievers or {}
+    clash = set(retrievers) & set(scorers)
+    if clash:
+        raise FunnelrecError(f"scorer and retriever share the name(s) {sorted(clash)}")
     suffixes = ([""] if seen is not None else []) + [SEEN_INCLUDED]
-    acc = {name + sfx: RetrievalMetrics(ks) for name in scorers for sfx in suffixes}
+    names = [*scorers, *retrievers]
+    acc = {name + sfx: RetrievalMetrics(ks) for name in names for sfx in suffixes}
+    depth = max(ks)
     queries = oov = seen_targets = 0
     rows = max(1, SCORE_BUDGET // n1)
     for batch in batches:
@@ -279,6 +363,7 @@ def evaluate_retrieval(
         queries += b
         oov += int((targets == 0).sum())
         qs = {name: scorer.queries(batch) for name, scorer in scorers.items()}
+        rqs = {name: r.queries(batch) for name, r in retrievers.items()}
         for lo in range(0, b, rows):
             hi = min(b, lo + rows)
             tgt = targets[lo:hi]
@@ -298,6 +383,19 @@ def evaluate_retrieval(
                 acc[name + SEEN_INCLUDED].update(target_ranks(s, tgt, None, keys), n_rel)
                 if exclude is not None:
                     acc[name].update(target_ranks(s, tgt, exclude, keys), n_rel)
+            excl: list[np.ndarray] | None = None
+            if retrievers and seen_ids is not None and seen_offs is not None:
+                flat, offs = _rows(seen_ids, seen_offs, lo, hi)
+                per_row = np.split(flat.numpy(), offs.numpy()[1:])
+                # the protocol's exclusion: seen items, but never the target itself
+                excl = [e[e != t] for e, t in zip(per_row, tgt[:, 0].tolist(), strict=True)]
+            for name, retriever in retrievers.items():
+                rq = rqs[name][lo:hi]
+                lists = retriever.retrieve(rq, depth, None)
+                acc[name + SEEN_INCLUDED].update(list_ranks(lists, tgt), n_rel)
+                if excl is not None:
+                    lists = retriever.retrieve(rq, depth, excl)
+                    acc[name].update(list_ranks(lists, tgt), n_rel)
         if progress is not None:
             progress(b)
     return RetrievalReport(
@@ -340,11 +438,13 @@ def evaluate_split(
     limit: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    retrievers: dict[str, Retriever] | None = None,
 ) -> RetrievalReport:
     """`evaluate_retrieval` on a features split's held-out examples (next watches), with
     each user's previously watched items (`loader.seen_items`) as the exclusion set.
 
-    limit: score only the first `limit` examples (e.g. for validation during training)."""
+    limit: score only the first `limit` examples (e.g. for validation during training).
+    retrievers: as in `evaluate_retrieval`."""
     from funnelrec.loader import candidate_loader, seen_items
 
     flat, offsets = seen_items(feats, split)
@@ -375,6 +475,7 @@ def evaluate_split(
             seen=SequentialSeen(flat, offsets),
             seed=seed,
             progress=lambda n: bar.advance(task, n),
+            retrievers=retrievers,
         )
 
 

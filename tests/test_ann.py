@@ -49,6 +49,13 @@ def brute_force(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> np.nda
     return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
 
 
+def exact_scores(x: np.ndarray, ids: np.ndarray, q: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """[B, k] dot products of each query with the items it got (by numpy)."""
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    rows = np.vectorize(row_of.__getitem__)(got)
+    return np.einsum("bd,bkd->bk", q, x[rows])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_search_matches_brute_force_and_survives_save_load(
     kind: str,
@@ -66,6 +73,9 @@ def test_search_matches_brute_force_and_survives_save_load(
     overlap = np.mean([len(np.intersect1d(g, t)) / 10 for g, t in zip(got, truth, strict=True)])
     if kind == "ivfpq":  # compressed codes: approximate scores, looser agreement
         assert overlap >= 0.6
+    elif kind in ann.RERANKED:  # compressed search, exact re-rank: exact scores of what it finds
+        assert overlap >= 0.9
+        np.testing.assert_allclose(scores, exact_scores(x, ids, q, got), rtol=1e-5)
     else:
         assert overlap == 1.0
         np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :10], rtol=1e-4)
@@ -147,9 +157,13 @@ def test_approximate_search_that_runs_dry_is_completed_exhaustively(
         assert set(g) == set(t)
 
 
-def test_k_beyond_what_remains_is_padded(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+@pytest.mark.parametrize("kind", ["hnsw", "hnsw_sq", "ivfpq_fs"])
+def test_k_beyond_what_remains_is_padded(
+    kind: str, data: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> None:
     x, ids, q = data
-    index = ItemIndex.build(x[:50], ids[:50], "hnsw", IndexParams(hnsw_m=8), threads=1)
+    params = IndexParams(hnsw_m=8)
+    index = ItemIndex.build(x[:50], ids[:50], kind, params, threads=1)  # type: ignore[arg-type]
     got, scores = index.search(q, 60, exclude=ids[:5])
     assert (got[:, :45] >= 0).all() and (got[:, 45:] == -1).all()
     assert np.isneginf(scores[:, 45:]).all()
@@ -160,11 +174,11 @@ def test_default_kind_by_corpus_size(
     monkeypatch: pytest.MonkeyPatch, data: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
     assert default_kind(ann.EXACT_MAX_ITEMS) == "exact"
-    assert default_kind(ann.EXACT_MAX_ITEMS + 1) == "hnsw"
+    assert default_kind(ann.EXACT_MAX_ITEMS + 1) == "ivfpq_fs"
     x, ids, _ = data
     assert ItemIndex.build(x[:100], ids[:100], threads=1).kind == "exact"
-    monkeypatch.setattr(ann, "EXACT_MAX_ITEMS", 99)
-    assert ItemIndex.build(x[:100], ids[:100], threads=1).kind == "hnsw"
+    monkeypatch.setattr(ann, "EXACT_MAX_ITEMS", 999)
+    assert ItemIndex.build(x[:1000], ids[:1000], threads=1).kind == "ivfpq_fs"
 
 
 def test_auto_params_follow_corpus_size() -> None:
@@ -174,6 +188,15 @@ def test_auto_params_follow_corpus_size() -> None:
     assert small.nlist <= 1000 // 39 and small.train_size == 1000
     with pytest.raises(FunnelrecError, match="pq_m=5 must divide"):
         IndexParams(pq_m=5).resolved("ivfpq", 1000, 16)
+    fs = IndexParams().resolved("ivfpq_fs", 1_000_000, 128)
+    assert fs.nlist == 4096 and fs.pq_m == 64 and fs.rerank == ann.DEFAULT_RERANK["ivfpq_fs"]
+    sq = IndexParams(rerank=3).resolved("hnsw_sq", 1_000_000, 128)
+    assert sq.rerank == 3.0 and sq.sq_type == "sq8"
+    assert IndexParams().resolved("hnsw_sq", 10, 4).rerank == ann.DEFAULT_RERANK["hnsw_sq"]
+    with pytest.raises(FunnelrecError, match="sq_type='int4' must be one of"):
+        IndexParams(sq_type="int4").resolved("hnsw_sq", 1000, 16)
+    with pytest.raises(FunnelrecError, match=r"rerank=0\.5 must be between 1 and 64"):
+        IndexParams(rerank=0.5).resolved("ivfpq_fs", 1000, 16)
 
 
 def test_recall_against_exact(
@@ -183,6 +206,11 @@ def test_recall_against_exact(
     assert built["exact"].recall_vs_exact(q, 50) == 1.0
     assert built["ivf"].recall_vs_exact(q, 50) == 1.0  # nprobe = nlist scans everything
     assert built["hnsw"].recall_vs_exact(q, 50, query_source="test") >= 0.9
+    # the re-ranked kinds keep the float vectors: exact ground truth without `embeddings`
+    assert built["hnsw_sq"].recall_vs_exact(q, 50) >= 0.9
+    assert built["ivfpq_fs"].recall_vs_exact(q, 50) >= 0.9
+    assert built["ivfpq_fs"].recall is not None
+    assert built["ivfpq_fs"].recall["search_params"] == {"nprobe": 16, "rerank": 8.0}
     assert built["hnsw"].recall is not None and built["hnsw"].recall["query_source"] == "test"
     with pytest.raises(FunnelrecError, match="needs the original embeddings"):
         built["ivfpq"].recall_vs_exact(q, 50)
@@ -284,3 +312,67 @@ def test_bad_input_is_refused(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -
     assert none_ids.shape == none_scores.shape == (0, 5)
     with pytest.raises(FunnelrecError, match="2 id lists for 8 queries"):
         index.search(q, 5, exclude=[ids[:2], ids[2:4]])
+
+
+# --------------------------------------------------------------------------- re-ranked kinds
+
+
+def test_reranking_deeper_never_loses_recall_and_fixes_the_order(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    x, ids, q = data
+    # A shallow graph and a coarse IVF: their compressed scores misorder items near the top.
+    for kind, params in (
+        ("hnsw_sq", IndexParams(hnsw_m=4, ef_construction=8, ef_search=10)),
+        ("ivfpq_fs", IndexParams(nlist=16, nprobe=2, pq_m=4)),
+    ):
+        index = ItemIndex.build(x, ids, kind, params, threads=1)  # type: ignore[arg-type]
+        recalls = []
+        for rerank in (1.0, 4.0, 16.0):
+            index.set_search_params(rerank=rerank)
+            recalls.append(index.recall_vs_exact(q, 20))
+            got, scores = index.search(q, 20)
+            np.testing.assert_allclose(scores, exact_scores(x, ids, q, got), rtol=1e-5)
+            assert (np.diff(scores, axis=1) <= 0).all()  # exact scores, best first
+        assert recalls[0] <= recalls[1] <= recalls[2], (kind, recalls)
+        assert recalls[0] < 1.0, kind  # the shallow settings are really approximate
+    with pytest.raises(FunnelrecError, match="rerank applies to"):
+        ItemIndex.build(x[:100], ids[:100], "exact").set_search_params(rerank=2)
+
+
+def test_hnsw_converts_to_hnsw_sq_with_the_same_graph(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray], built: dict[str, ItemIndex], tmp_path: Path
+) -> None:
+    _, ids, q = data
+    hnsw = ItemIndex.build(data[0], ids, "hnsw", PARAMS, threads=1)
+    converted = hnsw.to_hnsw_sq("sq8", rerank=2)
+    assert converted.kind == "hnsw_sq" and converted.params.rerank == 2.0
+    # one thread builds the same graph every time: converting equals building hnsw_sq
+    got, scores = converted.search(q, 10)
+    want, want_scores = built["hnsw_sq"].search(q, 10)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    assert hnsw.search(q, 10)[0].shape == (8, 10)  # the hnsw index still works
+    converted.save(tmp_path / "sq")
+    assert ItemIndex.load(tmp_path / "sq", expected_item_ids=ids).params.for_kind("hnsw_sq") == (
+        converted.params.for_kind("hnsw_sq")
+    )
+    fp16 = hnsw.to_hnsw_sq("fp16")
+    assert fp16.recall_vs_exact(q, 10) == 1.0
+    with pytest.raises(FunnelrecError, match="only an hnsw index"):
+        built["ivf"].to_hnsw_sq()
+
+
+def test_load_refuses_an_index_of_another_kind_than_its_record(
+    built: dict[str, ItemIndex], tmp_path: Path
+) -> None:
+    path = built["hnsw"].save(tmp_path / "index")
+    meta = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps({**meta, "kind": "hnsw_sq"}))
+    with pytest.raises(ArtifactError, match=r"holds IndexHNSWFlat, but index\.json says kind"):
+        ItemIndex.load(path)
+    path = built["ivfpq_fs"].save(tmp_path / "fs")
+    meta = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps({**meta, "kind": "hnsw_sq"}))
+    with pytest.raises(ArtifactError, match="IndexRefine/IndexIVFPQFastScan"):
+        ItemIndex.load(path)

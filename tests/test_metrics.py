@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from funnelrec.ann import ItemIndex
 from funnelrec.batch import CandidateBatch
 from funnelrec.errors import FunnelrecError
 from funnelrec.metrics import (
+    IndexRetriever,
+    ModelScorer,
     PopularityScorer,
     RetrievalMetrics,
     SequentialSeen,
     evaluate_retrieval,
     exclusion_mask,
+    list_ranks,
     target_ranks,
     tie_keys,
 )
@@ -188,3 +193,77 @@ def test_sequential_seen_follows_the_loader_order() -> None:
     assert ids.tolist() == [5, 3] and offs.tolist() == [0]
     with pytest.raises(FunnelrecError, match="more examples"):
         seen(_batch([1], [[]]))
+
+
+# --------------------------------------------------------------------------- ANN retrieval
+
+
+def test_list_ranks_are_places_in_the_list_or_misses() -> None:
+    lists = torch.tensor([[3, 1, 2], [2, 0, 0], [4, 5, 6]])
+    ranks = list_ranks(lists, torch.tensor([[1], [5], [0]]))
+    assert ranks[:, 0].tolist() == [2.0, INF, INF]  # absent and out-of-vocabulary: misses
+
+
+class _TableModel(torch.nn.Module):
+    """A retrieval model in its simplest form: a learned vector per user, one per item."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor) -> None:
+        super().__init__()
+        self.users = torch.nn.Parameter(users)
+        self.items = torch.nn.Parameter(items)  # [N + 1, d], row 0 padding
+
+    def forward(self, batch: CandidateBatch) -> torch.Tensor:
+        return self.users[batch.user_id]
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.items
+
+
+def test_ann_retrieval_through_an_exact_index_reproduces_the_exact_metrics() -> None:
+    n, d = 9, 4
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(n + 1, d, generator=g)
+    model = _TableModel(torch.randn(6, d, generator=g), items)
+    # dataset ids of vocabulary ids 1..n, deliberately not in vocabulary order
+    item_ids = np.array([70, 10, 50, 90, 20, 80, 30, 60, 40], dtype=np.int64)
+    index = ItemIndex.build(items[1:].detach().numpy(), item_ids, "exact", threads=1)
+    scorer = ModelScorer(model)
+    # user 1 re-watches item 2 (a seen target stays retrievable); user 3's target is OOV
+    batches = [
+        _batch([2, 2, 5], [[2, 3], [1, 4, 6], []]),
+        dataclasses.replace(_batch([0, 7, 9], [[5], [7, 8, 1], [9]]), user_id=torch.arange(3, 6)),
+    ]
+    report = evaluate_retrieval(
+        {"model": scorer},
+        batches,
+        num_items=n,
+        ks=(1, 3, 5),
+        retrievers={"model_ann": IndexRetriever(scorer, index, item_ids)},
+    )
+    for variant in ("", "_seen_included"):
+        exact, ann = report.metrics["model" + variant], report.metrics["model_ann" + variant]
+        for name, value in exact.items():
+            if name == "mrr":  # cut at max(K) = 5 for the list; at most the exact value
+                assert ann[name] <= value + 1e-12
+            else:
+                assert ann[name] == pytest.approx(value), (variant, name)
+    # The lists themselves: vocabulary ids, seen items excluded but never the target.
+    retriever = IndexRetriever(scorer, index, item_ids)
+    u = scorer.queries(batches[0])
+    lists = retriever.retrieve(u, 5, [np.array([3]), np.array([1, 4, 6]), np.array([0])])
+    scores = (u @ items.T).detach()
+    scores[:, 0] = -torch.inf
+    scores[0, 3] = scores[1, [1, 4, 6]] = -torch.inf
+    assert lists.tolist() == torch.argsort(scores, dim=1, descending=True)[:, :5].tolist()
+    assert retriever.retrieve(u, 12, None)[:, n:].eq(0).all()  # past the corpus: 0
+
+
+def test_retrievers_and_scorers_need_distinct_names() -> None:
+    table = torch.zeros(1, 4)
+    with pytest.raises(FunnelrecError, match="share the name"):
+        evaluate_retrieval(
+            {"a": _FixedScorer(table)},
+            [_batch([1], [[]])],
+            num_items=3,
+            retrievers={"a": IndexRetriever(ModelScorer(_TableModel(table, table)), None, [])},  # type: ignore[arg-type]
+        )

@@ -3,6 +3,7 @@
 funnelrec index build ART                       # kind by corpus size, tuned to recall 0.95
 funnelrec index build ART --kind ivf --nlist 1024 --target-recall 0.98 --force
 funnelrec index build ART --kind hnsw --ef-search 256 --target-recall 0   # no tuning
+funnelrec index build ART --kind hnsw_sq --rerank 2 --force   # 8-bit graph search + re-rank
 funnelrec index bench ART                       # recall and latency per efSearch/nprobe
 
 The index is built over ART/item_embeddings.safetensors and saved in ART/index/. Its
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.ann import KINDS, IndexParams, ItemIndex
+from funnelrec.ann import KINDS, RERANKED, SQ_TYPES, IndexParams, ItemIndex
 from funnelrec.candidates import load_item_embeddings, read_candidate_config, split_user_vectors
 from funnelrec.errors import FunnelrecError
 
@@ -48,14 +49,21 @@ THREADS = typer.Option(None, help="FAISS threads (default: all cores).")
 def build(
     art: Path = ART,
     kind: str | None = typer.Option(
-        None, help=f"One of {', '.join(KINDS)} (default: exact up to 50k items, else hnsw)."
+        None, help=f"One of {', '.join(KINDS)} (default: exact up to 50k items, else ivfpq_fs)."
     ),
-    hnsw_m: int = typer.Option(IndexParams.hnsw_m, help="hnsw: links per node."),
-    ef_construction: int = typer.Option(IndexParams.ef_construction, help="hnsw: build depth."),
-    ef_search: int | None = typer.Option(None, help="hnsw: search depth (fixes it: no tuning)."),
-    nlist: int = typer.Option(0, help="ivf/ivfpq: buckets (0 = 4 sqrt(N))."),
-    nprobe: int | None = typer.Option(None, help="ivf/ivfpq: buckets searched (no tuning)."),
-    pq_m: int = typer.Option(0, help="ivfpq: sub-quantizers (0 = d/8)."),
+    hnsw_m: int = typer.Option(IndexParams.hnsw_m, help="hnsw*: links per node."),
+    ef_construction: int = typer.Option(IndexParams.ef_construction, help="hnsw*: build depth."),
+    ef_search: int | None = typer.Option(None, help="hnsw*: search depth (fixes it: no tuning)."),
+    sq_type: str = typer.Option(
+        IndexParams.sq_type, help=f"hnsw_sq: codes searched, one of {', '.join(SQ_TYPES)}."
+    ),
+    rerank: float = typer.Option(
+        0.0,
+        help=f"{', '.join(RERANKED)}: candidates re-scored exactly, x k (0 = the kind's default).",
+    ),
+    nlist: int = typer.Option(0, help="ivf*: buckets (0 = 4 sqrt(N))."),
+    nprobe: int | None = typer.Option(None, help="ivf*: buckets searched (no tuning)."),
+    pq_m: int = typer.Option(0, help="ivfpq: sub-quantizers (0 = d/8; ivfpq_fs: d/2)."),
     pq_bits: int = typer.Option(IndexParams.pq_bits, help="ivfpq: bits per code."),
     target_recall: float = typer.Option(
         0.95, help="Tune efSearch/nprobe to the smallest value reaching this recall@k (0: off)."
@@ -83,6 +91,8 @@ def build(
         nprobe=nprobe or IndexParams.nprobe,
         pq_m=pq_m,
         pq_bits=pq_bits,
+        sq_type=sq_type,
+        rerank=rerank,
     )
     index = ItemIndex.build(emb, ids, kind, params, threads=threads, progress=True)
     console.print(
@@ -90,7 +100,7 @@ def build(
         f"in {index.build_seconds:.1f}s"
     )
     source = f"{split} user vectors ({len(q)})"
-    fixed = ef_search is not None if index.kind == "hnsw" else nprobe is not None
+    fixed = ef_search is not None if index.kind.startswith("hnsw") else nprobe is not None
     if target_recall > 0 and not fixed:
         recall = index.tune(q, k, target_recall, embeddings=emb, query_source=source)
     else:
@@ -115,7 +125,7 @@ def bench(
     latency_queries: int = typer.Option(500, help="Queries timed one at a time."),
     k: int = K,
     values: str | None = typer.Option(
-        None, help="Comma list of efSearch (hnsw) or nprobe (ivf*) values to sweep."
+        None, help="Comma list of efSearch (hnsw*) or nprobe (ivf*) values to sweep."
     ),
 ) -> None:
     """Recall@k vs exact and single-query p50/p99 latency of ART/index per search setting."""
@@ -176,7 +186,7 @@ def _settings(index: ItemIndex, values: str | None) -> list[tuple[str, IndexPara
 
     if index.kind == "exact":
         return [("exact index", index.params)]
-    knob = "ef_search" if index.kind == "hnsw" else "nprobe"
+    knob = "ef_search" if index.kind.startswith("hnsw") else "nprobe"
     current = getattr(index.params, knob)
     if values:
         chosen = sorted({int(v) for v in values.split(",")})
@@ -189,7 +199,8 @@ def _settings(index: ItemIndex, values: str | None) -> list[tuple[str, IndexPara
     out: list[tuple[str, IndexParams]] = []
     for v in chosen:
         fields: dict[str, Any] = {knob: v}
-        out.append((f"{knob}={v}", replace(index.params, **fields)))
+        rerank = f" rerank={index.params.rerank:g}" if index.kind in RERANKED else ""
+        out.append((f"{knob}={v}{rerank}", replace(index.params, **fields)))
     return out
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -73,7 +72,6 @@ from funnelrec.candidates import (
     load_item_embeddings,
     read_candidate_config,
 )
-from funnelrec.dataset import Dataset, DatasetWriter
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.examples import Demographics, Features
 from funnelrec.ranking import RankingFeatureSpec, load_ranker, read_ranker_config
@@ -176,7 +174,8 @@ class Response:
     """Items best first, milliseconds per stage, and what the request was built from.
 
     info: user_id, known_user, history / queries used (counts), demographics
-    ("request", "stored", "request+stored" or "none"), request_ts, candidates per source.
+    ("request", "stored", "request+stored" or "none"), request_ts, candidates per source,
+    ranked (distinct candidates the ranker scored).
     """
 
     items: list[RecommendedItem]
@@ -351,40 +350,12 @@ class Recommender:
         self.check_compatible_state(store)
         state = self.path / STATE_DIR
         tables = {name: pq.read_table(state / f"{name}.parquet") for name in STATE_TABLES}
-        imp = tables["impressions"]
-        # The store counts impressions from rows: one row per time shown, at the last time.
-        shown = np.asarray(imp.column("shown").to_numpy(), dtype=np.int64)
-        take = pa.array(np.repeat(np.arange(imp.num_rows), shown))
-        rows = int(shown.sum())
-        expanded = pa.table(
-            {
-                "request_id": np.arange(1, rows + 1, dtype=np.int64),
-                "user_id": imp.column("user_id").take(take),
-                "item_id": imp.column("item_id").take(take),
-                "ts": imp.column("last_ts").take(take),
-                "position": np.zeros(rows, dtype=np.int32),
-                "clicked": np.zeros(rows, dtype=bool),
-                "watch_time_s": np.zeros(rows, dtype=np.float32),
-            }
+        store.seed(
+            tables["watches"],
+            tables["searches"],
+            tables["impressions"],
+            fingerprint=self.data_fingerprint,
         )
-        users = pa.concat_arrays(
-            [tables[n].column("user_id").combine_chunks() for n in STATE_TABLES]
-        )
-        user_ids = np.unique(np.concatenate([[1], np.asarray(users.to_numpy())]))
-        with tempfile.TemporaryDirectory(prefix="funnelrec-seed-") as tmp:
-            with DatasetWriter(Path(tmp) / "state", source="funnelrec-artifact-state") as w:
-                w.write("users", pa.table({"user_id": user_ids}))
-                w.write("items", pa.table({"item_id": self._items_table.column("item_id")}))
-                watches = tables["watches"]
-                w.write(
-                    "watches",
-                    watches.append_column("source", pa.nulls(watches.num_rows, pa.string())),
-                )
-                w.write("searches", tables["searches"])
-                w.write("impressions", expanded)
-            store.seed_from_dataset(
-                Dataset.open(Path(tmp) / "state"), fingerprint=self.data_fingerprint
-            )
 
     def check_compatible_state(self, store: UserStateStore) -> None:
         """Raise ArtifactError when `store` was seeded from other data than this artifact's."""
@@ -498,6 +469,7 @@ class Recommender:
             "demographics": user.demographics_from,
             "request_ts": user.ts,
             "candidates": {s: len(nominated[s][0]) for s in SOURCES if s in nominated},
+            "ranked": len(cand),
         }
         return Response(items=items, timings_ms=timings, info=info)
 
@@ -540,10 +512,9 @@ class Recommender:
         else:
             demo, demo_from = stored, "stored" if stored is not None else "none"
         known = stored is not None or (ctx is not None and bool(ctx.history or ctx.queries))
+        # Times shown and when last shown: the churn features (SPEC 3), exact as in training.
         shown = dict(ctx.shown) if ctx is not None else {}
-        # The store keeps impression counts; when its context also carries the time each
-        # item was last shown (`shown_ts`), "seconds since last shown" is exact.
-        shown_ts = dict(getattr(ctx, "shown_ts", None) or {})
+        shown_ts = dict(ctx.shown_ts) if ctx is not None else {}
         events = UserEvents(history, history_ts, queries, queries_ts, shown, shown_ts)
         return _Context(events, demo, demo_from, known, ts)
 

@@ -5,6 +5,10 @@
 Endpoints: POST /v1/recommend, POST /v1/events, GET /v1/items/{item_id}, GET /healthz,
 GET /readyz, GET /metrics (Prometheus text), POST /admin/reload, and /openapi.json.
 
+A recommendation's `timings_ms` are the `Recommender`'s stages plus "state" (reading the
+user's live state), which "total" includes. Model calls run on `torch_threads` threads
+(`run_app`; 1 by default, as requests already run concurrently in uvicorn's thread pool).
+
 Bad requests get a 4xx whose message names the field; they never reach the model. A
 reload (POST /admin/reload or SIGHUP) loads the new artifact beside the old one and swaps
 a single reference: requests in flight finish on the model they started with, and an
@@ -13,10 +17,11 @@ artifact that fails to load is refused while the old model keeps serving.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from funnelrec.errors import FunnelrecError
 from funnelrec.recommender import Demographics, Recommender, RecommendRequest
@@ -33,6 +39,7 @@ from funnelrec.state import ImpressionEvent, SearchEvent, UserStateStore, WatchE
 
 MAX_BODY_BYTES = 1 << 20
 ADMIN_TOKEN_ENV = "FUNNELREC_ADMIN_TOKEN"
+TORCH_THREADS_ENV = "FUNNELREC_TORCH_THREADS"
 
 
 class _Strict(BaseModel):
@@ -132,6 +139,50 @@ class ServiceState:
         return fresh.fingerprint
 
 
+class _LimitAndCount:
+    """ASGI middleware: refuse bodies over MAX_BODY_BYTES (by content-length), count
+    requests and errors per route. Plain ASGI, as Starlette's `BaseHTTPMiddleware`
+    costs about a millisecond per request on this machine."""
+
+    def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            status = 413
+            response = JSONResponse(
+                {"error": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413
+            )
+            await response(scope, receive, send)
+        else:
+
+            async def send_status(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                self._count(scope, status)
+            return
+        self._count(scope, status)
+
+    def _count(self, scope: Scope, status: int) -> None:
+        # The route's template (/v1/items/{item_id}), not the path: one series per route.
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.metrics.errors.labels(endpoint).inc()
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     name = ""
@@ -151,23 +202,7 @@ def create_app(
     token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
     app = FastAPI(title="funnelrec", version=service.recommender.version)
     app.state.service = service
-
-    @app.middleware("http")
-    async def limit_and_count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        endpoint = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            response: Response = JSONResponse(
-                {"error": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413
-            )
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(endpoint).inc()
-        return response
+    app.add_middleware(_LimitAndCount, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -185,8 +220,8 @@ def create_app(
     async def funnelrec_error(request: Request, exc: FunnelrecError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
 
-    @app.post("/v1/recommend")
-    def recommend(body: RecommendBody) -> dict[str, Any]:
+    @app.post("/v1/recommend", response_model=None)
+    def recommend(body: RecommendBody) -> JSONResponse:
         rec = service.recommender  # one reference for the whole request
         if body.history is not None:
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
@@ -206,11 +241,20 @@ def create_app(
             k=body.k,
             exclude_watched=body.exclude_watched,
         )
+        t = time.perf_counter()
         ctx = service.store.context(body.user_id) if body.user_id is not None else None
+        state_ms = (time.perf_counter() - t) * 1000.0
         resp = rec.recommend(req, ctx)
-        for stage, ms in resp.timings_ms.items():  # includes "total"
+        # The live-state read is a stage of the service's request too: first, in "total".
+        timings = {"state": state_ms, **resp.timings_ms}
+        timings["total"] += state_ms
+        for stage, ms in timings.items():
             metrics.latency.labels(stage).observe(ms / 1000)
-        return resp.to_dict()
+        # A plain JSON answer: FastAPI's response-model pass over this dict costs more
+        # than the rest of the HTTP layer and checks nothing (the type is dict[str, Any]).
+        return JSONResponse(
+            {**resp.to_dict(), "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        )
 
     @app.post("/v1/events")
     def events(body: EventsBody) -> dict[str, Any]:
@@ -279,13 +323,48 @@ def install_sighup_reload(app: FastAPI) -> None:
 
 
 def run_server(
-    artifact: Path, *, host: str = "127.0.0.1", port: int = 8000, state_path: Path | None = None
+    artifact: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    state_path: Path | None = None,
+    torch_threads: int | None = None,
 ) -> None:
-    """Serve `artifact` with uvicorn until interrupted."""
+    """Serve `artifact` with uvicorn until interrupted (see `run_app` for torch_threads)."""
+    run_app(
+        create_app(artifact, state_path=state_path),
+        host=host,
+        port=port,
+        torch_threads=torch_threads,
+    )
+
+
+def run_app(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, torch_threads: int | None = None
+) -> None:
+    """Serve an app of `create_app` with uvicorn until interrupted; SIGHUP reloads.
+
+    torch_threads: intra-op threads of each model call and of the ANN search [env
+    FUNNELREC_TORCH_THREADS, else 1].
+    Requests run in uvicorn's thread pool, so concurrent requests already use the cores;
+    a model call spreading over them too only adds contention (on a busy 2-core machine,
+    two threads made the ranker's p50 ~3x slower than one).
+    """
+    import faiss
+    import torch
     import uvicorn
 
-    app = create_app(artifact, state_path=state_path)
+    threads = torch_threads or int(os.environ.get(TORCH_THREADS_ENV, "0") or 0) or 1
+    torch.set_num_threads(threads)
+    # One query per request: FAISS parallelises over queries, so more threads only add
+    # OpenMP start-up and barriers (FAISS keeps its own OpenMP runtime, apart from torch's).
+    faiss.omp_set_num_threads(threads)
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
     server = uvicorn.Server(config)
     install_sighup_reload(app)
+    # The ~200k objects of the loaded libraries and model would be traversed by every full
+    # garbage collection (~0.1-0.4 s here, a pause in some request); they live as long as
+    # the process, so move them out of the collector's sight.
+    gc.collect()
+    gc.freeze()
     server.run()

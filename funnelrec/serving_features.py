@@ -197,56 +197,6 @@ class _IdTable(Vocabulary):
         return np.asarray(self.table[np.asarray(values, dtype=np.int64)], dtype=np.int32)
 
 
-@dataclass(frozen=True, eq=False)
-class ServingVocabulary(Vocabulary):
-    """A `Vocabulary` (the same mapping) that looks values up without per-call set-up.
-
-    `Vocabulary.lookup` hands Arrow the whole value set on every call, which rebuilds a
-    hash table of the vocabulary each time: fine for batches of examples, ~30 ms for one
-    request's few hundred items against a 100k-item vocabulary. Here integer values are
-    found by binary search in a sorted copy and strings in a dict, both built once.
-    """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.kind == "int":
-            values = np.asarray(self.values, dtype=np.int64)
-            order = np.argsort(values, kind="stable")
-            object.__setattr__(self, "_sorted", values[order])
-            object.__setattr__(self, "_sorted_ids", (order + 1).astype(np.int32))
-        else:
-            index = {v: i + 1 for i, v in enumerate(self.values.tolist())}
-            object.__setattr__(self, "_index", index)
-
-    @classmethod
-    def of(cls, vocab: Vocabulary) -> ServingVocabulary:
-        return cls(name=vocab.name, values=vocab.values, counts=vocab.counts, kind=vocab.kind)
-
-    def lookup(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
-        """Dense ids of raw `values`: [n] int32, 0 for nulls and values not in the vocabulary."""
-        if isinstance(values, pa.ChunkedArray | pa.Array):
-            arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        else:
-            arr = None
-        if self.kind == "str":
-            items = arr.to_pylist() if arr is not None else np.asarray(values).tolist()
-            index: dict[Any, int] = self._index  # type: ignore[attr-defined]
-            return np.array([index.get(v, 0) for v in items], dtype=np.int32)
-        if arr is not None:
-            valid = np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), dtype=bool)
-            keys = np.asarray(pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(), dtype=np.int64)
-        else:
-            keys = np.asarray(values).astype(np.int64, copy=False)
-            valid = np.ones(keys.shape, dtype=bool)
-        sorted_values: np.ndarray = self._sorted  # type: ignore[attr-defined]
-        if sorted_values.size == 0 or keys.size == 0:
-            return np.zeros(keys.shape, dtype=np.int32)
-        pos = np.minimum(np.searchsorted(sorted_values, keys), sorted_values.size - 1)
-        found = valid & (sorted_values[pos] == keys)
-        ids: np.ndarray = self._sorted_ids  # type: ignore[attr-defined]
-        return np.where(found, ids[pos], 0).astype(np.int32)
-
-
 class _CountIndex(TimeIndex):
     """A `TimeIndex` that only knows how many events each group had, all in the past.
 
@@ -288,8 +238,8 @@ class RankingFeaturizer:
         self.normalizer = features.normalizer("ranking")
         names = features.manifest["vocabularies"]
 
-        def vocab(name: str) -> ServingVocabulary | None:
-            return ServingVocabulary.of(features.vocab(name)) if name in names else None
+        def vocab(name: str) -> Vocabulary | None:
+            return features.vocab(name) if name in names else None
 
         rank_item, token = vocab("rank_item"), vocab("token")
         if rank_item is None or token is None:

@@ -7,11 +7,20 @@ own result page back (SPEC 2.2).
 
     tokenize("Funny  Cats, 2024!")  # -> ['funny', 'cats', '2024', 'funny cats', 'cats 2024']
 
-`tokenize_array` does the same for a whole column with Arrow kernels (no Python loop per
-query); `tokenize` calls it on one query, so the two can never disagree.
+`tokenize_array` does the same for a whole column. Two paths give the same tokens:
+- many queries (building training examples): Arrow kernels, no Python loop per query;
+  Arrow compiles the separator regex on every call (~10 ms), small next to the work;
+- a few queries (one request at serving time): plain Python over a per-character table,
+  so a request does not pay that compilation. The table is filled from Arrow itself the
+  first time a character is met (lower-casing and the letter/digit classes are exactly
+  Arrow's, whose Unicode tables can be newer than Python's own).
+`tokenize` calls `tokenize_array` on one query, so the two can never disagree.
 """
 
 from __future__ import annotations
+
+import itertools
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +28,8 @@ import pyarrow.compute as pc
 
 # Separators are runs of anything that is not a letter, a digit or "_" (Unicode aware).
 _SEPARATOR = r"[^\pL\pN_]+"
+# Up to this many queries go through the per-character path.
+_SMALL = 1024
 
 
 def tokenize_array(queries: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -29,7 +40,21 @@ def tokenize_array(queries: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.nd
     """
     if isinstance(queries, pa.ChunkedArray):
         queries = queries.combine_chunks() if queries.num_chunks != 1 else queries.chunk(0)
-    queries = pc.fill_null(queries.cast(pa.string()), "")
+    queries = queries.cast(pa.string())
+    if len(queries) <= _SMALL:
+        return _tokenize_python(queries.to_pylist())
+    return _tokenize_arrow(queries)
+
+
+def tokenize(query: str) -> list[str]:
+    """Tokens of one query: lower-cased unigrams, then bigrams."""
+    tokens, _ = tokenize_array(pa.array([query], type=pa.string()))
+    return [str(t) for t in tokens.to_pylist()]
+
+
+def _tokenize_arrow(queries: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """`tokenize_array` with Arrow kernels (string array in)."""
+    queries = pc.fill_null(queries, "")
     n = len(queries)
     if n == 0:
         return pa.array([], type=pa.string()), np.zeros(1, dtype=np.int64)
@@ -57,7 +82,40 @@ def tokenize_array(queries: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.nd
     return tokens, offsets
 
 
-def tokenize(query: str) -> list[str]:
-    """Tokens of one query: lower-cased unigrams, then bigrams."""
-    tokens, _ = tokenize_array(pa.array([query], type=pa.string()))
-    return [str(t) for t in tokens.to_pylist()]
+def _tokenize_python(queries: list[str | None]) -> tuple[pa.Array, np.ndarray]:
+    """`tokenize_array` in plain Python (a list of queries in), the same tokens."""
+    other = [q for q in queries if q and not q.isascii()]
+    if other:
+        new = {ch for ch in set().union(*map(set, other)) if ord(ch) not in _CHARS}
+        if new:
+            _learn(sorted(new))
+    flat: list[str] = []
+    offsets = np.zeros(len(queries) + 1, dtype=np.int64)
+    for q, query in enumerate(queries):
+        if query:
+            words = [w for w in query.translate(_CHARS).split(" ") if w]
+            flat += words
+            flat += [f"{a} {b}" for a, b in itertools.pairwise(words)]
+        offsets[q + 1] = len(flat)
+    return pa.array(flat, type=pa.string()), offsets
+
+
+# Code point -> what it becomes: its lower case when it belongs to a word, " " when it
+# separates words. ASCII is filled here; other characters from Arrow on first sight.
+_CHARS: dict[int, str] = {
+    c: (chr(c).lower() if chr(c).isalnum() or c == ord("_") else " ") for c in range(128)
+}
+_CHARS_LOCK = threading.Lock()
+
+
+def _learn(chars: list[str]) -> None:
+    """Add characters to the table, as Arrow lower-cases and classifies them."""
+    arr = pa.array(chars, type=pa.string())
+    lower = pc.utf8_lower(arr)
+    # Arrow maps each code point to one (its simple case mapping), so a per-character
+    # table reproduces lower-casing a whole string; the class is tested on the result,
+    # as the regex runs on the lower-cased query.
+    is_word = pc.match_substring_regex(lower, pattern=r"^[\pL\pN_]$").to_pylist()
+    with _CHARS_LOCK:
+        for c, low, word in zip(chars, lower.to_pylist(), is_word, strict=True):
+            _CHARS[ord(c)] = low if word else " "

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +43,13 @@ EMB_SCALE = 1.6
 EMB_MIN = 4
 EMB_MAX = 64
 EMB_MULTIPLE = 4
+
+# Lookup structures (built on first use): integer vocabularies whose values span at most
+# _DENSE_SPAN x their size are looked up through a dense table indexed by value (4 bytes
+# per slot), others by binary search; strings through a dict up to _SMALL_STR values per
+# call, beyond that through Arrow's hash lookup.
+_DENSE_SPAN = 4
+_SMALL_STR = 4096
 
 
 def embedding_dim(
@@ -89,8 +98,8 @@ class Vocabulary:
                 f"vocabulary '{self.name}': counts has shape {self.counts.shape}, "
                 f"expected ({len(self.values) + 1},)"
             )
-        # Lookup table, built once: Arrow's index_in handles ints and strings alike.
-        object.__setattr__(self, "_value_set", self._arrow_values())
+        # Lookup structures, built on first use and kept (see `lookup`).
+        object.__setattr__(self, "_cache", {})
 
     def __len__(self) -> int:
         """Number of ids, including the OOV id 0 (the embedding table's row count)."""
@@ -99,10 +108,44 @@ class Vocabulary:
     def __repr__(self) -> str:
         return f"Vocabulary({self.name!r}, size={len(self)}, kind={self.kind!r})"
 
+    def _cached(self, key: str, build: Callable[[], Any]) -> Any:
+        # Built at most once per vocabulary in practice; two threads racing here both build
+        # the same value, which is harmless.
+        cache: dict[str, Any] = self._cache  # type: ignore[attr-defined]
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     def _arrow_values(self) -> pa.Array:
-        if self.kind == "int":
-            return pa.array(np.asarray(self.values, dtype=np.int64), type=pa.int64())
-        return pa.array(list(self.values), type=pa.string())
+        """The values as one Arrow array (the value set of `pc.index_in`)."""
+
+        def build() -> pa.Array:
+            if self.kind == "int":
+                return pa.array(np.asarray(self.values, dtype=np.int64), type=pa.int64())
+            return pa.array(list(self.values), type=pa.string())
+
+        return self._cached("arrow", build)
+
+    def _int_table(self) -> tuple[int, np.ndarray] | tuple[np.ndarray, np.ndarray]:
+        """How integers are found: (offset, dense table) when the values span a compact
+        range (dataset ids are 1..N: a direct index), else (sorted values, their ids)."""
+
+        def build() -> tuple[int, np.ndarray] | tuple[np.ndarray, np.ndarray]:
+            values = np.asarray(self.values, dtype=np.int64)
+            if values.size == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.int32)
+            lo, hi = int(values.min()), int(values.max())
+            if hi - lo < _DENSE_SPAN * values.size + 1024:
+                table = np.zeros(hi - lo + 1, dtype=np.int32)
+                table[values - lo] = np.arange(1, values.size + 1, dtype=np.int32)
+                return lo, table
+            order = np.argsort(values, kind="stable")
+            return values[order], (order + 1).astype(np.int32)
+
+        return self._cached("int", build)
+
+    def _str_index(self) -> dict[str, int]:
+        return self._cached("str", lambda: {v: i + 1 for i, v in enumerate(self.values.tolist())})
 
     @classmethod
     def fit(
@@ -167,21 +210,64 @@ class Vocabulary:
         return cls(name=name, values=kept_values, counts=counts, kind=kind)
 
     def lookup(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
-        """Dense ids of raw `values`: [n] int32, 0 for nulls and values not in the vocabulary."""
+        """Dense ids of raw `values`: [n] int32, 0 for nulls and values not in the vocabulary.
+
+        The structures behind it are built on first use and kept, so a lookup costs time
+        in the number of values, not in the vocabulary's size (serving looks up a few
+        hundred values per request in vocabularies of a million).
+        """
+        if (
+            self.kind == "int"
+            and isinstance(values, np.ndarray)
+            and values.ndim == 1
+            and values.dtype.kind in "iu"
+        ):
+            return self._lookup_int(values.astype(np.int64, copy=False), None)
         arr = _as_arrow(values)
-        if len(arr) == 0:
+        n = len(arr)
+        if n == 0:
             return np.zeros(0, dtype=np.int32)
         if self.kind == "int":
-            if not (pa.types.is_integer(arr.type) or arr.null_count == len(arr)):
+            if not (pa.types.is_integer(arr.type) or arr.null_count == n):
                 raise FunnelrecError(
                     f"vocabulary '{self.name}' holds integers, got values of type {arr.type}"
                 )
             arr = arr.cast(pa.int64())
-        else:
-            arr = arr.cast(pa.string())
-        idx = pc.index_in(arr, value_set=self._value_set)  # type: ignore[attr-defined]
+            keys = np.asarray(pc.fill_null(arr, 0).to_numpy(), dtype=np.int64)
+            valid = (
+                np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), dtype=bool)
+                if arr.null_count
+                else None
+            )
+            return self._lookup_int(keys, valid)
+        if n <= _SMALL_STR and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            index = self._str_index()
+            return np.fromiter(
+                (index.get(v, 0) for v in arr.to_pylist()),
+                dtype=np.int32,
+                count=n,
+            )
+        # Many strings: Arrow's hash lookup (it rebuilds its table per call, which is
+        # small next to hashing this many values).
+        idx = pc.index_in(arr.cast(pa.string()), value_set=self._arrow_values())
         out = pc.fill_null(pc.add(idx, 1), 0)
         return np.asarray(out.to_numpy(zero_copy_only=False), dtype=np.int32)
+
+    def _lookup_int(self, keys: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """[n] int32 ids of int64 `keys` (`valid`: False where the value was null)."""
+        first, second = self._int_table()
+        if isinstance(first, int):
+            rel = keys - first
+            inside = (rel >= 0) & (rel < second.size)
+            ids = np.where(inside, second[np.where(inside, rel, 0)], 0)
+        elif first.size == 0:
+            ids = np.zeros(keys.shape, dtype=np.int32)
+        else:
+            pos = np.minimum(np.searchsorted(first, keys), first.size - 1)
+            ids = np.where(first[pos] == keys, second[pos], 0)
+        if valid is not None:
+            ids = np.where(valid, ids, 0)
+        return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Raw values of dense ids (ids must be >= 1)."""

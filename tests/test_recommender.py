@@ -223,7 +223,19 @@ def test_seeded_state_is_the_datas_latest_and_is_seeded_once(
     ctx = store.context(u)
     assert ctx.history == mine.column("item_id").to_pylist()[-50:]
     assert ctx.history_ts == mine.column("ts").to_pylist()[-50:]
-    assert ctx.shown  # impression counts came along
+    imp = Dataset.open(rec.manifest["data"]["path"]).table(
+        "impressions", ["user_id", "item_id", "ts"]
+    )
+    mine_imp = imp.filter(np.asarray(imp.column("user_id").to_numpy()) == u)
+    agg = mine_imp.group_by("item_id").aggregate([("ts", "count"), ("ts", "max")])
+    items = agg.column("item_id").to_pylist()
+    assert ctx.shown and ctx.shown == dict(
+        zip(items, agg.column("ts_count").to_pylist(), strict=True)
+    )
+    assert ctx.shown_ts == dict(zip(items, agg.column("ts_max").to_pylist(), strict=True))
+    # the request sees when each item was last shown (churn features, as in training)
+    events = rec._context(RecommendRequest(user_id=u), ctx).events
+    assert events.shown == ctx.shown and events.shown_ts == ctx.shown_ts
     rec.seed_state(store)  # same data: nothing happens (a second seed would duplicate rows)
     assert store.context(u) == ctx
     rec.check_compatible_state(store)
@@ -261,7 +273,10 @@ def test_http_layer_serves_this_recommender(art: Path, tmp_path: Path) -> None:
         r = client.post("/v1/recommend", json={"user_id": 5, "k": 5})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert len(body["items"]) == 5 and set(body["timings_ms"]) == STAGES
+        assert len(body["items"]) == 5 and set(body["timings_ms"]) == STAGES | {"state"}
+        stages = sum(v for s, v in body["timings_ms"].items() if s != "total")
+        assert body["timings_ms"]["total"] >= stages - 0.01  # the state read is in the total
+        assert body["ranked"] >= len(body["items"])
         first = body["items"][0]["item_id"]
         assert client.get(f"/v1/items/{first}").json()["item_id"] == first
         r = client.post("/v1/recommend", json={"history": [1, 2, 3], "k": 3})

@@ -141,6 +141,11 @@ def test_items_health_metrics_and_openapi(client: TestClient) -> None:
     client.post("/v1/recommend", json={"user_id": 1, "k": 3})
     text = client.get("/metrics").text
     assert "funnelrec_requests_total" in text and 'stage="ranking"' in text
+    assert 'stage="state"' in text
+    # one series per route, not per item id; a 404 of an unknown item counts as an error
+    assert 'endpoint="/v1/items/{item_id}",status="404"' in text
+    assert 'endpoint="/v1/items/1"' not in text
+    assert 'funnelrec_errors_total{endpoint="/v1/items/{item_id}"}' in text
     assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
 
 

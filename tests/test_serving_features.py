@@ -12,14 +12,8 @@ import pytest
 from funnelrec.dataset import Dataset
 from funnelrec.examples import Features, FeaturesConfig, build_features
 from funnelrec.loader import read_examples, read_requests
-from funnelrec.serving_features import (
-    RankingFeaturizer,
-    ServingItems,
-    ServingVocabulary,
-    UserEvents,
-)
+from funnelrec.serving_features import RankingFeaturizer, ServingItems, UserEvents
 from funnelrec.simulate import generate, preset_config
-from funnelrec.vocab import Vocabulary
 
 SOURCES = ("deep", "fresh", "cowatch")
 
@@ -131,22 +125,6 @@ def test_features_of_a_request_equal_the_training_examples(
         assert "source" not in featurizer.categorical and "cand_score" not in featurizer.raw
     # the churn feature is exercised: some impressions had been shown before
     assert (np.asarray(examples["item_shown_before"].to_numpy()) > 0).any()
-
-
-def test_serving_vocabulary_maps_like_the_vocabulary() -> None:
-    ints = Vocabulary.fit("channel", pa.array([5, 5, 9, 1, 1, 1, 300]))
-    fast = ServingVocabulary.of(ints)
-    probe = pa.array([1, None, 9, 4, 300, 0, 5])
-    assert fast.lookup(probe).tolist() == ints.lookup(probe).tolist()
-    nums = np.array([300, 2, 9, 1], dtype=np.int64)
-    assert fast.lookup(nums).tolist() == ints.lookup(nums).tolist()
-    assert fast.lookup(np.zeros(0, dtype=np.int64)).tolist() == []
-    strs = Vocabulary.fit("topic", pa.array(["news", "cats", "cats", None]))
-    fast_s = ServingVocabulary.of(strs)
-    probe_s = pa.array(["cats", None, "dogs", "news"])
-    assert fast_s.lookup(probe_s).tolist() == strs.lookup(probe_s).tolist()
-    empty = ServingVocabulary.of(Vocabulary.fit("x", pa.array([], pa.int64())))
-    assert empty.lookup(np.array([3])).tolist() == [0]
 
 
 def test_items_from_table_index_by_item_id(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -95,3 +96,48 @@ def test_embedding_dim_rule() -> None:
     assert Vocabulary.fit("x", np.arange(1, 50)).embedding_dim(minimum=16) == 16
     with pytest.raises(FunnelrecError):
         embedding_dim(0)
+
+
+def _reference_lookup(v: Vocabulary, values: pa.Array) -> list[int]:
+    """The mapping by definition: position in the values + 1, 0 for nulls and the rest."""
+    value_type = pa.int64() if v.kind == "int" else pa.string()
+    value_set = pa.array(v.values.tolist(), type=value_type)
+    idx = pc.index_in(values.cast(value_type), value_set=value_set)
+    return pc.fill_null(pc.add(idx, 1), 0).to_pylist()
+
+
+@pytest.mark.parametrize(
+    "vocab_values",
+    [
+        np.arange(1, 5000),  # dataset ids: a dense table
+        np.array([7, -3, 10**12, 5, 5, 2**40]),  # a wide span: binary search
+        np.array([], dtype=np.int64),
+    ],
+)
+def test_int_lookup_equals_the_definition(vocab_values: np.ndarray) -> None:
+    v = Vocabulary.fit("x", pa.array(vocab_values, type=pa.int64()), max_size=4000)
+    rng = np.random.default_rng(0)
+    probe = np.concatenate([vocab_values, rng.integers(-10, 6000, 500), [10**12, 2**40, -(2**62)]])
+    mask = rng.random(probe.size) < 0.1
+    arrow = pa.array(probe.astype(np.int64), mask=mask)
+    assert v.lookup(arrow).tolist() == _reference_lookup(v, arrow)
+    assert v.lookup(probe).tolist() == _reference_lookup(v, pa.array(probe.astype(np.int64)))
+    small = probe[np.abs(probe) < 2**31]
+    assert v.lookup(small.astype(np.int32)).tolist() == v.lookup(small).tolist()
+    chunked = pa.chunked_array([arrow.slice(0, 7), arrow.slice(7)])
+    assert v.lookup(chunked).tolist() == v.lookup(arrow).tolist()
+    assert v.lookup(pa.array([None, None])).tolist() == [0, 0]  # all-null: no type to check
+    assert v.lookup(np.zeros(0, dtype=np.int64)).dtype == np.int32
+
+
+def test_string_lookup_equals_the_definition_for_few_and_many_values() -> None:
+    words = [f"w{i}" for i in range(300)] + ["ü", "日本", ""]
+    v = Vocabulary.fit("t", pa.array(words * 2 + words[:50]), max_size=250)
+    rng = np.random.default_rng(1)
+    probe = [words[i] if i < len(words) else None for i in rng.integers(0, 320, 9000)]
+    for n in (1, 20, 9000):  # the per-call dict and Arrow's hash lookup
+        arr = pa.array(probe[:n], type=pa.string())
+        assert v.lookup(arr).tolist() == _reference_lookup(v, arr)
+        assert v.lookup(np.array(probe[:n], dtype=object)).tolist() == v.lookup(arr).tolist()
+    large = pa.array(probe[:30], type=pa.large_string())
+    assert v.lookup(large).tolist() == _reference_lookup(v, large)

@@ -448,8 +448,8 @@ class Recommender:
         if batch is not None:
             with torch.no_grad():
                 logit = self.ranker(batch).double().numpy()
-            unit = self.ranker.config.watch_time_unit
-            ewt = np.exp(logit) * unit
+            # calibrated seconds (the ranker's validation factor): the order is exp(logit)'s
+            ewt = self.ranker.seconds_from_logits(logit)
             order = np.lexsort((cand, -ewt))[: req.k]  # ties: smaller item id first
             by_source = {
                 s: dict(zip(nominated[s][0].tolist(), nominated[s][1].tolist(), strict=True))

@@ -90,9 +90,11 @@ def test_response_ranks_by_expected_watch_time(rec: Recommender, store: UserStat
     resp = rec.recommend(RecommendRequest(user_id=u, k=50), store.context(u))
     ewt = [it.expected_watch_time for it in resp.items]
     assert ewt == sorted(ewt, reverse=True) and ewt[0] > ewt[-1]
+    # calibrated seconds: the ranker's validation factor times exp(score) times the unit
+    c = rec.ranker.calibration.factor
     unit = rec.ranker.config.watch_time_unit
     for it in resp.items:
-        assert it.expected_watch_time == pytest.approx(math.exp(it.score) * unit, rel=1e-6)
+        assert it.expected_watch_time == pytest.approx(c * math.exp(it.score) * unit, rel=1e-6)
     body = json.loads(json.dumps(resp.to_dict()))
     assert [x["item_id"] for x in body["items"]] == [it.item_id for it in resp.items]
     assert set(body["timings_ms"]) == STAGES and body["user_id"] == u

@@ -230,11 +230,13 @@ def run(h: Harness) -> dict[str, Any]:
         vals = [s["offline"][p][1] for s in per_seed if s["offline"][p][1] is not None]
         off = pm(*mean_sd(vals)) if vals else ""
         ci = first["replay"]["policies"][p]["ci_expected_watch_s"]
+        aucs = [s["ranker_auc"][p] for s in per_seed if p in s["ranker_auc"]]
         rows.append(
             [
                 p,
                 metric,
                 off,
+                pm(*mean_sd(aucs)) if aucs else "",
                 pm(*stat(p, "expected_watch_s"), digits=1),
                 f"[{ci[0]:.1f}, {ci[1]:.1f}]",
                 pm(*stat(p, "expected_ctr")),
@@ -244,7 +246,7 @@ def run(h: Harness) -> dict[str, Any]:
             ]
         )
     logged = _logged_reference(h, int(feats.manifest["split"]["t2"]))
-    rows.append(["logging policy (observed, test period)", "", "", "", "", "",
+    rows.append(["logging policy (observed, test period)", "", "", "", "", "", "",
                  f"{logged['watch_s']:.1f}", f"{logged['ctr']:.4f}", ""])  # fmt: skip
     w = {p: stat(p, "expected_watch_s")[0] for p in POLICIES}
     c = {p: stat(p, "expected_ctr")[0] for p in POLICIES}
@@ -260,6 +262,15 @@ def run(h: Harness) -> dict[str, Any]:
         disagreements.append(
             "next-watch recall ranks candidate generation and popularity differently from "
             "online watch time"
+        )
+    auc = {p: float(np.mean([s["ranker_auc"][p] for s in per_seed])) for p in FUNNELS}
+    if (auc["funnel, CTR ranker"] > auc["funnel, WLR ranker"]) != (
+        w["funnel, CTR ranker"] > w["funnel, WLR ranker"]
+    ):
+        better = "CTR" if auc["funnel, CTR ranker"] > auc["funnel, WLR ranker"] else "WLR"
+        disagreements.append(
+            f"click AUC prefers the {better} ranker (CTR {auc['funnel, CTR ranker']:.3f}, WLR "
+            f"{auc['funnel, WLR ranker']:.3f}), expected watch time per impression the other"
         )
     ranker_gain = w["funnel, WLR ranker"] / max(w["candidate generation only"], 1e-9) - 1
     wlr_vs_ctr = w["funnel, WLR ranker"] / max(w["funnel, CTR ranker"], 1e-9) - 1
@@ -286,6 +297,16 @@ def run(h: Harness) -> dict[str, Any]:
         )
     )
     lat = first["replay"]["request_ms"]
+    if len(per_seed) > 1:  # the spread over seeds
+        error_label = f"expected (± sd over {len(per_seed)} seeds)"
+        error_bars: list[Any] = [stat(p, "expected_watch_s")[1] for p in POLICIES]
+    else:  # one seed: the bootstrap interval over users
+        ci = [first["replay"]["policies"][p]["ci_expected_watch_s"] for p in POLICIES]
+        error_label = "expected (95% CI over users)"
+        error_bars = [
+            [max(0.0, w[p] - c[0]) for p, c in zip(POLICIES, ci, strict=True)],
+            [max(0.0, c[1] - w[p]) for p, c in zip(POLICIES, ci, strict=True)],
+        ]
     doc = {
         "title": "Funnel A/B: simulated online outcomes of served slates",
         "claim": "Ranking by predicted watch time (weighted logistic regression) beats ranking "
@@ -309,6 +330,7 @@ def run(h: Harness) -> dict[str, Any]:
                     "policy",
                     "offline metric",
                     "offline",
+                    "offline click AUC",
                     "expected watch s",
                     "95% CI",
                     "expected CTR",
@@ -328,18 +350,9 @@ def run(h: Harness) -> dict[str, Any]:
                 "ylabel": "seconds per impression",
                 "series": [
                     {
-                        "label": "expected (95% CI)",
+                        "label": error_label,
                         "y": [w[p] for p in POLICIES],
-                        "yerr": [
-                            [
-                                w[p] - first["replay"]["policies"][p]["ci_expected_watch_s"][0]
-                                for p in POLICIES
-                            ],
-                            [
-                                first["replay"]["policies"][p]["ci_expected_watch_s"][1] - w[p]
-                                for p in POLICIES
-                            ],
-                        ],
+                        "yerr": error_bars,
                     }
                 ],
             },

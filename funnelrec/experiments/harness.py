@@ -103,7 +103,7 @@ class Budget:
             raise FunnelrecError("budget: negatives and depths need at least one value")
 
 
-# Budgets per preset. small: sized so that `funnelrec experiment paper` (40 candidate
+# Budgets per preset. small: sized so that `funnelrec experiment paper` (34 candidate
 # models, 9 rankers, 4 baselines, the A/B replay) takes about 30 CPU minutes on two cores
 # (measured: docs/results.md). Each candidate model sees 100 x 1,024 examples, under a
 # third of an epoch, and each ranker 70 x 1,024 impressions: far from converged, which

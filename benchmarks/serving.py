@@ -15,6 +15,9 @@ What it measures, on loopback, with the client on the same machine as the server
    end-to-end time ("http total") and what HTTP adds to the server's total ("http").
    Candidates per request: the artifact's serving config (deep_k from the ANN index plus
    the fresh-and-popular and co-watch sources); "ranked" is how many the ranker scored.
+   With --deep-k N, the same run again with deep_k = N in place of the packaged one
+   (through `serve.create_app(serving=...)`, the app `funnelrec serve` runs): the issue
+   asks for 300 candidates ranked, and the packaged 300 + 50 + 50 ranks ~370.
 2. load: `--concurrency` clients (asyncio + httpx) for `--load-seconds`: throughput,
    p50/p99 and the error count (non-200 answers and failed requests).
 3. with --index-1m: the same latency run against servers whose deep source searches a
@@ -406,23 +409,45 @@ def _user_vectors(art: Path, state: Path, n: int, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def serve_with_index(
-    art: Path, index_dir: Path, mode: str, ef_search: int, port: int, state: Path
-) -> None:
-    """The server of the 1M run: `funnelrec serve`'s app with the deep source's index
-    replaced by the 1M one (run in a subprocess by `main`)."""
+def serve_launcher(art: Path, port: int, state: Path, args: argparse.Namespace) -> None:
+    """A server like `funnelrec serve ART` (the same app and `run_app`), with --deep-k in
+    place of the artifact's packaged deep_k and, for the 1M runs, the deep source's index
+    replaced (run in a subprocess by `main`)."""
+    from dataclasses import replace
+
     from funnelrec.ann import ItemIndex
     from funnelrec.candidates import load_item_embeddings
+    from funnelrec.recommender import ServingConfig
     from funnelrec.serve import create_app, run_app
 
-    app = create_app(art, state_path=state)
-    index = ItemIndex.load(index_dir)
-    index.set_search_params(ef_search=ef_search)
-    _, real_ids = load_item_embeddings(art / "candidates")
-    copies = index.count // len(real_ids) - 1
-    answer = answers(real_ids.numpy().astype(np.int64), copies, mode)
-    app.state.service.recommender.index = CollapsedIndex(index, answer)
+    serving = None
+    if args.deep_k is not None:
+        packaged = json.loads((art / "manifest.json").read_text()).get("serving", {})
+        serving = replace(ServingConfig(**packaged), deep_k=args.deep_k)
+    app = create_app(art, state_path=state, serving=serving)
+    if args.serve_index:
+        index_dir, mode, ef_search = args.serve_index
+        index = ItemIndex.load(index_dir)
+        index.set_search_params(ef_search=int(ef_search))
+        _, real_ids = load_item_embeddings(art / "candidates")
+        copies = index.count // len(real_ids) - 1
+        answer = answers(real_ids.numpy().astype(np.int64), copies, mode)
+        app.state.service.recommender.index = CollapsedIndex(index, answer)
     run_app(app, host="127.0.0.1", port=port)
+
+
+def _launcher_cmd(art: Path, port: int, state: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        str(art),
+        "--serve",
+        str(port),
+        str(state),
+    ]
+    if args.deep_k is not None:
+        cmd += ["--deep-k", str(args.deep_k)]
+    return cmd
 
 
 # --------------------------------------------------------------------------- report
@@ -485,13 +510,21 @@ def main(argv: list[str] | None = None) -> int:
         default="spread,parent",
         help="1M index: how copies answer, runs in this order (see `answers`)",
     )
-    ap.add_argument("--serve-with-index", nargs=5, help=argparse.SUPPRESS,
-                    metavar=("INDEX", "ANSWERS", "EF_SEARCH", "PORT", "STATE"))  # fmt: skip
+    ap.add_argument(
+        "--deep-k",
+        type=int,
+        default=None,
+        help="also measure with this deep_k instead of the packaged one (e.g. 200: "
+        "~300 candidates ranked with the fresh and co-watch sources); the 1M runs "
+        "use it too",
+    )
+    ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS, metavar=("PORT", "STATE"))
+    ap.add_argument("--serve-index", nargs=3, help=argparse.SUPPRESS,
+                    metavar=("INDEX", "ANSWERS", "EF_SEARCH"))  # fmt: skip
     args = ap.parse_args(argv)
     art = args.artifact.resolve()
-    if args.serve_with_index:
-        index_dir, mode, ef, port, state = args.serve_with_index
-        serve_with_index(art, Path(index_dir), mode, int(ef), int(port), Path(state))
+    if args.serve:
+        serve_launcher(art, int(args.serve[0]), Path(args.serve[1]), args)
         return 0
     if args.build_1m_only is not None:
         if args.index_cache is None:
@@ -543,6 +576,16 @@ def main(argv: list[str] | None = None) -> int:
                 _print_load(load)
             _write(args.out, results)
 
+        if args.deep_k is not None:
+            port = _free_port()
+            cmd = _launcher_cmd(art, port, state, args)
+            with Server(cmd, port, tmp / "server_deep_k.log", env) as server:
+                lat = latency_run(server, users, warm, args.k)
+            results["latency_deep_k"] = {"deep_k": args.deep_k, **lat}
+            console.print(_latency_table(f"end-to-end HTTP latency, deep_k={args.deep_k}", lat))
+            console.print(_caption(lat))
+            _write(args.out, results)
+
         if args.index_1m:
             cache = args.index_cache or art.parent / "bench_index_1m"
             formation = build_1m_graph(art / "candidates", cache, args)
@@ -550,13 +593,11 @@ def main(argv: list[str] | None = None) -> int:
             results["index_1m"] = formation
             for mode in args.answers.split(","):
                 port = _free_port()
-                cmd = [
-                    sys.executable, str(Path(__file__).resolve()), str(art), "--serve-with-index",
-                    str(cache / "index"), mode, str(formation["ef_search"]), str(port), str(state),
-                ]  # fmt: skip
+                cmd = _launcher_cmd(art, port, state, args)
+                cmd += ["--serve-index", str(cache / "index"), mode, str(formation["ef_search"])]
                 with Server(cmd, port, tmp / f"server_1m_{mode}.log", env) as server:
                     lat = latency_run(server, users, warm, args.k)
-                results[f"latency_1m_{mode}"] = lat
+                results[f"latency_1m_{mode}"] = {"deep_k": args.deep_k, **lat}
                 title = f"end-to-end HTTP latency, 1M-item index, copies answer: {mode}"
                 console.print(_latency_table(title, lat))
                 console.print(_caption(lat))

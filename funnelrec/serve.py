@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from funnelrec.errors import FunnelrecError
-from funnelrec.recommender import Demographics, Recommender, RecommendRequest
+from funnelrec.recommender import Demographics, Recommender, RecommendRequest, ServingConfig
 from funnelrec.state import ImpressionEvent, SearchEvent, UserStateStore, WatchEvent
 
 MAX_BODY_BYTES = 1 << 20
@@ -120,12 +120,18 @@ class _Metrics:
 
 
 class ServiceState:
-    """The model being served, swapped whole on reload; the store stays."""
+    """The model being served, swapped whole on reload; the store stays.
 
-    def __init__(self, artifact: Path, store: UserStateStore) -> None:
+    serving: candidate counts replacing the artifact's packaged ones (also after reloads).
+    """
+
+    def __init__(
+        self, artifact: Path, store: UserStateStore, serving: ServingConfig | None = None
+    ) -> None:
         self.artifact = Path(artifact)
         self.store = store
-        self.recommender = Recommender.load(self.artifact)
+        self.serving = serving
+        self.recommender = Recommender.load(self.artifact, config=serving)
         self.recommender.seed_state(store)
         self._reload_lock = threading.Lock()
 
@@ -133,7 +139,7 @@ class ServiceState:
         """Load `path` (default: the current artifact again) and swap it in if it loads."""
         target = Path(path) if path is not None else self.artifact
         with self._reload_lock:
-            fresh = Recommender.load(target)  # raises: the old model keeps serving
+            fresh = Recommender.load(target, config=self.serving)  # raises: old model stays
             fresh.check_compatible_state(self.store)
             self.recommender, self.artifact = fresh, target
         return fresh.fingerprint
@@ -192,12 +198,19 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def create_app(
-    artifact: Path | str, *, state_path: Path | str | None = None, admin_token: str | None = None
+    artifact: Path | str,
+    *,
+    state_path: Path | str | None = None,
+    admin_token: str | None = None,
+    serving: ServingConfig | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving `artifact` (an artifact directory)."""
+    """The FastAPI application serving `artifact` (an artifact directory).
+
+    serving: candidate counts per source (default: those packaged in the artifact).
+    """
     artifact = Path(artifact)
     store = UserStateStore(Path(state_path) if state_path else artifact / "state.db")
-    service = ServiceState(artifact, store)
+    service = ServiceState(artifact, store, serving)
     metrics = _Metrics()
     token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
     app = FastAPI(title="funnelrec", version=service.recommender.version)

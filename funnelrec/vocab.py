@@ -19,6 +19,7 @@ metadata: plain, typed, and fast for million-entry vocabularies. No pickle.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -46,10 +47,12 @@ EMB_MULTIPLE = 4
 
 # Lookup structures (built on first use): integer vocabularies whose values span at most
 # _DENSE_SPAN x their size are looked up through a dense table indexed by value (4 bytes
-# per slot), others by binary search; strings through a dict up to _SMALL_STR values per
-# call, beyond that through Arrow's hash lookup.
+# per slot), others by binary search up to _SMALL_SEARCH values per call; strings through
+# a dict up to _SMALL_STR values per call. Beyond those, Arrow's hash lookup (which builds
+# its table anew per call, small next to hashing that many values).
 _DENSE_SPAN = 4
 _SMALL_STR = 4096
+_SMALL_SEARCH = 1 << 16
 
 
 def embedding_dim(
@@ -242,11 +245,8 @@ class Vocabulary:
             return self._lookup_int(keys, valid)
         if n <= _SMALL_STR and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
             index = self._str_index()
-            return np.fromiter(
-                (index.get(v, 0) for v in arr.to_pylist()),
-                dtype=np.int32,
-                count=n,
-            )
+            found = map(index.get, arr.to_pylist(), itertools.repeat(0))
+            return np.fromiter(found, dtype=np.int32, count=n)
         # Many strings: Arrow's hash lookup (it rebuilds its table per call, which is
         # small next to hashing this many values).
         idx = pc.index_in(arr.cast(pa.string()), value_set=self._arrow_values())
@@ -262,6 +262,10 @@ class Vocabulary:
             ids = np.where(inside, second[np.where(inside, rel, 0)], 0)
         elif first.size == 0:
             ids = np.zeros(keys.shape, dtype=np.int32)
+        elif keys.size > _SMALL_SEARCH:
+            # Many values: Arrow's hash lookup beats a binary search per value.
+            idx = pc.index_in(pa.array(keys), value_set=self._arrow_values())
+            ids = np.asarray(pc.fill_null(pc.add(idx, 1), 0).to_numpy(), dtype=np.int32)
         else:
             pos = np.minimum(np.searchsorted(first, keys), first.size - 1)
             ids = np.where(first[pos] == keys, second[pos], 0)

@@ -204,3 +204,20 @@ def test_acknowledged_events_survive_sigkill_of_the_server(art: Path, tmp_path: 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     assert UserStateStore(state).context(user).history == [1, 2, 3, 4, 5]
+
+
+def test_serving_config_overrides_the_packaged_counts_and_survives_reload(
+    art: Path, tmp_path: Path
+) -> None:
+    from funnelrec.recommender import ServingConfig
+
+    serving = ServingConfig(deep_k=15, fresh_k=4, cowatch_k=3)
+    app = create_app(art, state_path=tmp_path / "state.db", serving=serving)
+    with TestClient(app) as c:
+        for _ in range(2):
+            u = _known_user(c)
+            body = c.post("/v1/recommend", json={"user_id": u, "k": 5}).json()
+            got = body["candidates"]
+            assert got["deep"] == 15 and got["fresh"] == 4 and got.get("cowatch", 0) <= 3
+            assert body["ranked"] <= 22 and len(body["items"]) == 5
+            assert c.post("/admin/reload", json={}).status_code == 200

@@ -124,6 +124,8 @@ def test_int_lookup_equals_the_definition(vocab_values: np.ndarray) -> None:
     assert v.lookup(probe).tolist() == _reference_lookup(v, pa.array(probe.astype(np.int64)))
     small = probe[np.abs(probe) < 2**31]
     assert v.lookup(small.astype(np.int32)).tolist() == v.lookup(small).tolist()
+    many = np.tile(probe, 70_000 // len(probe) + 1)  # past the binary-search size
+    assert v.lookup(many).tolist() == _reference_lookup(v, pa.array(many.astype(np.int64)))
     chunked = pa.chunked_array([arrow.slice(0, 7), arrow.slice(7)])
     assert v.lookup(chunked).tolist() == v.lookup(arrow).tolist()
     assert v.lookup(pa.array([None, None])).tolist() == [0, 0]  # all-null: no type to check

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from funnelrec import __version__
+from funnelrec.bags import weighted_bag_sum
 from funnelrec.batch import CandidateBatch
 from funnelrec.config import from_dict, read_toml
 from funnelrec.dataset import AtomicDirectory, read_artifact_meta, write_json_atomic
@@ -193,7 +194,8 @@ def bag_mean(table: nn.EmbeddingBag, ids: Tensor, offsets: Tensor, decay: float 
     """Mean embedding of each bag [B, dim], padding (id 0) left out; an empty bag -> 0.
 
     Computed as a weighted sum (weight 1 / non-padding length): the same numbers as
-    EmbeddingBag's mode="mean" with padding_idx=0, about 1.5x faster on CPU.
+    EmbeddingBag's mode="mean" with padding_idx=0; on the CPU as sparse-matrix products
+    (`bags.weighted_bag_sum`), elsewhere through the EmbeddingBag.
     decay < 1: a recency-weighted mean instead, the k-th id from a bag's end (bags are
     oldest first) weighing decay ** k, the weights of each bag normalised to sum to 1."""
     real = (ids != 0).to(table.weight.dtype)
@@ -209,6 +211,8 @@ def bag_mean(table: nn.EmbeddingBag, ids: Tensor, offsets: Tensor, decay: float 
     count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
     count.index_add_(0, rows, real)
     weights = real / count.clamp(min=1e-12)[rows]
+    if ids.device.type == "cpu":  # CSR products: ~3x faster than EmbeddingBag's backward
+        return weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=table.sparse)
     out: Tensor = table(ids, offsets, per_sample_weights=weights)
     return out
 

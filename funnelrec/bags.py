@@ -1,0 +1,87 @@
+"""Weighted sums of embedding bags as sparse-matrix products (the CPU training path).
+
+A batch of bags (flat ids [n] + start offsets [B], the `nn.EmbeddingBag` form) with one
+weight per id is the sparse matrix S [B, V] (row b holds bag b's weights at its ids), and
+the bag sums are S @ W for the table W [V, d]. Its gradient is S^T @ G. On the CPU both
+products run as CSR sparse-dense matmuls, which beat `nn.EmbeddingBag`'s backward (a
+per-id scatter) by ~3x: a batch of 1,024 bags of 50 ids over a 1,683 x 64 table, one
+thread, forward + backward 4.1 ms against 13.4 ms (benchmarks/candidates_throughput.py
+measures it in the training step). S^T is built by a stable sort of the ids, so the
+gradient is deterministic.
+
+    out = weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=False)  # [B, d]
+
+With `sparse_grad` the table's gradient is a coalesced sparse tensor holding only the rows
+the batch touched (for SparseAdam and the sparse all-gather of data-parallel training),
+as `nn.EmbeddingBag(sparse=True)` gives.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "CSR support is in beta": the products used are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
+
+
+class _WeightedBagSum(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, weight: Tensor, ids: Tensor, offsets: Tensor, per_id: Tensor, sparse_grad: bool
+    ) -> Tensor:
+        b, n = offsets.shape[0], ids.shape[0]
+        crow = torch.cat([offsets, offsets.new_tensor([n])])
+        s = _csr(crow, ids, per_id.to(weight.dtype), (b, weight.shape[0]))
+        ctx.save_for_backward(ids, offsets, per_id)
+        ctx.shape = tuple(weight.shape)
+        ctx.sparse_grad = sparse_grad
+        return torch.sparse.mm(s, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        ids, offsets, per_id = ctx.saved_tensors
+        rows_count, dim = ctx.shape
+        b, n = offsets.shape[0], ids.shape[0]
+        lengths = torch.diff(offsets, append=offsets.new_tensor([n]))
+        bag_of = torch.repeat_interleave(torch.arange(b, device=ids.device), lengths)
+        keep = per_id != 0  # padding and zero-weight ids add nothing
+        if not bool(keep.all()):
+            ids, bag_of, per_id = ids[keep], bag_of[keep], per_id[keep]
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        values = per_id[order].to(grad_out.dtype)
+        g = grad_out.contiguous()
+        if ctx.sparse_grad:
+            touched, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+            crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            st = _csr(crow, bag_of[order], values, (int(touched.shape[0]), b))
+            rows = torch.sparse.mm(st, g)  # [U, d]
+            grad = torch.sparse_coo_tensor(
+                touched[None], rows, (rows_count, dim), is_coalesced=True, check_invariants=False
+            )
+        else:
+            counts = torch.bincount(sorted_ids, minlength=rows_count)
+            crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            st = _csr(crow, bag_of[order], values, (rows_count, b))
+            grad = torch.sparse.mm(st, g)  # [V, d]
+        return grad, None, None, None, None
+
+
+def weighted_bag_sum(
+    weight: Tensor, ids: Tensor, offsets: Tensor, per_id: Tensor, *, sparse_grad: bool
+) -> Tensor:
+    """sum_i per_id[i] * weight[ids[i]] over each bag: [B, d].
+
+    weight [V, d]; ids [n] int64 in 0..V-1; offsets [B] int64, non-decreasing starts of
+    the bags in `ids` (the first 0); per_id [n] (no gradient flows to it). sparse_grad: the
+    gradient of `weight` as a coalesced sparse tensor of the touched rows.
+    """
+    out: Tensor = _WeightedBagSum.apply(weight, ids, offsets, per_id.detach(), sparse_grad)
+    return out

@@ -99,6 +99,10 @@ class CandidateConfig:
     temperature:    divides the cosine logits when `normalize` [1.0]
     history_decay:  1.0 = the paper's plain mean of the history bag; below 1, a
                     recency-weighted mean (the k-th latest watch weighs decay ** k)
+    history_both:   with history_decay < 1, the plain mean as well, as a second input
+                    (recent and long-term interests side by side)
+    history_dropout: in training, each history watch is left out of its bag with this
+                    probability (a regulariser for small data sets); never at serving
     """
 
     dim: int = 256
@@ -124,6 +128,8 @@ class CandidateConfig:
     normalize: bool = False
     temperature: float = 1.0
     history_decay: float = 1.0
+    history_both: bool = False
+    history_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -137,6 +143,10 @@ class CandidateConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise FunnelrecError(f"candidate config: dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise FunnelrecError(
+                f"candidate config: history_dropout must be in [0, 1), got {self.history_dropout}"
+            )
         if not 0.0 < self.history_decay <= 1.0:
             raise FunnelrecError(
                 f"candidate config: history_decay must be in (0, 1], got {self.history_decay}"
@@ -190,15 +200,25 @@ class CandidateInputs:
         )
 
 
-def bag_mean(table: nn.EmbeddingBag, ids: Tensor, offsets: Tensor, decay: float = 1.0) -> Tensor:
+def bag_mean(
+    table: nn.EmbeddingBag,
+    ids: Tensor,
+    offsets: Tensor,
+    decay: float = 1.0,
+    keep: Tensor | None = None,
+) -> Tensor:
     """Mean embedding of each bag [B, dim], padding (id 0) left out; an empty bag -> 0.
 
     Computed as a weighted sum (weight 1 / non-padding length): the same numbers as
     EmbeddingBag's mode="mean" with padding_idx=0; on the CPU as sparse-matrix products
     (`bags.weighted_bag_sum`), elsewhere through the EmbeddingBag.
     decay < 1: a recency-weighted mean instead, the k-th id from a bag's end (bags are
-    oldest first) weighing decay ** k, the weights of each bag normalised to sum to 1."""
+    oldest first) weighing decay ** k, the weights of each bag normalised to sum to 1.
+    keep: [n] bool, the ids to count (the others are left out like padding; positions
+    from a bag's end still count them)."""
     real = (ids != 0).to(table.weight.dtype)
+    if keep is not None:
+        real = real * keep.to(real.dtype)
     if ids.numel() == 0:
         return table(ids, offsets, per_sample_weights=real)
     lengths = torch.diff(offsets, append=offsets.new_tensor([ids.shape[0]]))
@@ -254,7 +274,7 @@ class CandidateModel(nn.Module):
             inputs.item_vocab, item_dim, mode="sum", padding_idx=0, sparse=self.sparse
         )
         _normal_(self.item_input.weight, item_dim**-0.5)
-        width = item_dim
+        width = item_dim * (2 if c.history_both and c.history_decay != 1.0 else 1)
         self.token_input: nn.EmbeddingBag | None = None
         if c.use_search:
             self.token_input = nn.EmbeddingBag(
@@ -330,7 +350,13 @@ class CandidateModel(nn.Module):
     def user_vector(self, batch: CandidateBatch, example_age: Tensor) -> Tensor:
         """u [B, d] from a batch's context and the given example age [B]."""
         c = self.config
-        parts = [bag_mean(self.item_input, batch.history, batch.history_offsets, c.history_decay)]
+        keep = None
+        if self.training and c.history_dropout > 0.0:
+            keep = torch.rand(batch.history.shape, device=batch.history.device) >= c.history_dropout
+        hist, offs = batch.history, batch.history_offsets
+        parts = [bag_mean(self.item_input, hist, offs, c.history_decay, keep)]
+        if c.history_both and c.history_decay != 1.0:
+            parts.append(bag_mean(self.item_input, hist, offs, keep=keep))
         if self.token_input is not None:
             parts.append(bag_mean(self.token_input, batch.search, batch.search_offsets))
         if self.region is not None and self.device_emb is not None:

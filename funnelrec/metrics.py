@@ -95,12 +95,20 @@ class ModelScorer:
     over the window (leave-last-out), 0 asks for the end of the window's popularity.
     """
 
-    def __init__(self, model: nn.Module, time_range: tuple[int, int] | None = None) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model: nn.Module,
+        time_range: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model = model.to(self.device)
         self.time_range = time_range
         self._items: Tensor | None = None
 
     def queries(self, batch: CandidateBatch) -> Tensor:
+        """User vectors [B, d] on the CPU (the batch runs through the model's device)."""
+        batch = batch.to(self.device)
         with torch.no_grad():
             if self.time_range is None:
                 u: Tensor = self.model(batch)
@@ -108,14 +116,20 @@ class ModelScorer:
                 t_min, t_max = self.time_range
                 age = (t_max - batch.ts).double() / max(t_max - t_min, 1)
                 u = self.model.user_vector(batch, age.clamp(min=0).float())  # type: ignore[operator]
-        return u
+        return u.cpu()
 
     def scores(self, queries: Tensor) -> Tensor:
+        """[B, N + 1] dot products, computed on the model's device, returned on the CPU."""
         if self._items is None:
             with torch.no_grad():
                 self._items = self.model.item_embeddings().detach()  # type: ignore[operator]
         items: Tensor = self._items
-        return queries @ items.T
+        return (queries.to(self.device) @ items.T).cpu()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 class PopularityScorer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,24 @@ def test_history_decay_weighs_recent_watches_more() -> None:
     )
     with pytest.raises(FunnelrecError, match="history_decay"):
         CandidateConfig(history_decay=0.0)
+
+
+def test_history_both_feeds_the_recent_and_the_plain_mean() -> None:
+    both = model_of(history_decay=0.5, history_both=True)
+    width = model_of().tower[0].in_features
+    assert both.tower[0].in_features == width + 8
+    assert model_of(history_both=True).tower[0].in_features == width  # no decay: one mean
+    b = dataclasses.replace(
+        batch(2), history=torch.tensor([3, 4, 5, 7]), history_offsets=torch.tensor([0, 3])
+    )
+    seen: list[torch.Tensor] = []
+    hook = both.tower.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    both.user_vector(b, b.example_age)
+    hook.remove()
+    w = both.item_input.weight.detach()
+    recent = (w[5] + 0.5 * w[4] + 0.25 * w[3]) / 1.75
+    torch.testing.assert_close(seen[0][0, :8], recent)
+    torch.testing.assert_close(seen[0][0, 8:16], (w[3] + w[4] + w[5]) / 3)
 
 
 def test_serving_forces_example_age_to_zero_and_training_uses_it() -> None:
@@ -312,6 +331,16 @@ def test_training_beats_popularity_on_the_tiny_worlds_next_watches(
         > metrics["popularity_seen_included"]["recall@10"]
     )
 
+    # --device: the same numbers on the CPU when named; a missing GPU or a bad name is refused
+    out = tmp_path / "m_cpu.json"
+    args_eval = ["candidates", str(art), "--k", "10,100", "--device", "cpu", "--out", str(out)]
+    res = runner.invoke(evaluate_cli.app, args_eval)
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["model"] == model
+    for bad in ("tpu", "banana", *([] if torch.cuda.is_available() else ["cuda"])):
+        res = runner.invoke(evaluate_cli.app, ["candidates", str(art), "--device", bad])
+        assert res.exit_code != 0 and "--device" in str(res.exception)
+
     # validation-split user vectors for the ANN index (issue 6)
     uv = split_user_vectors(art, tiny_features, "valid")
     assert uv.vectors.shape == (len(uv.label), 16) and len(uv.label) > 300
@@ -392,3 +421,19 @@ def test_model_scorer_can_feed_the_age_of_each_targets_time() -> None:
     age = torch.tensor([0.0, 0.25, 1.0, 0.0])  # after the window: clamped to 0
     torch.testing.assert_close(got, m.user_vector(b, age).detach())
     torch.testing.assert_close(ModelScorer(m).queries(b), m(b).detach())
+
+
+def test_history_dropout_leaves_watches_out_in_training_only() -> None:
+    m, plain = model_of(history_dropout=0.5), model_of()
+    b = batch(64)
+    m.eval()
+    torch.testing.assert_close(m.user_vector(b, b.example_age), plain.user_vector(b, b.example_age))
+    m.train()
+    torch.manual_seed(1)
+    dropped = m.user_vector(b, b.example_age)
+    assert not torch.allclose(dropped, plain.user_vector(b, b.example_age))
+    torch.manual_seed(1)
+    torch.testing.assert_close(m.user_vector(b, b.example_age), dropped)  # seeded: repeatable
+    for bad in (-0.1, 1.0):
+        with pytest.raises(FunnelrecError, match="history_dropout"):
+            CandidateConfig(history_dropout=bad)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -77,6 +78,9 @@ def candidates(
     index: Path | None = typer.Option(
         None, "--index", help="The ANN index directory to use (implies --ann; default ART/index)."
     ),
+    device: str = typer.Option(
+        "cpu", "--device", help="Where the model scores: cpu or cuda (ranking stays on the CPU)."
+    ),
 ) -> None:
     """Recall, HR, NDCG, MAP at K and MRR by exact full-corpus scoring, beside popularity
     (and with --ann, the same metrics of the model's top K through its ANN index)."""
@@ -89,7 +93,7 @@ def candidates(
     model = load_candidate_model(art)
     window = feats.manifest["split"]["train_time_range"]
     time_range = (int(window[0]), int(window[1])) if age_at_target else None
-    model_scorer = ModelScorer(model, time_range)
+    model_scorer = ModelScorer(model, time_range, device=_device(device))
     scorers: dict[str, Scorer] = {
         "model": model_scorer,
         "popularity": PopularityScorer(feats.item_counts()),
@@ -124,6 +128,24 @@ def candidates(
     write_json_atomic(path, result)
     _print(report.metrics, ks, split, report.queries, ann_meta)
     console.print(f"wrote {path}")
+
+
+def _device(name: str) -> torch.device:
+    """`name` as a torch device, refused when it is not one or its GPU is not there."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise FunnelrecError(f"--device: '{name}' is not a device (cpu, cuda, cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FunnelrecError(f"--device {name}: no CUDA GPU is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FunnelrecError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    elif dev.type != "cpu":
+        raise FunnelrecError(f"--device {name}: use cpu or cuda")
+    return dev
 
 
 def _ann_retriever(art: Path, index_dir: Path | None, scorer: ModelScorer) -> IndexRetriever:

@@ -234,24 +234,48 @@ def target_ranks(
     """
     q, n1 = scores.shape
     if keys is None:
-        keys = torch.arange(n1)
-    ranked = torch.ones(q, n1, dtype=torch.bool, device=scores.device)
-    ranked[:, 0] = False
-    if exclude is not None:
-        ranked &= ~exclude
+        keys = torch.arange(n1, device=scores.device)
     valid = targets > 0
     safe = targets.clamp(min=0)
-    ranked.scatter_(1, safe, valid | ranked.gather(1, safe))  # targets stay in the ranking
-    masked = scores.masked_fill(~ranked, float("-inf"))
+    body, body_keys = scores[:, 1:], keys[1:]  # column 0 is never ranked
+    # Counted over every id, then corrected for the excluded ones: two passes over the
+    # [Q, N] scores per target column instead of building a masked copy (the exclusions
+    # are a few ids per query).
+    ex_rows = ex_ids = None
+    if exclude is not None:
+        ex_rows, ex_ids = exclude[:, 1:].nonzero(as_tuple=True)
+        ex_ids = ex_ids + 1
+        # the row's targets stay in the ranking
+        is_target = ((safe[ex_rows] == ex_ids[:, None]) & valid[ex_rows]).any(1)
+        ex_rows, ex_ids = ex_rows[~is_target], ex_ids[~is_target]
     out = torch.full(targets.shape, math.inf, dtype=torch.float64, device=scores.device)
     for c in range(targets.shape[1]):
         t = safe[:, c : c + 1]  # [Q, 1]
-        s_t = scores.gather(1, t)  # [Q, 1]
-        above = (masked > s_t).sum(1)
-        tied = ((masked == s_t) & (keys[None, :] < keys[t])).sum(1)
+        s_t, k_t = scores.gather(1, t), keys[t]  # [Q, 1] each
+        above = _row_counts(body > s_t)
+        # ties broken by key; only rows where another id equals the target's score pay
+        # for the key comparison (the target itself is one of the equal ones)
+        equal = _row_counts(body == s_t) - (t[:, 0] > 0).to(torch.int64)
+        tied = torch.zeros_like(above)
+        rows = (equal > 0).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            eq = body[rows] == s_t[rows]
+            tied[rows] = _row_counts(eq & (body_keys[None, :] < k_t[rows]))
+        if ex_rows is not None and ex_ids is not None and ex_rows.numel():
+            s_e, s_te = scores[ex_rows, ex_ids], s_t[ex_rows, 0]
+            ahead = (s_e > s_te) | ((s_e == s_te) & (keys[ex_ids] < k_t[ex_rows, 0]))
+            above -= torch.bincount(ex_rows[ahead], minlength=q)
         r = (1 + above + tied).to(torch.float64)
         out[:, c] = torch.where(valid[:, c], r, math.inf)
     return out
+
+
+def _row_counts(mask: Tensor) -> Tensor:
+    """[Q] int64 number of True per row of a [Q, N] bool mask (numpy's count on the CPU:
+    ~30x faster than torch's bool sum, which dominated evaluation over large corpora)."""
+    if mask.device.type != "cpu":
+        return mask.sum(1)
+    return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1).astype(np.int64))
 
 
 class RetrievalMetrics:

@@ -62,6 +62,28 @@ def test_ties_break_by_key_and_ranks_form_a_strict_order() -> None:
     assert target_ranks(torch.zeros(1, 6), torch.tensor([[3]])).item() == 3
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_ranks_equal_the_definition_with_ties_and_exclusions(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q, n1 = 7, 12
+    scores = torch.randint(0, 4, (q, n1), generator=g).float()  # many ties
+    keys = torch.randperm(n1, generator=g)
+    exclude = torch.rand(q, n1, generator=g) < 0.3
+    targets = torch.randint(-1, n1, (q, 3), generator=g)
+
+    def definition(i: int, t: int) -> float:
+        if t <= 0:
+            return math.inf
+        row_targets = {int(x) for x in targets[i] if x > 0}  # never excluded
+        ranked = [j for j in range(1, n1) if j in row_targets or not bool(exclude[i, j])]
+        order = sorted(ranked, key=lambda j: (-float(scores[i, j]), int(keys[j])))
+        return float(order.index(t) + 1)
+
+    got = target_ranks(scores, targets, exclude, keys)
+    want = [[definition(i, int(t)) for t in targets[i]] for i in range(q)]
+    assert got.tolist() == want
+
+
 def test_single_target_metrics_by_hand() -> None:
     m = RetrievalMetrics(ks=(1, 5, 20))
     m.update(torch.tensor([[1.0], [3.0], [12.0], [INF]]), torch.ones(4))

@@ -34,10 +34,10 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -362,6 +362,41 @@ def launch_train(
     args += ["--resume"] if resume else []
     args += ["--force"] if force else []
     return launch([*args, *overrides], nproc)
+
+
+R = TypeVar("R")
+
+
+def train_here_or_launch(
+    command: str,
+    fit: Callable[[Distributed], R],
+    *,
+    device: str,
+    features: Path,
+    out: Path,
+    config: Path | None,
+    overrides: Sequence[str],
+    nproc: int,
+    resume: bool = False,
+    force: bool = False,
+) -> R | None:
+    """The body of `funnelrec train COMMAND`: with nproc > 1, the same command in nproc
+    processes under torchrun (`launch_train`; SystemExit with its status when it fails);
+    otherwise `fit(dist)` in this process (one rank of torchrun's when it started us).
+    Returns fit's result on the process that reports, None on the others."""
+    if nproc != 1:
+        code = launch_train(
+            command, features, out, config, overrides, nproc, resume=resume, force=force
+        )
+        if code != 0:
+            raise SystemExit(code)  # the processes printed their errors
+        return None
+    dist = setup(device)
+    try:
+        result = fit(dist)
+    finally:
+        teardown(dist)
+    return result if dist.is_main else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

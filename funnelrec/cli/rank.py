@@ -646,25 +646,25 @@ def train_command(
     """Train the ranking network (watch-time weighted logistic regression) on FEAT."""
     overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
     cfg = load_ranker_train_config(config, overrides)  # a bad config fails here, once
-    if nproc != 1:
-        code = distributed.launch_train(
-            "ranker", features, out, config, overrides, nproc, resume=resume, force=force
-        )
-        if code != 0:
-            raise typer.Exit(code)  # the processes printed their errors
-        return
-    dist = distributed.setup(cfg.train.device)
-    try:
-        summary = train_ranker(features, out, cfg, resume=resume, force=force, dist=dist)
-    finally:
-        distributed.teardown(dist)
-    if not dist.is_main:
+    summary = distributed.train_here_or_launch(
+        "ranker",
+        lambda dist: train_ranker(features, out, cfg, resume=resume, force=force, dist=dist),
+        device=cfg.train.device,
+        features=features,
+        out=out,
+        config=config,
+        overrides=overrides,
+        nproc=nproc,
+        resume=resume,
+        force=force,
+    )
+    if summary is None:
         return
     valid = summary["valid"]
     console.print(
         f"ranker {tower_name(cfg.model.tower)} ({cfg.model.objective}) -> {out}: "
         f"{summary['steps']:,} steps"
-        + (f" on {dist.world_size} processes" if dist.enabled else "")
+        + (f" on {summary['processes']} processes" if summary["processes"] > 1 else "")
         + f", {summary['examples_per_s']:,.0f} ex/s"
         + (
             f", valid {summary['validation_metric'].replace('_', ' ')} {valid:.4f}"

@@ -58,19 +58,19 @@ def candidates(
     """Train the candidate-generation network (sampled softmax, logQ correction)."""
     overrides = [*(overrides or []), *([f"device={device}"] if device else [])]
     cfg = load_training_config(config, overrides)  # a bad config fails here, once
-    if nproc != 1:
-        code = distributed.launch_train(
-            "candidates", features, out, config, overrides, nproc, resume=resume, force=force
-        )
-        if code != 0:
-            raise typer.Exit(code)  # the processes printed their errors
-        return
-    dist = distributed.setup(cfg.train.device)
-    try:
-        result = fit_candidates(features, out, cfg, resume=resume, force=force, dist=dist)
-    finally:
-        distributed.teardown(dist)
-    if not dist.is_main:
+    result = distributed.train_here_or_launch(
+        "candidates",
+        lambda dist: fit_candidates(features, out, cfg, resume=resume, force=force, dist=dist),
+        device=cfg.train.device,
+        features=features,
+        out=out,
+        config=config,
+        overrides=overrides,
+        nproc=nproc,
+        resume=resume,
+        force=force,
+    )
+    if result is None:
         return
     best = (
         f", best valid recall@{cfg.valid_k} {result.best_metric:.4f} at step {result.best_step}"

@@ -376,3 +376,23 @@ def test_load_refuses_an_index_of_another_kind_than_its_record(
     (path / "index.json").write_text(json.dumps({**meta, "kind": "hnsw_sq"}))
     with pytest.raises(ArtifactError, match="IndexRefine/IndexIVFPQFastScan"):
         ItemIndex.load(path)
+
+
+def test_fast_scan_picks_its_single_query_scan_and_gives_the_batch_results(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray], built: dict[str, ItemIndex]
+) -> None:
+    _, ids, q = data
+    index = built["ivfpq_fs"]
+    fs = index._fs
+    batch_ids, batch_scores = index.search(q, 20)
+    assert fs.implem == ann._FS_IMPLEM_BATCH
+    for i in range(len(q)):
+        one_ids, one_scores = index.search(q[i], 20)
+        assert fs.implem == ann._FS_IMPLEM_SINGLE
+        np.testing.assert_array_equal(one_ids, batch_ids[i])
+        np.testing.assert_allclose(one_scores, batch_scores[i], rtol=1e-5)
+    # Exclusion by id selector goes back to FAISS's own choice, and still excludes.
+    drop = ids[: ann.OVERFETCH_MAX + 1]
+    got, _ = index.search(q[:1], 20, exclude=drop)
+    assert fs.implem == ann._FS_IMPLEM_BATCH
+    assert not np.isin(got, drop).any() and (got >= 0).all()

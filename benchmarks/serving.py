@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/serving.py runs/medium/artifact --index-1m    # + 1M-item index
     .venv/bin/python benchmarks/serving.py /tmp/small/art --requests 100 --load-seconds 10
     .venv/bin/python benchmarks/serving.py ART --build-1m-only runs/medium/candidates \
-        --index-cache runs/medium/bench_index_1m      # the 1M graph alone, before packaging
+        --index-cache runs/medium/bench_index_1m      # the 1M index alone, before packaging
 
 What it measures, on loopback, with the client on the same machine as the server:
 1. latency: a real uvicorn server started as `funnelrec serve ART --port P --state S` (a
@@ -21,7 +21,8 @@ What it measures, on loopback, with the client on the same machine as the server
 2. load: `--concurrency` clients (asyncio + httpx) for `--load-seconds`: throughput,
    p50/p99 and the error count (non-200 answers and failed requests).
 3. with --index-1m: the same latency run against servers whose deep source searches a
-   1M-vector HNSW index (`funnelrec.ann.ItemIndex`). The medium world has the model's
+   1M-vector index (`funnelrec.ann.ItemIndex`, --index-kind: the package's default above
+   50k items, ivfpq_fs, unless told). The medium world has the model's
    real item vectors only (100k); the 1M index holds those plus synthetic ones: each
    real vector gets 9 noisy copies, vector + N(0, (0.3 x the per-dimension std of the
    real vectors)^2). A search fetches k + m rows as the real index does (m = excluded
@@ -30,9 +31,10 @@ What it measures, on loopback, with the client on the same machine as the server
    Two runs, by what a copy answers (`answers`): "parent", the item it was drawn from
    (copies of one item crowd a top-300, so only ~50-100 distinct items reach the
    ranker), and "spread", distinct items per copy (as many candidates as a real corpus).
-   The graph is built once into --index-cache (1M HNSW vectors take tens of minutes on
-   2 cores) and reused while the item vectors and settings are the same; efSearch is
-   tuned to recall@100 >= 0.95 on the model's user vectors for random users.
+   The index is built once into --index-cache (ivfpq_fs: minutes; hnsw: tens of minutes
+   on 2 cores) and reused while the item vectors and settings are the same; its search
+   knob (nprobe, efSearch) is tuned to recall@100 >= 0.95 on the model's user vectors for
+   random users, and saved with the index, which the servers load as it is.
 
 The machine's load average is recorded with every figure (other jobs share the 2 cores);
 when it was above --quiet-load during the latency run, the run is retaken at the end once
@@ -311,10 +313,10 @@ def answers(real_ids: np.ndarray, copies: int, mode: str) -> np.ndarray:
     return real_ids[(i + j * shift) % n]
 
 
-def build_1m_graph(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Build (or reuse) the 1M-vector HNSW index over the item vectors of candidate model
-    `cand_dir` (an artifact's candidates/ or the candidate stage's own directory) in
-    `cache`; returns how it was formed. Its efSearch is tuned later (`tune_1m`)."""
+def build_1m_index(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Build (or reuse) the 1M-vector index (--index-kind) over the item vectors of
+    candidate model `cand_dir` (an artifact's candidates/ or the candidate stage's own
+    directory) in `cache`; returns how it was formed. Its knob is tuned later (`tune_1m`)."""
     import hashlib
 
     from funnelrec.ann import IndexParams, ItemIndex
@@ -329,7 +331,7 @@ def build_1m_graph(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dic
         "formed_as": (
             f"{n_real} real item vectors of the candidate model plus {copies} synthetic copies "
             f"of each (vector + Gaussian noise of {args.noise} x the per-dimension std of the "
-            "real vectors), one HNSW index over all of them"
+            f"real vectors), one {args.index_kind} index over all of them"
         ),
         "real_items": int(n_real),
         "copies_per_item": int(copies),
@@ -337,9 +339,12 @@ def build_1m_graph(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dic
         "noise": args.noise,
         "dim": int(dim),
         "seed": args.seed,
-        "kind": "hnsw",
-        "hnsw_m": args.hnsw_m,
-        "ef_construction": args.ef_construction,
+        "kind": args.index_kind,
+        **(
+            {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction}
+            if args.index_kind == "hnsw"
+            else {}
+        ),
         "item_embeddings_sha256": digest,
     }
     meta_file = cache / "formation.json"
@@ -358,11 +363,15 @@ def build_1m_graph(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dic
     x = np.concatenate(parts)
     ids = np.arange(len(x), dtype=np.int64)  # row j n + i: copy j of item i (`answers`)
     del parts
-    console.print(f"1M index: building HNSW over {len(x):,} vectors (tens of minutes)...")
-    params = IndexParams(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+    console.print(f"1M index: building {args.index_kind} over {len(x):,} vectors...")
+    params = (
+        IndexParams(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+        if args.index_kind == "hnsw"
+        else IndexParams()
+    )
     load_before = os.getloadavg()
     index = ItemIndex.build(
-        x, ids, kind="hnsw", params=params, progress=True, seed=args.seed,
+        x, ids, kind=args.index_kind, params=params, progress=True, seed=args.seed,
         threads=args.build_threads,
     )  # fmt: skip
     formation["build_seconds"] = index.build_seconds
@@ -375,7 +384,8 @@ def build_1m_graph(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dic
 
 
 def tune_1m(art: Path, cache: Path, state: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """efSearch of the 1M index for recall@100 >= 0.95 on user vectors of real requests."""
+    """The 1M index's knob (nprobe / efSearch) for recall@100 >= 0.95 on user vectors of
+    real requests, saved with the index (the servers load it as it is)."""
     from funnelrec.ann import ItemIndex
 
     index = ItemIndex.load(cache / "index")
@@ -383,7 +393,8 @@ def tune_1m(art: Path, cache: Path, state: Path, args: argparse.Namespace) -> di
     recall = index.tune(
         queries, k=100, target_recall=0.95, query_source="random users' serving vectors"
     )
-    return {"ef_search": int(index.params.ef_search), "recall_at_100": recall,
+    index.save(cache / "index", force=True)
+    return {"search_params": index.params.for_kind(index.kind), "recall_at_100": recall,
             "tune_queries": len(queries)}  # fmt: skip
 
 
@@ -426,9 +437,8 @@ def serve_launcher(art: Path, port: int, state: Path, args: argparse.Namespace) 
         serving = replace(ServingConfig(**packaged), deep_k=args.deep_k)
     app = create_app(art, state_path=state, serving=serving)
     if args.serve_index:
-        index_dir, mode, ef_search = args.serve_index
-        index = ItemIndex.load(index_dir)
-        index.set_search_params(ef_search=int(ef_search))
+        index_dir, mode = args.serve_index
+        index = ItemIndex.load(index_dir)  # with the knob `tune_1m` saved
         _, real_ids = load_item_embeddings(art / "candidates")
         copies = index.count // len(real_ids) - 1
         answer = answers(real_ids.numpy().astype(np.int64), copies, mode)
@@ -487,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-items", type=int, default=1_000_000, help="its size [1M]")
     ap.add_argument("--index-cache", type=Path, default=None, help="[ART/../bench_index_1m]")
     ap.add_argument("--noise", type=float, default=0.3, help="copies' noise / std [0.3]")
+    ap.add_argument("--index-kind", default="ivfpq_fs", choices=("ivfpq_fs", "hnsw"),
+                    help="1M index kind [ivfpq_fs: the default above 50k items]")  # fmt: skip
     ap.add_argument("--hnsw-m", type=int, default=32, help="1M index: HNSW links [32]")
     ap.add_argument("--ef-construction", type=int, default=100, help="1M index build [100]")
     ap.add_argument("--build-threads", type=int, default=1,
@@ -519,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         "use it too",
     )
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS, metavar=("PORT", "STATE"))
-    ap.add_argument("--serve-index", nargs=3, help=argparse.SUPPRESS,
-                    metavar=("INDEX", "ANSWERS", "EF_SEARCH"))  # fmt: skip
+    ap.add_argument("--serve-index", nargs=2, help=argparse.SUPPRESS,
+                    metavar=("INDEX", "ANSWERS"))  # fmt: skip
     args = ap.parse_args(argv)
     art = args.artifact.resolve()
     if args.serve:
@@ -529,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_1m_only is not None:
         if args.index_cache is None:
             ap.error("--build-1m-only needs --index-cache")
-        formation = build_1m_graph(args.build_1m_only.resolve(), args.index_cache, args)
+        formation = build_1m_index(args.build_1m_only.resolve(), args.index_cache, args)
         console.print(json.dumps(formation, indent=2))
         return 0
 
@@ -588,13 +600,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.index_1m:
             cache = args.index_cache or art.parent / "bench_index_1m"
-            formation = build_1m_graph(art / "candidates", cache, args)
+            formation = build_1m_index(art / "candidates", cache, args)
             formation.update(tune_1m(art, cache, state, args))
             results["index_1m"] = formation
             for mode in args.answers.split(","):
                 port = _free_port()
                 cmd = _launcher_cmd(art, port, state, args)
-                cmd += ["--serve-index", str(cache / "index"), mode, str(formation["ef_search"])]
+                cmd += ["--serve-index", str(cache / "index"), mode]
                 with Server(cmd, port, tmp / f"server_1m_{mode}.log", env) as server:
                     lat = latency_run(server, users, warm, args.k)
                 results[f"latency_1m_{mode}"] = {"deep_k": args.deep_k, **lat}

@@ -113,7 +113,7 @@ def run(h: Harness) -> dict[str, Any]:
             else "Neither direction of Fig. 6 holds here."
         )
         + f" Why: every model saw the same {h.budget.cand_steps * h.budget.cand_batch:,} "
-        "examples (under a third of an epoch); deeper towers train slower and are far from "
+        "examples; deeper towers train slower and are far from "
         "converged at that budget, while the paper trained to convergence on billions of "
         "examples. The simulated world is also simpler than YouTube's: interests are a "
         "topic mixture plus a small taste vector, which a linear map of the averaged history "

@@ -104,10 +104,10 @@ class Budget:
 
 
 # Budgets per preset. small: sized so that `funnelrec experiment paper` (34 candidate
-# models, 9 rankers, 4 baselines, the A/B replay) takes about 30 CPU minutes on two cores
-# (measured: docs/results.md). Each candidate model sees 100 x 1,024 examples, under a
-# third of an epoch, and each ranker 70 x 1,024 impressions: far from converged, which
-# every verdict takes into account.
+# models, 9 rankers, 4 baselines, the A/B replay) stays well inside 30 minutes on two
+# idle cores (measured: docs/results.md). Each candidate model sees 400 x 1,024 examples,
+# about one epoch of the capped examples, and each ranker 250 x 1,024 impressions (a tenth
+# of an epoch): short of convergence, which every verdict takes into account.
 BUDGETS: dict[str, Budget] = {
     "tiny": Budget(
         cand_steps=20,
@@ -125,7 +125,7 @@ BUDGETS: dict[str, Budget] = {
         depths=(0, 2),
         threads=1,
     ),
-    "small": Budget(),
+    "small": Budget(cand_steps=400, rank_steps=250),
     "medium": Budget(cand_steps=1000, rank_steps=1000, eval_examples=20_000, ab_users=5000),
 }
 

@@ -223,3 +223,28 @@ def test_logq_correction_recovers_the_true_item_distribution(
     tv_without = 0.5 * (learned(False) - true_p).abs().sum().item()
     assert tv_with < 0.08
     assert tv_without > 0.2
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
+def test_row_chunks_give_the_same_loss_and_gradients(
+    chunk_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from funnelrec import softmax
+
+    g = torch.Generator().manual_seed(5)
+    b, c, d = 13, 11, 4
+    labels = torch.randint(1, 9, (b,), generator=g)
+    cand_ids = torch.randint(1, 9, (c,), generator=g)  # with accidental hits
+    tensors = [torch.randn(*s, generator=g) for s in ((b, d), (b, d), (c, d))]
+    bias = torch.randn(c, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        loss = softmax.softmax_cross_entropy(*leaves, bias, labels, cand_ids)
+        loss.backward()
+        return [loss.detach()] + [leaf.grad for leaf in leaves if leaf.grad is not None]
+
+    whole = run()  # one chunk: b * c is far below CHUNK_ELEMENTS
+    monkeypatch.setattr(softmax, "CHUNK_ELEMENTS", chunk_rows * c)
+    for got, want in zip(run(), whole, strict=True):
+        torch.testing.assert_close(got, want)

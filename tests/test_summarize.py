@@ -264,3 +264,13 @@ def test_no_results_still_writes_both(tmp_path: Path) -> None:
     assert run(args) == 0
     assert "No results yet." in (root / "bench" / "README.md").read_text()
     assert "No benchmark results yet." in (root / "README.md").read_text()
+
+
+def test_quality_goal_says_which_example_age_meets_it() -> None:
+    verdict = summarize._quality_met
+    assert verdict(0.81, 0.9) == " (met)"
+    assert "met with the target's time" in verdict(0.77, 0.85)
+    assert "not with serving's age 0" in verdict(0.77, 0.85)
+    assert verdict(0.7, 0.75) == " (not met)"
+    assert verdict(0.7, None) == " (not met)"
+    assert verdict(None, None) == ""

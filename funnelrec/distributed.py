@@ -342,28 +342,6 @@ def launch(args: Sequence[str], nproc: int, *, module: str = "funnelrec.train") 
             continue  # torchrun got the same Ctrl-C; wait for the checkpoint
 
 
-def launch_train(
-    command: str,
-    features: Path,
-    out: Path,
-    config: Path | None,
-    overrides: Sequence[str],
-    nproc: int,
-    *,
-    resume: bool = False,
-    force: bool = False,
-) -> int:
-    """`funnelrec train COMMAND ... --nproc N`: the same command in N processes under
-    torchrun (see `launch`). Returns torchrun's exit status."""
-    if under_torchrun():
-        raise FunnelrecError("--nproc starts torchrun; under torchrun leave it out")
-    args = [command, "--features", str(features), "--out", str(out)]
-    args += ["--config", str(config)] if config is not None else []
-    args += ["--resume"] if resume else []
-    args += ["--force"] if force else []
-    return launch([*args, *overrides], nproc)
-
-
 R = TypeVar("R")
 
 
@@ -381,13 +359,17 @@ def train_here_or_launch(
     force: bool = False,
 ) -> R | None:
     """The body of `funnelrec train COMMAND`: with nproc > 1, the same command in nproc
-    processes under torchrun (`launch_train`; SystemExit with its status when it fails);
+    processes under torchrun (`launch`; SystemExit with its status when it fails);
     otherwise `fit(dist)` in this process (one rank of torchrun's when it started us).
     Returns fit's result on the process that reports, None on the others."""
     if nproc != 1:
-        code = launch_train(
-            command, features, out, config, overrides, nproc, resume=resume, force=force
-        )
+        if under_torchrun():
+            raise FunnelrecError("--nproc starts torchrun; under torchrun leave it out")
+        args = [command, "--features", str(features), "--out", str(out)]
+        args += ["--config", str(config)] if config is not None else []
+        args += ["--resume"] if resume else []
+        args += ["--force"] if force else []
+        code = launch([*args, *overrides], nproc)
         if code != 0:
             raise SystemExit(code)  # the processes printed their errors
         return None

@@ -44,7 +44,8 @@ def run(h: Harness, experiments: dict[str, Callable[[Harness], dict[str, Any]]])
         "protocol": f"All experiments on the {h.options.preset} world (seed "
         f"{h.options.world_seed}), {len(h.seeds)} training seed(s), the budget below; "
         "times include shared work (world, features, models) done by the first experiment "
-        "that needs it; wall time on a shared two-core machine, CPU time of this process.",
+        "that needs it; wall time (longer when other jobs share the machine) and CPU time "
+        "of this process.",
         "tables": [
             {
                 "title": "verdicts and time per experiment",

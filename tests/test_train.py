@@ -287,4 +287,6 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
     for _ in range(20):
         torch.ones(4 << 20)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 2048  # fresh pages each time: 20 x 4,096
+    # fresh pages each time would be 20 x 4,096; reuse leaves at most a growth or two of
+    # the heap (in a long test session its layout varies)
+    assert faults <= 2 * 4096

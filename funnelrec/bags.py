@@ -5,9 +5,9 @@ weight per id is the sparse matrix S [B, V] (row b holds bag b's weights at its 
 the bag sums are S @ W for the table W [V, d]. Its gradient is S^T @ G. On the CPU both
 products run as CSR sparse-dense matmuls, which beat `nn.EmbeddingBag`'s backward (a
 per-id scatter) by ~3x: a batch of 1,024 bags of 50 ids over a 1,683 x 64 table, one
-thread, forward + backward 4.1 ms against 13.4 ms (benchmarks/candidates_throughput.py
-measures it in the training step). S^T is built by a stable sort of the ids, so the
-gradient is deterministic.
+thread, forward + backward 4.1 ms against 13.4 ms (timed in isolation; the whole training
+step is benchmarks/candidates_throughput.py's). S^T is built by a stable sort of the ids,
+so the gradient is deterministic.
 
     out = weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=False)  # [B, d]
 

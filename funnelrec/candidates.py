@@ -99,8 +99,6 @@ class CandidateConfig:
     temperature:    divides the cosine logits when `normalize` [1.0]
     history_decay:  1.0 = the paper's plain mean of the history bag; below 1, a
                     recency-weighted mean (the k-th latest watch weighs decay ** k)
-    history_both:   with history_decay < 1, the plain mean as well, as a second input
-                    (recent and long-term interests side by side)
     history_dropout: in training, each history watch is left out of its bag with this
                     probability (a regulariser for small data sets); never at serving
     """
@@ -128,7 +126,6 @@ class CandidateConfig:
     normalize: bool = False
     temperature: float = 1.0
     history_decay: float = 1.0
-    history_both: bool = False
     history_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -274,7 +271,7 @@ class CandidateModel(nn.Module):
             inputs.item_vocab, item_dim, mode="sum", padding_idx=0, sparse=self.sparse
         )
         _normal_(self.item_input.weight, item_dim**-0.5)
-        width = item_dim * (2 if c.history_both and c.history_decay != 1.0 else 1)
+        width = item_dim
         self.token_input: nn.EmbeddingBag | None = None
         if c.use_search:
             self.token_input = nn.EmbeddingBag(
@@ -353,10 +350,9 @@ class CandidateModel(nn.Module):
         keep = None
         if self.training and c.history_dropout > 0.0:
             keep = torch.rand(batch.history.shape, device=batch.history.device) >= c.history_dropout
-        hist, offs = batch.history, batch.history_offsets
-        parts = [bag_mean(self.item_input, hist, offs, c.history_decay, keep)]
-        if c.history_both and c.history_decay != 1.0:
-            parts.append(bag_mean(self.item_input, hist, offs, keep=keep))
+        parts = [
+            bag_mean(self.item_input, batch.history, batch.history_offsets, c.history_decay, keep)
+        ]
         if self.token_input is not None:
             parts.append(bag_mean(self.token_input, batch.search, batch.search_offsets))
         if self.region is not None and self.device_emb is not None:

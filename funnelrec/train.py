@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import io
 import itertools
 import json
@@ -371,9 +372,11 @@ KEEP_FREED_BYTES = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc to reuse freed memory (see KEEP_FREED_BYTES); for the whole
-    process, once. False where the C library is not glibc (nothing is changed)."""
+    process, once (finding the C library runs ldconfig, so later calls reuse the answer).
+    False where the C library is not glibc (nothing is changed)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,24 +105,6 @@ def test_history_decay_weighs_recent_watches_more() -> None:
     )
     with pytest.raises(FunnelrecError, match="history_decay"):
         CandidateConfig(history_decay=0.0)
-
-
-def test_history_both_feeds_the_recent_and_the_plain_mean() -> None:
-    both = model_of(history_decay=0.5, history_both=True)
-    width = model_of().tower[0].in_features
-    assert both.tower[0].in_features == width + 8
-    assert model_of(history_both=True).tower[0].in_features == width  # no decay: one mean
-    b = dataclasses.replace(
-        batch(2), history=torch.tensor([3, 4, 5, 7]), history_offsets=torch.tensor([0, 3])
-    )
-    seen: list[torch.Tensor] = []
-    hook = both.tower.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
-    both.user_vector(b, b.example_age)
-    hook.remove()
-    w = both.item_input.weight.detach()
-    recent = (w[5] + 0.5 * w[4] + 0.25 * w[3]) / 1.75
-    torch.testing.assert_close(seen[0][0, :8], recent)
-    torch.testing.assert_close(seen[0][0, 8:16], (w[3] + w[4] + w[5]) / 3)
 
 
 def test_serving_forces_example_age_to_zero_and_training_uses_it() -> None:

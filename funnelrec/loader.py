@@ -123,7 +123,8 @@ class RankingConverter:
         for name in self.bags:
             arr = _as_array(requests.column(name))
             offs = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)
-            values = np.asarray(arr.values.to_numpy(), dtype=np.int64)[offs[0] : offs[-1]]
+            # int32 ids: the requests of a large world's training split hold billions.
+            values = np.asarray(arr.values.to_numpy(), dtype=np.int32)[offs[0] : offs[-1]]
             self._bags[name] = (values, offs - offs[0])
 
     @property
@@ -134,7 +135,7 @@ class RankingConverter:
     def _bag(self, name: str, request: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         values, offs = self._bags[name]
         flat, offsets = gather_ranges(values, offs[request], offs[request + 1])
-        return torch.from_numpy(flat), torch.from_numpy(offsets[:-1])
+        return torch.from_numpy(flat.astype(np.int64)), torch.from_numpy(offsets[:-1])
 
     def __call__(self, table: pa.Table) -> RankingBatch:
         raw = {
@@ -380,14 +381,19 @@ def read_requests(
     feat: Features | Path | str, split: str, columns: list[str] | None = None
 ) -> pa.Table:
     """The ranking requests of a split (request_id, user_id, ts, history, search): row i is
-    the request that impression rows with request_index == i belong to."""
+    the request that impression rows with request_index == i belong to. A build in blocks
+    of users writes one file per block (requests-bNNNN.parquet), read in block order."""
     f = _features(feat)
     f.shards("ranking", split)  # checks the stage and split exist
-    path = f.path / "ranking" / split / REQUESTS
+    folder = f.path / "ranking" / split
+    paths = [folder / REQUESTS] if (folder / REQUESTS).exists() else []
+    paths = paths or sorted(folder.glob("requests-b*.parquet"))
+    if not paths:
+        raise ArtifactError(f"{folder}: no requests table ({REQUESTS})")
     try:
-        return pq.read_table(path, columns=columns)
+        return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
     except (OSError, pa.ArrowInvalid) as e:
-        raise ArtifactError(f"{path}: unreadable requests table ({e})") from None
+        raise ArtifactError(f"{folder}: unreadable requests table ({e})") from None
 
 
 def seen_items(feat: Features | Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:

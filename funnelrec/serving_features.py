@@ -197,27 +197,15 @@ class _IdTable(Vocabulary):
         return np.asarray(self.table[np.asarray(values, dtype=np.int64)], dtype=np.int32)
 
 
-class _CountIndex(TimeIndex):
-    """A `TimeIndex` that only knows how many events each group had, all in the past.
+class _PastCounts:
+    """Every event of each group is in the past: `item_prior_watches` from the packaged
+    per-item watch counts (the feature code asks for "watches of the item before t")."""
 
-    Serves `item_prior_watches` from the packaged per-item watch counts: the feature code
-    asks for "events of the item before t" and reads only their number.
-    """
-
-    def __init__(self, counts: np.ndarray) -> None:  # no events to sort: no super().__init__
+    def __init__(self, counts: np.ndarray) -> None:
         self.counts = np.asarray(counts, dtype=np.int64)
-        self.ts = np.zeros(0, dtype=np.int64)
 
-    def before(
-        self,
-        group: np.ndarray,
-        ts: np.ndarray,
-        *,
-        inclusive: bool = False,
-        sort_queries: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        end = self.counts[np.asarray(group, dtype=np.int64)]
-        return np.zeros_like(end), end
+    def count_before(self, group: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        return self.counts[np.asarray(group, dtype=np.int64)]
 
 
 class RankingFeaturizer:
@@ -331,9 +319,8 @@ class RankingFeaturizer:
             t_max=int(ts),
         )
         rank_ids = self.rank_item.lookup(w_dataset_item)
-        ctx = _rank_context(log, rank_ids, token_ids)
         watches = np.concatenate([[0], self.items.watches[ids]])
-        ctx.by_item = _CountIndex(watches)
+        ctx = _rank_context(log, rank_ids, token_ids, _PastCounts(watches))
         vocabs = _RankingVocabs(
             item=_IdTable(
                 "rank_item",

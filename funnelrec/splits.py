@@ -122,12 +122,17 @@ def time_boundaries(
     return t1, t2
 
 
-def time_split(user_start: np.ndarray, ts_sorted: np.ndarray, t1: int, t2: int) -> Split:
-    """Global time split: training ts < t1 <= validation ts < t2 <= test ts."""
+def time_split(
+    user_start: np.ndarray, ts_sorted: np.ndarray, t1: int, t2: int, *, require_train: bool = True
+) -> Split:
+    """Global time split: training ts < t1 <= validation ts < t2 <= test ts.
+
+    `require_train=False` allows watches with none before t1 (one block of users of a
+    larger dataset, whose other blocks have training watches)."""
     if not t1 < t2:
         raise FunnelrecError(f"time split: need t1 < t2, got t1={t1}, t2={t2}")
     n_users = len(user_start) - 1
-    if ts_sorted.size and not (ts_sorted < t1).any():
+    if require_train and ts_sorted.size and not (ts_sorted < t1).any():
         raise DataError(f"time split: no watch before t1={t1}: the training part is empty")
     user = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(user_start))
     index = TimeIndex(user, ts_sorted)

@@ -212,6 +212,37 @@ class Vocabulary:
             kept_values = np.asarray(kept_values, dtype=object)
         return cls(name=name, values=kept_values, counts=counts, kind=kind)
 
+    @classmethod
+    def from_counts(
+        cls,
+        name: str,
+        values: pa.Array | pa.ChunkedArray | np.ndarray,
+        counts: np.ndarray,
+        *,
+        max_size: int | None = None,
+        min_count: int = 1,
+    ) -> Vocabulary:
+        """`fit` over a multiset given as values and how often each occurs.
+
+        A value may appear more than once (counts of several parts of the data, one after
+        the other): its counts are summed. The result is the vocabulary `fit` gives on the
+        whole data, integer counts included.
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        fitted = cls.fit(
+            name,
+            values,
+            max_size=max_size,
+            min_count=min_count,
+            weights=counts.astype(np.float64),
+        )
+        return cls(
+            name=name,
+            values=fitted.values,
+            counts=np.rint(fitted.counts).astype(np.int64),
+            kind=fitted.kind,
+        )
+
     def lookup(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
         """Dense ids of raw `values`: [n] int32, 0 for nulls and values not in the vocabulary.
 

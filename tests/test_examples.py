@@ -422,7 +422,7 @@ def test_manifest_atomicity_and_versions(tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(ex, "_build_ranking", boom)
+    monkeypatch.setattr(ex, "_write_ranking_block", boom)
     with pytest.raises(RuntimeError):
         build_features(data, tmp_path / "g", progress=False)
     assert not (tmp_path / "g").exists()

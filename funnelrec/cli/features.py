@@ -40,13 +40,19 @@ def build(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Features directory to create."),
     force: bool = typer.Option(False, "--force", help="Replace an existing features directory."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        help="Processes building blocks of users side by side (data over block_events "
+        "events only; each holds one block in memory).",
+    ),
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="FeaturesConfig overrides, e.g. cap=none."
     ),
 ) -> None:
     """Fit transforms on the training split and write example shards for both stages."""
     config = load_config(FeaturesConfig, None, overrides or [])
-    build_features(data, out, split=split.value, config=config, force=force)
+    build_features(data, out, split=split.value, config=config, force=force, workers=workers)
     _describe(Features.open(out))
 
 

@@ -85,3 +85,16 @@ def weighted_bag_sum(
     """
     out: Tensor = _WeightedBagSum.apply(weight, ids, offsets, per_id.detach(), sparse_grad)
     return out
+
+
+def mean_bag(weight: Tensor, ids: Tensor, offsets: Tensor, *, sparse_grad: bool) -> Tensor:
+    """Mean embedding of each bag [B, d], padding (id 0) left out, an empty bag -> 0: the
+    numbers of `F.embedding_bag(mode="mean", padding_idx=0)`, as CSR products."""
+    n = ids.shape[0]
+    real = (ids != 0).to(weight.dtype)
+    lengths = torch.diff(offsets, append=offsets.new_tensor([n]))
+    rows = torch.repeat_interleave(torch.arange(offsets.shape[0], device=ids.device), lengths)
+    count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
+    count.index_add_(0, rows, real)
+    per_id = real / count.clamp(min=1.0)[rows]
+    return weighted_bag_sum(weight, ids, offsets, per_id, sparse_grad=sparse_grad)

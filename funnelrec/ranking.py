@@ -70,6 +70,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from funnelrec import __version__
+from funnelrec.bags import mean_bag
 from funnelrec.batch import RankingBatch
 from funnelrec.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
@@ -477,11 +478,14 @@ class RankingModel(nn.Module):
             ids, offsets = bag
             table = self.embeddings[space]
             assert isinstance(table, nn.Embedding)
-            parts.append(
-                F.embedding_bag(
-                    ids, table.weight, offsets, mode="mean", padding_idx=0, sparse=table.sparse
+            if ids.device.type == "cpu" and ids.numel():  # CSR products: faster backward
+                parts.append(mean_bag(table.weight, ids, offsets, sparse_grad=table.sparse))
+            else:
+                parts.append(
+                    F.embedding_bag(
+                        ids, table.weight, offsets, mode="mean", padding_idx=0, sparse=table.sparse
+                    )
                 )
-            )
         if batch.dense.shape[-1] != self.n_dense_in:
             raise FunnelrecError(
                 f"ranking batch has {batch.dense.shape[-1]} dense columns, the model was built "

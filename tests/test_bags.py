@@ -1,12 +1,13 @@
-"""bags.weighted_bag_sum: the same sums and table gradients as nn.EmbeddingBag."""
+"""bags.weighted_bag_sum and mean_bag: the same sums and table gradients as nn.EmbeddingBag."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from funnelrec.bags import weighted_bag_sum
+from funnelrec.bags import mean_bag, weighted_bag_sum
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,3 +57,18 @@ def test_gradient_is_deterministic() -> None:
         assert w.grad is not None
         grads.append(w.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mean_bag_is_embedding_bags_mean(sparse: bool) -> None:
+    ids, offsets, _ = _batch(4)
+    table = nn.Embedding(20, 5, padding_idx=0, sparse=sparse)
+    ours = nn.Parameter(table.weight.detach().clone())
+    upstream = torch.randn(offsets.shape[0], 5, generator=torch.Generator().manual_seed(2))
+    want = F.embedding_bag(ids, table.weight, offsets, mode="mean", padding_idx=0, sparse=sparse)
+    got = mean_bag(ours, ids, offsets, sparse_grad=sparse)
+    torch.testing.assert_close(got, want)
+    (want * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert table.weight.grad is not None and ours.grad is not None
+    torch.testing.assert_close(ours.grad.to_dense(), table.weight.grad.to_dense())

@@ -12,7 +12,7 @@ so the gradient is deterministic.
     out = weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=False)  # [B, d]
 
 With `sparse_grad` the table's gradient is a coalesced sparse tensor holding only the rows
-the batch touched (for SparseAdam and the sparse all-gather of data-parallel training),
+the batch touched (for lazy Adam and the sparse all-gather of data-parallel training),
 as `nn.EmbeddingBag(sparse=True)` gives.
 """
 

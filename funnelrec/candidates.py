@@ -65,7 +65,8 @@ ITEM_EMBEDDINGS_FILE = "item_embeddings.safetensors"
 # unset. A dense (fused AdamW) step costs ~ rows x width, a sparse one (coalesce +
 # SparseAdam) ~ lookups x width; measured for one history table (batch 1,024 x 50 ids,
 # width 128, one thread) dense vs sparse: 10k rows 74 vs 350 ms, 100k 422 vs 674 ms,
-# 300k 1,236 vs 1,048 ms, 1M 3,615 vs 1,123 ms. Set `sparse` explicitly for other shapes.
+# 300k 1,236 vs 1,048 ms, 1M 3,615 vs 1,123 ms (sparse measured with torch's SparseAdam;
+# RowSparseAdam is faster, so the crossover is now lower). Set `sparse` for other shapes.
 SPARSE_AUTO_ROWS = 200_000
 
 
@@ -334,7 +335,7 @@ class CandidateModel(nn.Module):
         return self.item_input.weight
 
     def sparse_parameters(self) -> list[Tensor]:
-        """Parameters whose gradients are sparse (the training loop gives them SparseAdam)."""
+        """Parameters whose gradients are sparse (the training loop gives them lazy Adam)."""
         if not self.sparse:
             return []
         out = [self.item_input.weight]

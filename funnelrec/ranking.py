@@ -197,7 +197,7 @@ class RankingConfig:
                         makes the odds sum(T) / N = E[T] exactly instead of E[T] / (1 - P).
                         False = the paper.
     sparse:             sparse gradients for embedding tables of >= SPARSE_AUTO_ROWS rows
-                        (the training loop gives them SparseAdam); True = all, False = none.
+                        (the training loop gives them lazy Adam); True = all, False = none.
                         None = auto.
     """
 
@@ -452,7 +452,7 @@ class RankingModel(nn.Module):
         self.tower = nn.Sequential(*layers)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
-        """Embedding tables with sparse gradients (the training loop gives them SparseAdam)."""
+        """Embedding tables with sparse gradients (the training loop gives them lazy Adam)."""
         tables = [self.embeddings[name] for name in sorted(self.sparse_spaces)]
         return [t.weight for t in tables if isinstance(t, nn.Embedding)]  # type: ignore[misc]
 

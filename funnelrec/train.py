@@ -9,7 +9,8 @@
 What it does, in order, every step: move the batch to the device, loss.backward(), clip
 the global gradient norm, step the optimizers. AdamW (or Adagrad) for dense parameters;
 parameters a model lists in `sparse_parameters()` (large embedding tables with sparse
-gradients) get SparseAdam, which only touches the rows a batch used.
+gradients) get lazy Adam (`sparse_adam.RowSparseAdam`: SparseAdam's update, faster),
+which only touches the rows a batch used.
 
 Checkpoints (every `checkpoint_every` steps, and on Ctrl-C after the step in flight)
 hold the model and optimizer state dicts, every RNG state, the position in the data
@@ -69,6 +70,7 @@ from torch import Tensor, nn
 
 from funnelrec.distributed import Distributed, rank_seed, sync_gradients
 from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.sparse_adam import RowSparseAdam
 
 CHECKPOINT_FORMAT = 1
 
@@ -83,7 +85,7 @@ RESUMABLE_CHANGES = frozenset(
 class TrainConfig:
     """How to train (shared by both stages). Defaults in brackets where they are choices.
 
-    optimizer:        "adamw" (dense) + SparseAdam (sparse tables), or "adagrad" (all)
+    optimizer:        "adamw" (dense) + lazy Adam (sparse tables), or "adagrad" (all)
     lr:               learning rate [1e-3]
     sparse_lr:        learning rate of the sparse tables; None = lr
     weight_decay:     decoupled weight decay of dense parameters (never embeddings' rows)
@@ -215,7 +217,7 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
             )
         )
     if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=sparse_lr))
+        opts.append(RowSparseAdam(sparse, lr=sparse_lr))
     if not opts:
         raise FunnelrecError("the model has no trainable parameters")
     return opts

@@ -14,6 +14,7 @@ from torch import nn
 from funnelrec.batch import CandidateBatch
 from funnelrec.candidates import CandidateConfig, CandidateInputs, CandidateModel, synthetic_batch
 from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.sparse_adam import RowSparseAdam
 from funnelrec.train import (
     TrainConfig,
     TrainingInterrupted,
@@ -196,13 +197,13 @@ def test_evaluation_at_epoch_end_does_not_change_the_run() -> None:
     assert_same(weights(plain), weights(evaluated))
 
 
-def test_sparse_tables_get_sparse_adam_and_dense_ones_adamw() -> None:
+def test_sparse_tables_get_lazy_adam_and_dense_ones_adamw() -> None:
     model = make_model(sparse=True)
     opts = build_optimizers(model, TrainConfig())
     kinds = sorted(type(o).__name__ for o in opts)
-    assert kinds == ["AdamW", "SparseAdam"]
+    assert kinds == ["AdamW", "RowSparseAdam"]
     sparse = {id(p) for p in model.sparse_parameters()}
-    (sparse_adam,) = [o for o in opts if isinstance(o, torch.optim.SparseAdam)]
+    (sparse_adam,) = [o for o in opts if isinstance(o, RowSparseAdam)]
     assert {id(p) for g in sparse_adam.param_groups for p in g["params"]} == sparse
     batch = synthetic_batch(INPUTS, 4, history_len=3)
     model.compute_loss(batch).backward()

@@ -33,9 +33,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec.build import build_features
 from funnelrec.candidates import fit_candidates, load_candidate_model, load_training_config
 from funnelrec.config import load_config
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import read_examples
 from funnelrec.metrics import ModelScorer, PopularityScorer, Scorer, evaluate_split
 from funnelrec.simulate import generate, preset_config

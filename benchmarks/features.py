@@ -27,8 +27,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec.build import build_features
 from funnelrec.dataset import Dataset
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import candidate_loader, ranking_loader
 
 RESULTS = Path(__file__).parent / "results" / "features.json"

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from funnelrec.build import build_features
 from funnelrec.cli.rank import (
     RankerTrainConfig,
     evaluate_ranker,
@@ -49,7 +50,7 @@ from funnelrec.cli.rank import (
     train_ranker,
 )
 from funnelrec.errors import FunnelrecError
-from funnelrec.examples import Features, build_features
+from funnelrec.examples import Features
 from funnelrec.loaders import import_kuairand
 from funnelrec.ranking import tower_name
 

@@ -339,9 +339,10 @@ AGE_AT_REQUEST = True
 
 
 def funnelrec(data: Split) -> ModelRun:
+    from funnelrec.build import build_features
     from funnelrec.candidates import fit_candidates, load_candidate_model, load_training_config
     from funnelrec.config import load_config
-    from funnelrec.examples import Demographics, Features, FeaturesConfig, build_features
+    from funnelrec.examples import Demographics, Features, FeaturesConfig
 
     fcfg = load_config(FeaturesConfig, None, ["cap=none", *FUNNELREC_FEATURE_OVERRIDES])
     tag = hashlib.sha1(" ".join(FUNNELREC_FEATURE_OVERRIDES).encode()).hexdigest()[:8]

@@ -3,7 +3,7 @@
 Every example feature is a function of one user's own events, the fitted transforms, and
 one statistic over everyone: how often an item was watched before a time (the ranking
 feature `item_prior_watches`). So a large dataset is cut into blocks of users and built
-one block at a time (`examples.build_features`):
+one block at a time (`build.build_features`):
 
 1. partition: one streaming pass over each event table writes each block's rows to its
    own Parquet files, and keeps (item, ts) of every watch for the popularity index

@@ -450,9 +450,10 @@ def build_tiny_artifact(
     (process-wide; 1 is fastest for these tiny models on a busy machine). About 10 s on
     two cores: a fixture for everything that serves, not a model worth serving.
     """
+    from funnelrec.build import build_features
     from funnelrec.candidates import fit_candidates, load_training_config
     from funnelrec.cli.rank import load_ranker_train_config, train_ranker
-    from funnelrec.examples import FeaturesConfig, build_features
+    from funnelrec.examples import FeaturesConfig
     from funnelrec.simulate import generate, preset_config
 
     root = Path(root)

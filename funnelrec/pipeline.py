@@ -231,7 +231,8 @@ def _data(cfg: RunConfig, target: Path) -> None:
 
 
 def _features(cfg: RunConfig, out: Path, target: Path) -> None:
-    from funnelrec.examples import FeaturesConfig, build_features
+    from funnelrec.build import build_features
+    from funnelrec.examples import FeaturesConfig
 
     fc = load_config(FeaturesConfig, None, list(cfg.features.overrides))
     build_features(

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import funnelrec.examples as ex
+import funnelrec.build as ex
 from funnelrec.blocks import BlockTables, CountIndex, partition, plan_blocks
+from funnelrec.build import build_features
 from funnelrec.dataset import Dataset
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import read_examples, read_requests
 from funnelrec.splits import TimeIndex
 from funnelrec.vocab import Vocabulary

@@ -251,7 +251,7 @@ def test_user_vectors_and_model_scorer_agree_with_the_model() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from funnelrec.examples import build_features
+    from funnelrec.build import build_features
     from funnelrec.simulate import generate, preset_config
 
     root = tmp_path_factory.mktemp("tiny")

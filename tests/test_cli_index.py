@@ -22,8 +22,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A candidate model artifact trained briefly on the tiny world (its features beside)."""
+    from funnelrec.build import build_features
     from funnelrec.candidates import fit_candidates, load_training_config
-    from funnelrec.examples import build_features
     from funnelrec.simulate import generate, preset_config
 
     root = tmp_path_factory.mktemp("cli_index")

@@ -12,9 +12,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from funnelrec.build import build_features
 from funnelrec.cli import rank
 from funnelrec.errors import ArtifactError, FunnelrecError
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import ranking_loader
 from funnelrec.ranking import load_ranker
 from funnelrec.simulate import generate, preset_config

@@ -255,7 +255,7 @@ def test_two_ranks_step_as_one_process_keep_equal_replicas_and_resume_exactly(
 
 @pytest.fixture(scope="module")
 def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from funnelrec.examples import build_features
+    from funnelrec.build import build_features
     from funnelrec.simulate import generate, preset_config
 
     root = tmp_path_factory.mktemp("tiny")
@@ -347,7 +347,8 @@ def test_two_gpus_with_nccl(tiny_features: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def rank_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 200-user world's features with a time split (its validation pages have clicks)."""
-    from funnelrec.examples import FeaturesConfig, build_features
+    from funnelrec.build import build_features
+    from funnelrec.examples import FeaturesConfig
     from funnelrec.simulate import generate, preset_config
 
     root = tmp_path_factory.mktemp("rank")

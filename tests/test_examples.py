@@ -13,10 +13,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from funnelrec import build
 from funnelrec import examples as ex
+from funnelrec.build import build_features
 from funnelrec.dataset import Dataset, DatasetWriter
 from funnelrec.errors import ArtifactError, DataError
-from funnelrec.examples import Demographics, Features, FeaturesConfig, build_features
+from funnelrec.examples import Demographics, Features, FeaturesConfig
 from funnelrec.loader import candidate_loader, read_examples, read_requests, seen_items
 from funnelrec.tokenize import tokenize, tokenize_array
 
@@ -422,7 +424,7 @@ def test_manifest_atomicity_and_versions(tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(ex, "_write_ranking_block", boom)
+    monkeypatch.setattr(build, "_write_ranking_block", boom)
     with pytest.raises(RuntimeError):
         build_features(data, tmp_path / "g", progress=False)
     assert not (tmp_path / "g").exists()

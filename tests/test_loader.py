@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from funnelrec.build import build_features
 from funnelrec.dataset import DatasetWriter
 from funnelrec.errors import ArtifactError
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import (
     bag,
     candidate_loader,

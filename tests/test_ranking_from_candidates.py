@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from funnelrec.build import build_features
 from funnelrec.candidates import (
     CandidateConfig,
     CandidateInputs,
@@ -20,7 +21,7 @@ from funnelrec.candidates import (
 from funnelrec.cli import rank
 from funnelrec.dataset import Dataset, DatasetWriter
 from funnelrec.errors import FunnelrecError
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import candidate_loader
 from funnelrec.ranking_from_candidates import impressions_from_candidates
 from funnelrec.simulate import generate, preset_config

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from funnelrec.build import build_features
 from funnelrec.dataset import Dataset
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import read_examples, read_requests
 from funnelrec.serving_features import RankingFeaturizer, ServingItems, UserEvents
 from funnelrec.simulate import generate, preset_config

@@ -42,10 +42,11 @@ import torch
 from rich.console import Console
 
 from funnelrec import __version__
+from funnelrec.build import build_features
 from funnelrec.config import apply_overrides
 from funnelrec.dataset import Dataset, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
-from funnelrec.examples import Features, FeaturesConfig, build_features
+from funnelrec.examples import Features, FeaturesConfig
 
 DOC_FORMAT_VERSION = 1
 DOC_KIND = "funnelrec-experiment"

@@ -22,7 +22,8 @@ feature build resumes at its first unwritten block, training from its checkpoint
 (--resume); the record then lists each part's time.
 
 The growth exponent of a stage is the least-squares slope of log(wall time) against
-log(events) (watches + searches + impressions) over the presets measured: 1 is linear.
+log(events) (watches + searches + impressions) over the presets measured: 1 is linear;
+the same of CPU time too (fairer when other work shared the machine).
 The memory bound of the issue: the large preset's peak RSS of every stage <= 16 GiB.
 """
 
@@ -188,12 +189,12 @@ def _counts(root: Path, preset: str) -> dict[str, int]:
     return out
 
 
-def growth(results: dict[str, Any]) -> dict[str, float | None]:
-    """Per stage: slope of log(wall) vs log(events) over the presets measured."""
+def growth(results: dict[str, Any], measure: str = "wall_s") -> dict[str, float | None]:
+    """Per stage: slope of log(time) vs log(events) over the presets measured."""
     out: dict[str, float | None] = {}
     for stage in STAGES:
         pts = [
-            (math.log(r["counts"]["events"]), math.log(r["stages"][stage]["wall_s"]))
+            (math.log(r["counts"]["events"]), math.log(r["stages"][stage][measure]))
             for r in results.values()
             if stage in r.get("stages", {}) and r.get("counts", {}).get("events")
         ]
@@ -215,6 +216,7 @@ def load() -> dict[str, Any]:
 
 def save(report: dict[str, Any]) -> None:
     report["growth_exponent_wall_vs_events"] = growth(report["presets"])
+    report["growth_exponent_cpu_vs_events"] = growth(report["presets"], "cpu_s")
     report["machine"] = (
         f"{platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )

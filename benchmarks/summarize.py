@@ -912,6 +912,74 @@ def render_distributed(d: dict[str, Any], ctx: Context) -> Section:
     return s
 
 
+SCALE_STAGES = ("simulate", "features", "candidates", "index", "ranker")
+
+
+def _scale_peak(st: dict[str, Any]) -> float:
+    return float(max(st["peak_rss_gib"], st.get("peak_tree_rss_gib") or 0.0))
+
+
+def render_scale(d: dict[str, Any], ctx: Context) -> Section:
+    presets = d["presets"]
+    header = ["preset", "events"] + [f"{st}: wall s / CPU s / peak GiB" for st in SCALE_STAGES]
+    rows = []
+    for name, r in presets.items():
+        cells = [name, big(r.get("counts", {}).get("events"))]
+        for st in SCALE_STAGES:
+            x = r.get("stages", {}).get(st)
+            cells.append(
+                f"{num(x['wall_s'])} / {num(x['cpu_s'])} / {_scale_peak(x):.2f}" if x else "-"
+            )
+        rows.append(cells)
+    exps = d.get("growth_exponent_wall_vs_events", {})
+    rows.append(
+        ["growth exponent", ""]
+        + [fixed(exps.get(st), 2) if exps.get(st) else "-" for st in SCALE_STAGES]
+    )
+    s = Section(table(header, rows))
+    s.body += [
+        "",
+        "Peak GiB: the larger of the stage's largest process (wait4) and the sum over its "
+        "process tree (sampled each second). Growth exponent: slope of log(time) "
+        "against log(events) over the presets measured (1 = linear), by wall and by CPU time.",
+    ]
+    notes = [
+        f"{name} {st}: {x['note']}"
+        for name, r in presets.items()
+        for st, x in r.get("stages", {}).items()
+        if x.get("note")
+    ]
+    if notes:
+        s.body += [""] + [f"- {n}" for n in notes]
+    large = presets.get("large", {})
+    done = [st for st in SCALE_STAGES if st in large.get("stages", {})]
+    if done:
+        peak = max(_scale_peak(large["stages"][st]) for st in done)
+        bound = d.get("memory_bound_gib", 16.0)
+        complete = len(done) == len(SCALE_STAGES)
+        s.headline.append(
+            (
+                f"Large world ({big(large.get('counts', {}).get('events'))} events) on one machine",
+                f"stages done: {', '.join(done)}"
+                + (
+                    ""
+                    if complete
+                    else f" (not yet: {', '.join(st for st in SCALE_STAGES if st not in done)})"
+                )
+                + f"; peak memory {peak:.1f} GiB",
+                f"every stage ≤ {num(bound)} GiB: "
+                + (
+                    "met"
+                    if complete and peak <= bound
+                    else "so far"
+                    if peak <= bound
+                    else "not met"
+                ),
+            )
+        )
+    return s
+
+
 def render_generic(result: Result, why: str | None) -> Section:
     """Top-level figures of a result this script has no renderer for (or cannot read)."""
     if result.error is not None:
@@ -944,6 +1012,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Context], Section]] = {
     "ranking_table": render_ranking_table,
     "serving": render_serving,
     "distributed": render_distributed,
+    "scale": render_scale,
 }
 
 

@@ -214,7 +214,14 @@ def load() -> dict[str, Any]:
     return {"benchmark": "scale", "presets": {}}
 
 
-def save(report: dict[str, Any]) -> None:
+def save(report: dict[str, Any], preset: str | None = None) -> None:
+    """Write the report; with `preset`, only that preset's entry replaces the one on disk
+    (another run of this script may be recording another preset meanwhile)."""
+    if preset is not None:
+        on_disk = load()
+        on_disk["presets"][preset] = report["presets"][preset]
+        on_disk["date"] = report.get("date")
+        report = on_disk
     report["growth_exponent_wall_vs_events"] = growth(report["presets"])
     report["growth_exponent_cpu_vs_events"] = growth(report["presets"], "cpu_s")
     report["machine"] = (
@@ -290,7 +297,7 @@ def main() -> None:
             parts.append(part)
             if interrupted:
                 entry.setdefault("partial", {})[stage] = parts
-                save(report)
+                save(report, preset)
                 raise SystemExit("interrupted: run the same command again to resume")
             entry.setdefault("partial", {}).pop(stage, None)
             entry["stages"][stage] = {
@@ -306,8 +313,8 @@ def main() -> None:
             }
             entry["counts"] = _counts(args.root, preset)
             report["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            save(report)
-    save(report)
+            save(report, preset)
+    report = load()
     show(report)
     print(f"wrote {RESULTS}")
 

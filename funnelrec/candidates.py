@@ -30,6 +30,8 @@ The artifact directory a training run writes (see `save_candidate_artifact`):
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -527,16 +529,33 @@ def user_vectors(
 
 
 def split_user_vectors(
-    art: Path | str, feat: Path | str, split: str = "valid", batch_size: int = 4096
+    art: Path | str,
+    feat: Path | str,
+    split: str = "valid",
+    batch_size: int = 4096,
+    *,
+    limit: int | None = None,
 ) -> UserVectors:
-    """User vectors of a features split with the model of artifact `art`."""
+    """User vectors of a features split with the model of artifact `art`; with `limit`,
+    of its first `limit` examples only (in shard order: users by id, then time)."""
     from funnelrec.examples import Features
     from funnelrec.loader import candidate_loader
 
     feats = Features.open(feat)
     check_features(read_candidate_config(art), feats, art)
     model = load_candidate_model(art)
-    return user_vectors(model, candidate_loader(feats, split, batch_size=batch_size))
+    batches: Iterable[CandidateBatch] = candidate_loader(feats, split, batch_size=batch_size)
+    if limit is not None:
+        batches = itertools.islice(batches, math.ceil(limit / batch_size))
+    vectors = user_vectors(model, batches)
+    if limit is not None and len(vectors.vectors) > limit:
+        vectors = UserVectors(
+            vectors.vectors[:limit],
+            vectors.label[:limit],
+            vectors.user_id[:limit],
+            vectors.ts[:limit],
+        )
+    return vectors
 
 
 def features_meta(feats: Features) -> dict[str, Any]:
@@ -691,7 +710,7 @@ def fit_candidates(
     from funnelrec.distributed import Distributed, local_batch_size
     from funnelrec.examples import Features
     from funnelrec.loader import candidate_loader, seen_items
-    from funnelrec.metrics import ModelScorer, SequentialSeen, evaluate_retrieval
+    from funnelrec.metrics import ModelScorer, SequentialSeen, evaluate_retrieval, query_batch
 
     cfg = config or CandidateTrainingConfig()
     dist = dist or Distributed()
@@ -725,11 +744,9 @@ def fit_candidates(
     if feats.num_examples("candidates", "valid") > 0:
         # the examples `metrics.evaluate_split(limit=valid_examples)` scores, their batches
         # shared out over the ranks in contiguous runs; Recall@K is then the mean over all
-        flat, offsets = seen_items(feats, "valid")
+        flat, offsets = seen_items(feats, "valid", limit=cfg.valid_examples)
         total = len(offsets) - 1
-        if cfg.valid_examples is not None:
-            total = min(total, cfg.valid_examples)
-        vbs = min(1024, max(total, 1))
+        vbs = min(query_batch(len(feats.vocab("item"))), max(total, 1))
         n_batches = math.ceil(total / vbs)
         share = math.ceil(n_batches / dist.world_size)
         first = min(n_batches, dist.rank * share)

@@ -370,11 +370,33 @@ def ranking_loader(
 
 
 def read_examples(
-    feat: Features | Path | str, stage: Stage, split: str, columns: list[str] | None = None
+    feat: Features | Path | str,
+    stage: Stage,
+    split: str,
+    columns: list[str] | None = None,
+    *,
+    limit: int | None = None,
 ) -> pa.Table:
-    """All rows of a split's shards as one Arrow table (in shard order)."""
+    """The rows of a split's shards as one Arrow table (in shard order); with `limit`, only
+    the first `limit` rows (row groups past them are not read)."""
     f = _features(feat)
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in f.shards(stage, split)])
+    if limit is None:
+        return pa.concat_tables([pq.read_table(p, columns=columns) for p in f.shards(stage, split)])
+    parts: list[pa.Table] = []
+    got = 0
+    for path in f.shards(stage, split):
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            if got >= limit:
+                break
+            t = pf.read_row_group(g, columns=columns)
+            parts.append(t.slice(0, limit - got))
+            got += parts[-1].num_rows
+        if not parts:  # keep the schema of an empty result
+            parts.append(pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names))
+        if got >= limit:
+            break
+    return pa.concat_tables(parts)
 
 
 def read_requests(
@@ -396,17 +418,21 @@ def read_requests(
         raise ArtifactError(f"{folder}: unreadable requests table ({e})") from None
 
 
-def seen_items(feat: Features | Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def seen_items(
+    feat: Features | Path | str, split: str, *, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Items each held-out candidate example's user watched before its target.
 
     Returns (flat item vocabulary ids [N] int64, offsets [E + 1] int64), in the order of
     `candidate_loader(feat, split)` without shuffle: example e's items are
     flat[offsets[e]:offsets[e + 1]], distinct and sorted. The target itself is among them
     when it is a re-watch; an evaluation that excludes seen items must keep the target.
+    `limit`: only the first `limit` examples (a large split's lists take gigabytes).
     """
     if split == "train":
         raise ArtifactError("seen_items: only valid and test examples carry seen items")
-    arr = _as_array(read_examples(feat, "candidates", split, ["seen"]).column("seen"))
+    table = read_examples(feat, "candidates", split, ["seen"], limit=limit)
+    arr = _as_array(table.column("seen"))
     offs = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)
     values = np.asarray(arr.values.to_numpy(), dtype=np.int64)[offs[0] : offs[-1]]
     return values, offs - offs[0]

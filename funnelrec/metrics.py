@@ -466,6 +466,17 @@ class SequentialSeen:
         return self.flat[start:end], self.offsets[lo:hi] - start
 
 
+# Queries scored at once against every item: a batch's [B, items] float32 scores (and the
+# masks beside them) stay near this many bytes, so a million-item corpus is scored ~250
+# queries at a time instead of 1,024 (4 GB).
+SCORE_BYTES = 1 << 30
+
+
+def query_batch(num_items: int, most: int = 1024) -> int:
+    """How many queries to score at once against `num_items` items (see SCORE_BYTES)."""
+    return max(16, min(most, SCORE_BYTES // (4 * max(num_items, 1))))
+
+
 def evaluate_split(
     scorers: dict[str, Scorer],
     feats: Features,
@@ -485,14 +496,11 @@ def evaluate_split(
     retrievers: as in `evaluate_retrieval`."""
     from funnelrec.loader import candidate_loader, seen_items
 
-    flat, offsets = seen_items(feats, split)
+    flat, offsets = seen_items(feats, split, limit=limit)
     total = len(offsets) - 1
-    if limit is not None:
-        total = min(total, limit)
-    loader = candidate_loader(feats, split, batch_size=min(batch_size, max(total, 1)))
-    batches: Iterable[CandidateBatch] = itertools.islice(
-        iter(loader), math.ceil(total / min(batch_size, max(total, 1)))
-    )
+    bs = min(batch_size, query_batch(len(feats.vocab("item"))), max(total, 1))
+    loader = candidate_loader(feats, split, batch_size=bs)
+    batches: Iterable[CandidateBatch] = itertools.islice(iter(loader), math.ceil(total / bs))
     bar = Progress(
         TextColumn(f"[bold]evaluate {split}"),
         BarColumn(),

@@ -279,7 +279,7 @@ def _index(cand_dir: Path, feat_dir: Path, dst: Path, cfg: PackageConfig) -> dic
         return {**index.metadata(), "built_by": "candidates artifact"}
     index = ItemIndex.build(emb.numpy(), ids)
     if index.kind != "exact" and cfg.index_target_recall > 0:
-        uv = split_user_vectors(cand_dir, feat_dir, "valid")
+        uv = split_user_vectors(cand_dir, feat_dir, "valid", limit=20 * cfg.index_queries)
         q = uv.vectors.numpy()
         if len(q) > cfg.index_queries:
             rng = np.random.default_rng(0)

@@ -258,8 +258,10 @@ def _index(cfg: RunConfig, out: Path, target: Path) -> None:
 
     emb_t, ids_t = load_item_embeddings(out / "candidates")
     emb = np.ascontiguousarray(emb_t.numpy(), dtype=np.float32)
-    queries = split_user_vectors(out / "candidates", out / "features", "valid").vectors.numpy()
-    queries = np.ascontiguousarray(queries[:2000], dtype=np.float32)
+    queries = split_user_vectors(
+        out / "candidates", out / "features", "valid", limit=2000
+    ).vectors.numpy()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     kind = cfg.index.kind or None
     index = ItemIndex.build(emb, ids_t.numpy(), kind, progress=cfg.progress)  # type: ignore[arg-type]
     if len(queries) and index.kind != "exact":

@@ -325,6 +325,9 @@ def test_training_beats_popularity_on_the_tiny_worlds_next_watches(
     # validation-split user vectors for the ANN index (issue 6)
     uv = split_user_vectors(art, tiny_features, "valid")
     assert uv.vectors.shape == (len(uv.label), 16) and len(uv.label) > 300
+    first = split_user_vectors(art, tiny_features, "valid", batch_size=64, limit=100)
+    assert len(first.label) == 100 and torch.equal(first.user_id, uv.user_id[:100])
+    torch.testing.assert_close(first.vectors, uv.vectors[:100])
     emb, ids = load_item_embeddings(art)
     assert emb.shape[0] == ids.shape[0] == meta["num_items"]
 

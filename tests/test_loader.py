@@ -232,6 +232,18 @@ def test_seen_items_and_errors(feat) -> None:
         candidate_loader(feat, "bogus")
 
 
+def test_a_limit_reads_only_the_first_rows(feat) -> None:
+    whole = read_examples(feat, "candidates", "train")
+    for limit in (0, 1, 99, 100, 101, 450, 451, whole.num_rows, whole.num_rows + 5):
+        part = read_examples(feat, "candidates", "train", ["user_id", "ts"], limit=limit)
+        assert part.column_names == ["user_id", "ts"]
+        assert part.equals(whole.select(["user_id", "ts"]).slice(0, limit))
+    flat, offsets = seen_items(feat, "test")
+    f3, o3 = seen_items(feat, "test", limit=3)
+    assert len(o3) == 4 and np.array_equal(o3, offsets[:4])
+    assert np.array_equal(f3, flat[: offsets[3]])
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("whole_groups", [False, True], ids=["cut groups", "whole groups"])
 def test_ranks_share_out_every_row_once_per_epoch(

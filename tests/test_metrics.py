@@ -289,3 +289,12 @@ def test_retrievers_and_scorers_need_distinct_names() -> None:
             num_items=3,
             retrievers={"a": IndexRetriever(ModelScorer(_TableModel(table, table)), None, [])},  # type: ignore[arg-type]
         )
+
+
+def test_query_batch_bounds_the_score_matrix() -> None:
+    from funnelrec.metrics import SCORE_BYTES, query_batch
+
+    assert query_batch(10_000) == 1024  # small corpora: the usual batch
+    b = query_batch(1_000_000)
+    assert b * 1_000_000 * 4 <= SCORE_BYTES < (b + 1) * 1_000_000 * 4
+    assert query_batch(10**12) == 16

@@ -41,6 +41,7 @@ FEATURES = typer.Option(
 )
 SPLIT = typer.Option("valid", help="Split whose user vectors are the held-out queries.")
 QUERIES = typer.Option(2000, help="Held-out queries used at most (a seeded sample).")
+QUERY_POOL = 20  # the sample is drawn from the split's first QUERY_POOL x queries examples
 K = typer.Option(100, "--k", help="Recall is measured at this k.")
 THREADS = typer.Option(None, help="FAISS threads (default: all cores).")
 
@@ -165,13 +166,16 @@ def _embeddings(art: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _queries(art: Path, features: Path | None, split: str, limit: int) -> np.ndarray:
-    """Up to `limit` user vectors [Q, d] of the split (a seeded sample), the held-out queries."""
+    """Up to `limit` user vectors [Q, d] of the split (a seeded sample of its first
+    QUERY_POOL x limit examples), the held-out queries."""
     meta = read_candidate_config(art)
     feat = features or meta.get("data", {}).get("features")
     if feat is None:
         raise FunnelrecError(f"{art}: no features directory recorded; pass --features")
     with console.status(f"user vectors of the {split} split"):
-        vectors = split_user_vectors(art, feat, split).vectors.numpy()
+        # A seeded sample of the split's first examples (20 per query wanted): computing
+        # every user vector of a large split takes minutes and gigabytes.
+        vectors = split_user_vectors(art, feat, split, limit=QUERY_POOL * limit).vectors.numpy()
     if len(vectors) == 0:
         raise FunnelrecError(f"{feat}: the {split} split has no examples to use as queries")
     if len(vectors) > limit:

@@ -293,7 +293,11 @@ def train_ranker(
         metric_name = "weighted_per_user_loss"
         if has_valid:
             v = read_examples(
-                feats, "ranking", "valid", ["label", "watch_time", "user_id", "request_id"]
+                feats,
+                "ranking",
+                "valid",
+                ["label", "watch_time", "user_id", "request_id"],
+                limit=cfg.valid_impressions,  # the part validation scores (about)
             )
             cols = [
                 v.column(c).to_numpy() for c in ("label", "watch_time", "user_id", "request_id")

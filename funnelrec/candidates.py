@@ -744,10 +744,13 @@ def fit_candidates(
     if feats.num_examples("candidates", "valid") > 0:
         # the examples `metrics.evaluate_split(limit=valid_examples)` scores, their batches
         # shared out over the ranks in contiguous runs; Recall@K is then the mean over all
-        flat, offsets = seen_items(feats, "valid", limit=cfg.valid_examples)
-        total = len(offsets) - 1
+        total = feats.num_examples("candidates", "valid")
+        if cfg.valid_examples is not None:
+            total = min(total, cfg.valid_examples)
         vbs = min(query_batch(len(feats.vocab("item"))), max(total, 1))
         n_batches = math.ceil(total / vbs)
+        # whole batches are scored: the last one may run past valid_examples
+        flat, offsets = seen_items(feats, "valid", limit=n_batches * vbs)
         share = math.ceil(n_batches / dist.world_size)
         first = min(n_batches, dist.rank * share)
         last = min(n_batches, first + share)

@@ -496,11 +496,15 @@ def evaluate_split(
     retrievers: as in `evaluate_retrieval`."""
     from funnelrec.loader import candidate_loader, seen_items
 
-    flat, offsets = seen_items(feats, split, limit=limit)
-    total = len(offsets) - 1
+    total = feats.num_examples("candidates", split)
+    if limit is not None:
+        total = min(total, limit)
     bs = min(batch_size, query_batch(len(feats.vocab("item"))), max(total, 1))
+    n_batches = math.ceil(total / bs)
+    # whole batches are scored: the last one may run past `limit`
+    flat, offsets = seen_items(feats, split, limit=n_batches * bs)
     loader = candidate_loader(feats, split, batch_size=bs)
-    batches: Iterable[CandidateBatch] = itertools.islice(iter(loader), math.ceil(total / bs))
+    batches: Iterable[CandidateBatch] = itertools.islice(iter(loader), n_batches)
     bar = Progress(
         TextColumn(f"[bold]evaluate {split}"),
         BarColumn(),

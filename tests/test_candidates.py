@@ -421,3 +421,27 @@ def test_history_dropout_leaves_watches_out_in_training_only() -> None:
     for bad in (-0.1, 1.0):
         with pytest.raises(FunnelrecError, match="history_dropout"):
             CandidateConfig(history_dropout=bad)
+
+
+def test_validation_in_small_query_batches_scores_whole_batches(
+    tiny_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million-item corpus is scored a few hundred queries at a time; the last batch
+    may run past valid_examples, and its seen items must be there (a bug once)."""
+    import funnelrec.metrics
+    from funnelrec.candidates import fit_candidates, load_candidate_model
+    from funnelrec.examples import Features
+    from funnelrec.metrics import ModelScorer, evaluate_split
+
+    monkeypatch.setattr(funnelrec.metrics, "SCORE_BYTES", 1)  # 16 queries at a time
+    cfg = load_training_config(
+        None, ["dim=8", "num_negatives=32", "max_steps=2", "valid_examples=150", "threads=1"]
+    )
+    fit_candidates(tiny_features, tmp_path / "art", cfg, progress=False)
+    report = evaluate_split(
+        {"model": ModelScorer(load_candidate_model(tmp_path / "art"))},
+        Features.open(tiny_features),
+        "valid",
+        limit=150,
+    )
+    assert report.queries == 160  # ten whole batches of 16

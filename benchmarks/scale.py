@@ -196,7 +196,9 @@ def growth(results: dict[str, Any], measure: str = "wall_s") -> dict[str, float 
         pts = [
             (math.log(r["counts"]["events"]), math.log(r["stages"][stage][measure]))
             for r in results.values()
-            if stage in r.get("stages", {}) and r.get("counts", {}).get("events")
+            if stage in r.get("stages", {})
+            and r["stages"][stage].get(measure)  # None: not recorded (see the stage's note)
+            and r.get("counts", {}).get("events")
         ]
         if len(pts) < 2:
             out[stage] = None

@@ -931,11 +931,15 @@ def render_scale(d: dict[str, Any], ctx: Context) -> Section:
                 f"{num(x['wall_s'])} / {num(x['cpu_s'])} / {_scale_peak(x):.2f}" if x else "-"
             )
         rows.append(cells)
-    exps = d.get("growth_exponent_wall_vs_events", {})
-    rows.append(
-        ["growth exponent", ""]
-        + [fixed(exps.get(st), 2) if exps.get(st) else "-" for st in SCALE_STAGES]
-    )
+    for label, key in (
+        ("wall", "growth_exponent_wall_vs_events"),
+        ("CPU", "growth_exponent_cpu_vs_events"),
+    ):
+        exps = d.get(key) or {}
+        rows.append(
+            [f"growth exponent ({label})", ""]
+            + [fixed(exps.get(st), 2) if exps.get(st) else "-" for st in SCALE_STAGES]
+        )
     s = Section(table(header, rows))
     s.body += [
         "",

@@ -274,3 +274,31 @@ def test_quality_goal_says_which_example_age_meets_it() -> None:
     assert verdict(0.7, 0.75) == " (not met)"
     assert verdict(0.7, None) == " (not met)"
     assert verdict(None, None) == ""
+
+
+def test_scale_renders_stages_exponents_and_the_memory_bound(tmp_path: Path) -> None:
+    def stage(wall: float, peak: float, tree: float | None = None) -> dict[str, Any]:
+        return {"wall_s": wall, "cpu_s": wall, "peak_rss_gib": peak, "peak_tree_rss_gib": tree}
+
+    stages = ("simulate", "features", "candidates", "index", "ranker")
+    scale = {
+        "benchmark": "scale",
+        "memory_bound_gib": 16.0,
+        "presets": {
+            "small": {"counts": {"events": 1_000_000},
+                      "stages": {s: stage(10.0, 0.5) for s in stages}},
+            "large": {"counts": {"events": 100_000_000},
+                      "stages": {"simulate": stage(1000.0, 1.5),
+                                 "features": stage(1000.0, 5.0, 10.5)}},
+        },
+        "growth_exponent_wall_vs_events": {"simulate": 1.0},
+        "growth_exponent_cpu_vs_events": {"simulate": 0.9},
+    }  # fmt: skip
+    root, args = setup(tmp_path, {"scale": scale})
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "| large | 100M | 1,000 / 1,000 / 1.50 | 1,000 / 1,000 / 10.50 | - | - | - |" in index
+    assert "| growth exponent (wall) |  | 1.00 | - | - | - | - |" in index
+    assert "stages done: simulate, features (not yet: candidates, index, ranker)" in readme
+    assert "peak memory 10.5 GiB" in readme and "every stage ≤ 16.0 GiB: so far" in readme

@@ -141,6 +141,12 @@ class _TreeSampler(threading.Thread):
             self.peak = max(self.peak, _tree_rss(self.pid))
 
 
+def _tail(path: Path, size: int = 2000) -> str:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
+
+
 def run_stage(cmd: list[str], log: Path) -> tuple[dict[str, Any], bool]:
     """Run one command as a child: its wall and CPU seconds and peak RSS (wait4), and
     whether it was interrupted (Ctrl-C: the child checkpoints and exits)."""
@@ -162,6 +168,9 @@ def run_stage(cmd: list[str], log: Path) -> tuple[dict[str, Any], bool]:
         wall = time.perf_counter() - t0
         sampler.stop.set()
     code = os.waitstatus_to_exitcode(status)
+    # Ctrl-C in the terminal reaches both; a SIGINT sent to the stage alone ends it the
+    # same way, and it says so last in its log.
+    interrupted = interrupted or (code != 0 and "interrupted at step" in _tail(log))
     if code != 0 and not interrupted:
         raise SystemExit(f"stage failed (exit {code}): {shlex.join(cmd)}; see {log}")
     part = {

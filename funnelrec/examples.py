@@ -152,7 +152,7 @@ class FeaturesConfig:
     row_group_rows: rows per Parquet row group (the loader's unit of reading and shuffling)
     block_events:   data with more events (watches + searches + impressions) is built in
                     blocks of users of about this many events each: bounds memory (see
-                    `funnelrec.blocks`); a block needs ~0.15 GiB per million events
+                    `funnelrec.blocks`); a block needs ~0.2 GiB per million events
     """
 
     history_n: int = 50

@@ -24,6 +24,7 @@ progress record, so an interrupted build resumes at the first block not yet writ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -126,7 +127,7 @@ class PartitionSummary:
 
 
 def partition(
-    ds: Dataset, folder: Path, plan: BlockPlan, *, on_rows: object = None
+    ds: Dataset, folder: Path, plan: BlockPlan, *, on_rows: Callable[[int], None] | None = None
 ) -> PartitionSummary:
     """Stream every event table of `ds` into per-block Parquet files under `folder`.
 
@@ -180,7 +181,7 @@ def partition(
                     writers[b] = w
                 w.write_table(table.slice(lo, hi - lo))
                 counts[b] += hi - lo
-            if callable(on_rows):
+            if on_rows is not None:
                 on_rows(len(user))
         for b, w in enumerate(writers):
             if w is None and schema is not None:

@@ -255,17 +255,18 @@ class _Counts:
                 out.keys.setdefault(name, []).extend(keys)
                 out.freq.setdefault(name, []).extend(p.freq[name])
             out.train_users += p.train_users
-            for lo in (p.t_min,):
-                if lo is not None:
-                    out.t_min = lo if out.t_min is None else min(out.t_min, lo)
-            for hi in (p.t_max,):
-                if hi is not None:
-                    out.t_max = hi if out.t_max is None else max(out.t_max, hi)
+            if p.t_min is not None and p.t_max is not None:
+                out.add_time_range(p.t_min, p.t_max)
             out.rank_train_rows += p.rank_train_rows
             out.requests += p.requests
             out.held_out_users += p.held_out_users
             out.rank_columns = out.rank_columns or p.rank_columns
         return out
+
+    def add_time_range(self, lo: int, hi: int) -> None:
+        """Widen the training watches' time range to include [lo, hi]."""
+        self.t_min = lo if self.t_min is None else min(self.t_min, lo)
+        self.t_max = hi if self.t_max is None else max(self.t_max, hi)
 
     def add(self, name: str, values: pa.Array | np.ndarray) -> None:
         """Count `values` (nulls ignored) under vocabulary `name`."""
@@ -297,8 +298,7 @@ def _count_block(
     train_w = sp.part_of_watches(len(log.w_ts)) == TRAIN
     if train_w.any():
         t = log.w_ts[train_w]
-        acc.t_min = int(t.min()) if acc.t_min is None else min(acc.t_min, int(t.min()))
-        acc.t_max = int(t.max()) if acc.t_max is None else max(acc.t_max, int(t.max()))
+        acc.add_time_range(int(t.min()), int(t.max()))
     acc.add("item", log.w_item[train_w])
     s_part = sp.part_of(log.s_user, log.s_ts)
     tok_owner = np.repeat(np.arange(len(log.s_ts)), np.diff(log.s_tok_off))

@@ -70,7 +70,9 @@ class _WeightedBagSum(torch.autograd.Function):
             counts = torch.bincount(sorted_ids, minlength=rows_count)
             crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
             st = _csr(crow, bag_of[order], values, (rows_count, b))
-            grad = torch.sparse.mm(st, g)  # [V, d]
+            # into a fresh buffer, beta 0 (its contents ignored): torch.sparse.mm zero-fills
+            # its result and then copies it, ~2.5x the time at 10k x 256
+            grad = g.new_empty(rows_count, dim).addmm_(st, g, beta=0)  # [V, d]
         return grad, None, None, None, None
 
 

@@ -51,7 +51,7 @@ RESULTS = Path(__file__).parent / "results"
 EF_SEARCH = (100, 128, 160, 200, 256, 320, 400, 512)  # hnsw searches at least k deep
 NPROBE = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 SQ_EF_SEARCH = (200, 256, 320, 400, 512)  # hnsw_sq fetches rerank * k, so efSearch >= that
-FS_NPROBE = (64, 96, 128, 160, 192, 224, 256)
+FS_NPROBE = (64, 80, 96, 112, 128, 144, 160, 192)
 GOAL_P99_MS, GOAL_RECALL = 1.0, 0.95
 
 
@@ -168,13 +168,18 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """The data and query options (shared with ann_settings.py)."""
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--queries", type=int, default=1000, help="held-out queries for recall")
     ap.add_argument("--latency-queries", type=int, default=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_data_arguments(ap)
     ap.add_argument("--exact-latency-queries", type=int, default=200)
     ap.add_argument(
         "--kinds", default="hnsw,hnsw_sq,ivf,ivfpq_fs", help="comma list of approximate kinds"
@@ -185,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sq-ef-search", default=",".join(map(str, SQ_EF_SEARCH)))
     ap.add_argument("--sq-type", default="sq8", help="hnsw_sq codes: sq8 or fp16")
     ap.add_argument("--sq-rerank", default="1,2", help="hnsw_sq re-rank depths (x k)")
-    ap.add_argument("--nlist", type=int, default=0, help="0 = 4 sqrt(N) (power of two)")
+    ap.add_argument(
+        "--nlist", type=int, default=0, help="0 = 4 sqrt(N), ivfpq_fs 2 sqrt(N) (power of two)"
+    )
     ap.add_argument("--nprobe", default=",".join(map(str, NPROBE)))
     ap.add_argument("--fs-nprobe", default=",".join(map(str, FS_NPROBE)))
     ap.add_argument("--fs-rerank", default="4,6,8", help="ivfpq_fs re-rank depths (x k)")

@@ -64,9 +64,9 @@ _BUCKETS: tuple[Kind, ...] = ("ivf", "ivfpq", "ivfpq_fs")
 SQ_TYPES = ("sq8", "fp16")
 # Candidates re-ranked per result when `rerank` is 0. hnsw_sq: 8-bit codes misorder only
 # near-ties, and 2 k lifts recall@100 from 0.947 to 0.951 at efSearch 400 (1M benchmark).
-# ivfpq_fs: 4-bit codes of 2 dimensions are coarse; at nprobe 192, 4 k / 8 k / 16 k gave
-# 0.940 / 0.953 / 0.955.
-DEFAULT_RERANK: dict[str, float] = {"hnsw_sq": 2.0, "ivfpq_fs": 8.0}
+# ivfpq_fs: 4-bit codes of 2 dimensions are coarse; at nlist 2048, nprobe 112, 4 k / 6 k /
+# 8 k gave 0.942 / 0.952 / 0.955, and 6 k reached 0.95 sooner than 4 k (nprobe 160) or 8 k.
+DEFAULT_RERANK: dict[str, float] = {"hnsw_sq": 2.0, "ivfpq_fs": 6.0}
 
 INDEX_FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -89,8 +89,10 @@ _ADD_CHUNK = 50_000
 # FAISS's automatic choice (0) keeps a heap, which costs more at k = 600: on the 1M
 # benchmark (nprobe 208-224, rerank 6, one thread) a query took ~1.0 ms instead of ~1.15
 # (p50) with the same results. Batches: 0, which splits them over threads by query
-# (1000 queries: 0.50 s against 0.69 s with 11). FAISS's 14, which splits one query's lists
-# over threads, was no faster with 2 threads on the 2-core machine shared with one busy job.
+# (1000 queries: 0.50 s against 0.69 s with 11). One query is not split over threads:
+# FAISS's 14 (one query's lists over threads, one heap) was no faster with 2 threads; its
+# 15 (a reservoir per thread) took p50 ~10-15% off on an idle machine, but whenever the
+# other core was taken p99 jumped to 2-17 ms (1M benchmark, nlist 2048; docs/ann.md).
 _FS_IMPLEM_SINGLE, _FS_IMPLEM_BATCH = 11, 0
 
 
@@ -104,7 +106,7 @@ class IndexParams:
     hnsw_m: int = 32  # hnsw: links per node; memory (4 d + 8 M) bytes/vector (FAISS wiki)
     ef_construction: int = 100  # hnsw: candidate list while inserting; build time ~ linear
     ef_search: int = 128  # hnsw: candidate list while searching (raised to k when smaller)
-    nlist: int = 0  # ivf*: k-means buckets; 0 = 4 sqrt(N) rounded to a power of two
+    nlist: int = 0  # ivf*: k-means buckets; 0 = 4 sqrt(N) (ivfpq_fs: 2 sqrt(N)), a power of 2
     nprobe: int = 32  # ivf*: buckets scanned per query
     train_size: int = 0  # ivf*: vectors sampled for k-means; 0 = 64 per bucket (and per PQ code)
     pq_m: int = 0  # ivfpq: sub-quantizers (bytes per vector at 8 bits); 0 = d/8, a divisor
@@ -116,7 +118,7 @@ class IndexParams:
         """Fill the automatic (zero) fields for `count` vectors of `dim` and check ranges."""
         p = self
         if kind in _BUCKETS:
-            nlist = p.nlist or _auto_nlist(count)
+            nlist = p.nlist or _auto_nlist(count, kind)
             if not 1 <= nlist <= count:
                 raise FunnelrecError(f"nlist={nlist} must be between 1 and the {count} items")
             train = p.train_size or 64 * nlist
@@ -169,9 +171,12 @@ def item_ids_hash(item_ids: ArrayLike) -> str:
     return hashlib.sha256(ids.tobytes()).hexdigest()
 
 
-def _auto_nlist(count: int) -> int:
+def _auto_nlist(count: int, kind: Kind) -> int:
     # FAISS wiki: 4 sqrt(N) to 16 sqrt(N) buckets; at least 39 training points per bucket.
-    target = max(1.0, 4 * math.sqrt(count))
+    # ivfpq_fs: 2 sqrt(N). Its scan costs ~2.5 us per bucket besides ~8 ns per code, so at
+    # 1M items 2048 buckets (nprobe 112, ~60k codes) reach recall@100 0.95 in ~25% less
+    # time than 4096 (nprobe 208, ~55k codes); 1024 needs too many codes (docs/ann.md).
+    target = max(1.0, (2 if kind == "ivfpq_fs" else 4) * math.sqrt(count))
     nlist = 2 ** round(math.log2(target))
     return int(max(1, min(nlist, count // 39 or 1)))
 

@@ -189,7 +189,7 @@ def test_auto_params_follow_corpus_size() -> None:
     with pytest.raises(FunnelrecError, match="pq_m=5 must divide"):
         IndexParams(pq_m=5).resolved("ivfpq", 1000, 16)
     fs = IndexParams().resolved("ivfpq_fs", 1_000_000, 128)
-    assert fs.nlist == 4096 and fs.pq_m == 64 and fs.rerank == ann.DEFAULT_RERANK["ivfpq_fs"]
+    assert fs.nlist == 2048 and fs.pq_m == 64 and fs.rerank == ann.DEFAULT_RERANK["ivfpq_fs"]
     sq = IndexParams(rerank=3).resolved("hnsw_sq", 1_000_000, 128)
     assert sq.rerank == 3.0 and sq.sq_type == "sq8"
     assert IndexParams().resolved("hnsw_sq", 10, 4).rerank == ann.DEFAULT_RERANK["hnsw_sq"]
@@ -210,7 +210,8 @@ def test_recall_against_exact(
     assert built["hnsw_sq"].recall_vs_exact(q, 50) >= 0.9
     assert built["ivfpq_fs"].recall_vs_exact(q, 50) >= 0.9
     assert built["ivfpq_fs"].recall is not None
-    assert built["ivfpq_fs"].recall["search_params"] == {"nprobe": 16, "rerank": 8.0}
+    rerank = ann.DEFAULT_RERANK["ivfpq_fs"]
+    assert built["ivfpq_fs"].recall["search_params"] == {"nprobe": 16, "rerank": rerank}
     assert built["hnsw"].recall is not None and built["hnsw"].recall["query_source"] == "test"
     with pytest.raises(FunnelrecError, match="needs the original embeddings"):
         built["ivfpq"].recall_vs_exact(q, 50)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from funnelrec import ann
 from funnelrec.ann import ItemIndex
 from funnelrec.candidates import load_item_embeddings, split_user_vectors
 from funnelrec.cli import evaluate as evaluate_cli
@@ -96,7 +97,8 @@ def test_default_kind_is_exact_on_a_small_corpus_and_bench_sweeps_the_knob(art: 
     )
     assert res.exit_code == 0, (res.output, res.exception)
     assert "exact" in res.output
-    for row in ("nprobe=1 rerank=8", "nprobe=4 rerank=8"):
+    rerank = ann.DEFAULT_RERANK["ivfpq_fs"]
+    for row in (f"nprobe=1 rerank={rerank:g}", f"nprobe=4 rerank={rerank:g}"):
         assert row in res.output
 
 

@@ -62,7 +62,7 @@ def build(
         0.0,
         help=f"{', '.join(RERANKED)}: candidates re-scored exactly, x k (0 = the kind's default).",
     ),
-    nlist: int = typer.Option(0, help="ivf*: buckets (0 = 4 sqrt(N))."),
+    nlist: int = typer.Option(0, help="ivf*: buckets (0 = 4 sqrt(N), ivfpq_fs 2 sqrt(N))."),
     nprobe: int | None = typer.Option(None, help="ivf*: buckets searched (no tuning)."),
     pq_m: int = typer.Option(0, help="ivfpq: sub-quantizers (0 = d/8; ivfpq_fs: d/2)."),
     pq_bits: int = typer.Option(IndexParams.pq_bits, help="ivfpq: bits per code."),

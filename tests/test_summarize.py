@@ -156,6 +156,24 @@ def run(args: list[str], *extra: str) -> int:
     return int(summarize.main([*args, *extra]))
 
 
+def test_ann_settings_renders_its_rows(tmp_path: Path) -> None:
+    rows = [
+        {"setting": "nlist=4096 nprobe=208 rerank=6", "recall": 0.95714, "p50_ms": 1.348,
+         "p99_ms": 2.222, "mean_ms": 1.379},
+        {"setting": "nlist=2048 nprobe=112 rerank=6", "recall": 0.9515, "p50_ms": 1.084,
+         "p99_ms": 1.659, "mean_ms": 1.114},
+    ]  # fmt: skip
+    data = {"kind": "ivfpq_fs", "items": 1_000_000, "dim": 128, "k": 100, "queries": 1000,
+            "latency_queries": 980, "rows": rows}  # fmt: skip
+    root, args = setup(tmp_path, {"ann_settings": data})
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    assert "\n## ann_settings\n" in index
+    assert "each of 980 queries sent to every setting in turn" in index
+    assert "| nlist=4096 nprobe=208 rerank=6 | 0.957 | 1.35 | 2.22 | 1.38 |" in index
+    assert "| nlist=2048 nprobe=112 rerank=6 | 0.952 | 1.08 | 1.66 | 1.11 |" in index
+
+
 def test_known_results_render_tables_and_headlines(tmp_path: Path) -> None:
     results = {"ann": ann(), "real_data": real_data(), "serving": serving(),
                "ranking_table": ranking_table()}  # fmt: skip

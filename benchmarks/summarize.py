@@ -683,7 +683,14 @@ def render_ann_settings(d: dict[str, Any], ctx: Context) -> Section:
         figures = [r.get("p50_ms"), r.get("p99_ms"), r.get("mean_ms")]
         rows.append([str(r["setting"]), fixed(r.get("recall"), 3), *map(num, figures)])
     body += table(["setting", f"recall@{k}", "p50 ms", "p99 ms", "mean ms"], rows)
-    return Section(body)
+    s = Section(body)
+    figure = "; ".join(
+        f"{r['setting']}: {fixed(r.get('recall'), 3)} at p50 {num(r.get('p50_ms'))} / p99 "
+        f"{num(r.get('p99_ms'))} ms"
+        for r in d["rows"]
+    )
+    s.headline.append((f"ANN settings timed in turns ({big(d.get('items'))} items)", figure, "-"))
+    return s
 
 
 def render_ranking_table(d: dict[str, Any], ctx: Context) -> Section:

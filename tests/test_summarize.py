@@ -172,6 +172,8 @@ def test_ann_settings_renders_its_rows(tmp_path: Path) -> None:
     assert "each of 980 queries sent to every setting in turn" in index
     assert "| nlist=4096 nprobe=208 rerank=6 | 0.957 | 1.35 | 2.22 | 1.38 |" in index
     assert "| nlist=2048 nprobe=112 rerank=6 | 0.952 | 1.08 | 1.66 | 1.11 |" in index
+    readme = (root / "README.md").read_text()
+    assert "nlist=2048 nprobe=112 rerank=6: 0.952 at p50 1.08 / p99 1.66 ms" in readme
 
 
 def test_known_results_render_tables_and_headlines(tmp_path: Path) -> None:

@@ -932,7 +932,7 @@ def _structure(index: Any) -> tuple[str, str | None]:
 
 
 class _progress_bar:
-    """A Rich progress bar (items, rate, ETA) when enabled; a no-op otherwise."""
+    """A progress bar (`funnelrec.progress`) of `total` items when enabled; else a no-op."""
 
     def __init__(self, enabled: bool, description: str, total: int) -> None:
         self.enabled, self.description, self.total = enabled, description, total
@@ -940,34 +940,12 @@ class _progress_bar:
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda _n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from funnelrec.progress import progress_bar  # Rich only where a bar is drawn
 
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
+        self._bar = progress_bar("items")
         self._bar.__enter__()
-        task = self._bar.add_task(self.description, total=self.total, rate="")
-        start, done = time.perf_counter(), 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            self._bar.update(task, advance=n, rate=f"{rate:,.0f} items/s")
-
-        return advance
+        task = self._bar.add_task(self.description, total=self.total)
+        return lambda n: self._bar.advance(task, n)
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:

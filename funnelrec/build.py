@@ -28,14 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from funnelrec import __version__
 from funnelrec.blocks import (
@@ -77,6 +70,7 @@ from funnelrec.examples import (
     _Users,
 )
 from funnelrec.normalize import QuantileNormalizer
+from funnelrec.progress import progress_bar
 from funnelrec.splits import (
     NEVER,
     PART_NAMES,
@@ -90,19 +84,6 @@ from funnelrec.splits import (
     time_split,
 )
 from funnelrec.vocab import Vocabulary
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 class _ShardWriter:
@@ -157,10 +138,6 @@ class _ShardWriter:
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for lo in range(0, n, size):
         yield slice(lo, min(lo + size, n))
-
-
-def _rate(done: int, elapsed: float) -> str:
-    return f"{done / elapsed:,.0f} ex/s" if elapsed > 0 else ""
 
 
 def build_features(
@@ -781,16 +758,11 @@ class _Bars:
     def __call__(self, description: str, total: int) -> Callable[[int], None]:
         desc = self.prefix + description
         if self.task is None or not self.reuse:
-            self.task = self.bar.add_task(desc, total=total, rate="")
+            self.task = self.bar.add_task(desc, total=total)
         else:
-            self.bar.reset(self.task, total=total, description=desc, rate="")
-        task, t0, done = self.task, time.perf_counter(), [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            self.bar.update(task, advance=n, rate=_rate(done[0], time.perf_counter() - t0))
-
-        return advance
+            self.bar.reset(self.task, total=total, description=desc)
+        task = self.task
+        return lambda n: self.bar.advance(task, n)
 
 
 def _build_in_memory(
@@ -812,7 +784,7 @@ def _build_in_memory(
     _count_block(log, sp, cfg, acc, cfg.seed + 2)
     tf = _fit_transforms(acc, log.users, cfg, ranking=log.imp is not None and cfg.ranking)
     by_item = CountIndex.build(log.w_item, log.w_ts)
-    with _progress(progress) as bar:
+    with progress_bar("examples", enabled=progress) as bar:
         out = _BlockOut(
             root=root,
             prefix="part-",
@@ -1052,7 +1024,7 @@ class _BlockedBuild:
         state = self._load_state()
         users_t = self.ds.table("users", columns=["user_id"]).column("user_id")
         n_users_table = int(pc.max(users_t).as_py() or 0) if len(users_t) else 0
-        with _progress(self.show) as bar:
+        with progress_bar("examples", enabled=self.show) as bar:
             if "partition" not in state:
                 state["partition"] = self._partition(bar, n_users_table)
                 self._save_state(state)
@@ -1065,7 +1037,7 @@ class _BlockedBuild:
             fit = state["fit"]
             tf = _load_transforms(self.work, fit, users)
             done = set(state["blocks_done"])
-            blocks_task = bar.add_task("blocks written", total=plan.n_blocks, rate="")
+            blocks_task = bar.add_task("blocks written", total=plan.n_blocks, unit="blocks")
             bar.update(blocks_task, completed=len(done))
             todo = [b for b in range(plan.n_blocks) if b not in done]
             bars = _Bars(bar, reuse=True)
@@ -1123,12 +1095,10 @@ class _BlockedBuild:
         plan = plan_blocks(
             n_events=self.n_events, n_users=n_users_table, block_events=self.cfg.block_events
         )
-        task = bar.add_task("partition by user", total=self.n_events, rate="")
-        t0, done = time.perf_counter(), [0]
+        task = bar.add_task("partition by user", total=self.n_events, unit="events")
 
         def on_rows(n: int) -> None:
-            done[0] += n
-            bar.update(task, advance=n, rate=_rate(done[0], time.perf_counter() - t0))
+            bar.advance(task, n)
 
         summary = partition(self.ds, self.blocks, plan, on_rows=on_rows)
         bounds = _time_bounds(summary.watch_ts, self.cfg) if self.split_kind == "time" else None
@@ -1158,7 +1128,7 @@ class _BlockedBuild:
     def _fit(
         self, bar: Progress, plan: BlockPlan, users: _Users, part: dict[str, Any]
     ) -> dict[str, Any]:
-        task = bar.add_task("fit transforms (blocks)", total=plan.n_blocks, rate="")
+        task = bar.add_task("fit transforms (blocks)", total=plan.n_blocks, unit="blocks")
         parts: dict[int, _Counts] = {}
 
         def finished(b: int, counts: _Counts) -> None:

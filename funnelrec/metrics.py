@@ -48,18 +48,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import Tensor, nn
 
 from funnelrec.batch import CandidateBatch
 from funnelrec.errors import FunnelrecError
+from funnelrec.progress import progress_bar
 
 if TYPE_CHECKING:
     from funnelrec.ann import ItemIndex
@@ -505,18 +498,9 @@ def evaluate_split(
     flat, offsets = seen_items(feats, split, limit=n_batches * bs)
     loader = candidate_loader(feats, split, batch_size=bs)
     batches: Iterable[CandidateBatch] = itertools.islice(iter(loader), n_batches)
-    bar = Progress(
-        TextColumn(f"[bold]evaluate {split}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("examples"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=True,
-    )
+    bar = progress_bar("examples", enabled=progress, transient=True)
     with bar:
-        task = bar.add_task("eval", total=total)
+        task = bar.add_task(f"evaluate {split}", total=total)
         return evaluate_retrieval(
             scorers,
             batches,

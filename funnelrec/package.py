@@ -42,7 +42,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from funnelrec import __version__
 from funnelrec.ann import ItemIndex
@@ -58,6 +57,7 @@ from funnelrec.dataset import AtomicDirectory, Dataset, write_json_atomic
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 from funnelrec.examples import MANIFEST as FEATURES_MANIFEST
 from funnelrec.examples import Features
+from funnelrec.progress import progress_bar
 from funnelrec.ranking import RankingFeatureSpec, read_ranker_config
 from funnelrec.recommender import (
     ARTIFACT_FORMAT_VERSION,
@@ -180,21 +180,16 @@ def package(
         "live state seed",
         "check",
     ]
-    bar = Progress(
-        TextColumn("package: {task.fields[step]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not progress,
-    )
+    bar = progress_bar(None, enabled=progress)
     target = AtomicDirectory(Path(out), force=force)
     root = target.tmp
     try:
         with bar:
-            task = bar.add_task("package", total=len(steps), step=steps[0])
+            task = bar.add_task(f"package: {steps[0]}", total=len(steps))
 
             def done(i: int) -> None:
-                bar.update(task, advance=1, step=steps[min(i + 1, len(steps) - 1)])
+                step = steps[min(i + 1, len(steps) - 1)]
+                bar.update(task, advance=1, description=f"package: {step}")
 
             _copy_features(feat_dir, root / FEATURES_DIR)
             done(0)

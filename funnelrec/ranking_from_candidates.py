@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from funnelrec.ann import ItemIndex
 from funnelrec.candidates import (
@@ -49,6 +48,7 @@ from funnelrec.dataset import Dataset, DatasetWriter
 from funnelrec.errors import FunnelrecError
 from funnelrec.examples import Features
 from funnelrec.loader import candidate_loader
+from funnelrec.progress import progress_bar
 
 COPIED_TABLES = ("users", "items", "watches", "searches")
 PAGES_PER_CHUNK = 100_000  # pages validated and written at once (bounds memory)
@@ -144,15 +144,9 @@ def impressions_from_candidates(
     times: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     total = sum(feats.num_examples("candidates", s) for s in splits)
-    bar = Progress(
-        TextColumn("[bold]pages from candidates"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-    )
+    bar = progress_bar("examples", enabled=progress)
     with bar, torch.no_grad():
-        task = bar.add_task("", total=total)
+        task = bar.add_task("pages from candidates", total=total)
         for split in splits:
             for batch in candidate_loader(feats, split, batch_size=batch_size):
                 retrieved, _ = index.search(model(batch).float().numpy(), k)  # [B, k], best first

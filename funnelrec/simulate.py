@@ -47,18 +47,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from funnelrec.config import apply_overrides
 from funnelrec.dataset import DatasetWriter
 from funnelrec.errors import FunnelrecError
+from funnelrec.progress import progress_bar
 from funnelrec.truth import DAY_S, MAX_SEARCH_WATCHES, UserModel, World, order_by
 
 I64 = NDArray[np.int64]
@@ -824,18 +817,13 @@ def generate(
         world.save(writer.subdir("truth"))
         n_req = 0
         n_watch = 0
-        bar = Progress(
-            TextColumn("simulate"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("blocks · {task.fields[watches]:,} watches · {task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            disable=not progress,
-            transient=False,
+        bar = progress_bar(
+            None,
+            enabled=progress,
+            fields="blocks · {task.fields[watches]:,} watches · {task.fields[rate]}",
         )
         with bar:
-            task = bar.add_task("blocks", total=n_blocks, watches=0, rate="")
+            task = bar.add_task("simulate", total=n_blocks, watches=0, rate="")
             for b, lo, hi in _blocks(config.n_users, config.users_per_block):
                 rng = np.random.default_rng([seed, 1, b])
                 ev = _BlockSimulator(world, config, rng).run(lo, hi)

@@ -58,18 +58,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import Tensor, nn
 
 from funnelrec.distributed import Distributed, rank_seed, sync_gradients
 from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.progress import progress_bar
 from funnelrec.sparse_adam import RowSparseAdam
 
 CHECKPOINT_FORMAT = 1
@@ -351,18 +344,6 @@ class _Position:
     stopped_early: bool = False
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps  {task.fields[rate]} ex/s  loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 # glibc hands allocations above a (dynamic) threshold to mmap and returns freed memory
 # at the heap's top to the system, so every training step's fresh gradient buffers
 # (tens of MB for embedding tables) come back as new pages, each zeroed by the kernel on
@@ -515,7 +496,10 @@ def train(
     comm_bytes, comm_s = 0, 0.0
     rate_t, rate_n, rate = t0, 0, 0.0
     done = pos.stopped_early or (config.max_steps is not None and pos.step >= config.max_steps)
-    with _StopOnSigint() as stop, _progress(progress and dist.is_main) as bar:
+    # steps on the bar; the rate is of examples (a step's batch size varies at an epoch's end)
+    fields = "steps  {task.fields[rate]} ex/s  loss {task.fields[loss]}"
+    bar = progress_bar(None, enabled=progress and dist.is_main, fields=fields)
+    with _StopOnSigint() as stop, bar:
         task = bar.add_task(description, total=total, completed=pos.step, rate="-", loss="-")
         while not done and pos.epoch < config.epochs:
             # torch's DataLoader draws a seed from the global RNG when an iterator is made;

@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from funnelrec import distributed, rank_metrics
@@ -45,6 +44,7 @@ from funnelrec.distributed import Distributed, local_batch_size
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.examples import Features
 from funnelrec.loader import ranking_loader, read_examples
+from funnelrec.progress import progress_bar
 from funnelrec.ranking import (
     TOWER_PRESETS,
     Calibration,
@@ -177,17 +177,6 @@ def _check_features(meta: Mapping[str, Any], feats: Features, art: Path) -> None
         raise ArtifactError(f"{art}: its feature spec differs from that of {feats.path}")
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 def score_split(
     model: RankingModel,
     feats: Features,
@@ -211,7 +200,7 @@ def score_split(
     if not show:
         p = predict(model, loader)
     else:
-        with _progress() as bar:
+        with progress_bar("examples", console=console, transient=True) as bar:
             task = bar.add_task(f"scoring {split}", total=total)
             p = predict(model, loader, progress=lambda n: bar.advance(task, n))
     if limit is None or len(p) <= limit:

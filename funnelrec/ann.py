@@ -32,10 +32,12 @@ temporary directory renamed into place.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +82,15 @@ EXACT_MAX_ITEMS = 50_000
 # Exclusion by over-fetching (search k + m, drop the excluded) is batched and cheap while
 # m is small; rows that exclude more than this use a FAISS id selector, one query at a time.
 OVERFETCH_MAX = 1024
+
+# Random reads of float rows (ivfpq_fs's and hnsw_sq's re-rank, every step of an HNSW
+# search) each miss the TLB with 4 KiB pages: 1M x 128 floats span 131k pages. Backed by
+# 2 MiB pages (Linux: madvise MADV_HUGEPAGE, then MADV_COLLAPSE, ~0.6 s for 512 MB), one
+# ivfpq_fs query at 1M items (nprobe 112, rerank 6) took p50 0.95 ms instead of 1.05-1.09,
+# timed in turns with an index left on small pages. Best effort: elsewhere nothing changes.
+HUGE_PAGES = True
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
 
 # Rows added per call while building: small enough for a live progress bar.
 _ADD_CHUNK = 50_000
@@ -171,6 +182,23 @@ def item_ids_hash(item_ids: ArrayLike) -> str:
     return hashlib.sha256(ids.tobytes()).hexdigest()
 
 
+def _huge_pages(address: int, nbytes: int) -> bool:
+    """Ask Linux to back the whole 2 MiB pages inside [address, address + nbytes) with
+    huge pages, now (MADV_COLLAPSE) and for later faults (MADV_HUGEPAGE). True if it took."""
+    lo = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    hi = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if not sys.platform.startswith("linux") or hi <= lo:
+        return False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if madvise(lo, hi - lo, _MADV_HUGEPAGE) != 0:
+        return False
+    return bool(madvise(lo, hi - lo, _MADV_COLLAPSE) == 0)
+
+
 def _auto_nlist(count: int, kind: Kind) -> int:
     # FAISS wiki: 4 sqrt(N) to 16 sqrt(N) buckets; at least 39 training points per bucket.
     # ivfpq_fs: 2 sqrt(N). Its scan costs ~2.5 us per bucket besides ~8 ns per code, so at
@@ -243,6 +271,20 @@ class ItemIndex:
         self._sorter = np.argsort(self.item_ids, kind="stable")
         self._sorted_ids = self.item_ids[self._sorter]
         self._dense = bool(np.array_equal(self.item_ids, np.arange(len(self.item_ids))))
+        if HUGE_PAGES:
+            self._advise_huge_pages()
+
+    def _advise_huge_pages(self) -> None:
+        """Back the arrays searches read at random (float rows, HNSW links) with 2 MiB
+        pages where the system allows it (see HUGE_PAGES)."""
+        if self._floats is not None and self._floats.ntotal:
+            codes = self._floats.codes
+            _huge_pages(int(codes.data()), int(codes.size()))
+        hnsw = getattr(self._index, "hnsw", None)
+        if hnsw is None and self.kind == "hnsw_sq":
+            hnsw = getattr(faiss.downcast_index(self._index.base_index), "hnsw", None)
+        if hnsw is not None and hnsw.neighbors.size():
+            _huge_pages(int(hnsw.neighbors.data()), 4 * int(hnsw.neighbors.size()))
 
     @property
     def dim(self) -> int:

@@ -397,3 +397,24 @@ def test_fast_scan_picks_its_single_query_scan_and_gives_the_batch_results(
     got, _ = index.search(q[:1], 20, exclude=drop)
     assert fs.implem == ann._FS_IMPLEM_BATCH
     assert not np.isin(got, drop).any() and (got >= 0).all()
+
+
+def test_huge_pages_change_nothing_but_where_the_arrays_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 3 MiB of floats and HNSW links: at least one whole 2 MiB page to advise (the advice
+    # is best effort: whether Linux grants it depends on the machine), same results.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6000, 128)).astype(np.float32)
+    ids = np.arange(6000) * 3
+    q = rng.standard_normal((20, 128)).astype(np.float32)
+    for kind in ("exact", "hnsw", "ivfpq_fs"):
+        p = IndexParams(hnsw_m=8, nlist=32, nprobe=8)
+        monkeypatch.setattr(ann, "HUGE_PAGES", False)
+        small = ItemIndex.build(x, ids, kind, p, threads=1).search(q, 10)
+        monkeypatch.setattr(ann, "HUGE_PAGES", True)
+        huge = ItemIndex.build(x, ids, kind, p, threads=1).search(q, 10)
+        np.testing.assert_array_equal(small[0], huge[0])
+        np.testing.assert_array_equal(small[1], huge[1])
+    buf = np.zeros(1 << 20, dtype=np.uint8)  # 1 MiB: no whole 2 MiB page inside
+    assert not ann._huge_pages(buf.ctypes.data, buf.nbytes)

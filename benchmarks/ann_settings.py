@@ -6,9 +6,12 @@
 
 `benchmarks/ann.py` measures one setting after another, 1000 queries each; on a machine
 whose cache and memory bandwidth are shared with other tenants, a setting timed in a slow
-minute then looks worse than one timed in a fast minute. Here every query is sent to each
-setting in turn (same query, back to back), so the host's slow and fast minutes fall on
-all settings alike and their ratios can be trusted even when the absolute figures move.
+minute then looks worse than one timed in a fast minute. Here the settings take turns,
+one query each, so the host's slow and fast minutes fall on all settings alike and their
+ratios can be trusted even when the absolute figures move. Each setting answers every
+query once, but never right after a search of the same query (whose buckets and rows are
+then in cache: an earlier version of this script, sending each query to all settings
+back to back, made the second setting of an index look up to ~20% faster).
 
 Each `--setting` is an ivfpq_fs index (nlist, built once; `--cache` as in ann.py, whose
 cache it shares) searched with the given nprobe and rerank. The data and queries are
@@ -114,14 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     for index in indexes.values():
         index.threads = 1
     load_start = os.getloadavg()
-    wall = np.empty((len(settings), len(q_lat)))
-    for i, query in enumerate(q_lat):
+    # Round i gives setting j the query (i + j * stride) mod n: every setting answers every
+    # query once, and no search follows one of the same query (whose buckets and rows it
+    # would find in cache: two settings of one index read mostly the same memory).
+    n = len(q_lat)
+    stride = max(1, n // len(settings))
+    wall = np.empty((len(settings), n))
+    for i in range(n):
         for j, s in enumerate(settings):
             index = use(s)
+            query = q_lat[(i + j * stride) % n]
             t = time.perf_counter_ns()
             index.search(query, args.k)
             wall[j, i] = (time.perf_counter_ns() - t) / 1e6
-    wall = wall[:, 20:]  # the first queries warm caches and FAISS's thread pool
+    wall = wall[:, 20:]  # the first rounds warm caches and FAISS's thread pool
 
     rows = [
         {

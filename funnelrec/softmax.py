@@ -284,36 +284,50 @@ class _FusedSoftmaxCE(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:3])
         hit_rows, hit_cols = _hits(labels, cand_ids)
         pos = (u * pos_v).sum(1)  # [B]: the label's logit, exact
+        # The bias never touches the [c, C] logits: exp(o + bias_j - top) is
+        # exp(o - top + bias_max) * w_j with w_j = exp(bias_j - bias_max) <= 1, and w goes
+        # into the [C]-sized operands of the products instead (z = E @ w, E @ (w * v),
+        # w * (E^T @ u)). The logits matmul without a bias runs ~15% faster (no broadcast
+        # copy, no read of its output), and the p = e / z pass over [c, C] is gone.
+        bias_max = cand_bias.max() if c_count else cand_bias.new_zeros(())
+        w = torch.exp(cand_bias - bias_max)  # [C]
         grad_u = torch.empty_like(u) if need_grad else None
         grad_pos = torch.empty_like(pos_v) if need_grad else None
         grad_cand = torch.zeros_like(cand_v) if need_grad else None
+        wv = cand_v * w[:, None] if need_grad else cand_v
         total = torch.zeros((), dtype=torch.float64, device=u.device)
         rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
         for lo in range(0, b, rows):
             hi = min(b, lo + rows)
             uc, pc = u[lo:hi], pos[lo:hi]
-            logits = torch.addmm(cand_bias, uc, cand_v.T)  # [c, C]
+            logits = torch.mm(uc, cand_v.T)  # [c, C], without the bias
             sel = (hit_rows >= lo) & (hit_rows < hi)
             logits[hit_rows[sel] - lo, hit_cols[sel]] = float("-inf")
-            top = torch.maximum(logits.amax(1), pc)  # [c]; the positive is finite
-            # exp(o - top), with o - top floored at -50: below ~-87 exp gives denormals,
-            # and products of small ones do too, each many times slower to compute on
-            # CPU; next to the e^0 term, C terms of e^-50 change the sum by < C * 2e-22
-            logits.sub_(top[:, None]).clamp_(min=-50.0).exp_()
+            # top >= every corrected logit of the row and the positive's (which is finite)
+            top = torch.maximum(logits.amax(1) + bias_max, pc)  # [c]
+            # E = exp(o + bias_max - top) <= 1, with the exponent floored at -50: below ~-87
+            # exp gives denormals, and products of small ones do too, each many times
+            # slower to compute on CPU; next to the e^0 term, C terms of e^-50 change the
+            # sum by < C * 2e-22
+            logits.sub_((top - bias_max)[:, None]).clamp_(min=-50.0).exp_()
             logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
             e_pos = torch.exp(pc - top)
-            z = logits.sum(1) + e_pos
+            z = torch.mv(logits, w) + e_pos  # [c]
             total += (torch.log(z) + top - pc).sum()
             if need_grad:
                 assert grad_u is not None and grad_pos is not None and grad_cand is not None
-                # d(mean loss)/d(logit) = (softmax - onehot(positive)) / B
-                inv = 1.0 / (z * b)
-                p_neg = logits.mul_(inv[:, None])  # [c, C]
+                # d(mean loss)/d(logit_ij) = (softmax_ij - onehot(positive)) / B, where
+                # softmax_ij = E_ij * w_j / z_i
+                inv = 1.0 / (z * b)  # [c]
                 g_pos = e_pos * inv - 1.0 / b  # [c]
-                grad_u[lo:hi] = torch.addmm(g_pos[:, None] * pos_v[lo:hi], p_neg, cand_v)
+                grad_u[lo:hi] = (
+                    torch.mm(logits, wv).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
+                )
                 grad_pos[lo:hi] = g_pos[:, None] * uc
-                grad_cand.addmm_(p_neg.T, uc)
+                grad_cand.addmm_(logits.T, uc * inv[:, None])
         if need_grad:
+            assert grad_cand is not None
+            grad_cand.mul_(w[:, None])
             ctx.save_for_backward(grad_u, grad_pos, grad_cand)
         return (total / b).to(u.dtype)
 

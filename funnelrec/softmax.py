@@ -194,7 +194,12 @@ class SampledSoftmax(nn.Module):
         n = int(negatives.shape[0])
         m = b - 1 if self.in_batch_negatives else 0
         # one gather for labels and negatives: one [N + 1, d] gradient to build, not two
-        rows = F.embedding(torch.cat([labels, negatives]), item_weight, sparse=sparse)
+        all_ids = torch.cat([labels, negatives])
+        if sparse or item_weight.device.type != "cpu":
+            # (_GatherRows' index_add_ is not deterministic on a GPU)
+            rows = F.embedding(all_ids, item_weight, sparse=sparse)
+        else:
+            rows = _GatherRows.apply(item_weight, all_ids)
         if self.normalize_items:
             rows = F.normalize(rows, dim=1)
         pos_v = rows[:b]  # [B, d]
@@ -220,6 +225,9 @@ class SampledSoftmax(nn.Module):
             bias = -log_count.to(u.dtype)
         else:
             bias = torch.zeros(ids.shape[0], device=u.device, dtype=u.dtype)
+        if m == 0 and n > 0:  # the candidates are rows[B:]: one gradient for the block
+            out: Tensor = _FusedSoftmaxCERows.apply(u, rows, bias, labels, ids)
+            return out
         return softmax_cross_entropy(u, pos_v, cand_v, bias, labels, ids)
 
 
@@ -266,6 +274,66 @@ def _hits(labels: Tensor, cand_ids: Tensor) -> tuple[Tensor, Tensor]:
     return rows, order[left[rows] + within]
 
 
+def _loss_and_grads(
+    u: Tensor,
+    pos_v: Tensor,
+    cand_v: Tensor,
+    cand_bias: Tensor,
+    labels: Tensor,
+    cand_ids: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor] | None,
+) -> Tensor:
+    """The mean loss of `softmax_cross_entropy`, in row chunks; with `grads` = (grad_u
+    [B, d], grad_pos [B, d], grad_cand [C, d], the last zeroed), its gradients written
+    into them."""
+    need_grad = grads is not None
+    # (without grads the names are bound to the inputs only to keep one code path; unused)
+    grad_u, grad_pos, grad_cand = grads if grads is not None else (u, pos_v, cand_v)
+    b, c_count = u.shape[0], cand_v.shape[0]
+    hit_rows, hit_cols = _hits(labels, cand_ids)
+    pos = (u * pos_v).sum(1)  # [B]: the label's logit, exact
+    # The bias never touches the [c, C] logits: exp(o + bias_j - top) is
+    # exp(o - top + bias_max) * w_j with w_j = exp(bias_j - bias_max) <= 1, and w goes
+    # into the [C]-sized operands of the products instead (z = E @ w, E @ (w * v),
+    # w * (E^T @ u)). The logits matmul without a bias runs ~15% faster (no broadcast
+    # copy, no read of its output), and the p = e / z pass over [c, C] is gone.
+    bias_max = cand_bias.max() if c_count else cand_bias.new_zeros(())
+    w = torch.exp(cand_bias - bias_max)  # [C]
+    wv = cand_v * w[:, None] if need_grad else cand_v
+    total = torch.zeros((), dtype=torch.float64, device=u.device)
+    rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
+    for lo in range(0, b, rows):
+        hi = min(b, lo + rows)
+        uc, pc = u[lo:hi], pos[lo:hi]
+        logits = torch.mm(uc, cand_v.T)  # [c, C], without the bias
+        sel = (hit_rows >= lo) & (hit_rows < hi)
+        logits[hit_rows[sel] - lo, hit_cols[sel]] = float("-inf")
+        # top >= every corrected logit of the row and the positive's (which is finite)
+        top = torch.maximum(logits.amax(1) + bias_max, pc)  # [c]
+        # E = exp(o + bias_max - top) <= 1, with the exponent floored at -50: below ~-87
+        # exp gives denormals, and products of small ones do too, each many times
+        # slower to compute on CPU; next to the e^0 term, C terms of e^-50 change the
+        # sum by < C * 2e-22
+        logits.sub_((top - bias_max)[:, None]).clamp_(min=-50.0).exp_()
+        logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
+        e_pos = torch.exp(pc - top)
+        z = torch.mv(logits, w) + e_pos  # [c]
+        total += (torch.log(z) + top - pc).sum()
+        if need_grad:
+            # d(mean loss)/d(logit_ij) = (softmax_ij - onehot(positive)) / B, where
+            # softmax_ij = E_ij * w_j / z_i
+            inv = 1.0 / (z * b)  # [c]
+            g_pos = e_pos * inv - 1.0 / b  # [c]
+            grad_u[lo:hi] = (
+                torch.mm(logits, wv).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
+            )
+            grad_pos[lo:hi] = g_pos[:, None] * uc
+            grad_cand.addmm_(logits.T, uc * inv[:, None])
+    if need_grad:
+        grad_cand.mul_(w[:, None])
+    return (total / b).to(u.dtype)
+
+
 class _FusedSoftmaxCE(torch.autograd.Function):
     """Loss and its gradients in one pass over row chunks (the gradients are computed in
     forward, as for a scalar loss they are fixed up to the incoming scalar)."""
@@ -280,62 +348,64 @@ class _FusedSoftmaxCE(torch.autograd.Function):
         labels: Tensor,
         cand_ids: Tensor,
     ) -> Tensor:
-        b, c_count = u.shape[0], cand_v.shape[0]
-        need_grad = any(ctx.needs_input_grad[:3])
-        hit_rows, hit_cols = _hits(labels, cand_ids)
-        pos = (u * pos_v).sum(1)  # [B]: the label's logit, exact
-        # The bias never touches the [c, C] logits: exp(o + bias_j - top) is
-        # exp(o - top + bias_max) * w_j with w_j = exp(bias_j - bias_max) <= 1, and w goes
-        # into the [C]-sized operands of the products instead (z = E @ w, E @ (w * v),
-        # w * (E^T @ u)). The logits matmul without a bias runs ~15% faster (no broadcast
-        # copy, no read of its output), and the p = e / z pass over [c, C] is gone.
-        bias_max = cand_bias.max() if c_count else cand_bias.new_zeros(())
-        w = torch.exp(cand_bias - bias_max)  # [C]
-        grad_u = torch.empty_like(u) if need_grad else None
-        grad_pos = torch.empty_like(pos_v) if need_grad else None
-        grad_cand = torch.zeros_like(cand_v) if need_grad else None
-        wv = cand_v * w[:, None] if need_grad else cand_v
-        total = torch.zeros((), dtype=torch.float64, device=u.device)
-        rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
-        for lo in range(0, b, rows):
-            hi = min(b, lo + rows)
-            uc, pc = u[lo:hi], pos[lo:hi]
-            logits = torch.mm(uc, cand_v.T)  # [c, C], without the bias
-            sel = (hit_rows >= lo) & (hit_rows < hi)
-            logits[hit_rows[sel] - lo, hit_cols[sel]] = float("-inf")
-            # top >= every corrected logit of the row and the positive's (which is finite)
-            top = torch.maximum(logits.amax(1) + bias_max, pc)  # [c]
-            # E = exp(o + bias_max - top) <= 1, with the exponent floored at -50: below ~-87
-            # exp gives denormals, and products of small ones do too, each many times
-            # slower to compute on CPU; next to the e^0 term, C terms of e^-50 change the
-            # sum by < C * 2e-22
-            logits.sub_((top - bias_max)[:, None]).clamp_(min=-50.0).exp_()
-            logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
-            e_pos = torch.exp(pc - top)
-            z = torch.mv(logits, w) + e_pos  # [c]
-            total += (torch.log(z) + top - pc).sum()
-            if need_grad:
-                assert grad_u is not None and grad_pos is not None and grad_cand is not None
-                # d(mean loss)/d(logit_ij) = (softmax_ij - onehot(positive)) / B, where
-                # softmax_ij = E_ij * w_j / z_i
-                inv = 1.0 / (z * b)  # [c]
-                g_pos = e_pos * inv - 1.0 / b  # [c]
-                grad_u[lo:hi] = (
-                    torch.mm(logits, wv).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
-                )
-                grad_pos[lo:hi] = g_pos[:, None] * uc
-                grad_cand.addmm_(logits.T, uc * inv[:, None])
-        if need_grad:
-            assert grad_cand is not None
-            grad_cand.mul_(w[:, None])
-            ctx.save_for_backward(grad_u, grad_pos, grad_cand)
-        return (total / b).to(u.dtype)
+        grads = None
+        if any(ctx.needs_input_grad[:3]):
+            grads = (torch.empty_like(u), torch.empty_like(pos_v), torch.zeros_like(cand_v))
+            ctx.save_for_backward(*grads)
+        return _loss_and_grads(u, pos_v, cand_v, cand_bias, labels, cand_ids, grads)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_u, grad_pos, grad_cand = ctx.saved_tensors
         g = grad_out
         return grad_u * g, grad_pos * g, grad_cand * g, None, None, None
+
+
+class _FusedSoftmaxCERows(torch.autograd.Function):
+    """`_FusedSoftmaxCE` for positives and candidates that are one gathered block, rows[:B]
+    and rows[B:]: its gradient is one [B + C, d] tensor, not two that autograd would
+    widen to the block's size with zeros and add."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        u: Tensor,
+        rows: Tensor,
+        cand_bias: Tensor,
+        labels: Tensor,
+        cand_ids: Tensor,
+    ) -> Tensor:
+        b = u.shape[0]
+        grads = None
+        if any(ctx.needs_input_grad[:2]):
+            grad_u, grad_rows = torch.empty_like(u), torch.empty_like(rows)
+            grad_rows[b:].zero_()
+            grads = (grad_u, grad_rows[:b], grad_rows[b:])
+            ctx.save_for_backward(grad_u, grad_rows)
+        return _loss_and_grads(u, rows[:b], rows[b:], cand_bias, labels, cand_ids, grads)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grad_u, grad_rows = ctx.saved_tensors
+        return grad_u * grad_out, grad_rows * grad_out, None, None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """weight[ids] with a dense gradient: zeros + index_add_, ~2x faster on the CPU than
+    `F.embedding`'s backward, which sorts the ids first (5,120 rows of a 10k x 256 table,
+    one thread). The rows are added in index order, so the result is deterministic."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.rows = weight.shape[0]
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (ids,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids, grad)
+        return out, None
 
 
 def full_softmax_loss(u: Tensor, item_weight: Tensor, labels: Tensor) -> Tensor:

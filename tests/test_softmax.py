@@ -248,3 +248,38 @@ def test_row_chunks_give_the_same_loss_and_gradients(
     monkeypatch.setattr(softmax, "CHUNK_ELEMENTS", chunk_rows * c)
     for got, want in zip(run(), whole, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_one_block_of_rows_gives_the_general_paths_loss_and_gradients(normalize: bool) -> None:
+    """Without in-batch negatives the labels' and negatives' rows are one gathered block
+    (one gradient, gathered by index_add_); the same numbers as the general path, with
+    separate positive and candidate tensors gathered by F.embedding."""
+    import torch.nn.functional as F
+
+    from funnelrec import softmax
+
+    g = torch.Generator().manual_seed(3)
+    n_items, b, n, d = 40, 9, 25, 6
+    q = Proposal.from_counts(torch.rand(n_items + 1, generator=g) * 10, alpha=0.75)
+    loss_fn = SampledSoftmax(q, num_negatives=n, normalize_items=normalize)
+    labels = torch.randint(1, n_items + 1, (b,), generator=g)
+    negatives = torch.randint(1, n_items + 1, (n,), generator=g)  # repeats and hits
+    u0 = torch.randn(b, d, generator=g)
+    w0 = torch.randn(n_items + 1, d, generator=g)
+
+    u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+    fast = loss_fn.sampled_loss(u, w, labels, negatives)
+    fast.backward()
+
+    u2, w2 = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+    pos_v, cand_v = F.embedding(labels, w2), F.embedding(negatives, w2)
+    if normalize:
+        pos_v, cand_v = F.normalize(pos_v, dim=1), F.normalize(cand_v, dim=1)
+    bias = -(loss_fn.log_q[negatives] + math.log(n)).float()
+    general = softmax.softmax_cross_entropy(u2, pos_v, cand_v, bias, labels, negatives)
+    general.backward()
+
+    torch.testing.assert_close(fast, general)
+    torch.testing.assert_close(u.grad, u2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)

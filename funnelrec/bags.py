@@ -26,6 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# torch sorts integer keys with a radix sort from this many on, and fewer by comparison.
+RADIX_SORT_MIN = 32_768
+
+
+def stable_order(ids: Tensor, bound: int) -> Tensor:
+    """argsort(ids, stable=True) for ids in 0..bound-1, the fast way on the CPU.
+
+    The narrowest key type sorts fastest (51,200 keys, one thread: int64 2.6 ms, int32 1.3,
+    int16 0.8), and below RADIX_SORT_MIN keys torch falls back to a comparison sort ~5x
+    slower than its radix sort (20,480 int16 keys: 2.3 ms; padded to 32,768 with the
+    largest key, which sorts after every real one: 0.45 ms)."""
+    n = int(ids.shape[0])
+    key_type = torch.int16 if bound <= 2**15 else torch.int32 if bound <= 2**31 else torch.int64
+    keys = ids.to(key_type)
+    if RADIX_SORT_MIN // 8 <= n < RADIX_SORT_MIN and keys.device.type == "cpu":
+        pad = keys.new_full((RADIX_SORT_MIN - n,), torch.iinfo(key_type).max)
+        return torch.argsort(torch.cat([keys, pad]), stable=True)[:n]
+    return torch.argsort(keys, stable=True)
+
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "CSR support is in beta": the products used are stable
@@ -55,12 +74,10 @@ class _WeightedBagSum(torch.autograd.Function):
         keep = per_id != 0  # padding and zero-weight ids add nothing
         if not bool(keep.all()):
             ids, bag_of, per_id = ids[keep], bag_of[keep], per_id[keep]
-        # The narrowest keys sort fastest (51,200 ids, one thread: int64 2.6 ms, int32 1.3,
-        # int16 0.8), CSR products with 32-bit indices run ~10% faster, and index_select
-        # gathers ~3x faster than advanced indexing.
+        # CSR products with 32-bit indices run ~10% faster, and index_select gathers ~3x
+        # faster than advanced indexing
         index_type = torch.int32 if max(rows_count, b, n) < 2**31 else torch.int64
-        key_type = torch.int16 if rows_count <= 2**15 else index_type
-        order = torch.argsort(ids.to(key_type), stable=True)
+        order = stable_order(ids, rows_count)
         sorted_ids = ids.index_select(0, order)
         values = per_id.index_select(0, order).to(grad_out.dtype)
         col = bag_of.index_select(0, order).to(index_type)

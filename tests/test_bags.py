@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funnelrec.bags import mean_bag, weighted_bag_sum
+from funnelrec.bags import mean_bag, stable_order, weighted_bag_sum
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,3 +72,16 @@ def test_mean_bag_is_embedding_bags_mean(sparse: bool) -> None:
     (got * upstream).sum().backward()
     assert table.weight.grad is not None and ours.grad is not None
     torch.testing.assert_close(ours.grad.to_dense(), table.weight.grad.to_dense())
+
+
+@pytest.mark.parametrize(
+    ("n", "bound"), [(10, 7), (5_000, 32_768), (20_480, 5_001), (40_000, 70_000), (6_000, 2**31)]
+)
+def test_stable_order_is_a_stable_argsort(n: int, bound: int) -> None:
+    """The narrow keys and the padding up to the radix sort's size change nothing: ties
+    (including ids equal to the padding key) keep their order."""
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, min(bound, 50), (n,), generator=g) * ((bound - 1) // 49)
+    ids[: n // 3] = bound - 1  # the largest id, which the padding equals for int16 keys
+    want = torch.argsort(ids, stable=True)
+    assert torch.equal(stable_order(ids, bound), want)

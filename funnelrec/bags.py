@@ -122,5 +122,5 @@ def mean_bag(weight: Tensor, ids: Tensor, offsets: Tensor, *, sparse_grad: bool)
     rows = torch.repeat_interleave(torch.arange(offsets.shape[0], device=ids.device), lengths)
     count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
     count.index_add_(0, rows, real)
-    per_id = real / count.clamp(min=1.0)[rows]
+    per_id = real / count.clamp(min=1.0).index_select(0, rows)
     return weighted_bag_sum(weight, ids, offsets, per_id, sparse_grad=sparse_grad)

@@ -356,9 +356,8 @@ class _FusedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grad_u, grad_pos, grad_cand = ctx.saved_tensors
-        g = grad_out
-        return grad_u * g, grad_pos * g, grad_cand * g, None, None, None
+        grad_u, grad_pos, grad_cand = _scaled(ctx.saved_tensors, grad_out)
+        return grad_u, grad_pos, grad_cand, None, None, None
 
 
 class _FusedSoftmaxCERows(torch.autograd.Function):
@@ -386,8 +385,17 @@ class _FusedSoftmaxCERows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grad_u, grad_rows = ctx.saved_tensors
-        return grad_u * grad_out, grad_rows * grad_out, None, None, None
+        grad_u, grad_rows = _scaled(ctx.saved_tensors, grad_out)
+        return grad_u, grad_rows, None, None, None
+
+
+def _scaled(grads: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
+    """The gradients computed in forward times the incoming scalar: as they are when it
+    is 1, as for `loss.backward()` (on the CPU, where looking costs no device sync); the
+    product would read and write [B + C, d] floats for nothing."""
+    if grad_out.device.type == "cpu" and bool(grad_out == 1):
+        return grads
+    return tuple(g * grad_out for g in grads)
 
 
 class _GatherRows(torch.autograd.Function):

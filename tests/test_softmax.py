@@ -283,3 +283,22 @@ def test_one_block_of_rows_gives_the_general_paths_loss_and_gradients(normalize:
     torch.testing.assert_close(fast, general)
     torch.testing.assert_close(u.grad, u2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_a_scaled_loss_scales_the_gradients() -> None:
+    """The gradients are computed in forward; backward must still apply the incoming
+    scalar when it is not 1 (a loss weight, an averaged sum of losses)."""
+    g = torch.Generator().manual_seed(4)
+    q = Proposal.from_counts(torch.rand(31, generator=g) + 0.1, alpha=0.75)
+    loss_fn = SampledSoftmax(q, num_negatives=12)
+    labels = torch.randint(1, 31, (5,), generator=g)
+    negatives = torch.randint(1, 31, (12,), generator=g)
+    u0, w0 = torch.randn(5, 3, generator=g), torch.randn(31, 3, generator=g)
+    grads = []
+    for scale in (1.0, -2.5):
+        u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (scale * loss_fn.sampled_loss(u, w, labels, negatives)).backward()
+        grads.append((u.grad, w.grad))
+    (u1, w1), (u2, w2) = grads
+    torch.testing.assert_close(u2, -2.5 * u1)
+    torch.testing.assert_close(w2, -2.5 * w1)

@@ -284,8 +284,7 @@ def _loss_and_grads(
     grads: tuple[Tensor, Tensor, Tensor] | None,
 ) -> Tensor:
     """The mean loss of `softmax_cross_entropy`, in row chunks; with `grads` = (grad_u
-    [B, d], grad_pos [B, d], grad_cand [C, d], the last zeroed), its gradients written
-    into them."""
+    [B, d], grad_pos [B, d], grad_cand [C, d]), its gradients written into them."""
     need_grad = grads is not None
     # (without grads the names are bound to the inputs only to keep one code path; unused)
     grad_u, grad_pos, grad_cand = grads if grads is not None else (u, pos_v, cand_v)
@@ -302,6 +301,8 @@ def _loss_and_grads(
     wv = cand_v * w[:, None] if need_grad else cand_v
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
+    if need_grad and b == 0:
+        grad_cand.zero_()  # no chunk to write it
     for lo in range(0, b, rows):
         hi = min(b, lo + rows)
         uc, pc = u[lo:hi], pos[lo:hi]
@@ -328,7 +329,9 @@ def _loss_and_grads(
                 torch.mm(logits, wv).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
             )
             grad_pos[lo:hi] = g_pos[:, None] * uc
-            grad_cand.addmm_(logits.T, uc * inv[:, None])
+            # the first chunk writes grad_cand (beta 0: its contents are ignored), the
+            # others add to it
+            grad_cand.addmm_(logits.T, uc * inv[:, None], beta=0.0 if lo == 0 else 1.0)
     if need_grad:
         grad_cand.mul_(w[:, None])
     return (total / b).to(u.dtype)
@@ -350,7 +353,7 @@ class _FusedSoftmaxCE(torch.autograd.Function):
     ) -> Tensor:
         grads = None
         if any(ctx.needs_input_grad[:3]):
-            grads = (torch.empty_like(u), torch.empty_like(pos_v), torch.zeros_like(cand_v))
+            grads = (torch.empty_like(u), torch.empty_like(pos_v), torch.empty_like(cand_v))
             ctx.save_for_backward(*grads)
         return _loss_and_grads(u, pos_v, cand_v, cand_bias, labels, cand_ids, grads)
 
@@ -378,7 +381,6 @@ class _FusedSoftmaxCERows(torch.autograd.Function):
         grads = None
         if any(ctx.needs_input_grad[:2]):
             grad_u, grad_rows = torch.empty_like(u), torch.empty_like(rows)
-            grad_rows[b:].zero_()
             grads = (grad_u, grad_rows[:b], grad_rows[b:])
             ctx.save_for_backward(grad_u, grad_rows)
         return _loss_and_grads(u, rows[:b], rows[b:], cand_bias, labels, cand_ids, grads)

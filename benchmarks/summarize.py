@@ -383,14 +383,22 @@ def render_candidates_throughput(d: dict[str, Any], ctx: Context) -> Section:
             pct(r.get("fraction_of_peak")),
             pct(r.get("fraction_of_peak_best")),
             pct(r.get("fraction_of_peak_cpu_time")),
+            pct(r.get("fraction_of_peak_in_turns")),
         ]
         for r in d["runs"]
     ]
     body += table(
         ["threads", "sparse gradients", "step ms (median)", "step ms (best)", "step CPU ms",
-         "examples/s", "GFLOP/s", "of peak", "of peak (best step)", "of peak (CPU time)"],
+         "examples/s", "GFLOP/s", "of peak", "of peak (best step)", "of peak (CPU time)",
+         "of peak (in turns)"],
         rows,
     )  # fmt: skip
+    body += [
+        "",
+        "Of peak: the median step against the best matmul of the run. In turns: the median "
+        "over windows of steps of each window's rate against the peak measured just before "
+        "it (the host's speed drifts).",
+    ]
     peaks = []
     for threads, by in (d.get("matmul_peak_gflop_per_s") or {}).items():
         peaks.append(
@@ -402,20 +410,29 @@ def render_candidates_throughput(d: dict[str, Any], ctx: Context) -> Section:
         body += table(["threads", "GFLOP/s (wall)", "GFLOP/s (CPU time)"], peaks)
     s = Section(body)
     dense = [r for r in d["runs"] if not r.get("sparse", False)] or d["runs"]
-    best = max(dense, key=lambda r: r.get("fraction_of_peak") or 0.0)
+    best = max(dense, key=_throughput_fraction)
     frac = best.get("fraction_of_peak")
+    turns = best.get("fraction_of_peak_in_turns")
     threads = f"{best['threads']} thread" + ("" if best["threads"] == 1 else "s")
     by_cpu = pct(best.get("fraction_of_peak_cpu_time"), 0)
+    figures = f"{pct(frac, 1)} of the fp32 matmul peak ({by_cpu} by CPU time"
+    figures += f"; {pct(turns, 1)} in turns)" if _is_num(turns) else ")"
     s.headline.append(
         (
             "Candidate model training throughput",
-            f"{num(best.get('examples_per_s'))} examples/s at {threads}: "
-            f"{pct(frac, 0)} of the fp32 matmul peak ({by_cpu} by CPU time)",
-            f"≥ {pct(THROUGHPUT_GOAL, 0)} of peak"
-            + met(frac >= THROUGHPUT_GOAL if _is_num(frac) else None),
+            f"{num(best.get('examples_per_s'))} examples/s at {threads}: {figures}",
+            f"≥ {pct(THROUGHPUT_GOAL, 0)} of peak, both ways"
+            + met(_throughput_fraction(best) >= THROUGHPUT_GOAL if _is_num(frac) else None),
         )
     )
     return s
+
+
+def _throughput_fraction(run: dict[str, Any]) -> float:
+    """A run's fraction of peak for the goal: the lower of the whole-run and in-turns
+    figures (a result without the in-turns figure: the whole-run one)."""
+    got = [run.get(k) for k in ("fraction_of_peak", "fraction_of_peak_in_turns")]
+    return min([float(v) for v in got if _is_num(v)], default=0.0)
 
 
 def _recall_keys(by: dict[str, Any]) -> list[str]:

@@ -322,3 +322,25 @@ def test_scale_renders_stages_exponents_and_the_memory_bound(tmp_path: Path) -> 
     assert "| growth exponent (wall) |  | 1.00 | - | - | - | - |" in index
     assert "stages done: simulate, features (not yet: candidates, index, ranker)" in readme
     assert "peak memory 10.5 GiB" in readme and "every stage ≤ 16.0 GiB: so far" in readme
+
+
+def test_throughput_goal_needs_both_the_whole_run_and_the_in_turns_figure(
+    tmp_path: Path,
+) -> None:
+    def result(whole: float, turns: float) -> dict[str, Any]:
+        run_ = {"threads": 1, "sparse": False, "step_ms_median": 140.0, "step_ms_best": 135.0,
+                "step_cpu_ms_median": 140.0, "examples_per_s": 7300.0,
+                "achieved_gflop_per_s": 63.0, "fraction_of_peak": whole,
+                "fraction_of_peak_best": 0.52, "fraction_of_peak_cpu_time": whole,
+                "fraction_of_peak_in_turns": turns}  # fmt: skip
+        return {"setting": {"depth": 2}, "source": "synthetic", "runs": [run_],
+                "matmul_peak_gflop_per_s": {"1": {"wall": {"2048": 126.0}}}}  # fmt: skip
+
+    for whole, turns, verdict in ((0.498, 0.503, "not met"), (0.51, 0.53, "met")):
+        root, args = setup(tmp_path / verdict, {"candidates_throughput": result(whole, turns)})
+        assert run(args) == 0
+        readme = (root / "README.md").read_text()
+        assert f"; {100 * turns:.1f}% in turns)" in readme
+        assert f"≥ 50% of peak, both ways ({verdict})" in readme
+        index = (root / "bench" / "README.md").read_text()
+        assert f"| {100 * turns:.1f}% |" in index

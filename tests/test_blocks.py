@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import funnelrec.build as ex
 from funnelrec.blocks import BlockTables, CountIndex, partition, plan_blocks
-from funnelrec.build import build_features
+from funnelrec.build import blocked, build_features
 from funnelrec.dataset import Dataset
+from funnelrec.errors import FunnelrecError
 from funnelrec.examples import Features, FeaturesConfig
 from funnelrec.loader import read_examples, read_requests
 from funnelrec.splits import TimeIndex
@@ -119,7 +119,7 @@ def test_an_interrupted_blocked_build_resumes(
     straight = tmp_path / "straight"
     build_features(world, straight, config=cfg, progress=False)
     out = tmp_path / "f"
-    real = ex._write_block
+    real = blocked._write_block
     calls: list[int] = []
 
     def flaky(*a: object, **k: object) -> object:
@@ -128,14 +128,14 @@ def test_an_interrupted_blocked_build_resumes(
             raise KeyboardInterrupt  # Ctrl-C in the third block
         return real(*a, **k)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ex, "_write_block", flaky)
+    monkeypatch.setattr(blocked, "_write_block", flaky)
     with pytest.raises(KeyboardInterrupt):
         build_features(world, out, config=cfg, progress=False)
     assert not out.exists()
     state = json.loads((tmp_path / ".f.partial" / "progress.json").read_text())
     assert state["blocks_done"] == [0, 1]
     calls.clear()
-    monkeypatch.setattr(ex, "_write_block", real)
+    monkeypatch.setattr(blocked, "_write_block", real)
     build_features(world, out, config=cfg, progress=False)
     assert not (tmp_path / ".f.partial").exists()
     a, b = Features.open(straight), Features.open(out)
@@ -232,7 +232,7 @@ def test_worker_processes_write_the_same_examples(world: Dataset, tmp_path: Path
                 ta, tb = pq.read_table(pa_), pq.read_table(pb_)
                 for c in ta.column_names:
                     assert _nan_equal(ta[c], tb[c]), (pa_.name, c)
-    with pytest.raises(ex.FunnelrecError, match="workers"):
+    with pytest.raises(FunnelrecError, match="workers"):
         build_features(world, tmp_path / "x", config=cfg, progress=False, workers=0)
 
 

@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from funnelrec import build
 from funnelrec import examples as ex
 from funnelrec.build import build_features
+from funnelrec.build import write as build_write
 from funnelrec.dataset import Dataset, DatasetWriter
 from funnelrec.errors import ArtifactError, DataError
 from funnelrec.examples import Demographics, Features, FeaturesConfig
@@ -424,7 +424,7 @@ def test_manifest_atomicity_and_versions(tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(build, "_write_ranking_block", boom)
+    monkeypatch.setattr(build_write, "_write_ranking_block", boom)
     with pytest.raises(RuntimeError):
         build_features(data, tmp_path / "g", progress=False)
     assert not (tmp_path / "g").exists()

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from funnelrec.baselines import Baseline, Jagged, _MatrixFactorisation
+from funnelrec.baselines import Baseline, Jagged
+from funnelrec.baselines.factorisation import _MatrixFactorisation
 from funnelrec.batch import CandidateBatch
 from funnelrec.errors import FunnelrecError
 from funnelrec.examples import Features

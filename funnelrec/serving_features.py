@@ -41,19 +41,10 @@ import torch
 
 from funnelrec.batch import RankingBatch
 from funnelrec.errors import ArtifactError, FunnelrecError
-from funnelrec.examples import (
-    CANDIDATE_SCORE,
-    CANDIDATE_SOURCE,
-    Features,
-    _CandidateContext,
-    _Items,
-    _Log,
-    _rank_context,
-    _ranking_table,
-    _RankingVocabs,
-    _request_table,
-    _Users,
-)
+from funnelrec.examples import CANDIDATE_SCORE, CANDIDATE_SOURCE, Features
+from funnelrec.examples.candidates import _CandidateContext
+from funnelrec.examples.ranking import _rank_context, _ranking_table, _RankingVocabs, _request_table
+from funnelrec.examples.reading import _Items, _Log, _Users
 from funnelrec.splits import Split, TimeIndex, user_offsets
 from funnelrec.tokenize import tokenize_array
 from funnelrec.vocab import Vocabulary

@@ -31,7 +31,8 @@ from funnelrec.build.fit import _count_block, _Counts, _fit_transforms, _split, 
 from funnelrec.build.write import _Bars, _BlockOut, _write_block
 from funnelrec.dataset import AtomicDirectory, Dataset, write_json_atomic
 from funnelrec.errors import DataError, FunnelrecError
-from funnelrec.examples import MANIFEST, REQUESTS, FeaturesConfig, _read_log
+from funnelrec.examples import MANIFEST, REQUESTS, FeaturesConfig
+from funnelrec.examples.reading import _read_log
 from funnelrec.progress import progress_bar
 from funnelrec.splits import TRAIN
 

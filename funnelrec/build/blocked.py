@@ -39,17 +39,8 @@ from funnelrec.build.fit import (
 from funnelrec.build.write import _Bars, _BlockOut, _BlockResult, _write_block
 from funnelrec.dataset import Dataset, write_json_atomic
 from funnelrec.errors import DataError
-from funnelrec.examples import (
-    FORMAT_VERSION,
-    MANIFEST,
-    FeaturesConfig,
-    _Items,
-    _Log,
-    _read_items,
-    _read_log,
-    _read_users,
-    _Users,
-)
+from funnelrec.examples import FORMAT_VERSION, MANIFEST, FeaturesConfig
+from funnelrec.examples.reading import _Items, _Log, _read_items, _read_log, _read_users, _Users
 from funnelrec.progress import progress_bar
 from funnelrec.splits import PART_NAMES
 

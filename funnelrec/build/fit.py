@@ -16,16 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from funnelrec.errors import DataError
-from funnelrec.examples import (
-    CANDIDATE_SOURCE,
-    FeaturesConfig,
-    UserEncoder,
-    _fit_user_encoder,
-    _Log,
-    _RankingVocabs,
-    _sample_per_user,
-    _Users,
-)
+from funnelrec.examples import CANDIDATE_SOURCE, FeaturesConfig, UserEncoder
+from funnelrec.examples.ranking import _RankingVocabs
+from funnelrec.examples.reading import _Log, _Users
+from funnelrec.examples.transforms import _fit_user_encoder
+from funnelrec.examples.vectorised import _sample_per_user
 from funnelrec.normalize import QuantileNormalizer
 from funnelrec.splits import (
     NEVER,

@@ -20,19 +20,11 @@ from rich.progress import Progress
 
 from funnelrec.blocks import CountsBefore
 from funnelrec.build.fit import _ranking_parts, _request_starts, _Transforms
-from funnelrec.examples import (
-    SHARD_OPTIONS,
-    FeaturesConfig,
-    _candidate_positions,
-    _candidate_table,
-    _CandidateContext,
-    _encode_all_users,
-    _Log,
-    _rank_context,
-    _ranking_table,
-    _RankingVocabs,
-    _request_table,
-)
+from funnelrec.examples import SHARD_OPTIONS, FeaturesConfig
+from funnelrec.examples.candidates import _candidate_positions, _candidate_table, _CandidateContext
+from funnelrec.examples.ranking import _rank_context, _ranking_table, _RankingVocabs, _request_table
+from funnelrec.examples.reading import _Log
+from funnelrec.examples.transforms import _encode_all_users
 from funnelrec.splits import PART_NAMES, TEST, TRAIN, VALID, Split, TimeIndex
 
 

@@ -1,7 +1,7 @@
 """Ranking features at serving time, computed by the very code that built the training examples.
 
 A ranking example (SPEC 3) describes one impression: a user at time t and one item. In
-training, `examples._ranking_table` and `examples._request_table` compute its features
+training, `examples.ranking._ranking_table` and `_request_table` compute its features
 from time indexes over the whole event log ("watches of this channel before t", "times
 shown before t", ...). Reimplementing those formulas for serving would let the two drift
 apart, so serving builds the same inputs for ONE request instead (the user's recent

@@ -1,6 +1,6 @@
 """The ground truth of a simulated world: latent users and items and the user model.
 
-`funnelrec simulate` (see `simulate.py`) draws a world, writes it to `DIR/truth/` and then
+`funnelrec simulate` (see `simulate/`) draws a world, writes it to `DIR/truth/` and then
 generates every event through the functions of this module, so what the data show and
 what the truth says cannot drift apart. Later stages load the same truth to score
 themselves against it: `oracle_top_k` is the reference top-K of issue 5's Recall@K, and

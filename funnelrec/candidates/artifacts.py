@@ -1,0 +1,258 @@
+"""The artifact of a trained candidate model (config.json, model.safetensors,
+item_embeddings.safetensors; layout in the package docstring), what it records about its
+features, the user vectors it gives a split's examples, and `synthetic_batch` (random
+batches for benchmarks and tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from funnelrec import __version__
+from funnelrec.batch import CandidateBatch
+from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
+from funnelrec.dataset import read_artifact_meta, write_json_atomic
+from funnelrec.errors import ArtifactError, FunnelrecError
+
+if TYPE_CHECKING:
+    from funnelrec.examples import Features
+
+FORMAT_VERSION = 1
+KIND = "candidates"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ITEM_EMBEDDINGS_FILE = "item_embeddings.safetensors"
+
+
+def vocab_digest(values: np.ndarray) -> str:
+    """A short hash of a vocabulary's values (which dataset id each vocabulary id is)."""
+    arr = np.asarray(values)
+    data = (
+        arr.astype(np.int64).tobytes()
+        if arr.dtype.kind in "iu"
+        else "\n".join(map(str, arr.tolist())).encode()
+    )
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def save_candidate_artifact(
+    model: CandidateModel,
+    out: Path,
+    *,
+    item_ids: np.ndarray,
+    meta: dict[str, Any],
+) -> None:
+    """Write weights, exported item embeddings and config.json into directory `out`.
+
+    item_ids: [N] dataset item id of vocabulary ids 1..N. meta: extra JSON (training config
+    and summary, data fingerprint, vocabulary info). `out` should be a temporary directory
+    that the caller renames into place (`dataset.AtomicDirectory`).
+    """
+    out = Path(out)
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    n = model.inputs.num_items
+    if item_ids.shape != (n,):
+        raise FunnelrecError(f"item_ids has shape {item_ids.shape}, the model has {n} items")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    emb = model.item_embeddings().detach()[1:].to(torch.float32).cpu().contiguous()
+    save_file(
+        {"embeddings": emb, "item_ids": torch.from_numpy(item_ids.copy())},
+        str(out / ITEM_EMBEDDINGS_FILE),
+        metadata={"format_version": str(FORMAT_VERSION)},
+    )
+    config = {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "created_by": f"funnelrec {__version__}",
+        "model": asdict(model.config),
+        "inputs": asdict(model.inputs),
+        "dim": model.config.dim,
+        "num_items": n,
+        **meta,
+    }
+    write_json_atomic(out / CONFIG_FILE, config)
+
+
+def read_candidate_config(art: Path | str) -> dict[str, Any]:
+    """config.json of a candidate model artifact, checked for kind and format version."""
+    return read_artifact_meta(art, CONFIG_FILE, KIND, FORMAT_VERSION, "candidate model")
+
+
+def _from_dict(cls: Any, values: dict[str, Any]) -> Any:
+    known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+    return cls(**known)
+
+
+def load_candidate_model(art: Path | str, device: str | torch.device = "cpu") -> CandidateModel:
+    """The trained model of artifact `art`, in eval mode on `device`."""
+    art = Path(art)
+    meta = read_candidate_config(art)
+    config = _from_dict(CandidateConfig, meta["model"])
+    inputs = _from_dict(CandidateInputs, meta["inputs"])
+    model = CandidateModel(config, inputs)
+    try:
+        state = load_file(str(art / WEIGHTS_FILE))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ArtifactError(f"{art / WEIGHTS_FILE}: cannot read weights ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise ArtifactError(
+            f"{art / WEIGHTS_FILE}: weights do not fit the config ({first})"
+        ) from None
+    return model.to(device).eval()
+
+
+def load_item_embeddings(art: Path | str) -> tuple[Tensor, Tensor]:
+    """The exported item embeddings of `art`: (embeddings [N, d] float32, item_ids [N] int64)."""
+    art = Path(art)
+    read_candidate_config(art)
+    try:
+        t = load_file(str(art / ITEM_EMBEDDINGS_FILE))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ArtifactError(f"{art / ITEM_EMBEDDINGS_FILE}: cannot read ({e})") from None
+    return t["embeddings"], t["item_ids"]
+
+
+@dataclass
+class UserVectors:
+    """Serving-time user vectors of a split's examples, in loader order.
+
+    vectors [E, d] float32; label [E] item vocabulary ids of the targets (0 = OOV);
+    user_id, ts [E] dataset user id and target time.
+    """
+
+    vectors: Tensor
+    label: Tensor
+    user_id: Tensor
+    ts: Tensor
+
+
+def user_vectors(
+    model: CandidateModel,
+    batches: Iterable[CandidateBatch],
+    progress: Callable[[int], None] | None = None,
+) -> UserVectors:
+    """u (example age 0) for every example of `batches`, e.g. a validation split's
+    `loader.candidate_loader(FEAT, "valid")`: the queries an ANN index is tuned on."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    vecs, labels, users, ts = [], [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            vecs.append(model(batch.to(device)).float().cpu())
+            labels.append(batch.label)
+            users.append(batch.user_id)
+            ts.append(batch.ts)
+            if progress is not None:
+                progress(len(batch))
+    model.train(was_training)
+    if not vecs:
+        d = model.config.dim
+        empty = torch.zeros(0, dtype=torch.int64)
+        return UserVectors(torch.zeros(0, d), empty, empty.clone(), empty.clone())
+    return UserVectors(torch.cat(vecs), torch.cat(labels), torch.cat(users), torch.cat(ts))
+
+
+def split_user_vectors(
+    art: Path | str,
+    feat: Path | str,
+    split: str = "valid",
+    batch_size: int = 4096,
+    *,
+    limit: int | None = None,
+) -> UserVectors:
+    """User vectors of a features split with the model of artifact `art`; with `limit`,
+    of its first `limit` examples only (in shard order: users by id, then time)."""
+    from funnelrec.examples import Features
+    from funnelrec.loader import candidate_loader
+
+    feats = Features.open(feat)
+    check_features(read_candidate_config(art), feats, art)
+    model = load_candidate_model(art)
+    batches: Iterable[CandidateBatch] = candidate_loader(feats, split, batch_size=batch_size)
+    if limit is not None:
+        batches = itertools.islice(batches, math.ceil(limit / batch_size))
+    vectors = user_vectors(model, batches)
+    if limit is not None and len(vectors.vectors) > limit:
+        vectors = UserVectors(
+            vectors.vectors[:limit],
+            vectors.label[:limit],
+            vectors.user_id[:limit],
+            vectors.ts[:limit],
+        )
+    return vectors
+
+
+def features_meta(feats: Features) -> dict[str, Any]:
+    """What an artifact records about the features it was trained on."""
+    item = feats.vocab("item")
+    return {
+        "data": {"fingerprint": feats.fingerprint, "features": str(feats.path)},
+        "split": feats.split,
+        "vocab": {
+            "item": {"size": len(item), "digest": vocab_digest(item.values)},
+            "token": {"size": len(feats.vocab("token"))},
+            "region": {"size": len(feats.vocab("region"))},
+            "device": {"size": len(feats.vocab("device"))},
+        },
+    }
+
+
+def check_features(meta: dict[str, Any], feats: Features, art: Path | str) -> None:
+    """Raise ArtifactError unless `feats` has the data and item vocabulary `art` was trained on."""
+    want = meta.get("data", {}).get("fingerprint")
+    if want != feats.fingerprint:
+        raise ArtifactError(
+            f"{art} was trained on data with fingerprint {want}, {feats.path} was built from "
+            f"{feats.fingerprint}"
+        )
+    item = feats.vocab("item")
+    have = {"size": len(item), "digest": vocab_digest(item.values)}
+    if meta.get("vocab", {}).get("item") != have:
+        raise ArtifactError(f"{art}: its item vocabulary differs from that of {feats.path}")
+
+
+def synthetic_batch(
+    inputs: CandidateInputs,
+    batch_size: int,
+    *,
+    history_len: int = 50,
+    search_len: int = 20,
+    generator: torch.Generator | None = None,
+) -> CandidateBatch:
+    """A batch of random examples of the given shape (benchmarks and tests): every
+    history holds `history_len` items, every search bag `search_len` tokens."""
+    g = generator
+    b = batch_size
+
+    def ids(n: int, vocab: int) -> Tensor:
+        return torch.randint(1, max(vocab, 2), (n,), generator=g)
+
+    return CandidateBatch(
+        history=ids(b * history_len, inputs.item_vocab),
+        history_offsets=torch.arange(b) * history_len,
+        search=ids(b * search_len, inputs.token_vocab),
+        search_offsets=torch.arange(b) * search_len,
+        region=ids(b, inputs.region_vocab),
+        device=ids(b, inputs.device_vocab),
+        dense=torch.rand(b, inputs.num_dense, generator=g),
+        example_age=torch.rand(b, generator=g),
+        label=ids(b, inputs.item_vocab),
+        user_id=torch.arange(b),
+        ts=torch.zeros(b, dtype=torch.int64),
+    )

@@ -1,0 +1,239 @@
+"""A training run of the candidate model: `CandidateTrainingConfig` (TOML + key=value
+overrides) and `fit_candidates`, which trains on a features directory and writes the
+artifact."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from funnelrec.batch import CandidateBatch
+from funnelrec.candidates.artifacts import features_meta, save_candidate_artifact
+from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
+from funnelrec.config import from_dict, read_toml
+from funnelrec.dataset import AtomicDirectory
+from funnelrec.errors import FunnelrecError
+from funnelrec.train import TrainConfig, TrainResult, loader_epochs, seed_everything, train
+
+if TYPE_CHECKING:
+    from funnelrec.distributed import Distributed
+    from funnelrec.examples import Features
+
+
+@dataclass(frozen=True)
+class CandidateTrainingConfig:
+    """One training run of the candidate model: the model, the loop, and validation.
+
+    model:          CandidateConfig ([model] in TOML, `model.dim=64` or just `dim=64`)
+    train:          train.TrainConfig ([train] in TOML, `train.lr=0.01` or `lr=0.01`)
+    valid_k:        K of the validation Recall@K (seen items excluded) that early stopping
+                    watches [100]
+    valid_examples: validation examples scored per evaluation (None = all)
+    """
+
+    model: CandidateConfig = field(default_factory=CandidateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    valid_k: int = 100
+    valid_examples: int | None = 20_000
+
+
+def load_training_config(
+    path: Path | str | None = None, overrides: Sequence[str] = ()
+) -> CandidateTrainingConfig:
+    """Defaults, then a TOML file (sections [model] and [train]), then key=value overrides.
+
+    A key of either section may be given without its section (`dim=64`, `lr=0.01`), in
+    the file or on the command line: the two sections share no field names. Values are
+    checked and parsed by `config.from_dict` (unknown keys are errors)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                values.setdefault(key, {}).update(value)
+            else:
+                _set(values, key, value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FunnelrecError(f"override '{item}' is not of the form key=value")
+        _set(values, key.strip(), value.strip())
+    return from_dict(CandidateTrainingConfig, values)
+
+
+def _set(values: dict[str, Any], key: str, value: Any) -> None:
+    """values[section][key] = value, the section implied by an unqualified key."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        if key in CandidateConfig.__dataclass_fields__:
+            parts = ["model", key]
+        elif key in TrainConfig.__dataclass_fields__:
+            parts = ["train", key]
+    node = values
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise FunnelrecError(f"config key '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def checkpoint_path(out: Path | str) -> Path:
+    """Where training toward artifact `out` checkpoints: `<out>.checkpoint.pt` beside it."""
+    out = Path(out)
+    return out.parent / f"{out.name}.checkpoint.pt"
+
+
+def fit_candidates(
+    feat: Path | str | Features,
+    out: Path | str,
+    config: CandidateTrainingConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    dist: Distributed | None = None,
+) -> TrainResult:
+    """Train a candidate model on a features directory and write artifact `out`.
+
+    Checkpoints go to `checkpoint_path(out)` (removed once the artifact is written); with
+    `resume`, training continues from there. The artifact is built in a temporary
+    directory and renamed into place.
+
+    dist: this process's place in a data-parallel run (`distributed.setup`, under
+    torchrun): each rank reads its share of the training row groups and of the validation
+    examples, and only rank 0 writes checkpoints and the artifact. None: one process.
+    """
+    import itertools
+    import math
+
+    from funnelrec.distributed import Distributed, local_batch_size
+    from funnelrec.examples import Features
+    from funnelrec.loader import candidate_loader, seen_items
+    from funnelrec.metrics import ModelScorer, SequentialSeen, evaluate_retrieval, query_batch
+
+    cfg = config or CandidateTrainingConfig()
+    dist = dist or Distributed()
+    feats = feat if isinstance(feat, Features) else Features.open(feat)
+    out = Path(out)
+    ckpt = checkpoint_path(out)
+    if out.exists() and not force:
+        raise FunnelrecError(f"{out} already exists (use --force to overwrite)")
+    if ckpt.exists() and not resume and not force:
+        raise FunnelrecError(
+            f"{ckpt} is left from an interrupted run: pass --resume to continue it "
+            "or --force to start over"
+        )
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    inputs = CandidateInputs.from_features(feats)
+    counts = torch.as_tensor(np.array(feats.item_label_counts(), dtype=np.float64))
+    seed_everything(cfg.train.seed)
+    model = CandidateModel(cfg.model, inputs, label_counts=counts)
+    loader = candidate_loader(
+        feats,
+        "train",
+        batch_size=local_batch_size(cfg.train.batch_size, dist),
+        shuffle=True,
+        seed=cfg.train.seed,
+        num_workers=cfg.train.num_workers,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    evaluate = None
+    if feats.num_examples("candidates", "valid") > 0:
+        # the examples `metrics.evaluate_split(limit=valid_examples)` scores, their batches
+        # shared out over the ranks in contiguous runs; Recall@K is then the mean over all
+        total = feats.num_examples("candidates", "valid")
+        if cfg.valid_examples is not None:
+            total = min(total, cfg.valid_examples)
+        vbs = min(query_batch(len(feats.vocab("item"))), max(total, 1))
+        n_batches = math.ceil(total / vbs)
+        # whole batches are scored: the last one may run past valid_examples
+        flat, offsets = seen_items(feats, "valid", limit=n_batches * vbs)
+        share = math.ceil(n_batches / dist.world_size)
+        first = min(n_batches, dist.rank * share)
+        last = min(n_batches, first + share)
+        valid = candidate_loader(feats, "valid", batch_size=vbs)
+        device = torch.device(cfg.train.device)
+        num_items = len(feats.vocab("item")) - 1
+
+        class OnDevice(ModelScorer):
+            """Batches go to the model's device (a GPU), scores come back to the CPU,
+            where the metrics' exclusion masks are."""
+
+            def queries(self, batch: CandidateBatch) -> Tensor:
+                return super().queries(batch.to(device))
+
+            def scores(self, queries: Tensor) -> Tensor:
+                return super().scores(queries).cpu()
+
+        def evaluate(m: nn.Module) -> float:
+            seen = SequentialSeen(flat, offsets)
+            seen.cursor = first * vbs
+            report = evaluate_retrieval(
+                {"model": OnDevice(m)},
+                itertools.islice(iter(valid), first, last),
+                num_items=num_items,
+                ks=(cfg.valid_k,),
+                seen=seen,
+            )
+            recall = report.metrics["model"][f"recall@{cfg.valid_k}"]
+            if not dist.enabled:
+                return recall
+            hits = recall * report.queries if report.queries else 0.0
+            hits, queries = dist.all_reduce_sums([hits, report.queries])
+            return hits / queries
+
+    fmeta = features_meta(feats)
+    result = train(
+        model,
+        loader_epochs(loader),
+        cfg.train,
+        steps_per_epoch=len(loader),
+        checkpoint=ckpt,
+        resume=resume,
+        evaluate=evaluate,
+        meta={"model": asdict(cfg.model), "features": fmeta, "valid_k": cfg.valid_k},
+        progress=progress,
+        description="train candidates",
+        dist=dist,
+    )
+    meta = {
+        **fmeta,
+        "train": asdict(cfg.train),
+        "valid_k": cfg.valid_k,
+        "valid_examples": cfg.valid_examples,
+        "training": {
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "examples": result.examples,
+            "seconds": round(result.seconds, 3),
+            "examples_per_s": round(result.examples_per_s, 1),
+            "final_loss": result.loss,
+            f"best_valid_recall@{cfg.valid_k}": result.best_metric,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+            "valid_history": result.history,
+            "processes": result.world_size,
+            "comm_bytes_per_step": round(result.comm_bytes_per_step),
+        },
+    }
+    if dist.is_main:
+        target = AtomicDirectory(out, force=force)
+        try:
+            save_candidate_artifact(
+                model, target.tmp, item_ids=feats.vocab("item").values, meta=meta
+            )
+            target.commit()
+        except BaseException:
+            target.abort()
+            raise
+        ckpt.unlink(missing_ok=True)
+    dist.barrier()  # the other ranks return once the artifact is in place
+    return result

@@ -49,23 +49,31 @@ from funnelrec.train import TrainConfig, seed_everything, train
 RESULTS = Path(__file__).parent / "results" / "candidates_throughput.json"
 
 
+def best_matmul(
+    n: int, *, repeats: int = 3, seconds: float = 0.0, warmup: int = 0
+) -> tuple[float, float]:
+    """Best GFLOP/s (wall, CPU time) of n-square fp32 matmuls: at least `repeats` of them,
+    and more until `seconds` have passed, after `warmup` untimed ones."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(warmup):
+        a @ b
+    flops = 2 * n**3
+    wall, cpu, done = 0.0, 0.0, 0
+    end = time.perf_counter() + seconds
+    while done < repeats or time.perf_counter() < end:
+        t, c = time.perf_counter(), time.process_time()
+        a @ b
+        wall = max(wall, flops / (time.perf_counter() - t) / 1e9)
+        cpu = max(cpu, flops / max(time.process_time() - c, 1e-9) / 1e9)
+        done += 1
+    return wall, cpu
+
+
 def matmul_peak(seconds: float = 3.0) -> dict[str, dict[str, float]]:
     """Best fp32 GFLOP/s of square matmuls of a few sizes, by wall and by CPU time."""
     best: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
     for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(2):
-            a @ b
-        flops = 2 * n**3
-        wall, cpu = [], []
-        end = time.perf_counter() + seconds / 3
-        while time.perf_counter() < end or len(wall) < 3:
-            t, c = time.perf_counter(), time.process_time()
-            a @ b
-            wall.append(flops / (time.perf_counter() - t))
-            cpu.append(flops / max(time.process_time() - c, 1e-9))
-        best["wall"][str(n)] = max(wall) / 1e9
-        best["cpu"][str(n)] = max(cpu) / 1e9
+        best["wall"][str(n)], best["cpu"][str(n)] = best_matmul(n, seconds=seconds / 3, warmup=2)
     return best
 
 
@@ -80,19 +88,6 @@ def step_flops(cfg: CandidateConfig, inputs: CandidateInputs, batch: int) -> flo
     fwd += 2.0 * batch * cfg.dim * cfg.num_negatives  # sampled logits
     fwd += 2.0 * batch * cfg.dim  # the positives' dot products
     return 3.0 * fwd
-
-
-def window_peak(n: int = 2048, repeats: int = 3) -> tuple[float, float]:
-    """Best GFLOP/s (wall, CPU time) of `repeats` n-square fp32 matmuls: the peak now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    flops = 2 * n**3
-    wall, cpu = 0.0, 0.0
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        a @ b
-        wall = max(wall, flops / (time.perf_counter() - t) / 1e9)
-        cpu = max(cpu, flops / max(time.process_time() - c, 1e-9) / 1e9)
-    return wall, cpu
 
 
 def time_steps(
@@ -113,7 +108,7 @@ def time_steps(
             ends.append((time.perf_counter(), time.process_time()))  # of step i - 1
             timed = i - warmup
             if 0 <= timed < steps and timed % window == 0:
-                peaks.append(window_peak())
+                peaks.append(best_matmul(2048))  # the peak now
             starts.append((time.perf_counter(), time.process_time()))
             yield batch
 

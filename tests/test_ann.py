@@ -380,10 +380,15 @@ def test_load_refuses_an_index_of_another_kind_than_its_record(
 
 
 def test_fast_scan_picks_its_single_query_scan_and_gives_the_batch_results(
-    data: tuple[np.ndarray, np.ndarray, np.ndarray], built: dict[str, ItemIndex]
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    built: dict[str, ItemIndex],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, ids, q = data
-    index = built["ivfpq_fs"]
+    monkeypatch.setattr(ann, "FAST_SCAN_KERNEL", False)  # FAISS's own search (the fallback)
+    built_index = built["ivfpq_fs"]
+    index = ItemIndex(built_index._idmap, "ivfpq_fs", built_index.params, threads=1)
+    assert index.scan_implementation == "FAISS"
     fs = index._fs
     batch_ids, batch_scores = index.search(q, 20)
     assert fs.implem == ann._FS_IMPLEM_BATCH

@@ -98,7 +98,7 @@ def build(
     index = ItemIndex.build(emb, ids, kind, params, threads=threads, progress=True)
     console.print(
         f"built {index.kind} index over {index.count:,} items x {index.dim} "
-        f"in {index.build_seconds:.1f}s"
+        f"in {index.build_seconds:.1f}s (searched by {index.scan_implementation})"
     )
     source = f"{split} user vectors ({len(q)})"
     fixed = ef_search is not None if index.kind.startswith("hnsw") else nprobe is not None
@@ -140,8 +140,9 @@ def bench(
     truth, _ = exact.search(q, k)
     q_lat = q[:latency_queries]
     table = Table(
-        title=f"{art / INDEX_DIR}: {index.kind}, {index.count:,} items x {index.dim}, "
-        f"recall@{k} vs exact on {len(q)} {split} user vectors, 1 thread"
+        title=f"{art / INDEX_DIR}: {index.kind} ({index.scan_implementation}), "
+        f"{index.count:,} items x {index.dim}, recall@{k} vs exact on {len(q)} {split} "
+        "user vectors, 1 thread"
     )
     for col in ("setting", "recall", "p50 ms", "p99 ms"):
         table.add_column(col, justify="left" if col == "setting" else "right")

@@ -148,6 +148,7 @@ def measure(
         "cpu_p99_ms": float(np.percentile(cpu, 99)),
         "latency_queries": len(q_lat),
         "load_1min": [load, os.getloadavg()[0]],  # before and after the timed queries
+        "scan": index.scan_implementation,
     }
     if index.kind in RERANKED:
         row["rerank"] = index.params.rerank
@@ -443,6 +444,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for r in results["rows"]:
         if r["kind"] != "exact":
             label = r["kind"] + (f" rerank={r['rerank']:g}" if "rerank" in r else "")
+            label += " (FAISS scan)" if r["kind"] == "ivfpq_fs" and r.get("scan") == "FAISS" else ""
             series.setdefault(label, []).append(r)
     for i, (label, rows) in enumerate(series.items()):
         marker = markers.get(rows[0]["kind"], "x")

@@ -14,11 +14,13 @@ then in cache: an earlier version of this script, sending each query to all sett
 back to back, made the second setting of an index look up to ~20% faster).
 
 Each `--setting` is an ivfpq_fs index (nlist, built once; `--cache` as in ann.py, whose
-cache it shares) searched with the given nprobe and rerank. The data and queries are
-ann.py's (`clustered_embeddings`, same seed): recall@k against exact search on the first
-`--queries` queries, latency (one thread, `ItemIndex.search` of one query) on the rest.
-The default settings compare the bucket counts 4 sqrt(N) and 2 sqrt(N) at 1M items
-(docs/ann.md, "Bucket count"). Writes benchmarks/results/ann_settings.json.
+cache it shares) searched with the given nprobe and rerank, through funnelrec's scan
+kernel (`scan=kernel`, the default where it is built) or FAISS's own search
+(`scan=faiss`). The data and queries are ann.py's (`clustered_embeddings`, same seed):
+recall@k against exact search on the first `--queries` queries, latency (one thread,
+`ItemIndex.search` of one query) on the rest. The default settings compare the kernel
+with FAISS at 1M items (docs/ann.md, "The scan kernel"). Writes
+benchmarks/results/ann_settings.json.
 """
 
 from __future__ import annotations
@@ -45,26 +47,31 @@ from ann import (
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec import ann as ann_module
 from funnelrec.ann import IndexParams, ItemIndex
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SETTINGS = (
-    "nlist=4096,nprobe=208,rerank=6",
-    "nlist=4096,nprobe=192,rerank=8",
+    "nlist=2048,nprobe=112,rerank=6,scan=faiss",
     "nlist=2048,nprobe=112,rerank=6",
-    "nlist=2048,nprobe=128,rerank=4",
+    "nlist=2048,nprobe=128,rerank=6",
+    "nlist=2048,nprobe=96,rerank=8",
 )
+SCANS = ("kernel", "faiss")
 
 
-def parse_setting(text: str) -> dict[str, float]:
-    """'nlist=2048,nprobe=112,rerank=6' -> {"nlist": 2048, "nprobe": 112, "rerank": 6.0}."""
-    out: dict[str, float] = {}
+def parse_setting(text: str) -> dict[str, Any]:
+    """'nlist=2048,nprobe=112,rerank=6[,scan=faiss]' -> {"nlist": 2048, "nprobe": 112,
+    "rerank": 6.0, "scan": "faiss"} (scan "kernel" when not given)."""
+    out: dict[str, Any] = {"scan": "kernel"}
     for part in text.split(","):
         name, sep, value = part.partition("=")
-        if not sep or name not in ("nlist", "nprobe", "rerank"):
-            raise SystemExit(f"--setting {text!r}: expected nlist=N,nprobe=N,rerank=R")
-        out[name] = float(value)
-    if set(out) != {"nlist", "nprobe", "rerank"}:
+        if not sep or name not in ("nlist", "nprobe", "rerank", "scan"):
+            raise SystemExit(f"--setting {text!r}: expected nlist=N,nprobe=N,rerank=R[,scan=S]")
+        if name == "scan" and value not in SCANS:
+            raise SystemExit(f"--setting {text!r}: scan is one of {', '.join(SCANS)}")
+        out[name] = value if name == "scan" else float(value)
+    if not {"nlist", "nprobe", "rerank"} <= set(out):
         raise SystemExit(f"--setting {text!r}: nlist, nprobe and rerank are all needed")
     return out
 
@@ -72,7 +79,9 @@ def parse_setting(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_data_arguments(ap)
-    ap.add_argument("--setting", action="append", help="nlist=N,nprobe=N,rerank=R (repeat)")
+    ap.add_argument(
+        "--setting", action="append", help="nlist=N,nprobe=N,rerank=R[,scan=faiss] (repeat)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="build and batched-search threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None, help="as in ann.py (shared with it)")
@@ -91,18 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     _, truth = flat.search(q_recall, args.k)
     del flat
 
-    indexes: dict[int, ItemIndex] = {}
+    indexes: dict[tuple[int, str], ItemIndex] = {}
     for s in settings:
         nlist = int(s["nlist"])
-        if nlist not in indexes:
+        if (nlist, "kernel") not in indexes:
             params = IndexParams(nlist=nlist)
-            indexes[nlist], _ = build_or_load(x, ids, "ivfpq_fs", params, args)
+            indexes[nlist, "kernel"], _ = build_or_load(x, ids, "ivfpq_fs", params, args)
+        if s["scan"] == "faiss" and (nlist, "faiss") not in indexes:
+            # the same FAISS index, searched by FAISS alone
+            built = indexes[nlist, "kernel"]
+            kernel, ann_module.FAST_SCAN_KERNEL = ann_module.FAST_SCAN_KERNEL, False
+            indexes[nlist, "faiss"] = ItemIndex(built._idmap, "ivfpq_fs", built.params)
+            ann_module.FAST_SCAN_KERNEL = kernel
+    scans = {key: index.scan_implementation for key, index in indexes.items()}
     names = [
-        f"nlist={s['nlist']:.0f} nprobe={s['nprobe']:.0f} rerank={s['rerank']:g}" for s in settings
+        f"nlist={s['nlist']:.0f} nprobe={s['nprobe']:.0f} rerank={s['rerank']:g} "
+        f"[{scans[int(s['nlist']), s['scan']]}]"
+        for s in settings
     ]
 
-    def use(s: dict[str, float]) -> ItemIndex:
-        index = indexes[int(s["nlist"])]
+    def use(s: dict[str, Any]) -> ItemIndex:
+        index = indexes[int(s["nlist"]), s["scan"]]
         index.params = dataclasses.replace(
             index.params, nprobe=int(s["nprobe"]), rerank=float(s["rerank"])
         )

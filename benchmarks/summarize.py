@@ -670,6 +670,9 @@ def render_ann(d: dict[str, Any], ctx: Context) -> Section:
             row.append(num(la[0] if isinstance(la, list) and la else la))
         rows.append(row)
     body += table(header, rows)
+    scans = sorted({f"{r['kind']}: {r['scan']}" for r in d["rows"] if r.get("scan")})
+    if any("kernel" in text for text in scans):
+        body += ["", "Searched by: " + "; ".join(scans) + ' (docs/ann.md, "The scan kernel").']
     s = Section(body)
     best = _ann_best(d)
     exact = next((r for r in d["rows"] if r.get("kind") == "exact"), None)

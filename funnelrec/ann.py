@@ -96,9 +96,9 @@ _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
 
 # ivfpq_fs searches (without an id selector) through funnelrec's scan kernel
 # (`funnelrec.fastscan`, C) where it is built and supports the index: the same buckets,
-# codes and re-rank as FAISS's fast scan + IndexRefine, ~30% less time per query (1M
-# benchmark, one thread, in turns: p50 0.57-0.59 against 0.85-0.89 ms, p99 0.86-0.89
-# against 1.24-1.26). False: FAISS always (A/B, tests).
+# codes and re-rank as FAISS's fast scan + IndexRefine, in 0.6-0.7x the time per query
+# (1M benchmark, nprobe 112, rerank 6, one thread, in turns: p50 0.63 against 1.07 ms,
+# p99 0.86 against 1.49; docs/ann.md). False: FAISS always (A/B, tests).
 FAST_SCAN_KERNEL = True
 
 # Rows added per call while building: small enough for a live progress bar.
@@ -272,10 +272,6 @@ class ItemIndex:
         self._fs: Any = faiss.downcast_index(self._index.base_index) if kind == "ivfpq_fs" else None
         if kind in RERANKED:
             self._floats = faiss.downcast_index(self._index.refine_index)
-        # ivfpq_fs: the scan kernel's copy of the codes, where it can search this index
-        self._scan: fastscan.FastScan | None = None
-        if self._fs is not None and FAST_SCAN_KERNEL:
-            self._scan = fastscan.FastScan.from_faiss(self._fs, self._floats)
         elif kind == "hnsw":
             self._floats = faiss.downcast_index(self._index.storage)
         elif kind == "exact":
@@ -286,6 +282,10 @@ class ItemIndex:
         self._sorter = np.argsort(self.item_ids, kind="stable")
         self._sorted_ids = self.item_ids[self._sorter]
         self._dense = bool(np.array_equal(self.item_ids, np.arange(len(self.item_ids))))
+        # ivfpq_fs: the scan kernel's copy of the codes, where it can search this index
+        self._scan: fastscan.FastScan | None = None
+        if self._fs is not None and FAST_SCAN_KERNEL:
+            self._scan = fastscan.FastScan.from_faiss(self._fs, self._floats)
         if HUGE_PAGES:
             self._advise_huge_pages()
 

@@ -1,21 +1,24 @@
-"""The optional C kernel of ivfpq_fs searches (funnelrec/_fastscan.c, read by
-funnelrec/fastscan.py); everything else about the package is in pyproject.toml.
+"""The optional C kernels (loaded with ctypes by funnelrec/native.py); everything else
+about the package is in pyproject.toml.
 
-`optional=True`: where no C compiler is at hand the install still succeeds, and
-ItemIndex then searches through FAISS alone.
+    funnelrec/_fastscan.c     ivfpq_fs searches (funnelrec/fastscan.py)
+    funnelrec/_rowsoftmax.c   the sampled softmax's element-wise pass (funnelrec/softmax.py)
+
+`optional=True`: where no C compiler is at hand the install still succeeds, and the
+callers fall back to FAISS and torch.
 """
 
 import os
 
 from setuptools import Extension, setup
 
+FLAGS = [] if os.name == "nt" else ["-O3"]
+
 setup(
     ext_modules=[
         Extension(
-            "funnelrec._fastscan",
-            sources=["funnelrec/_fastscan.c"],
-            extra_compile_args=[] if os.name == "nt" else ["-O3"],
-            optional=True,
+            f"funnelrec.{name}", [f"funnelrec/{name}.c"], extra_compile_args=FLAGS, optional=True
         )
+        for name in ("_fastscan", "_rowsoftmax")
     ]
 )

@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.candidates import CandidateConfig, CandidateInputs, CandidateModel, synthetic_batch
+from funnelrec.softmax import row_pass
 from funnelrec.train import TrainConfig, seed_everything, train
 
 RESULTS = Path(__file__).parent / "results" / "candidates_throughput.json"
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
+            "softmax_row_pass": row_pass(),  # C or torch (funnelrec.softmax.FUSED_ROWS)
             # other processes on a shared machine: the runs compete with this many
             "load_average_1m_before": load_before,
             "load_average_1m_after": os.getloadavg()[0],

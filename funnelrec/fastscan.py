@@ -25,7 +25,6 @@ the reference the SIMD code is tested against, and ~8x slower).
 from __future__ import annotations
 
 import ctypes
-import importlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from funnelrec import native
 from funnelrec.errors import FunnelrecError
 
 # The kernel's limits (see _fastscan.c): 16-bit sums need 255 * m < 2^15.
@@ -63,11 +63,9 @@ class _Index(ctypes.Structure):
 
 def _load_library() -> Any:
     """The compiled kernel through ctypes, or None when it was not built."""
-    try:
-        module = importlib.import_module("funnelrec._fastscan")
-    except ImportError:
+    lib = native.load("funnelrec._fastscan")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(module.__file__)
     p = ctypes.c_void_p
     lib.fs_search.argtypes = [p, p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p]
     lib.fs_search.restype = ctypes.c_int

@@ -28,7 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funnelrec import native
 from funnelrec.errors import FunnelrecError
 
 ProposalKind = Literal["unigram", "log_uniform", "uniform"]
@@ -238,6 +242,69 @@ class SampledSoftmax(nn.Module):
 # all 1,024 rows at once 82.
 CHUNK_ELEMENTS = 1 << 21
 
+# The element-wise pass over a row chunk (row maxima, shift, floor, exp, the product with
+# the logQ weights) in C, one pass per row while it is in cache (funnelrec/_rowsoftmax.c),
+# where it is built: torch makes five passes over the chunk, each from memory. Timed in
+# the training step, in turns (benchmarks' issue shape, one thread): see docs/candidates.md.
+# False: torch always (A/B, tests). CPU float32 only.
+FUSED_ROWS = True
+_ROWS: Any = native.load("funnelrec._rowsoftmax")
+if _ROWS is not None:
+    _ROWS.rs_softmax_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
+    _ROWS.rs_softmax_rows.restype = None
+# rows split over torch's threads (ctypes lets go of the GIL): (pool, its size), made on use
+_POOL: tuple[ThreadPoolExecutor, int] | None = None
+
+
+def _fused_rows(logits: Tensor, w: Tensor, pos: Tensor, bias_max: Tensor) -> tuple[Tensor, Tensor]:
+    """(top [c], z [c]) of a logits chunk [c, C] whose accidental hits are -inf, which
+    becomes E [c, C]: top_i = max(max_j o_ij + bias_max, pos_i),
+    E_ij = exp(max(o_ij + bias_max - top_i, -50)) (0 at hits), z_i = sum_j w_j E_ij.
+    The torch code in `_loss_and_grads` computes the same (to ~1e-7 relative)."""
+    global _POOL
+    c, cols = logits.shape
+    top, z = torch.empty(c), torch.empty(c)
+    b = float(bias_max)
+
+    def run(lo: int, hi: int) -> None:
+        _ROWS.rs_softmax_rows(
+            logits.data_ptr() + lo * cols * 4, hi - lo, cols, w.data_ptr(),
+            pos.data_ptr() + lo * 4, b, top.data_ptr() + lo * 4, z.data_ptr() + lo * 4,
+        )  # fmt: skip
+
+    threads = torch.get_num_threads()
+    if threads <= 1 or c < 64:
+        run(0, c)
+        return top, z
+    if _POOL is None or _POOL[1] < threads:
+        _POOL = (ThreadPoolExecutor(threads, thread_name_prefix="funnelrec-softmax"), threads)
+    bounds = [c * t // threads for t in range(threads + 1)]
+    for f in [_POOL[0].submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
+        f.result()
+    return top, z
+
+
+def row_pass() -> str:
+    """What runs the element-wise pass over CPU logits: "C (AVX-512)" (or AVX2 / portable
+    C) where the C row pass is built and on, else "torch"."""
+    if not FUSED_ROWS or _ROWS is None:
+        return "torch"
+    return "C (" + ("portable C", "AVX2", "AVX-512")[int(_ROWS.rs_level())] + ")"
+
+
+def _can_fuse(logits: Tensor, w: Tensor, pos: Tensor) -> bool:
+    return (
+        FUSED_ROWS
+        and _ROWS is not None
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in (logits, w, pos)
+        )
+    )
+
 
 def softmax_cross_entropy(
     u: Tensor,
@@ -310,15 +377,19 @@ def _loss_and_grads(
         sel = (hit_rows >= lo) & (hit_rows < hi)
         logits[hit_rows[sel] - lo, hit_cols[sel]] = float("-inf")
         # top >= every corrected logit of the row and the positive's (which is finite)
-        top = torch.maximum(logits.amax(1) + bias_max, pc)  # [c]
         # E = exp(o + bias_max - top) <= 1, with the exponent floored at -50: below ~-87
         # exp gives denormals, and products of small ones do too, each many times
         # slower to compute on CPU; next to the e^0 term, C terms of e^-50 change the
         # sum by < C * 2e-22
-        logits.sub_((top - bias_max)[:, None]).clamp_(min=-50.0).exp_()
-        logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
+        if _can_fuse(logits, w, pc):
+            top, z = _fused_rows(logits, w, pc, bias_max)  # hits come out 0
+        else:
+            top = torch.maximum(logits.amax(1) + bias_max, pc)  # [c]
+            logits.sub_((top - bias_max)[:, None]).clamp_(min=-50.0).exp_()
+            logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
+            z = torch.mv(logits, w)
         e_pos = torch.exp(pc - top)
-        z = torch.mv(logits, w) + e_pos  # [c]
+        z = z + e_pos  # [c]
         total += (torch.log(z) + top - pc).sum()
         if need_grad:
             # d(mean loss)/d(logit_ij) = (softmax_ij - onehot(positive)) / B, where

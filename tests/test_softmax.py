@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from funnelrec import softmax as softmax_module
 from funnelrec.errors import FunnelrecError
 from funnelrec.softmax import Proposal, SampledSoftmax, full_softmax_loss
 
@@ -302,3 +303,77 @@ def test_a_scaled_loss_scales_the_gradients() -> None:
     (u1, w1), (u2, w2) = grads
     torch.testing.assert_close(u2, -2.5 * u1)
     torch.testing.assert_close(w2, -2.5 * w1)
+
+
+_FUSED = pytest.mark.skipif(
+    softmax_module._ROWS is None, reason="the C row pass was not built (no compiler at install)"
+)
+
+
+def _loss_and_grads_both_ways(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[torch.Tensor, ...]]:
+    """Loss and gradients of a sampled loss with hits, in row chunks, through the C row
+    pass and through torch's element-wise ops."""
+    from funnelrec import softmax
+
+    g = torch.Generator().manual_seed(5)
+    n_items, b, n, d = 300, 150, 700, 16
+    q = Proposal.from_counts(torch.rand(n_items + 1, generator=g) * 10, alpha=0.75)
+    loss_fn = SampledSoftmax(q, num_negatives=n)
+    labels = torch.randint(1, n_items + 1, (b,), generator=g)
+    negatives = torch.randint(1, n_items + 1, (n,), generator=g)  # repeats and hits
+    u0, w0 = torch.randn(b, d, generator=g) * 2, torch.randn(n_items + 1, d, generator=g)
+    monkeypatch.setattr(softmax, "CHUNK_ELEMENTS", 64 * n)  # three row chunks
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(softmax, "FUSED_ROWS", fused)
+        u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = loss_fn.sampled_loss(u, w, labels, negatives)
+        loss.backward()
+        assert u.grad is not None and w.grad is not None
+        out.append((loss.detach(), u.grad, w.grad))
+    return out
+
+
+@_FUSED
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_row_pass_gives_torchs_loss_and_gradients(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fused, plain = _loss_and_grads_both_ways(threads, monkeypatch)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+    again, _ = _loss_and_grads_both_ways(threads, monkeypatch)
+    for a, b in zip(fused, again, strict=True):  # the same numbers every run
+        assert torch.equal(a, b)
+
+
+@_FUSED
+def test_every_instruction_set_of_the_row_pass_agrees() -> None:
+    """AVX-512, AVX2 and portable C: the row maxima exactly, E and z to rounding; hits
+    (-inf) give 0."""
+    from funnelrec import softmax
+
+    lib = softmax._ROWS
+    g = torch.Generator().manual_seed(6)
+    logits0 = torch.randn(70, 301, generator=g) * 8  # columns not a multiple of 32
+    logits0[3, 7] = logits0[50, 300] = float("-inf")
+    w, pos = torch.rand(301, generator=g), torch.randn(70, generator=g) * 8
+    got = {}
+    try:
+        for level in range(lib.rs_level(), -1, -1):
+            assert lib.rs_force_level(level) == level
+            logits = logits0.clone()
+            top, z = softmax._fused_rows(logits, w, pos, torch.tensor(0.75))
+            got[level] = (logits, top, z)
+    finally:
+        lib.rs_force_level(-1)
+    e_ref = torch.exp((logits0 - (got[0][1] - 0.75)[:, None]).clamp(min=-50.0))
+    e_ref[3, 7] = e_ref[50, 300] = 0.0
+    for logits, top, z in got.values():
+        torch.testing.assert_close(top, torch.maximum(logits0.amax(1) + 0.75, pos), rtol=0, atol=0)
+        torch.testing.assert_close(logits, e_ref, rtol=3e-7, atol=0)
+        torch.testing.assert_close(z, e_ref @ w, rtol=2e-6, atol=0)
+        assert logits[3, 7] == 0 and logits[50, 300] == 0

@@ -188,3 +188,19 @@ def test_without_avx2_the_index_is_searched_by_faiss(index: ItemIndex) -> None:
         assert fastscan.FastScan.from_faiss(index._fs, index._floats, portable=True) is not None
     finally:
         fastscan.force_level(None)
+
+
+def test_concurrent_searches_give_the_sequential_results(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray], index: ItemIndex
+) -> None:
+    """A server's threads search one index at once (ctypes lets go of the GIL): each
+    call has its own working memory, so the results are those of one search at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, q = data
+    want = [index.search(v, 10) for v in q]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda v: index.search(v, 10), list(q) * 3))
+    for i, (ids, scores) in enumerate(got):
+        np.testing.assert_array_equal(ids, want[i % len(q)][0])
+        np.testing.assert_array_equal(scores, want[i % len(q)][1])

@@ -53,8 +53,7 @@ typedef struct {
     const int64_t *list_size;  /* [nlist]: its vectors (then padding to a multiple of 32) */
     const uint8_t *codes;      /* [list_start[nlist] / 32][m / 2][32] */
     const int64_t *rows;       /* [list_start[nlist]]: each slot's row, -1 for padding */
-    const float *vectors;      /* [n][d] */
-    int64_t n;
+    const float *vectors;      /* [rows][d] */
 } fs_index;
 
 typedef struct {

@@ -41,8 +41,6 @@ _BLOCK = 32  # vectors per block of codes
 # Batches at least this long are split over threads (each call is one thread).
 _SPLIT_MIN = 64
 
-_LEVELS = {0: "portable C", 1: "AVX2", 2: "AVX-512"}
-
 
 class _Index(ctypes.Structure):
     _fields_ = [
@@ -57,7 +55,6 @@ class _Index(ctypes.Structure):
         ("codes", ctypes.c_void_p),
         ("rows", ctypes.c_void_p),
         ("vectors", ctypes.c_void_p),
-        ("n", ctypes.c_int64),
     ]
 
 
@@ -88,7 +85,7 @@ def level() -> str:
     """The instruction set searches run with ("AVX-512", "AVX2", "portable C")."""
     if _LIB is None:
         raise FunnelrecError("the fast-scan kernel is not built (funnelrec/_fastscan.c)")
-    return _LEVELS[int(_LIB.fs_level())]
+    return native.LEVELS[int(_LIB.fs_level())]
 
 
 def force_level(name: str | None) -> str:
@@ -96,9 +93,9 @@ def force_level(name: str | None) -> str:
     the best the CPU supports (None). For tests: every level gives identical results."""
     if _LIB is None:
         raise FunnelrecError("the fast-scan kernel is not built (funnelrec/_fastscan.c)")
-    code = -1 if name is None else {v: k for k, v in _LEVELS.items()}.get(name)
-    if code is None:
-        raise FunnelrecError(f"unknown instruction set {name!r}; one of {sorted(_LEVELS.values())}")
+    if name is not None and name not in native.LEVELS:
+        raise FunnelrecError(f"unknown instruction set {name!r}; one of {list(native.LEVELS)}")
+    code = -1 if name is None else native.LEVELS.index(name)
     if _LIB.fs_force_level(code) < 0:
         raise FunnelrecError(f"this CPU cannot run {name}")
     return level()
@@ -165,9 +162,7 @@ class FastScan:
         self._owners = owners
         m, _, dsub = codebook.shape
         d, nlist = m * dsub, list_size.shape[0]
-        self._struct = _Index(
-            d, nlist, m, 0, *(a.ctypes.data for a in self._arrays), vectors.shape[0]
-        )
+        self._struct = _Index(d, nlist, m, 0, *(a.ctypes.data for a in self._arrays))
         self.dim = int(d)
         self._ref = ctypes.byref(self._struct)
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import ctypes
 import importlib
 
+# What each kernel's `*_level()` returns, by number: the instruction set it runs.
+LEVELS = ("portable C", "AVX2", "AVX-512")
+
 
 def load(module: str) -> ctypes.CDLL | None:
     """The shared library of the extension `module` (e.g. "funnelrec._fastscan"), or None."""

@@ -292,7 +292,7 @@ def row_pass() -> str:
     C) where the C row pass is built and on, else "torch"."""
     if not FUSED_ROWS or _ROWS is None:
         return "torch"
-    return "C (" + ("portable C", "AVX2", "AVX-512")[int(_ROWS.rs_level())] + ")"
+    return f"C ({native.LEVELS[int(_ROWS.rs_level())]})"
 
 
 def _can_fuse(logits: Tensor, w: Tensor, pos: Tensor) -> bool:

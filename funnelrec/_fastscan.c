@@ -38,6 +38,9 @@
 #define FS_X86 0
 #endif
 
+#define LEVELS_NEED_AVX512BW
+#include "_levels.h"
+
 #define FS_BLOCK 32
 #define FS_MAX_M 128 /* 255 * m < 2^15: sums fit signed 16-bit lanes */
 
@@ -62,8 +65,7 @@ typedef struct {
     int64_t r;
 } fs_cand;
 
-enum { FS_SCALAR = 0, FS_AVX2 = 1, FS_AVX512 = 2 };
-static int forced_level = -1;
+enum { FS_SCALAR = 0, FS_AVX2 = 1, FS_AVX512 = 2 }; /* _levels.h */
 
 /* ------------------------------------------------------------------ selection
  *
@@ -364,32 +366,11 @@ __attribute__((target("avx512f,avx512bw,avx2"))) static uint32_t block_avx512(
 
 /* ------------------------------------------------------------------ search */
 
-static int cpu_level(void) {
-    if (forced_level >= 0) return forced_level;
-#if FS_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return FS_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return FS_AVX2;
-#endif
-    return FS_SCALAR;
-}
-
-/* The level searches run at: 0 portable C, 1 AVX2, 2 AVX-512. */
+/* The level searches run at: 0 portable C, 1 AVX2, 2 AVX-512 (with BW). */
 int fs_level(void) { return cpu_level(); }
 
-/* Force a level (tests); -1: the best the CPU supports. Returns the level now in force,
-   or -1 if the CPU cannot run the one asked for (nothing changes then). */
-int fs_force_level(int level) {
-    int saved = forced_level;
-    forced_level = -1;
-    int best = cpu_level();
-    if (level > best || level < -1) {
-        forced_level = saved;
-        return -1;
-    }
-    forced_level = level;
-    return cpu_level();
-}
+/* Force a level (tests); see force_level. */
+int fs_force_level(int level) { return force_level(level); }
 
 /* Per-call working memory (one allocation). */
 typedef struct {

@@ -28,6 +28,8 @@
 #define RS_X86 0
 #endif
 
+#include "_levels.h"
+
 #define RS_FLOOR (-50.0f) /* exponent floor: see softmax.py (denormals) */
 
 /* max(m, row[from..cols)) */
@@ -174,33 +176,11 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(float *L, int64_t rows
 }
 #endif
 
-static int forced_level = -1;
-
-static int cpu_level(void) {
-    if (forced_level >= 0) return forced_level;
-#if RS_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-#endif
-    return 0;
-}
-
-/* 0 portable C, 1 AVX2, 2 AVX-512 */
+/* 0 portable C, 1 AVX2, 2 AVX-512 (_levels.h) */
 int rs_level(void) { return cpu_level(); }
 
-/* Force a level (tests); -1: the best the CPU supports. Returns it, or -1 if the CPU
-   cannot run it (nothing changes then). */
-int rs_force_level(int level) {
-    int saved = forced_level;
-    forced_level = -1;
-    if (level > cpu_level() || level < -1) {
-        forced_level = saved;
-        return -1;
-    }
-    forced_level = level;
-    return cpu_level();
-}
+/* Force a level (tests); see force_level. */
+int rs_force_level(int level) { return force_level(level); }
 
 /* See the file's comment. L [rows][cols] row-major, w [cols], pos [rows]; writes L,
    top [rows], z [rows]. */

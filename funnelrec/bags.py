@@ -1,14 +1,18 @@
-"""Weighted sums of embedding bags as sparse-matrix products (the CPU training path).
+"""Weighted sums of embedding bags and their gradients (the CPU training path).
 
 A batch of bags (flat ids [n] + start offsets [B], the `nn.EmbeddingBag` form) with one
 weight per id is the sparse matrix S [B, V] (row b holds bag b's weights at its ids), and
-the bag sums are S @ W for the table W [V, d]. Its gradient is S^T @ G. On the CPU the
-gradient runs as a CSR sparse-dense matmul, which beats `nn.EmbeddingBag`'s backward (a
+the bag sums are S @ W for the table W [V, d]. Its gradient is S^T @ G.
+
+Where the C row sums are built (`funnelrec.rowsum`, CPU float32), the forward puts the ids
+in order of table row once (a stable counting sort), reads the table row by row into the
+bags' sums, and the backward sums each table row's terms and writes it once: a training
+step at the throughput benchmark's shape is ~4-5% faster than with the torch path below
+(docs/candidates.md, "Throughput"). Otherwise the forward is EmbeddingBag's own kernel
+and the gradient a CSR sparse-dense matmul, which beats `nn.EmbeddingBag`'s backward (a
 per-id scatter) by ~3x: a batch of 1,024 bags of 50 ids over a 1,683 x 64 table, one
-thread, forward + backward 4.1 ms against 13.4 ms (timed in isolation; the whole training
-step is benchmarks/candidates_throughput.py's). The forward sums are EmbeddingBag's own
-kernel (the same numbers as S @ W, ~2x faster than the CSR product at 10k x 256). S^T is
-built by a stable sort of the ids, so the gradient is deterministic.
+thread, forward + backward 4.1 ms against 13.4 ms. S^T is built by a stable sort of the
+ids. Both ways the gradient is deterministic.
 
     out = weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=False)  # [B, d]
 
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from funnelrec import rowsum
 
 # torch sorts integer keys with a radix sort from this many on, and fewer by comparison.
 RADIX_SORT_MIN = 32_768
@@ -57,17 +63,28 @@ class _WeightedBagSum(torch.autograd.Function):
     def forward(
         ctx: Any, weight: Tensor, ids: Tensor, offsets: Tensor, per_id: Tensor, sparse_grad: bool
     ) -> Tensor:
-        ctx.save_for_backward(ids, offsets, per_id)
         ctx.shape = tuple(weight.shape)
         ctx.sparse_grad = sparse_grad
-        # the same sums as the CSR product S @ W, ~2x faster (1,024 bags of 50 ids, d 256)
         weights = per_id.to(weight.dtype)
+        ctx.terms = 0
+        if rowsum.usable(weight, weights):
+            # the ids in order of table row: the forward reads the table once, in order,
+            # and the backward (dense) sums each row's terms
+            terms = rowsum.terms_by_row(ids, int(weight.shape[0]), offsets, weights)
+            ctx.save_for_backward(ids, offsets, per_id, *terms.tensors())
+            ctx.terms = len(terms.tensors())
+            return rowsum.bag_sums(weight, terms, int(offsets.shape[0]))
+        ctx.save_for_backward(ids, offsets, per_id)
+        # the same sums as the CSR product S @ W, ~2x faster (1,024 bags of 50 ids, d 256)
         return F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=weights)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        ids, offsets, per_id = ctx.saved_tensors
+        ids, offsets, per_id, *saved = ctx.saved_tensors
         rows_count, dim = ctx.shape
+        if not ctx.sparse_grad and ctx.terms and rowsum.usable(grad_out):
+            grad = rowsum.gradient(rowsum.Terms.of(tuple(saved)), grad_out)
+            return grad, None, None, None, None
         b, n = offsets.shape[0], ids.shape[0]
         lengths = torch.diff(offsets, append=offsets.new_tensor([n]))
         bag_of = torch.repeat_interleave(torch.arange(b, device=ids.device), lengths)

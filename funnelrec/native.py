@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 # What each kernel's `*_level()` returns, by number: the instruction set it runs.
 LEVELS = ("portable C", "AVX2", "AVX-512")
@@ -23,3 +28,22 @@ def load(module: str) -> ctypes.CDLL | None:
         return None
     path = getattr(found, "__file__", None)
     return ctypes.CDLL(path) if path else None
+
+
+# rows split over torch's threads (ctypes lets go of the GIL): (pool, its size), made on use
+_POOL: tuple[ThreadPoolExecutor, int] | None = None
+
+
+def split_rows(run: Callable[[int, int], None], rows: int, *, min_rows: int = 64) -> None:
+    """run(lo, hi) over [0, rows) in torch.get_num_threads() contiguous parts at once (one
+    call in this thread where there is one thread or fewer than `min_rows` rows)."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if threads <= 1 or rows < min_rows:
+        run(0, rows)
+        return
+    if _POOL is None or _POOL[1] < threads:
+        _POOL = (ThreadPoolExecutor(threads, thread_name_prefix="funnelrec-native"), threads)
+    bounds = [rows * t // threads for t in range(threads + 1)]
+    for f in [_POOL[0].submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
+        f.result()

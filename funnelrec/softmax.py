@@ -29,9 +29,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import itertools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funnelrec import native
+from funnelrec import native, rowsum
 from funnelrec.errors import FunnelrecError
 
 ProposalKind = Literal["unigram", "log_uniform", "uniform"]
@@ -255,8 +253,6 @@ if _ROWS is not None:
         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
     ]  # fmt: skip
     _ROWS.rs_softmax_rows.restype = None
-# rows split over torch's threads (ctypes lets go of the GIL): (pool, its size), made on use
-_POOL: tuple[ThreadPoolExecutor, int] | None = None
 
 
 def _fused_rows(logits: Tensor, w: Tensor, pos: Tensor, bias_max: Tensor) -> tuple[Tensor, Tensor]:
@@ -264,7 +260,6 @@ def _fused_rows(logits: Tensor, w: Tensor, pos: Tensor, bias_max: Tensor) -> tup
     becomes E [c, C]: top_i = max(max_j o_ij + bias_max, pos_i),
     E_ij = exp(max(o_ij + bias_max - top_i, -50)) (0 at hits), z_i = sum_j w_j E_ij.
     The torch code in `_loss_and_grads` computes the same (to ~1e-7 relative)."""
-    global _POOL
     c, cols = logits.shape
     top, z = torch.empty(c), torch.empty(c)
     b = float(bias_max)
@@ -275,15 +270,7 @@ def _fused_rows(logits: Tensor, w: Tensor, pos: Tensor, bias_max: Tensor) -> tup
             pos.data_ptr() + lo * 4, b, top.data_ptr() + lo * 4, z.data_ptr() + lo * 4,
         )  # fmt: skip
 
-    threads = torch.get_num_threads()
-    if threads <= 1 or c < 64:
-        run(0, c)
-        return top, z
-    if _POOL is None or _POOL[1] < threads:
-        _POOL = (ThreadPoolExecutor(threads, thread_name_prefix="funnelrec-softmax"), threads)
-    bounds = [c * t // threads for t in range(threads + 1)]
-    for f in [_POOL[0].submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
-        f.result()
+    native.split_rows(run, c)
     return top, z
 
 
@@ -472,20 +459,28 @@ def _scaled(grads: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
 
 
 class _GatherRows(torch.autograd.Function):
-    """weight[ids] with a dense gradient: zeros + index_add_, ~2x faster on the CPU than
-    `F.embedding`'s backward, which sorts the ids first (5,120 rows of a 10k x 256 table,
-    one thread). The rows are added in index order, so the result is deterministic."""
+    """weight[ids] with a dense gradient, deterministic (each row's terms added in index
+    order). On the CPU through `rowsum` (funnelrec/_rowsum.c): the gather and each table
+    row's sum in one pass, the ids' order by row found in forward. Else zeros +
+    index_add_, ~2x faster than `F.embedding`'s backward, which sorts the ids first
+    (5,120 rows of a 10k x 256 table, one thread)."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
-        ctx.save_for_backward(ids)
         ctx.rows = weight.shape[0]
+        if rowsum.usable(weight):
+            terms = rowsum.terms_by_row(ids, ctx.rows)
+            ctx.save_for_backward(*terms.tensors())
+            return rowsum.gather(weight, ids)
+        ctx.save_for_backward(ids)
         return weight.index_select(0, ids)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (ids,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids, grad)
+        saved = ctx.saved_tensors
+        if len(saved) > 1:
+            return rowsum.gradient(rowsum.Terms.of(saved), grad), None
+        out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, saved[0], grad)
         return out, None
 
 

@@ -234,40 +234,39 @@ class SampledSoftmax(nn.Module):
 
 
 # Rows of the [B, C] logits handled at once: chunks of ~CHUNK_ELEMENTS floats keep the
-# element-wise passes over the logits in cache while the matmuls stay large enough to
-# run near peak. Measured (d = 256, C = 4,096, B = 1,024, one thread, forward + backward,
-# an idle AVX-512 core): 64 rows 62 GFLOP/s, 128 rows 76, 256 rows 78, 512 rows 82,
-# all 1,024 rows at once 82.
-CHUNK_ELEMENTS = 1 << 21
+# element-wise passes over the logits in cache (L3) while the matmuls stay large enough to
+# run near peak. Measured in the training step, in turns (d = 256, C = 4,096, B = 1,024,
+# one thread, the C row pass): 1,024-row chunks 1-3 ms faster per step than 512-row
+# ones, 256-row ones ~10 ms slower.
+CHUNK_ELEMENTS = 1 << 22
 
-# The element-wise pass over a row chunk (row maxima, shift, floor, exp, the product with
-# the logQ weights) in C, one pass per row while it is in cache (funnelrec/_rowsoftmax.c),
-# where it is built: torch makes five passes over the chunk, each from memory. Timed in
-# the training step, in turns (benchmarks' issue shape, one thread): see docs/candidates.md.
+# The element-wise pass over a row chunk (bias, row maxima, shift, floor, exp, row sums)
+# in C, one pass per row while it is in cache (funnelrec/_rowsoftmax.c), where it is built:
+# torch makes six passes over the chunk, each from memory. Timed in the training step, in
+# turns (benchmarks' issue shape, one thread): see docs/candidates.md.
 # False: torch always (A/B, tests). CPU float32 only.
 FUSED_ROWS = True
 _ROWS: Any = native.load("funnelrec._rowsoftmax")
 if _ROWS is not None:
     _ROWS.rs_softmax_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p,
     ]  # fmt: skip
     _ROWS.rs_softmax_rows.restype = None
 
 
-def _fused_rows(logits: Tensor, w: Tensor, pos: Tensor, bias_max: Tensor) -> tuple[Tensor, Tensor]:
-    """(top [c], z [c]) of a logits chunk [c, C] whose accidental hits are -inf, which
-    becomes E [c, C]: top_i = max(max_j o_ij + bias_max, pos_i),
-    E_ij = exp(max(o_ij + bias_max - top_i, -50)) (0 at hits), z_i = sum_j w_j E_ij.
+def _fused_rows(logits: Tensor, bias: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """(top [c], z [c]) of a logits chunk [c, C] (without the bias [C]; accidental hits
+    -inf), which becomes E [c, C]: top_i = max(max_j (o_ij + bias_j), pos_i),
+    E_ij = exp(max(o_ij + bias_j - top_i, -50)) (0 at hits), z_i = sum_j E_ij.
     The torch code in `_loss_and_grads` computes the same (to ~1e-7 relative)."""
     c, cols = logits.shape
     top, z = torch.empty(c), torch.empty(c)
-    b = float(bias_max)
 
     def run(lo: int, hi: int) -> None:
         _ROWS.rs_softmax_rows(
-            logits.data_ptr() + lo * cols * 4, hi - lo, cols, w.data_ptr(),
-            pos.data_ptr() + lo * 4, b, top.data_ptr() + lo * 4, z.data_ptr() + lo * 4,
+            logits.data_ptr() + lo * cols * 4, hi - lo, cols, bias.data_ptr(),
+            pos.data_ptr() + lo * 4, top.data_ptr() + lo * 4, z.data_ptr() + lo * 4,
         )  # fmt: skip
 
     native.split_rows(run, c)
@@ -282,13 +281,13 @@ def row_pass() -> str:
     return f"C ({native.LEVELS[int(_ROWS.rs_level())]})"
 
 
-def _can_fuse(logits: Tensor, w: Tensor, pos: Tensor) -> bool:
+def _can_fuse(*tensors: Tensor) -> bool:
     return (
         FUSED_ROWS
         and _ROWS is not None
         and all(
             t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            for t in (logits, w, pos)
+            for t in tensors
         )
     )
 
@@ -345,14 +344,10 @@ def _loss_and_grads(
     b, c_count = u.shape[0], cand_v.shape[0]
     hit_rows, hit_cols = _hits(labels, cand_ids)
     pos = (u * pos_v).sum(1)  # [B]: the label's logit, exact
-    # The bias never touches the [c, C] logits: exp(o + bias_j - top) is
-    # exp(o - top + bias_max) * w_j with w_j = exp(bias_j - bias_max) <= 1, and w goes
-    # into the [C]-sized operands of the products instead (z = E @ w, E @ (w * v),
-    # w * (E^T @ u)). The logits matmul without a bias runs ~15% faster (no broadcast
-    # copy, no read of its output), and the p = e / z pass over [c, C] is gone.
-    bias_max = cand_bias.max() if c_count else cand_bias.new_zeros(())
-    w = torch.exp(cand_bias - bias_max)  # [C]
-    wv = cand_v * w[:, None] if need_grad else cand_v
+    cand_bias = cand_bias.contiguous()
+    # the C row pass adds the bias to each row while it is in cache; torch adds it in the
+    # matmul (a broadcast copy of the bias, then the product accumulated onto it)
+    fused = _can_fuse(u, cand_v, cand_bias, pos)
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
     if need_grad and b == 0:
@@ -360,38 +355,36 @@ def _loss_and_grads(
     for lo in range(0, b, rows):
         hi = min(b, lo + rows)
         uc, pc = u[lo:hi], pos[lo:hi]
-        logits = torch.mm(uc, cand_v.T)  # [c, C], without the bias
+        logits = torch.mm(uc, cand_v.T) if fused else torch.addmm(cand_bias, uc, cand_v.T)
         sel = (hit_rows >= lo) & (hit_rows < hi)
         logits[hit_rows[sel] - lo, hit_cols[sel]] = float("-inf")
-        # top >= every corrected logit of the row and the positive's (which is finite)
-        # E = exp(o + bias_max - top) <= 1, with the exponent floored at -50: below ~-87
-        # exp gives denormals, and products of small ones do too, each many times
-        # slower to compute on CPU; next to the e^0 term, C terms of e^-50 change the
-        # sum by < C * 2e-22
-        if _can_fuse(logits, w, pc):
-            top, z = _fused_rows(logits, w, pc, bias_max)  # hits come out 0
+        # top >= every corrected logit of the row and the positive's (which is finite), so
+        # E = exp(o + bias - top) <= 1, with the exponent floored at -50: below ~-87 exp
+        # gives denormals, and products of small ones do too, each many times slower to
+        # compute on CPU; next to the e^0 term, C terms of e^-50 change the sum by
+        # < C * 2e-22
+        if fused:
+            top, z = _fused_rows(logits, cand_bias, pc)  # adds the bias; hits come out 0
         else:
-            top = torch.maximum(logits.amax(1) + bias_max, pc)  # [c]
-            logits.sub_((top - bias_max)[:, None]).clamp_(min=-50.0).exp_()
+            top = torch.maximum(logits.amax(1), pc)  # [c]
+            logits.sub_(top[:, None]).clamp_(min=-50.0).exp_()
             logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
-            z = torch.mv(logits, w)
+            z = logits.sum(1)
         e_pos = torch.exp(pc - top)
         z = z + e_pos  # [c]
         total += (torch.log(z) + top - pc).sum()
         if need_grad:
             # d(mean loss)/d(logit_ij) = (softmax_ij - onehot(positive)) / B, where
-            # softmax_ij = E_ij * w_j / z_i
+            # softmax_ij = E_ij / z_i
             inv = 1.0 / (z * b)  # [c]
             g_pos = e_pos * inv - 1.0 / b  # [c]
             grad_u[lo:hi] = (
-                torch.mm(logits, wv).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
+                torch.mm(logits, cand_v).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
             )
             grad_pos[lo:hi] = g_pos[:, None] * uc
             # the first chunk writes grad_cand (beta 0: its contents are ignored), the
             # others add to it
             grad_cand.addmm_(logits.T, uc * inv[:, None], beta=0.0 if lo == 0 else 1.0)
-    if need_grad:
-        grad_cand.mul_(w[:, None])
     return (total / b).to(u.dtype)
 
 

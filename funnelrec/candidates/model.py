@@ -165,9 +165,10 @@ def bag_mean(
 ) -> Tensor:
     """Mean embedding of each bag [B, dim], padding (id 0) left out; an empty bag -> 0.
 
-    Computed as a weighted sum (weight 1 / non-padding length): the same numbers as
-    EmbeddingBag's mode="mean" with padding_idx=0; on the CPU as sparse-matrix products
-    (`bags.weighted_bag_sum`), elsewhere through the EmbeddingBag.
+    Computed as a weighted sum (weight 1 / non-padding length): the same numbers (to
+    rounding) as EmbeddingBag's mode="mean" with padding_idx=0; on the CPU by
+    `bags.weighted_bag_sum` (C row sums, or sparse-matrix products), elsewhere through the
+    EmbeddingBag.
     decay < 1: a recency-weighted mean instead, the k-th id from a bag's end (bags are
     oldest first) weighing decay ** k, the weights of each bag normalised to sum to 1.
     keep: [n] bool, the ids to count (the others are left out like padding; positions
@@ -187,7 +188,7 @@ def bag_mean(
     count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
     count.index_add_(0, rows, real)
     weights = real / count.clamp(min=1e-12)[rows]
-    if ids.device.type == "cpu":  # CSR products: ~3x faster than EmbeddingBag's backward
+    if ids.device.type == "cpu":  # ~3x faster than EmbeddingBag's backward, or more
         return weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=table.sparse)
     out: Tensor = table(ids, offsets, per_sample_weights=weights)
     return out

@@ -43,6 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec import rowsum
 from funnelrec.candidates import CandidateConfig, CandidateInputs, CandidateModel, synthetic_batch
 from funnelrec.softmax import row_pass
 from funnelrec.train import TrainConfig, seed_everything, train
@@ -219,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "softmax_row_pass": row_pass(),  # C or torch (funnelrec.softmax.FUSED_ROWS)
+            "embedding_row_sums": rowsum.level(),  # C or torch (funnelrec.rowsum.ENABLED)
             # other processes on a shared machine: the runs compete with this many
             "load_average_1m_before": load_before,
             "load_average_1m_after": os.getloadavg()[0],

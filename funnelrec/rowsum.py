@@ -138,20 +138,36 @@ def gradient(terms: Terms, grad: Tensor) -> Tensor:
 def gather(table: Tensor, ids: Tensor) -> Tensor:
     """table[ids] [n, d], the rows copied exactly (as `index_select`)."""
     ids = ids.to(torch.int64).contiguous()
-    n, rows = int(ids.shape[0]), int(table.shape[0])
-    if n:
-        low, high = torch.aminmax(ids)
-        if int(low) < 0 or int(high) >= rows:
-            bad = int(low) if int(low) < 0 else int(high)
-            raise FunnelrecError(f"row id {bad} is outside the table's {rows} rows")
-    start = torch.arange(n + 1, dtype=torch.int64)
-    return _sum_rows(table.new_empty(n, table.shape[1]), start, ids, None, table.contiguous())
+    _check_ids(ids, int(table.shape[0]))
+    start = torch.arange(ids.shape[0] + 1, dtype=torch.int64)
+    out = table.new_empty(ids.shape[0], table.shape[1])
+    return _sum_rows(out, start, ids, None, table.contiguous())
 
 
 def gather_grad(grad: Tensor, ids: Tensor, rows: int) -> Tensor:
     """The dense gradient [rows, d] of table[ids] given grad [n, d]: grad's rows added into
     their ids' rows in index order, the same numbers as zeros + `index_add_`."""
     return gradient(terms_by_row(ids, rows), grad)
+
+
+def _check_ids(ids: Tensor, rows: int) -> None:
+    if ids.numel():
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= rows:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise FunnelrecError(f"row id {bad} is outside the table's {rows} rows")
+
+
+def bag_sums_by_bag(table: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """The same sums as `bag_sums`, each bag's rows gathered and added in its order: for
+    tables much larger than a batch's ids, where reading the table in order would walk
+    mostly untouched rows."""
+    ids = ids.to(torch.int64).contiguous()
+    _check_ids(ids, int(table.shape[0]))
+    n = ids.new_tensor([ids.shape[0]])
+    start = torch.cat([offsets.to(torch.int64), n])
+    out = table.new_empty(offsets.shape[0], table.shape[1])
+    return _sum_rows(out, start, ids, weights.to(torch.float32).contiguous(), table.contiguous())
 
 
 def bag_sums(table: Tensor, terms: Terms, bags: int) -> Tensor:

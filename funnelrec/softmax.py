@@ -347,7 +347,7 @@ def _loss_and_grads(
     cand_bias = cand_bias.contiguous()
     # the C row pass adds the bias to each row while it is in cache; torch adds it in the
     # matmul (a broadcast copy of the bias, then the product accumulated onto it)
-    fused = _can_fuse(u, cand_v, cand_bias, pos)
+    fused = _can_fuse(cand_bias, pos)  # (the logits, from mm, are contiguous)
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
     if need_grad and b == 0:

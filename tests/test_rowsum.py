@@ -55,8 +55,10 @@ def test_bag_sums_and_their_gradient_match_embedding_bag(level: int, d: int) -> 
     with _level(level):
         terms = rowsum.terms_by_row(ids, 37, offsets, weights)
         sums = rowsum.bag_sums(table, terms, 60)
+        by_bag = rowsum.bag_sums_by_bag(table, ids, offsets, weights)
         table_grad = rowsum.gradient(terms, grad)
     torch.testing.assert_close(sums, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_bag, ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(table_grad, t.grad, rtol=1e-5, atol=1e-5)
     assert torch.equal(sums[3], torch.zeros(d))  # the empty bag
 
@@ -107,16 +109,21 @@ def test_ids_out_of_the_table_and_bad_offsets_are_errors() -> None:
         rowsum.terms_by_row(torch.tensor([-1]), 5)
     with pytest.raises(FunnelrecError, match="row id 5 is outside"):
         rowsum.gather(torch.zeros(5, 4), torch.tensor([0, 5]))
+    with pytest.raises(FunnelrecError, match="row id -2 is outside"):
+        rowsum.bag_sums_by_bag(
+            torch.zeros(5, 4), torch.tensor([-2]), torch.tensor([0]), torch.ones(1)
+        )
     with pytest.raises(FunnelrecError, match="offsets must start at 0"):
         rowsum.terms_by_row(torch.tensor([1, 2]), 5, torch.tensor([1]), torch.ones(2))
 
 
+@pytest.mark.parametrize("rows", [80, 2000])  # read in order of row; gathered by bag
 def test_the_bag_function_gives_torchs_sums_and_gradient_both_ways(
-    monkeypatch: pytest.MonkeyPatch,
+    rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`bags.weighted_bag_sum` through the C sums and through torch (the fallback)."""
     g = torch.Generator().manual_seed(3)
-    table, ids, offsets, weights = _bags(g, 80, 50, 24)
+    table, ids, offsets, weights = _bags(g, rows, 50, 24)
     grad = torch.randn(50, 24, generator=g)
     out = []
     for enabled in (True, False):

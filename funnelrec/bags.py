@@ -66,15 +66,15 @@ class _WeightedBagSum(torch.autograd.Function):
         ctx.shape = tuple(weight.shape)
         ctx.sparse_grad = sparse_grad
         weights = per_id.to(weight.dtype)
-        ctx.terms = 0
+        ctx.bags = 0  # > 0: the terms by row are saved
         if rowsum.usable(weight, weights):
             if not sparse_grad and weight.shape[0] <= 2 * ids.shape[0]:
                 # the ids in order of table row: the forward reads the table once, in
                 # order, and the backward sums each row's terms
                 terms = rowsum.terms_by_row(ids, int(weight.shape[0]), offsets, weights)
                 ctx.save_for_backward(ids, offsets, per_id, *terms.tensors())
-                ctx.terms = len(terms.tensors())
-                return rowsum.bag_sums(weight, terms, int(offsets.shape[0]))
+                ctx.bags = terms.sources
+                return rowsum.bag_sums(weight, terms)
             # a table much larger than the batch: gather by bag (and sort in backward)
             ctx.save_for_backward(ids, offsets, per_id)
             return rowsum.bag_sums_by_bag(weight, ids, offsets, weights)
@@ -88,8 +88,8 @@ class _WeightedBagSum(torch.autograd.Function):
         rows_count, dim = ctx.shape
         if not ctx.sparse_grad and rowsum.usable(grad_out, per_id):
             terms = (
-                rowsum.Terms.of(tuple(saved))
-                if ctx.terms
+                rowsum.Terms.of(tuple(saved), ctx.bags)
+                if saved
                 else rowsum.terms_by_row(ids, rows_count, offsets, per_id.to(grad_out.dtype))
             )
             return rowsum.gradient(terms, grad_out), None, None, None, None

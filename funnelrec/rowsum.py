@@ -1,16 +1,19 @@
 """Weighted sums of table rows by index lists in C (funnelrec/_rowsum.c): bag sums, and the
 dense gradients of gathers and bag sums, each one pass that writes every output row once.
 
-    grad = gather_grad(grad_rows, ids, rows)              # the gradient of table[ids]
-    sums = bag_sums(table, ids, offsets, weights)         # F.embedding_bag(mode="sum", ...)
-    grad = bag_grad(grad_sums, ids, offsets, weights, rows)
+    rows = gather(table, ids)                             # table[ids]
+    grad = gradient(terms_by_row(ids, len(table)), grad_rows)         # its table gradient
+    terms = terms_by_row(ids, len(table), offsets, weights)
+    sums = bag_sums(table, terms)            # F.embedding_bag(mode="sum", weights), [B, d]
+    grad = gradient(terms, grad_sums)                                 # its table gradient
 
 torch builds a gather's dense gradient as a zero-filled table plus a scatter-add, and a
 bag sum's as a sort, a CSR matrix and a sparse-dense product: passes over the table from
-memory. Here the ids are put in order by a counting sort (stable, so each row's terms are
-added in their order in `ids`: the same numbers on every run, whatever the threads) and
-each table row is summed while in cache and written once, zeros included. Timed in the
-training step: see docs/candidates.md.
+memory. Here the ids are put in order of table row by a counting sort (stable, so each
+row's terms are added in their order in `ids`: the same numbers on every run, whatever
+the threads); each table row of a gradient is summed in registers and written once,
+zeros included, and bag sums read the table once, in order. Timed in the training step:
+see docs/candidates.md.
 
 CPU, float32, contiguous tensors only; `usable` says whether a call can run here (the
 kernel built and on, the tensors as it needs). Callers fall back to torch otherwise.
@@ -83,19 +86,21 @@ def _sum_rows(
 @dataclass(frozen=True)
 class Terms:
     """The terms of row sums into a [rows, d] table, in order of row: row r's terms are
-    k in start[r]..start[r + 1], each weights[k] (1 when None) times row source[k] of the
-    source. From `terms_by_row`."""
+    k in start[r]..start[r + 1], each weights[k] (1 when None) times row source[k] of a
+    source of `sources` rows (the bags, or the gathered positions). From `terms_by_row`."""
 
     start: Tensor  # [rows + 1] int64
     source: Tensor  # [m] int64
     weights: Tensor | None  # [m] float32
+    sources: int
 
     def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors, for `save_for_backward`; `of` puts them back together."""
         return (self.start, self.source) + (() if self.weights is None else (self.weights,))
 
     @classmethod
-    def of(cls, tensors: tuple[Tensor, ...]) -> Terms:
-        return cls(tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None)
+    def of(cls, tensors: tuple[Tensor, ...], sources: int) -> Terms:
+        return cls(tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None, sources)
 
 
 def terms_by_row(
@@ -126,11 +131,15 @@ def terms_by_row(
         raise FunnelrecError(
             f"row id {int(ids[bad - 1])} at position {bad - 1} is outside the table's {rows} rows"
         )
-    return Terms(start, source, w_out)
+    return Terms(start, source, w_out, bags if offsets is not None else n)
 
 
 def gradient(terms: Terms, grad: Tensor) -> Tensor:
-    """The dense [rows, d] table of `terms`' sums over the rows of grad [n or B, d]."""
+    """The dense [rows, d] table of `terms`' sums over the rows of grad [sources, d]."""
+    if grad.dim() != 2 or grad.shape[0] != terms.sources:
+        raise FunnelrecError(
+            f"the terms read {terms.sources} source rows, the gradient is {tuple(grad.shape)}"
+        )
     out = grad.new_empty(int(terms.start.shape[0]) - 1, grad.shape[1])
     return _sum_rows(out, terms.start, terms.source, terms.weights, grad.contiguous())
 
@@ -142,12 +151,6 @@ def gather(table: Tensor, ids: Tensor) -> Tensor:
     start = torch.arange(ids.shape[0] + 1, dtype=torch.int64)
     out = table.new_empty(ids.shape[0], table.shape[1])
     return _sum_rows(out, start, ids, None, table.contiguous())
-
-
-def gather_grad(grad: Tensor, ids: Tensor, rows: int) -> Tensor:
-    """The dense gradient [rows, d] of table[ids] given grad [n, d]: grad's rows added into
-    their ids' rows in index order, the same numbers as zeros + `index_add_`."""
-    return gradient(terms_by_row(ids, rows), grad)
 
 
 def _check_ids(ids: Tensor, rows: int) -> None:
@@ -170,16 +173,19 @@ def bag_sums_by_bag(table: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor
     return _sum_rows(out, start, ids, weights.to(torch.float32).contiguous(), table.contiguous())
 
 
-def bag_sums(table: Tensor, terms: Terms, bags: int) -> Tensor:
-    """The bag sums [bags, d] sum_i weights[i] * table[ids[i]] of the bags `terms` were made
-    from (`terms_by_row(ids, table rows, offsets, weights)`): the numbers, to rounding, of
+def bag_sums(table: Tensor, terms: Terms) -> Tensor:
+    """The bag sums [B, d] sum_i weights[i] * table[ids[i]] of the bags `terms` were made
+    from (`terms_by_row(ids, len(table), offsets, weights)`): the numbers, to rounding, of
     `F.embedding_bag(ids, table, offsets, mode="sum", per_sample_weights=weights)`, added
     in order of table row. The table is read once, row by row, while the bags' sums stay
     in cache; columns are split over torch's threads."""
+    rows = int(terms.start.shape[0]) - 1
+    if table.dim() != 2 or table.shape[0] != rows:
+        raise FunnelrecError(f"the terms are for a table of {rows} rows, not {tuple(table.shape)}")
     table = table.contiguous()
-    d = int(table.shape[1])
+    d, bags = int(table.shape[1]), terms.sources
     out = table.new_empty(bags, d)
-    args = (int(table.shape[0]), _ptr(terms.start), _ptr(terms.source), _ptr(terms.weights))
+    args = (rows, _ptr(terms.start), _ptr(terms.source), _ptr(terms.weights))
 
     def run(lo: int, hi: int) -> None:  # in blocks of 16 columns (one AVX-512 register)
         _LIB.rsum_scatter(

@@ -464,6 +464,7 @@ class _GatherRows(torch.autograd.Function):
         if rowsum.usable(weight):
             terms = rowsum.terms_by_row(ids, ctx.rows)
             ctx.save_for_backward(*terms.tensors())
+            ctx.sources = terms.sources
             return rowsum.gather(weight, ids)
         ctx.save_for_backward(ids)
         return weight.index_select(0, ids)
@@ -472,7 +473,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         if len(saved) > 1:
-            return rowsum.gradient(rowsum.Terms.of(saved), grad), None
+            return rowsum.gradient(rowsum.Terms.of(saved, ctx.sources), grad), None
         out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, saved[0], grad)
         return out, None
 

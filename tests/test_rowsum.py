@@ -54,7 +54,7 @@ def test_bag_sums_and_their_gradient_match_embedding_bag(level: int, d: int) -> 
     ref.backward(grad)
     with _level(level):
         terms = rowsum.terms_by_row(ids, 37, offsets, weights)
-        sums = rowsum.bag_sums(table, terms, 60)
+        sums = rowsum.bag_sums(table, terms)
         by_bag = rowsum.bag_sums_by_bag(table, ids, offsets, weights)
         table_grad = rowsum.gradient(terms, grad)
     torch.testing.assert_close(sums, ref.detach(), rtol=1e-5, atol=1e-5)
@@ -70,7 +70,7 @@ def test_a_gather_and_its_gradient_are_index_select_and_index_add_exactly(level:
     grad = torch.randn(300, 70, generator=g)
     with _level(level):
         rows = rowsum.gather(table, ids)
-        table_grad = rowsum.gather_grad(grad, ids, 50)
+        table_grad = rowsum.gradient(rowsum.terms_by_row(ids, 50), grad)
     assert torch.equal(rows, table.index_select(0, ids))
     # each row's terms added one by one in index order: index_add_'s numbers, untouched rows 0
     assert torch.equal(table_grad, torch.zeros(50, 70).index_add_(0, ids, grad))
@@ -97,7 +97,7 @@ def test_threads_split_the_work_and_give_the_same_numbers(monkeypatch: pytest.Mo
     for threads in (1, 2, 3):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
         terms = rowsum.terms_by_row(ids, 500, offsets, weights)
-        got.append((rowsum.bag_sums(table, terms, 400), rowsum.gradient(terms, grad)))
+        got.append((rowsum.bag_sums(table, terms), rowsum.gradient(terms, grad)))
     for sums, table_grad in got[1:]:
         assert torch.equal(sums, got[0][0]) and torch.equal(table_grad, got[0][1])
 
@@ -115,6 +115,11 @@ def test_ids_out_of_the_table_and_bad_offsets_are_errors() -> None:
         )
     with pytest.raises(FunnelrecError, match="offsets must start at 0"):
         rowsum.terms_by_row(torch.tensor([1, 2]), 5, torch.tensor([1]), torch.ones(2))
+    terms = rowsum.terms_by_row(torch.tensor([1, 2]), 5, torch.tensor([0, 1]), torch.ones(2))
+    with pytest.raises(FunnelrecError, match="the terms read 2 source rows"):
+        rowsum.gradient(terms, torch.zeros(3, 4))
+    with pytest.raises(FunnelrecError, match="a table of 5 rows"):
+        rowsum.bag_sums(torch.zeros(6, 4), terms)
 
 
 @pytest.mark.parametrize("rows", [80, 2000])  # read in order of row; gathered by bag

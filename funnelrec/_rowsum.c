@@ -40,17 +40,10 @@
 
 /* Source rows are prefetched this many terms ahead: they are scattered over a table
    that is usually out of L2, where the hardware prefetchers cannot guess them. */
-#ifndef RSUM_AHEAD
 #define RSUM_AHEAD 4
-#endif
 
 static inline __attribute__((always_inline)) void prefetch_row(const float *row, int64_t d) {
-#if defined(__GNUC__) || defined(__clang__)
     for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(row + k, 0, 3);
-#else
-    (void)row;
-    (void)d;
-#endif
 }
 
 static inline __attribute__((always_inline)) void sum_rows_body(

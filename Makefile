@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint install clean
 
-# setup.py and the C kernels: pip builds them (funnelrec/_*.c, _*.h) at install.
-$(STAMP): pyproject.toml setup.py $(wildcard funnelrec/_*.c funnelrec/_*.h)
+# setup.py and the C kernels: pip builds them (funnelrec/*/_*.c, _*.h) at install.
+$(STAMP): pyproject.toml setup.py $(wildcard funnelrec/*/_*.c funnelrec/*/_*.h)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build first: with it installed, the range in pyproject installs nothing more.

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/ann.py --cache /tmp/annx/cache --wait-load 1.5
     .venv/bin/python benchmarks/ann.py --items 100000     # a quick run
 
-Builds `funnelrec.ann.ItemIndex` indexes (exact, hnsw, hnsw_sq, ivf, ivfpq_fs; ivfpq with
+Builds `funnelrec.ann.index.ItemIndex` indexes (exact, hnsw, hnsw_sq, ivf, ivfpq_fs; ivfpq with
 --kinds) over synthetic item embeddings shaped like learned ones, then, for each efSearch
 (hnsw*) or nprobe (ivf*), and each re-rank depth (hnsw_sq, ivfpq_fs), measures recall@k
 against exact search on held-out queries (batched) and the latency of one query at a time
@@ -45,7 +45,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.ann import RERANKED, IndexParams, ItemIndex, Kind
+from funnelrec.ann.index import RERANKED, IndexParams, ItemIndex, Kind
 
 RESULTS = Path(__file__).parent / "results"
 EF_SEARCH = (100, 128, 160, 200, 256, 320, 400, 512)  # hnsw searches at least k deep

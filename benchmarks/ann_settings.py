@@ -47,8 +47,8 @@ from ann import (
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec import ann as ann_module
-from funnelrec.ann import IndexParams, ItemIndex
+from funnelrec.ann import index as ann_module
+from funnelrec.ann.index import IndexParams, ItemIndex
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SETTINGS = (

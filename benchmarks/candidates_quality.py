@@ -33,14 +33,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.build import build_features
 from funnelrec.candidates import fit_candidates, load_candidate_model, load_training_config
+from funnelrec.candidates.metrics import ModelScorer, PopularityScorer, Scorer, evaluate_split
 from funnelrec.config import load_config
-from funnelrec.examples import Features, FeaturesConfig
-from funnelrec.loader import read_examples
-from funnelrec.metrics import ModelScorer, PopularityScorer, Scorer, evaluate_split
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.features.build import build_features
+from funnelrec.features.loader import read_examples
 from funnelrec.simulate import generate, preset_config
-from funnelrec.truth import World
+from funnelrec.simulate.truth import World
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "candidates_quality.json"

@@ -43,10 +43,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec import rowsum
 from funnelrec.candidates import CandidateConfig, CandidateInputs, CandidateModel, synthetic_batch
-from funnelrec.softmax import row_pass
-from funnelrec.train import TrainConfig, seed_everything, train
+from funnelrec.kernels import rowsum
+from funnelrec.kernels.softmax import row_pass
+from funnelrec.training.loop import TrainConfig, seed_everything, train
 
 RESULTS = Path(__file__).parent / "results" / "candidates_throughput.json"
 
@@ -134,8 +134,8 @@ def in_turns(gflop: float, seconds: list[float], peaks: list[float], window: int
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     if args.features:
-        from funnelrec.examples import Features
-        from funnelrec.loader import candidate_loader
+        from funnelrec.features import Features
+        from funnelrec.features.loader import candidate_loader
 
         feats = Features.open(args.features)
         inputs = CandidateInputs.from_features(feats)
@@ -219,8 +219,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
-            "softmax_row_pass": row_pass(),  # C or torch (funnelrec.softmax.FUSED_ROWS)
-            "embedding_row_sums": rowsum.level(),  # C or torch (funnelrec.rowsum.ENABLED)
+            "softmax_row_pass": row_pass(),  # C or torch (funnelrec.kernels.softmax.FUSED_ROWS)
+            "embedding_row_sums": rowsum.level(),  # C or torch (funnelrec.kernels.rowsum.ENABLED)
             # other processes on a shared machine: the runs compete with this many
             "load_average_1m_before": load_before,
             "load_average_1m_after": os.getloadavg()[0],

@@ -37,10 +37,10 @@ import torch.multiprocessing as mp
 from rich.console import Console
 from rich.table import Table
 
-import funnelrec.train
+import funnelrec.training.loop
 from funnelrec.candidates import CandidateConfig, CandidateInputs, CandidateModel, synthetic_batch
-from funnelrec.distributed import Distributed, StepSync, setup, sync_gradients, teardown
-from funnelrec.train import TrainConfig, seed_everything, train
+from funnelrec.training.distributed import Distributed, StepSync, setup, sync_gradients, teardown
+from funnelrec.training.loop import TrainConfig, seed_everything, train
 
 RESULTS = Path(__file__).parent / "results" / "distributed.json"
 BATCH = 1024
@@ -87,13 +87,13 @@ def run_steps(
     warm = dataclasses.replace(cfg, max_steps=WARMUP)
     train(model, lambda e, s: iter(data[:WARMUP]), warm, progress=False, dist=dist)
     timed = TimedSync()
-    funnelrec.train.sync_gradients = timed
+    funnelrec.training.loop.sync_gradients = timed
     cpu = time.process_time()
     # max_steps: the run ends without the epoch-end exchange (1 per epoch, not per step)
     cfg = dataclasses.replace(cfg, max_steps=steps)
     result = train(model, lambda e, s: iter(data[WARMUP:]), cfg, progress=False, dist=dist)
     cpu = time.process_time() - cpu
-    funnelrec.train.sync_gradients = sync_gradients
+    funnelrec.training.loop.sync_gradients = sync_gradients
     touched = sum(torch.unique(b.history).numel() for b in data[WARMUP:]) / steps
     return {
         "step_ms": 1000 * result.seconds / result.steps,

@@ -27,10 +27,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.build import build_features
-from funnelrec.dataset import Dataset
-from funnelrec.examples import Features, FeaturesConfig
-from funnelrec.loader import candidate_loader, ranking_loader
+from funnelrec.data.dataset import Dataset
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.features.build import build_features
+from funnelrec.features.loader import candidate_loader, ranking_loader
 
 RESULTS = Path(__file__).parent / "results" / "features.json"
 

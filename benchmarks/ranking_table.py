@@ -42,17 +42,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from funnelrec.build import build_features
-from funnelrec.cli.rank import (
+from funnelrec.data.loaders import import_kuairand
+from funnelrec.errors import FunnelrecError
+from funnelrec.features import Features
+from funnelrec.features.build import build_features
+from funnelrec.ranking.model import tower_name
+from funnelrec.ranking.training import (
     RankerTrainConfig,
     evaluate_ranker,
     load_ranker_train_config,
     train_ranker,
 )
-from funnelrec.errors import FunnelrecError
-from funnelrec.examples import Features
-from funnelrec.loaders import import_kuairand
-from funnelrec.ranking import tower_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "ranking_table.json"

@@ -12,7 +12,7 @@ ties broken at random with a fixed seed (one random order of the items, `metrics
 History at test time: 'train' = training items only; '+val' = training items plus the
 validation item. Exclusion is the same in both.
 
-Data: MovieLens-100k is fetched with `funnelrec.fetch` into --ml100k when that directory
+Data: MovieLens-100k is fetched with `funnelrec.data.fetch` into --ml100k when that directory
 does not exist (GroupLens, else the recbole 1.2.1 wheel from the package index); Beauty is
 imported from ../shared/data/amazon-beauty/beauty.txt (--beauty) into --work. A data set
 that cannot be had is skipped with a message. Writes benchmarks/results/real_data.json
@@ -55,10 +55,10 @@ from rich.table import Table
 
 from funnelrec import __version__
 from funnelrec.baselines import ALS, BPR, CoWatch, Interactions, ItemKNN, Jagged, Popularity
-from funnelrec.dataset import Dataset, write_json_atomic
+from funnelrec.candidates.metrics import RetrievalMetrics, exclusion_mask, target_ranks, tie_keys
+from funnelrec.data.dataset import Dataset, write_json_atomic
 from funnelrec.errors import FunnelrecError
-from funnelrec.metrics import RetrievalMetrics, exclusion_mask, target_ranks, tie_keys
-from funnelrec.splits import leave_last_out, user_offsets
+from funnelrec.features.splits import leave_last_out, user_offsets
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -339,10 +339,10 @@ AGE_AT_REQUEST = True
 
 
 def funnelrec(data: Split) -> ModelRun:
-    from funnelrec.build import build_features
     from funnelrec.candidates import fit_candidates, load_candidate_model, load_training_config
     from funnelrec.config import load_config
-    from funnelrec.examples import Demographics, Features, FeaturesConfig
+    from funnelrec.features import Demographics, Features, FeaturesConfig
+    from funnelrec.features.build import build_features
 
     fcfg = load_config(FeaturesConfig, None, ["cap=none", *FUNNELREC_FEATURE_OVERRIDES])
     tag = hashlib.sha1(" ".join(FUNNELREC_FEATURE_OVERRIDES).encode()).hexdigest()[:8]
@@ -433,7 +433,7 @@ MODELS: dict[str, Callable[[Split], ModelRun]] = {
 
 def ml100k_dataset(path: Path, console: Console) -> Path:
     if not (path / "manifest.json").exists():
-        from funnelrec.fetch import fetch_movielens_100k
+        from funnelrec.data.fetch import fetch_movielens_100k
 
         console.print(f"fetching MovieLens-100k into {path}")
         fetch_movielens_100k(path, force=path.exists(), on_status=console.print)
@@ -444,7 +444,7 @@ def beauty_dataset(src: Path, path: Path, console: Console) -> Path:
     if not (path / "manifest.json").exists():
         if not src.exists():
             raise FunnelrecError(f"{src} not found")
-        from funnelrec.loaders import import_sequence
+        from funnelrec.data.loaders import import_sequence
 
         console.print(f"importing {src} into {path}")
         import_sequence(src, path, force=path.exists())

@@ -48,7 +48,7 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from funnelrec.experiments.harness import git_commit  # noqa: E402
+from funnelrec.experiments.report import git_commit  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
 STAGES = ("simulate", "features", "candidates", "index", "ranker")

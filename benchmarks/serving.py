@@ -21,7 +21,7 @@ What it measures, on loopback, with the client on the same machine as the server
 2. load: `--concurrency` clients (asyncio + httpx) for `--load-seconds`: throughput,
    p50/p99 and the error count (non-200 answers and failed requests).
 3. with --index-1m: the same latency run against servers whose deep source searches a
-   1M-vector index (`funnelrec.ann.ItemIndex`, --index-kind: the package's default above
+   1M-vector index (`funnelrec.ann.index.ItemIndex`, --index-kind: the package's default above
    50k items, ivfpq_fs, unless told). The medium world has the model's
    real item vectors only (100k); the 1M index holds those plus synthetic ones: each
    real vector gets 9 noisy copies, vector + N(0, (0.3 x the per-dimension std of the
@@ -319,7 +319,7 @@ def build_1m_index(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dic
     directory) in `cache`; returns how it was formed. Its knob is tuned later (`tune_1m`)."""
     import hashlib
 
-    from funnelrec.ann import IndexParams, ItemIndex
+    from funnelrec.ann.index import IndexParams, ItemIndex
     from funnelrec.candidates import ITEM_EMBEDDINGS_FILE, load_item_embeddings
 
     emb_t, _ = load_item_embeddings(cand_dir)
@@ -386,7 +386,7 @@ def build_1m_index(cand_dir: Path, cache: Path, args: argparse.Namespace) -> dic
 def tune_1m(art: Path, cache: Path, state: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The 1M index's knob (nprobe / efSearch) for recall@100 >= 0.95 on user vectors of
     real requests, saved with the index (the servers load it as it is)."""
-    from funnelrec.ann import ItemIndex
+    from funnelrec.ann.index import ItemIndex
 
     index = ItemIndex.load(cache / "index")
     queries = _user_vectors(art, state, args.tune_queries, args.seed + 1)
@@ -402,8 +402,8 @@ def _user_vectors(art: Path, state: Path, n: int, seed: int) -> np.ndarray:
     """[n, d] the candidate model's vectors for random users as a request would build them."""
     import torch
 
-    from funnelrec.recommender import Recommender, RecommendRequest
-    from funnelrec.state import UserStateStore
+    from funnelrec.serving.recommender import Recommender, RecommendRequest
+    from funnelrec.serving.state import UserStateStore
 
     rec = Recommender.load(art)
     store = UserStateStore(state)
@@ -426,10 +426,10 @@ def serve_launcher(art: Path, port: int, state: Path, args: argparse.Namespace) 
     replaced (run in a subprocess by `main`)."""
     from dataclasses import replace
 
-    from funnelrec.ann import ItemIndex
+    from funnelrec.ann.index import ItemIndex
     from funnelrec.candidates import load_item_embeddings
-    from funnelrec.recommender import ServingConfig
-    from funnelrec.serve import create_app, run_app
+    from funnelrec.serving.http import create_app, run_app
+    from funnelrec.serving.recommender import ServingConfig
 
     serving = None
     if args.deep_k is not None:

@@ -22,16 +22,32 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from rich.console import Console
 
+from funnelrec.ann.index import ItemIndex
+from funnelrec.candidates import (
+    fit_candidates,
+    load_candidate_model,
+    load_item_embeddings,
+    load_training_config,
+    split_user_vectors,
+)
+from funnelrec.candidates.metrics import ModelScorer, PopularityScorer, evaluate_split
 from funnelrec.config import load_config
-from funnelrec.dataset import write_json_atomic
+from funnelrec.data import loaders
+from funnelrec.data.dataset import write_json_atomic
 from funnelrec.errors import FunnelrecError
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.features.build import build_features
+from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
+from funnelrec.serving.package import PackageConfig, package
+from funnelrec.simulate import generate, preset_config
 
 
 @dataclass(frozen=True)
@@ -209,12 +225,9 @@ def _hash(obj: Any) -> str:
 def _data(cfg: RunConfig, target: Path) -> None:
     d = cfg.data
     if d.source == "simulate":
-        from funnelrec.simulate import generate, preset_config
-
         sim = preset_config(d.preset, list(d.overrides))
         generate(sim, d.seed, target, preset=d.preset, force=True, progress=cfg.progress)
         return
-    from funnelrec import loaders
 
     importers = {
         "movielens": loaders.import_movielens,
@@ -231,8 +244,6 @@ def _data(cfg: RunConfig, target: Path) -> None:
 
 
 def _features(cfg: RunConfig, out: Path, target: Path) -> None:
-    from funnelrec.build import build_features
-    from funnelrec.examples import FeaturesConfig
 
     fc = load_config(FeaturesConfig, None, list(cfg.features.overrides))
     build_features(
@@ -241,7 +252,6 @@ def _features(cfg: RunConfig, out: Path, target: Path) -> None:
 
 
 def _candidates(cfg: RunConfig, out: Path, target: Path) -> None:
-    from funnelrec.candidates import fit_candidates, load_training_config
 
     s = cfg.candidates
     tc = load_training_config(s.config or None, list(s.overrides))
@@ -251,10 +261,6 @@ def _candidates(cfg: RunConfig, out: Path, target: Path) -> None:
 def _index(cfg: RunConfig, out: Path, target: Path) -> None:
     """An ANN index over the item embeddings; its recall is measured against exact search
     on real user vectors of the validation split and tuned to the target."""
-    import numpy as np
-
-    from funnelrec.ann import ItemIndex
-    from funnelrec.candidates import load_item_embeddings, split_user_vectors
 
     emb_t, ids_t = load_item_embeddings(out / "candidates")
     emb = np.ascontiguousarray(emb_t.numpy(), dtype=np.float32)
@@ -272,7 +278,6 @@ def _index(cfg: RunConfig, out: Path, target: Path) -> None:
 
 
 def _ranker(cfg: RunConfig, out: Path, target: Path) -> None:
-    from funnelrec.cli.rank import load_ranker_train_config, train_ranker
 
     s = cfg.ranker
     rc = load_ranker_train_config(s.config or None, list(s.overrides))
@@ -280,10 +285,6 @@ def _ranker(cfg: RunConfig, out: Path, target: Path) -> None:
 
 
 def _evaluate(out: Path, target: Path, limit: int | None) -> None:
-    from funnelrec.candidates import load_candidate_model
-    from funnelrec.cli.rank import evaluate_ranker
-    from funnelrec.examples import Features
-    from funnelrec.metrics import ModelScorer, PopularityScorer, evaluate_split
 
     target.mkdir(parents=True, exist_ok=True)
     feats = Features.open(out / "features")
@@ -309,7 +310,6 @@ def _evaluate(out: Path, target: Path, limit: int | None) -> None:
 
 
 def _package(out: Path, target: Path) -> None:
-    from funnelrec.package import package
 
     package(
         features=out / "features",
@@ -319,4 +319,64 @@ def _package(out: Path, target: Path) -> None:
         out=target,
         force=True,
         progress=False,
+    )
+
+
+# --------------------------------------------------------------------------- tiny world
+
+
+def build_tiny_artifact(
+    root: Path | str,
+    *,
+    seed: int = 0,
+    steps: int = 100,
+    simulate: Sequence[str] = (),
+    config: PackageConfig | None = None,
+    threads: int | None = 1,
+) -> Path:
+    """Run the real pipeline on the tiny simulated world and package it; returns ROOT/art.
+
+    Writes ROOT/data (simulate, preset "tiny" with `simulate` overrides), ROOT/feat
+    (leave-last-out), ROOT/cand (candidate model, dim 16, `steps` steps), ROOT/ranker (a
+    32-wide ranker, `steps` steps) and ROOT/art. `threads`: torch threads while training
+    (process-wide; 1 is fastest for these tiny models on a busy machine). About 10 s on
+    two cores: a fixture for everything that serves, not a model worth serving.
+    """
+    root = Path(root)
+    generate(preset_config("tiny", list(simulate)), seed=seed, out=root / "data", progress=False)
+    build_features(
+        root / "data",
+        root / "feat",
+        split="last",
+        config=FeaturesConfig(n_quantiles=100, seed=seed),
+        progress=False,
+    )
+    cand_cfg = load_training_config(
+        None,
+        [
+            "dim=16",
+            "num_negatives=256",
+            "batch_size=256",
+            f"max_steps={steps}",
+            "patience=0",
+            "valid_examples=200",
+            f"seed={seed}",
+            *([f"threads={threads}"] if threads else []),
+        ],
+    )
+    fit_candidates(root / "feat", root / "cand", cand_cfg, progress=False)
+    rank_cfg = load_ranker_train_config(
+        None,
+        [
+            "model.tower=32",
+            "train.batch_size=256",
+            f"train.max_steps={steps}",
+            f"train.seed={seed}",
+            "validate=false",
+            *([f"train.threads={threads}"] if threads else []),
+        ],
+    )
+    train_ranker(root / "feat", root / "ranker", rank_cfg, progress=False)
+    return package(
+        root / "feat", root / "cand", root / "ranker", root / "art", config=config, progress=False
     )

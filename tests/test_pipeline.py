@@ -10,7 +10,7 @@ from rich.console import Console
 from funnelrec.config import apply_overrides
 from funnelrec.errors import FunnelrecError
 from funnelrec.pipeline import DataStage, RunConfig, StageSettings, load_run_config, run
-from funnelrec.recommender import Recommender
+from funnelrec.serving.recommender import Recommender
 
 STAGES = ["data", "features", "candidates", "index", "ranker", "evaluation", "artifact"]
 

@@ -11,7 +11,7 @@ from numpy.typing import ArrayLike
 
 from funnelrec import __version__
 from funnelrec.baselines.data import Histories, Interactions, _check_ids
-from funnelrec.dataset import AtomicDirectory, write_json_atomic
+from funnelrec.data.dataset import AtomicDirectory, write_json_atomic
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 
 FORMAT_VERSION = 1

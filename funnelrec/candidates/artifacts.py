@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from funnelrec import __version__
-from funnelrec.batch import CandidateBatch
 from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
-from funnelrec.dataset import read_artifact_meta, write_json_atomic
+from funnelrec.data.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.features.batch import CandidateBatch
 
 if TYPE_CHECKING:
-    from funnelrec.examples import Features
+    from funnelrec.features import Features
 
 FORMAT_VERSION = 1
 KIND = "candidates"
@@ -178,8 +178,8 @@ def split_user_vectors(
 ) -> UserVectors:
     """User vectors of a features split with the model of artifact `art`; with `limit`,
     of its first `limit` examples only (in shard order: users by id, then time)."""
-    from funnelrec.examples import Features
-    from funnelrec.loader import candidate_loader
+    from funnelrec.features import Features
+    from funnelrec.features.loader import candidate_loader
 
     feats = Features.open(feat)
     check_features(read_candidate_config(art), feats, art)

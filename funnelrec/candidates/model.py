@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funnelrec.bags import weighted_bag_sum
-from funnelrec.batch import CandidateBatch
 from funnelrec.errors import FunnelrecError
-from funnelrec.softmax import Proposal, SampledSoftmax
+from funnelrec.features.batch import CandidateBatch
+from funnelrec.kernels.bags import weighted_bag_sum
+from funnelrec.kernels.softmax import Proposal, SampledSoftmax
 
 if TYPE_CHECKING:
-    from funnelrec.examples import Features
+    from funnelrec.features import Features
 
 # Embedding tables with at least this many rows get sparse gradients when `sparse` is
 # unset. A dense (fused AdamW) step costs ~ rows x width, a sparse one (coalesce +

@@ -13,17 +13,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from funnelrec.batch import CandidateBatch
 from funnelrec.candidates.artifacts import features_meta, save_candidate_artifact
 from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
 from funnelrec.config import from_dict, read_toml
-from funnelrec.dataset import AtomicDirectory
+from funnelrec.data.dataset import AtomicDirectory
 from funnelrec.errors import FunnelrecError
-from funnelrec.train import TrainConfig, TrainResult, loader_epochs, seed_everything, train
+from funnelrec.features.batch import CandidateBatch
+from funnelrec.training.loop import TrainConfig, TrainResult, loader_epochs, seed_everything, train
 
 if TYPE_CHECKING:
-    from funnelrec.distributed import Distributed
-    from funnelrec.examples import Features
+    from funnelrec.features import Features
+    from funnelrec.training.distributed import Distributed
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,15 @@ def fit_candidates(
     import itertools
     import math
 
-    from funnelrec.distributed import Distributed, local_batch_size
-    from funnelrec.examples import Features
-    from funnelrec.loader import candidate_loader, seen_items
-    from funnelrec.metrics import ModelScorer, SequentialSeen, evaluate_retrieval, query_batch
+    from funnelrec.candidates.metrics import (
+        ModelScorer,
+        SequentialSeen,
+        evaluate_retrieval,
+        query_batch,
+    )
+    from funnelrec.features import Features
+    from funnelrec.features.loader import candidate_loader, seen_items
+    from funnelrec.training.distributed import Distributed, local_batch_size
 
     cfg = config or CandidateTrainingConfig()
     dist = dist or Distributed()

@@ -33,7 +33,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-train.app.command("ranker")(rank.train_command)
 evaluate.app.command("ranker")(rank.evaluate_command)
 features.app.command("impressions")(rank.impressions_command)
 

@@ -24,10 +24,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from funnelrec.describe import describe as describe_dataset
-from funnelrec.describe import render
-from funnelrec.fetch import fetch_movielens_100k
-from funnelrec.loaders import ImportResult, import_kuairand, import_movielens, import_sequence
+from funnelrec.data.describe import describe as describe_dataset
+from funnelrec.data.describe import render
+from funnelrec.data.fetch import fetch_movielens_100k
+from funnelrec.data.loaders import ImportResult, import_kuairand, import_movielens, import_sequence
 
 app = typer.Typer(
     help="Import, fetch and describe datasets (canonical event tables).", no_args_is_help=True

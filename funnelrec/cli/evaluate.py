@@ -17,9 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.candidates import check_features, load_candidate_model, read_candidate_config
-from funnelrec.dataset import write_json_atomic
-from funnelrec.errors import FunnelrecError
-from funnelrec.metrics import (
+from funnelrec.candidates.metrics import (
     KS,
     SEEN_INCLUDED,
     IndexRetriever,
@@ -30,6 +28,8 @@ from funnelrec.metrics import (
     evaluate_split,
     protocol,
 )
+from funnelrec.data.dataset import write_json_atomic
+from funnelrec.errors import FunnelrecError
 
 ANN = "model_ann"  # metrics of the model's top-K through its ANN index
 
@@ -84,7 +84,7 @@ def candidates(
 ) -> None:
     """Recall, HR, NDCG, MAP at K and MRR by exact full-corpus scoring, beside popularity
     (and with --ann, the same metrics of the model's top K through its ANN index)."""
-    from funnelrec.examples import Features
+    from funnelrec.features import Features
 
     ks = _ks(k)
     meta = read_candidate_config(art)
@@ -150,7 +150,7 @@ def _device(name: str) -> torch.device:
 
 def _ann_retriever(art: Path, index_dir: Path | None, scorer: ModelScorer) -> IndexRetriever:
     """The ANN index of `art` (refused unless it matches the model's embeddings and ids)."""
-    from funnelrec.ann import ItemIndex
+    from funnelrec.ann.index import ItemIndex
     from funnelrec.candidates import load_item_embeddings
     from funnelrec.cli.index import INDEX_DIR
 

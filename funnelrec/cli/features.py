@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.build import build_features
 from funnelrec.config import load_config
-from funnelrec.examples import Features, FeaturesConfig
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.features.build import build_features
 
 app = typer.Typer(
     help="Fit vocabularies and normalisers, build training examples for both stages.",

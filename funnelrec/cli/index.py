@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.ann import KINDS, RERANKED, SQ_TYPES, IndexParams, ItemIndex
+from funnelrec.ann.index import KINDS, RERANKED, SQ_TYPES, IndexParams, ItemIndex
 from funnelrec.candidates import load_item_embeddings, read_candidate_config, split_user_vectors
 from funnelrec.errors import FunnelrecError
 

@@ -1,4 +1,5 @@
-"""`funnelrec package`: bundle trained parts into one serving artifact (see `funnelrec.package`).
+"""`funnelrec package`: bundle trained parts into one serving artifact (see
+`funnelrec.serving.package`).
 
 funnelrec package --features FEAT --candidates CAND --ranker RANKER --out ART
 funnelrec package -f FEAT -c CAND -r RANKER -o ART --data DIR --force serving.deep_k=500
@@ -11,8 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from funnelrec.package import load_package_config, package
-from funnelrec.recommender import read_manifest
+from funnelrec.serving.package import load_package_config, package
+from funnelrec.serving.recommender import read_manifest
 
 console = Console()
 

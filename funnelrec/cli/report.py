@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from funnelrec.report import write_report
+from funnelrec.experiments.report import write_report
 
 console = Console()
 

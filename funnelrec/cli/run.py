@@ -40,8 +40,8 @@ def demo(
     Simulates the world, trains both stages, builds the index, evaluates and packages
     (a few minutes on two cores; re-running skips what is up to date)."""
     from funnelrec.cli.serve import show_response
-    from funnelrec.recommender import Demographics, Recommender, RecommendRequest
-    from funnelrec.state import UserStateStore
+    from funnelrec.serving.recommender import Demographics, Recommender, RecommendRequest
+    from funnelrec.serving.state import UserStateStore
 
     result = run(replace(DEMO, out=str(out)), console=console)
     _summary(result)

@@ -23,7 +23,7 @@ def serve(
     state: Path | None = STATE,
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); SIGHUP reloads the artifact."""
-    from funnelrec.serve import run_server
+    from funnelrec.serving.http import run_server
 
     run_server(art, host=host, port=port, state_path=state)
 
@@ -43,8 +43,8 @@ def recommend(
 ) -> None:
     """Print a user's top-k recommendations as a table (titles where known)."""
     from funnelrec.errors import FunnelrecError
-    from funnelrec.recommender import Recommender, RecommendRequest
-    from funnelrec.state import UserStateStore
+    from funnelrec.serving.recommender import Recommender, RecommendRequest
+    from funnelrec.serving.state import UserStateStore
 
     rec = Recommender.load(art)
     ctx = None
@@ -66,7 +66,7 @@ def recommend(
 
 def show_response(rec: object, resp: object, *, title: str) -> None:
     """A Rich table of a Response: rank, item, title, topic, expected watch time, sources."""
-    from funnelrec.recommender import Recommender, Response
+    from funnelrec.serving.recommender import Recommender, Response
 
     assert isinstance(rec, Recommender) and isinstance(resp, Response)
     table = Table(title=f"recommendations for {title}")

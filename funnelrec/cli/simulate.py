@@ -43,4 +43,4 @@ def simulate(
     for name, n in result.counts.items():
         table.add_row(name, f"{n:,}")
     console.print(table)
-    console.print(f"ground truth in {result.path / 'truth'} (funnelrec.truth.World.load)")
+    console.print(f"ground truth in {result.path / 'truth'} (funnelrec.simulate.truth.World.load)")

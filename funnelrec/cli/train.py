@@ -5,7 +5,7 @@ funnelrec train candidates --features F --out A --config configs/candidates-smal
 funnelrec train candidates --features F --out A --resume      # after Ctrl-C or a crash
 funnelrec train candidates --features F --out A --device cuda
 funnelrec train candidates --features F --out A --nproc 2     # data-parallel, via torchrun
-torchrun --standalone --nproc-per-node 2 -m funnelrec.train candidates --features F --out A
+torchrun --standalone --nproc-per-node 2 -m funnelrec.cli.worker candidates --features F --out A
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from funnelrec import distributed
 from funnelrec.candidates import checkpoint_path, fit_candidates, load_training_config
+from funnelrec.cli import rank
+from funnelrec.training import distributed
 
 app = typer.Typer(
     help="Train a stage of the funnel: the candidate generator or the ranker.", no_args_is_help=True
@@ -84,3 +85,6 @@ def candidates(
         + (" (stopped early)" if result.stopped_early else "")
     )
     console.print(f"wrote {out}  (checkpoint {checkpoint_path(out).name} removed)")
+
+
+app.command("ranker")(rank.train_command)

@@ -8,7 +8,7 @@ Each experiment is a module with `run(h: Harness) -> dict`: it trains what it ne
 through the shared `harness.Harness` (cached, so re-runs skip what is done), writes
 OUT/NAME/metrics.json (claim, protocol, tables, figure specs, verdict), its figures and
 run.json (provenance), and returns the document. `paper` runs them all and writes the
-report (`funnelrec.report`).
+report (`funnelrec.experiments.report`).
 """
 
 from __future__ import annotations

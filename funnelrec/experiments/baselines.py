@@ -21,7 +21,8 @@ import numpy as np
 
 from funnelrec.baselines import ALS, BPR, CoWatch, Interactions, Popularity
 from funnelrec.candidates import load_candidate_model
-from funnelrec.dataset import Dataset
+from funnelrec.candidates.metrics import ModelScorer, Scorer
+from funnelrec.data.dataset import Dataset
 from funnelrec.experiments.evaluation import (
     CURVE_KS,
     BaselineScorer,
@@ -35,8 +36,7 @@ from funnelrec.experiments.evaluation import (
     summary,
 )
 from funnelrec.experiments.harness import Harness, Timer
-from funnelrec.metrics import ModelScorer, Scorer
-from funnelrec.package import training_watches
+from funnelrec.serving.package import training_watches
 
 NAME = "baselines"
 Fittable = Popularity | CoWatch | BPR | ALS

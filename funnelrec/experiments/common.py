@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from funnelrec.candidates import check_features, load_candidate_model, read_candidate_config
-from funnelrec.examples import Features
+from funnelrec.candidates.metrics import ModelScorer
 from funnelrec.experiments.evaluation import (
     ExampleSample,
     bootstrap_ci,
@@ -19,7 +19,7 @@ from funnelrec.experiments.evaluation import (
     summary,
 )
 from funnelrec.experiments.harness import Harness
-from funnelrec.metrics import ModelScorer
+from funnelrec.features import Features
 
 # The held-out metrics every candidate-model arm reports.
 CAND_METRICS = ("recall@10", "recall@100", "map@100", "ndcg@10", "mrr")

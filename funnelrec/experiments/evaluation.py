@@ -25,11 +25,17 @@ from torch import Tensor
 
 from funnelrec.baselines import Baseline, Jagged
 from funnelrec.baselines.factorisation import _MatrixFactorisation
-from funnelrec.batch import CandidateBatch
+from funnelrec.candidates.metrics import (
+    RetrievalMetrics,
+    Scorer,
+    exclusion_mask,
+    target_ranks,
+    tie_keys,
+)
 from funnelrec.errors import FunnelrecError
-from funnelrec.examples import Features
-from funnelrec.loader import candidate_loader, seen_items
-from funnelrec.metrics import RetrievalMetrics, Scorer, exclusion_mask, target_ranks, tie_keys
+from funnelrec.features import Features
+from funnelrec.features.batch import CandidateBatch
+from funnelrec.features.loader import candidate_loader, seen_items
 
 KS = (10, 50, 100)
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from funnelrec.candidates import load_candidate_model
-from funnelrec.dataset import Dataset
-from funnelrec.examples import Features
+from funnelrec.data.dataset import Dataset
 from funnelrec.experiments.common import candidate_arm, pm, seeds_note, time_features
 from funnelrec.experiments.evaluation import ExampleSample, mean_sd, sample_batches
 from funnelrec.experiments.harness import Harness, Timer
+from funnelrec.features import Features
 
 NAME = "example-age"
 DAY = 86_400

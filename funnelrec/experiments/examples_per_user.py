@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from funnelrec.candidates import load_candidate_model
-from funnelrec.dataset import Dataset
+from funnelrec.candidates.metrics import ModelScorer
+from funnelrec.data.dataset import Dataset
 from funnelrec.experiments.common import candidate_arm, pm, rel, seeds_note, time_features
 from funnelrec.experiments.evaluation import (
     ExampleSample,
@@ -23,9 +24,8 @@ from funnelrec.experiments.evaluation import (
     per_example,
 )
 from funnelrec.experiments.harness import Harness, Timer, stable_hash
-from funnelrec.loader import read_examples
-from funnelrec.metrics import ModelScorer
-from funnelrec.package import training_watches
+from funnelrec.features.loader import read_examples
+from funnelrec.serving.package import training_watches
 
 NAME = "examples-per-user"
 METRIC = "recall@100"

@@ -29,18 +29,18 @@ import numpy as np
 import torch
 
 from funnelrec.baselines import Popularity
-from funnelrec.dataset import Dataset
+from funnelrec.candidates.metrics import PopularityScorer
+from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError
 from funnelrec.experiments.common import candidate_arm, heldout_sample, pm, time_features
 from funnelrec.experiments.evaluation import bootstrap_ci, example_ranks, mean_sd, summary
 from funnelrec.experiments.harness import Harness, Timer, stable_hash
 from funnelrec.experiments.ranking_table import CTR, WLR_BEST
-from funnelrec.metrics import PopularityScorer
-from funnelrec.package import package, training_watches
-from funnelrec.ranking import load_ranker, read_ranker_config
-from funnelrec.recommender import Recommender, RecommendRequest
-from funnelrec.state import UserStateStore
-from funnelrec.truth import World
+from funnelrec.ranking.model import load_ranker, read_ranker_config
+from funnelrec.serving.package import package, training_watches
+from funnelrec.serving.recommender import Recommender, RecommendRequest
+from funnelrec.serving.state import UserStateStore
+from funnelrec.simulate.truth import World
 
 NAME = "funnel-ab"
 POLICIES = (

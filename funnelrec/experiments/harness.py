@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,11 +41,12 @@ import torch
 from rich.console import Console
 
 from funnelrec import __version__
-from funnelrec.build import build_features
 from funnelrec.config import apply_overrides
-from funnelrec.dataset import Dataset, write_json_atomic
+from funnelrec.data.dataset import Dataset, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
-from funnelrec.examples import Features, FeaturesConfig
+from funnelrec.experiments.report import git_commit, write_figures
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.features.build import build_features
 
 DOC_FORMAT_VERSION = 1
 DOC_KIND = "funnelrec-experiment"
@@ -163,29 +163,6 @@ def stable_hash(obj: Any) -> str:
     """A short hash of a JSON-able object (keys sorted): the identity of cached work."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def git_commit(repo: Path | None = None) -> str | None:
-    """The checkout's commit (short hash, '+dirty' with local changes), None if unknown."""
-    root = repo or Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "") if head else None
 
 
 def environment() -> dict[str, Any]:
@@ -353,7 +330,11 @@ class Harness:
         self, feats: Features, overrides: Sequence[str] = (), seed: int = 0
     ) -> dict[str, Any]:
         """Train (or find) a ranker and its test-split metrics (`evaluate_ranker`)."""
-        from funnelrec.cli.rank import evaluate_ranker, load_ranker_train_config, train_ranker
+        from funnelrec.ranking.training import (
+            evaluate_ranker,
+            load_ranker_train_config,
+            train_ranker,
+        )
 
         b = self.budget
         base = [
@@ -414,8 +395,6 @@ class Harness:
 
         doc: the experiment's document: title, claim, protocol, tables, figures, verdict,
         results (see `report` for the shape it renders)."""
-        from funnelrec.report import write_figures
-
         out = self.experiment_dir(name)
         full = {
             "format_version": DOC_FORMAT_VERSION,

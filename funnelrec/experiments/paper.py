@@ -17,7 +17,7 @@ NAME = "paper"
 
 def run(h: Harness, experiments: dict[str, Callable[[Harness], dict[str, Any]]]) -> dict[str, Any]:
     """Run `experiments` (name -> run function) in order, then write the report of OUT."""
-    from funnelrec.report import write_report
+    from funnelrec.experiments.report import write_report
 
     timer = Timer()
     timings: dict[str, dict[str, float]] = {}

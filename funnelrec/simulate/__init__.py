@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 from funnelrec.config import apply_overrides
-from funnelrec.dataset import DatasetWriter
+from funnelrec.data.dataset import DatasetWriter
 from funnelrec.progress import progress_bar
 from funnelrec.simulate.config import PRESETS, SimConfig, preset_config
 from funnelrec.simulate.events import (

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from funnelrec.config import apply_overrides
 from funnelrec.errors import FunnelrecError
-from funnelrec.truth import UserModel
+from funnelrec.simulate.truth import UserModel
 
 
 @dataclass(frozen=True)

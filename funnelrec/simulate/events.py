@@ -10,8 +10,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from funnelrec.simulate.config import SimConfig
+from funnelrec.simulate.truth import DAY_S, MAX_SEARCH_WATCHES, World, order_by
 from funnelrec.simulate.world import F64, I64, _cumcount
-from funnelrec.truth import DAY_S, MAX_SEARCH_WATCHES, World, order_by
 
 # Sessions by hour of day (UTC): quiet at night, peak in the evening.
 DIURNAL = np.array(

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from funnelrec.simulate.truth import World
 from funnelrec.simulate.world import I64
-from funnelrec.truth import World
 
 
 def _ids(prefix: str, n: int) -> pa.Array:

@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from funnelrec.simulate.config import SimConfig
-from funnelrec.truth import DAY_S, World, order_by
+from funnelrec.simulate.truth import DAY_S, World, order_by
 
 I64 = NDArray[np.int64]
 F64 = NDArray[np.float64]

@@ -1,0 +1,133 @@
+"""Building a features directory: fit the transforms, write both stages' examples.
+
+    build_features(DATA, FEAT, split="last", config=FeaturesConfig())
+
+Small data is read whole and built as one block. Data of more than `block_events` events
+is cut into blocks of users (`partition.py`) and built in three passes (partition, fit,
+write), resumably, in `--workers` processes if asked. What an example holds, and how each
+feature is computed, is the rest of `funnelrec.features`; this module runs those functions
+over the data and writes the directory that `reader.Features` reads:
+
+- `fit.py`: the split, the training part's counts and the transforms fitted from them;
+- `write.py`: one block's example shards of both stages;
+- `finish.py`: the blocks' results summed, the ranking normaliser, the manifest;
+- `blocked.py`: the build over blocks of users, resumable, in worker processes.
+
+This file holds `build_features` and the in-memory build (the whole dataset as one block).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from funnelrec.data.dataset import AtomicDirectory, Dataset, write_json_atomic
+from funnelrec.errors import DataError, FunnelrecError
+from funnelrec.features import MANIFEST, REQUESTS, FeaturesConfig
+from funnelrec.features.blocked import _BlockedBuild
+from funnelrec.features.finish import _finish, _split_meta
+from funnelrec.features.fit import _count_block, _Counts, _fit_transforms, _split, _time_bounds
+from funnelrec.features.partition import EVENT_TABLES, CountIndex
+from funnelrec.features.splits import TRAIN
+from funnelrec.features.tables import _read_log
+from funnelrec.features.write import _Bars, _BlockOut, _write_block
+from funnelrec.progress import progress_bar
+
+
+def build_features(
+    data: Path | str | Dataset,
+    out: Path | str,
+    *,
+    split: Literal["last", "time"] = "last",
+    config: FeaturesConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+    impressions: pa.Table | None = None,
+    workers: int = 1,
+) -> Path:
+    """Fit transforms on the training part of `data` and write example shards to `out`.
+
+    `impressions` replaces the dataset's impressions table as the source of ranking
+    examples, e.g. slates of retrieved candidates for data that has none (issue 7). It has
+    the canonical impression columns and may add `cand_score` (float, the candidate
+    generator's score: a continuous feature) and `cand_source` (string, which generator
+    nominated the item: a categorical feature with its own vocabulary "source").
+
+    Data with more than `config.block_events` events is built in blocks of users (see
+    `partition.py`), in a folder beside `out` that a later call with the same data and config
+    resumes after an interruption. `workers` processes build blocks side by side
+    (each holds one block in memory; the examples are the same for any number).
+    """
+    cfg = config or FeaturesConfig()
+    ds = data if isinstance(data, Dataset) else Dataset.open(data)
+    if split not in ("last", "time"):
+        raise FunnelrecError(f"split must be 'last' or 'time', got '{split}'")
+    out = Path(out)
+    n_events = sum(ds.num_rows(name) for name in EVENT_TABLES if ds.has(name))
+    if impressions is None and n_events > cfg.block_events:
+        if out.exists() and not force:
+            raise DataError(f"{out} already exists (use --force to overwrite)")
+        if workers < 1:
+            raise FunnelrecError(f"workers must be >= 1, got {workers}")
+        return _BlockedBuild(ds, out, split, cfg, progress, n_events, workers).run(force=force)
+    target = AtomicDirectory(out, force=force)
+    try:
+        manifest = _build_in_memory(ds, target.tmp, split, cfg, progress, impressions)
+        write_json_atomic(target.tmp / MANIFEST, manifest)
+        target.commit()
+    except BaseException:
+        target.abort()
+        raise
+    return out
+
+
+def _build_in_memory(
+    ds: Dataset,
+    root: Path,
+    split_kind: str,
+    cfg: FeaturesConfig,
+    progress: bool,
+    impressions: pa.Table | None,
+) -> dict[str, Any]:
+    """The whole dataset as one block."""
+    t_start = time.perf_counter()
+    log = _read_log(ds, impressions)
+    bounds = _time_bounds(log.w_ts, cfg) if split_kind == "time" else None
+    sp = _split(log, split_kind, cfg, bounds, whole=True)
+    if not (sp.part_of_watches(len(log.w_ts)) == TRAIN).any():
+        raise DataError(f"{ds.path}: the training part of the split has no watches")
+    acc = _Counts()
+    _count_block(log, sp, cfg, acc, cfg.seed + 2)
+    tf = _fit_transforms(acc, log.users, cfg, ranking=log.imp is not None and cfg.ranking)
+    by_item = CountIndex.build(log.w_item, log.w_ts)
+    with progress_bar("examples", enabled=progress) as bar:
+        out = _BlockOut(
+            root=root,
+            prefix="part-",
+            requests=REQUESTS,
+            request_offset={},
+            quantile_quota=cfg.quantile_sample,
+            seed=cfg.seed,
+            rank_seed=cfg.seed + 1,
+            cap_seed=cfg.seed + 2,
+            progress=_Bars(bar, reuse=False),
+        )
+        res = _write_block(log, sp, tf, by_item, cfg, out)
+    timing = {"total_s": time.perf_counter() - t_start, "blocks": 1}
+    manifest = _finish(
+        root,
+        ds,
+        _split_meta(split_kind, cfg, sp, acc.held_out_users),
+        cfg,
+        tf,
+        [res],
+        acc.rank_columns if log.imp is not None else [],
+        bool(log.s_user.size),
+        timing,
+    )
+    if manifest["ranking"].get("available"):
+        manifest["ranking"]["impressions"] = "given" if impressions is not None else "dataset"
+    return manifest

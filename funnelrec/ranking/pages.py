@@ -1,0 +1,227 @@
+"""Impressions for data that has none, synthesised from the candidate model's retrievals.
+
+MovieLens, Amazon and other sequence files log what users watched (rated, bought), never
+what they were shown, so there is nothing to train a ranker on (SPEC 3 needs impressions:
+shown, clicked or not, watched for how long). Here the funnel is staged instead: for every
+candidate-generation example of the features (a user at the time t of one of their
+watches, with only the history before t), the trained candidate model retrieves its top
+k items, and those become one page (request) of impressions at time t:
+
+- the item the user actually watched at t is the click (a positive), with the watch's
+  `watch_time_s` as its watch time, or 1 second when the data has none (then the ranker's
+  weights are all 1 and it learns which candidate is watched next);
+- the other retrieved items are shown-but-not-watched negatives (watch time 0);
+- when the watched item is not among the top k it takes the last slot, so every page has
+  exactly one positive. Positions are retrieval ranks (not a ranking feature).
+
+The result is a new dataset: every table of the source (users, items, watches, searches,
+id maps) plus this `impressions` table, so `funnelrec features build` then builds ranking
+examples from it like from logged impressions, with the same split kind.
+
+Caveats, by construction: training examples' pages come from a model that was trained on
+those very watches, so their positives are retrieved more often than held-out ones; and
+"times already shown" counts earlier synthetic pages, not real exposure.
+
+    impressions_from_candidates(DATA, FEAT, CAND_ART, OUT, k=20)
+    funnelrec features build --data OUT --split last --out FEAT2
+    funnelrec train ranker --features FEAT2 --out RANKER
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from funnelrec.ann.index import ItemIndex
+from funnelrec.candidates import (
+    check_features,
+    load_candidate_model,
+    load_item_embeddings,
+    read_candidate_config,
+)
+from funnelrec.data.dataset import Dataset, DatasetWriter
+from funnelrec.errors import FunnelrecError
+from funnelrec.features import Features
+from funnelrec.features.loader import candidate_loader
+from funnelrec.progress import progress_bar
+
+COPIED_TABLES = ("users", "items", "watches", "searches")
+PAGES_PER_CHUNK = 100_000  # pages validated and written at once (bounds memory)
+
+
+def _match_watches(
+    ds: Dataset, user: np.ndarray, ts: np.ndarray, item: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The watch behind each example: (dataset item id [E], watch time s [E]).
+
+    item [E]: the example's label as a dataset item id, or 0 when its label was out of
+    vocabulary; then the first watch of that user at that ts (lowest item id) stands in.
+    Watch time is 1.0 where the data has none.
+    """
+    cols = ["user_id", "ts", "item_id"]
+    has_time = "watch_time_s" in ds.columns("watches")
+    w = ds.table("watches", cols + (["watch_time_s"] if has_time else []))
+    if not has_time:
+        w = w.append_column("watch_time_s", pa.array(np.ones(w.num_rows, dtype=np.float32)))
+    w = w.set_column(
+        w.schema.get_field_index("watch_time_s"),
+        "watch_time_s",
+        pc.fill_null(w.column("watch_time_s").cast(pa.float32()), 1.0),
+    )
+    exact = w.group_by(cols).aggregate([("watch_time_s", "max")])
+    first = w.group_by(["user_id", "ts"]).aggregate([("item_id", "min")])
+    ex = pa.table(
+        {
+            "ex": np.arange(len(user), dtype=np.int64),
+            "user_id": user.astype(np.int64),
+            "ts": ts.astype(np.int64),
+            "item_id": item.astype(np.int64),
+        }
+    )
+    # OOV labels: take the (first) item watched at that moment
+    ex = ex.join(first, ["user_id", "ts"], join_type="left outer")
+    chosen = pc.if_else(
+        pc.equal(ex.column("item_id"), 0), ex.column("item_id_min"), ex.column("item_id")
+    )
+    ex = pa.table(
+        {
+            "ex": ex.column("ex"),
+            "user_id": ex.column("user_id"),
+            "ts": ex.column("ts"),
+            "item_id": chosen,
+        }
+    )
+    ex = ex.join(exact, cols, join_type="left outer").sort_by("ex")
+    item_out = np.asarray(pc.fill_null(ex.column("item_id"), 0).to_numpy(), dtype=np.int64)
+    time_out = np.asarray(
+        pc.fill_null(ex.column("watch_time_s_max"), np.nan).to_numpy(), dtype=np.float32
+    )
+    return item_out, time_out
+
+
+def impressions_from_candidates(
+    data: Path | str,
+    features: Path | str,
+    candidates: Path | str,
+    out: Path | str,
+    *,
+    k: int = 20,
+    splits: Sequence[str] = ("train", "valid", "test"),
+    batch_size: int = 4096,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write dataset `out`: `data` plus impressions retrieved by the candidate model.
+
+    features:   the features `candidates` was trained on (built from `data`); their
+                candidate examples of `splits` are the points in time that get a page
+    candidates: a candidate-model artifact (issue 5)
+    k:          impressions per page (the top k of an exact or HNSW search, `ann`)
+    Returns `out`.
+    """
+    if k < 2:
+        raise FunnelrecError(f"impressions from candidates: k must be >= 2, got {k}")
+    ds = Dataset.open(data)
+    if ds.has("impressions"):
+        raise FunnelrecError(
+            f"{ds.path} already has impressions: build ranking examples from them directly"
+        )
+    feats = Features.open(features)
+    feats.check_dataset(ds)
+    check_features(read_candidate_config(candidates), feats, candidates)
+    model = load_candidate_model(candidates)
+    emb, item_ids = load_item_embeddings(candidates)
+    index = ItemIndex.build(emb.numpy(), item_ids.numpy())
+    vocab = feats.vocab("item")
+
+    shown: list[np.ndarray] = []
+    users: list[np.ndarray] = []
+    times: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    total = sum(feats.num_examples("candidates", s) for s in splits)
+    bar = progress_bar("examples", enabled=progress)
+    with bar, torch.no_grad():
+        task = bar.add_task("pages from candidates", total=total)
+        for split in splits:
+            for batch in candidate_loader(feats, split, batch_size=batch_size):
+                retrieved, _ = index.search(model(batch).float().numpy(), k)  # [B, k], best first
+                shown.append(retrieved.astype(np.int64))
+                label = batch.label.numpy()
+                label_item = np.zeros(len(label), dtype=np.int64)
+                known = label > 0
+                label_item[known] = vocab.decode(label[known])
+                labels.append(label_item)
+                users.append(batch.user_id.numpy())
+                times.append(batch.ts.numpy())
+                bar.advance(task, len(batch))
+    if not shown:
+        raise FunnelrecError(f"{feats.path}: no candidate examples in splits {', '.join(splits)}")
+    user, ts = np.concatenate(users), np.concatenate(times)
+    item, watch_time = _match_watches(ds, user, ts, np.concatenate(labels))
+    retrieved = np.concatenate(shown)
+    ok = np.flatnonzero(item > 0)  # examples whose watch was found (all, in consistent data)
+
+    extra = {
+        "impressions_from_candidates": {
+            "source_fingerprint": ds.fingerprint(),
+            "features": str(feats.path),
+            "candidates": str(candidates),
+            "k": k,
+            "splits": list(splits),
+        }
+    }
+    with DatasetWriter(
+        Path(out), source=f"{ds.manifest.source}+candidates", force=force, extra=extra
+    ) as writer:
+        for name in COPIED_TABLES:
+            if ds.has(name):
+                for rb in ds.batches(name):
+                    writer.write(name, pa.Table.from_batches([rb]))
+        for space in ds.manifest.id_maps:
+            writer.add_id_map(space, ds.id_map(space).sort_by("id").column("raw_id"))
+        for lo in range(0, len(ok), PAGES_PER_CHUNK):
+            sel = ok[lo : lo + PAGES_PER_CHUNK]
+            writer.write(
+                "impressions",
+                _pages(retrieved[sel], item[sel], watch_time[sel], user[sel], ts[sel], lo + 1),
+            )
+    return Path(out)
+
+
+def _pages(
+    retrieved: np.ndarray,
+    item: np.ndarray,
+    watch_time: np.ndarray,
+    user: np.ndarray,
+    ts: np.ndarray,
+    first_request: int,
+) -> pa.Table:
+    """Impressions rows of B pages: retrieved [B, k] with each page's watched item clicked.
+
+    A watched item missing from the top k replaces the last slot; slots the index could
+    not fill (id -1) are dropped.
+    """
+    b, k = retrieved.shape
+    shown = retrieved.copy()
+    hit = shown == item[:, None]
+    missing = ~hit.any(axis=1)
+    shown[missing, k - 1] = item[missing]
+    clicked = shown == item[:, None]
+    t = np.where(np.isnan(watch_time), 1.0, watch_time).astype(np.float32)
+    keep = (shown > 0).ravel()
+    return pa.table(
+        {
+            "request_id": np.repeat(np.arange(first_request, first_request + b), k)[keep],
+            "user_id": np.repeat(user.astype(np.int64), k)[keep],
+            "item_id": shown.ravel().astype(np.int64)[keep],
+            "ts": np.repeat(ts.astype(np.int64), k)[keep],
+            "position": np.tile(np.arange(k, dtype=np.int32), b)[keep],
+            "clicked": clicked.ravel()[keep],
+            "watch_time_s": np.where(clicked, t[:, None], 0.0).astype(np.float32).ravel()[keep],
+        }
+    )

@@ -1,0 +1,544 @@
+"""Training and evaluating the ranking network (Covington et al. 2016, section 4).
+
+    cfg = load_ranker_train_config(Path("configs/ranker-scale.toml"), ["model.tower=1024-512-256"])
+    train_ranker(FEAT, ART, cfg)                  # ART/config.json + ART/model.safetensors
+    evaluate_ranker(ART, FEAT, split="test")      # ART/metrics.json
+
+Training reads the ranking examples of FEAT, starts the output bias at the best constant
+(`model.base_log_odds` over the training impressions), trains with the shared loop
+(`funnelrec.training.loop.train`: progress, checkpoints to ART.checkpoint.pt, resume,
+determinism), keeps the epoch with the lowest weighted per-user loss on the validation
+split, fits the calibration factor on the validation split (`model.fit_calibration`), and
+writes the artifact atomically.
+
+Evaluation scores a split and writes metrics.json: the model's weighted per-user loss,
+AUC, GAUC, log losses and calibration, raw and calibrated (`metrics.ranking_metrics`), a
+random order for reference, and, on simulated data (the features' dataset has truth/), the
+oracle's order by true expected watch time and the share of high-clickbait items in each
+user's top 10. A split without a single click has nothing to measure and is refused with
+the reason (leave-last-out features: use `--split time`).
+
+`funnelrec train ranker` and `funnelrec evaluate ranker` (funnelrec/cli/rank.py) are thin
+wrappers over these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+
+from funnelrec.config import from_dict, read_toml
+from funnelrec.data.dataset import AtomicDirectory, write_json_atomic
+from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.features import Features
+from funnelrec.features.batch import RankingBatch
+from funnelrec.features.loader import ranking_loader, read_examples
+from funnelrec.progress import progress_bar
+from funnelrec.ranking import metrics as rank_metrics
+from funnelrec.ranking.model import (
+    TOWER_PRESETS,
+    Calibration,
+    RankingConfig,
+    RankingFeatureSpec,
+    RankingModel,
+    RankingPredictions,
+    base_log_odds,
+    fit_calibration,
+    load_ranker,
+    predict,
+    read_ranker_config,
+    save_ranker_artifact,
+    tower_name,
+)
+from funnelrec.simulate.truth import TRUTH_DIR, World
+from funnelrec.training.distributed import Distributed, local_batch_size
+from funnelrec.training.loop import TrainConfig, TrainResult, loader_epochs, seed_everything, train
+
+console = Console()
+
+METRICS_FORMAT_VERSION = 1
+# "High clickbait" for the top-10 share: the world's top decile of latent clickbait.
+CLICKBAIT_QUANTILE = 0.9
+RANDOM_DRAWS = 10
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig:
+    """Everything `funnelrec train ranker` reads from --config and key=value overrides.
+
+    model:           the network and objective ([model] section; see RankingConfig)
+    train:           the shared loop's settings ([train] section; see TrainConfig). The
+                     ranker's defaults differ from TrainConfig's in one place: grad_clip = 0,
+                     because with positives weighted by watch time in seconds every batch's
+                     gradient norm is far above any fixed threshold, and clipping would
+                     re-weight batches by how much watch time they happen to hold.
+    eval_batch_size: impressions per batch when scoring the validation split
+    validate:        score the validation split after every epoch (weighted per-user loss)
+                     and keep the best epoch (train.patience > 0 also stops early)
+    init_bias:       start the output bias at the best constant logit of the training data
+    calibrate:       after training, fit the factor c on the validation split so that mean
+                     c * exp(logit) * unit = mean observed watch time per impression (one
+                     pass over the split, also with validate = false); False = c = 1
+    valid_impressions: score only the first ~N validation impressions, whole users in the
+                     split's user order, for the best epoch and the calibration; None = all
+                     (a medium world's validation split holds millions)
+    """
+
+    model: RankingConfig = field(default_factory=RankingConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(grad_clip=0.0, batch_size=1024, epochs=2)
+    )
+    eval_batch_size: int = 8192
+    validate: bool = True
+    init_bias: bool = True
+    calibrate: bool = True
+    valid_impressions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.valid_impressions is not None and self.valid_impressions < 1:
+            raise FunnelrecError(
+                f"valid_impressions must be >= 1 (or none), got {self.valid_impressions}"
+            )
+
+
+def load_ranker_train_config(
+    path: Path | str | None = None, overrides: Sequence[str] = ()
+) -> RankerTrainConfig:
+    """Defaults, then the TOML file, then `key=value` overrides (dotted: model.tower=512,256).
+
+    Sections start from RankerTrainConfig's own defaults (not the section class's), so a
+    [train] section that sets lr alone keeps grad_clip = 0. `model.tower=none` (or any
+    name in ranking.TOWER_PRESETS, e.g. 1024-512-256) selects a preset.
+    """
+    values: dict[str, Any] = _as_tree(asdict(RankerTrainConfig()))
+    if path is not None:
+        _merge(values, read_toml(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise FunnelrecError(f"override '{item}' is not of the form key=value")
+        if key.split(".")[-1] == "tower" and raw in TOWER_PRESETS:
+            raw = ",".join(str(w) for w in TOWER_PRESETS[raw])
+        node = values
+        parts = key.split(".")
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise FunnelrecError(f"config key '{k}' is not a section")
+        node[parts[-1]] = raw
+    return from_dict(RankerTrainConfig, values)
+
+
+def _as_tree(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _as_tree(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where a training run into `out` checkpoints (beside it: the artifact is atomic)."""
+    return out.with_name(out.name + ".checkpoint.pt")
+
+
+def _features_meta(feats: Features) -> dict[str, Any]:
+    rank_item = feats.vocab("rank_item")
+    return {
+        "data": {"fingerprint": feats.fingerprint, "features": str(feats.path)},
+        "split": feats.split,
+        "rank_item_vocab": len(rank_item),
+    }
+
+
+def _check_features(meta: Mapping[str, Any], feats: Features, art: Path) -> None:
+    want = meta.get("data", {}).get("fingerprint")
+    if want != feats.fingerprint:
+        raise ArtifactError(
+            f"{art} was trained on data with fingerprint {want}, {feats.path} was built from "
+            f"{feats.fingerprint}"
+        )
+    spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
+    if meta.get("spec") != spec.to_dict():
+        raise ArtifactError(f"{art}: its feature spec differs from that of {feats.path}")
+
+
+def score_split(
+    model: RankingModel,
+    feats: Features,
+    split: str,
+    batch_size: int = 8192,
+    show: bool = True,
+    limit: int | None = None,
+) -> RankingPredictions:
+    """The model's logits for the impressions of a split, in shard order.
+
+    limit: stop after about this many impressions, at a user boundary. Valid and test
+    shards are sorted by user, so this is every page of the split's first users; a user
+    larger than a whole batch past the limit may be cut (train shards are not sorted).
+    """
+    total = feats.num_examples("ranking", split)
+    loader: Iterable[RankingBatch] = ranking_loader(feats, split, batch_size=batch_size)
+    if limit is not None and limit < total:
+        # One batch past the limit, so that the first user boundary after it is in hand.
+        loader = _first_examples(loader, limit + batch_size)
+        total = min(total, limit + batch_size)
+    if not show:
+        p = predict(model, loader)
+    else:
+        with progress_bar("examples", console=console, transient=True) as bar:
+            task = bar.add_task(f"scoring {split}", total=total)
+            p = predict(model, loader, progress=lambda n: bar.advance(task, n))
+    if limit is None or len(p) <= limit:
+        return p
+    starts = np.flatnonzero(p.user_id[1:] != p.user_id[:-1]) + 1  # where a new user begins
+    after = starts[starts >= limit]
+    cut = int(after[0]) if len(after) else (int(starts[-1]) if len(starts) else len(p))
+    return RankingPredictions(
+        **{k: getattr(p, k)[:cut] for k in RankingPredictions.__dataclass_fields__}
+    )
+
+
+def _first_examples(batches: Iterable[RankingBatch], n: int) -> Iterator[RankingBatch]:
+    """Batches until at least `n` examples have been yielded."""
+    seen = 0
+    for batch in batches:
+        if seen >= n:
+            return
+        yield batch
+        seen += len(batch)
+
+
+def train_ranker(
+    features: Path | str,
+    out: Path | str,
+    config: RankerTrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    dist: Distributed | None = None,
+) -> dict[str, Any]:
+    """Train a ranker on FEAT's ranking examples and write the artifact `out`.
+
+    Returns the summary stored in ART/config.json under "training" (steps, examples/s,
+    best validation weighted per-user loss, ...), on every rank.
+
+    dist: this process's place in a data-parallel run (`distributed.setup`, under
+    torchrun): each rank reads its share of the training row groups, `batch_size` stays
+    the batch of one step over all ranks, and rank 0 alone scores the validation split,
+    fits the calibration and writes the artifact. None: one process.
+    """
+    cfg = config or RankerTrainConfig()
+    dist = dist or Distributed()
+    out = Path(out)
+    feats = Features.open(features)
+    spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
+    if out.exists() and not force:  # every rank fails early, not rank 0 alone
+        raise FunnelrecError(f"{out} already exists (use --force to overwrite)")
+    # rank 0 alone builds (and on failure removes) the artifact
+    target = AtomicDirectory(out, force=force) if dist.is_main else None
+    summary: dict[str, Any] | None = None
+    try:
+        seed_everything(cfg.train.seed)
+        model = RankingModel(spec, cfg.model)
+        if cfg.init_bias:
+            t = read_examples(feats, "ranking", "train", ["label", "watch_time"])
+            bias = base_log_odds(
+                torch.from_numpy(np.array(t.column("label").to_numpy(), dtype=np.float32)),
+                torch.from_numpy(np.array(t.column("watch_time").to_numpy(), dtype=np.float32)),
+                cfg.model,
+            )
+            model.set_output_bias(bias)
+        loader = ranking_loader(
+            feats,
+            "train",
+            batch_size=local_batch_size(cfg.train.batch_size, dist),
+            shuffle=True,
+            seed=cfg.train.seed,
+            num_workers=cfg.train.num_workers,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        has_valid = cfg.validate and feats.num_examples("ranking", "valid") > 0
+
+        # Early stopping / best epoch by the paper's metric on the validation split; a
+        # split without any page holding both a click and a non-click cannot give it, and
+        # then the held-out training objective stands in.
+        metric_name = "weighted_per_user_loss"
+        if has_valid:
+            v = read_examples(
+                feats,
+                "ranking",
+                "valid",
+                ["label", "watch_time", "user_id", "request_id"],
+                limit=cfg.valid_impressions,  # the part validation scores (about)
+            )
+            cols = [
+                v.column(c).to_numpy() for c in ("label", "watch_time", "user_id", "request_id")
+            ]
+            if math.isnan(rank_metrics.weighted_per_user_loss(np.zeros(v.num_rows), *cols)):
+                metric_name = "weighted_log_loss"
+
+        def validation_loss(p: RankingPredictions) -> float:
+            if metric_name == "weighted_per_user_loss":
+                loss = rank_metrics.weighted_per_user_loss(
+                    p.logit, p.label, p.watch_time, p.user_id, p.request_id
+                )
+            else:
+                loss = rank_metrics.weighted_logistic_loss(
+                    p.logit,
+                    p.label,
+                    p.watch_time,
+                    watch_time_unit=cfg.model.watch_time_unit,
+                    clicks_as_negatives=cfg.model.clicks_as_negatives,
+                )
+            return loss
+
+        def score_valid(m: RankingModel) -> RankingPredictions:
+            return score_split(
+                m,
+                feats,
+                "valid",
+                cfg.eval_batch_size,
+                show=progress and dist.is_main,
+                limit=cfg.valid_impressions,
+            )
+
+        def validation(m: torch.nn.Module) -> float:
+            assert isinstance(m, RankingModel)
+            # Data-parallel: rank 0 alone scores the split (the per-user metric needs whole
+            # pages, and `valid_impressions` cuts at a user boundary of the whole split) and
+            # the all-reduce hands its figure to the other ranks, which the loop requires to
+            # agree; they wait in it meanwhile. The split is small next to training.
+            value = -validation_loss(score_valid(m)) if dist.is_main else 0.0  # maximised
+            return dist.all_reduce_sums([value])[0]
+
+        meta = {
+            "model": model.metadata(),
+            "features": _features_meta(feats),
+            "init_bias": cfg.init_bias,
+            "validate": has_valid,
+        }
+        result: TrainResult = train(
+            model,
+            loader_epochs(loader),
+            cfg.train,
+            steps_per_epoch=len(loader.shards),
+            checkpoint=checkpoint_path(out),
+            resume=resume,
+            evaluate=validation if has_valid else None,
+            meta=meta,
+            progress=progress,
+            description=f"ranker {tower_name(cfg.model.tower)} {cfg.model.objective}",
+            dist=dist,
+        )
+        if target is not None:  # rank 0 finishes alone (the replicas are equal)
+            # One scoring of the validation split with the saved weights gives both the
+            # summary's validation figure and the calibration.
+            has_valid_rows = feats.num_examples("ranking", "valid") > 0
+            final = score_valid(model) if (has_valid or cfg.calibrate) and has_valid_rows else None
+            if not cfg.calibrate:
+                model.calibration = Calibration(note="not fitted: calibrate = false")
+            elif final is None:
+                model.calibration = Calibration(note="not fitted: no validation split")
+            else:
+                model.calibration = fit_calibration(
+                    final.logit, final.watch_time, watch_time_unit=cfg.model.watch_time_unit
+                )
+            summary = {
+                "steps": result.steps,
+                "epochs": result.epochs,
+                "examples": result.examples,
+                "seconds": round(result.seconds, 3),
+                "examples_per_s": round(result.examples_per_s, 1),
+                "final_train_loss": result.loss,
+                "best_step": result.best_step,
+                "stopped_early": result.stopped_early,
+                "validation_metric": metric_name if has_valid else None,
+                "history": [[s, -m] for s, m in result.history],
+                # of the saved weights (the best evaluated epoch's, or the last step's)
+                "valid": validation_loss(final) if has_valid and final is not None else None,
+                "calibration_factor": model.calibration.factor,
+                "processes": result.world_size,
+            }
+            save_ranker_artifact(
+                model,
+                target.tmp,
+                meta={
+                    **_features_meta(feats),
+                    "train_config": asdict(cfg.train),
+                    "eval_batch_size": cfg.eval_batch_size,
+                    "training": summary,
+                },
+            )
+            target.commit()
+    except BaseException:
+        if target is not None:
+            target.abort()
+        raise
+    if dist.is_main:
+        checkpoint_path(out).unlink(missing_ok=True)
+    # rank 0's summary for every rank; also the barrier: the others return once the
+    # artifact is in place
+    summary = dist.all_gather_objects(summary)[0]
+    assert summary is not None
+    return summary
+
+
+def _truth_items(data: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(item_id [I], clickbait [I]) of a simulated dataset's truth, or None if not simulated."""
+    file = data / TRUTH_DIR / "items.parquet"
+    if not file.exists():
+        return None
+    t = pq.read_table(file, columns=["item_id", "clickbait"])
+    return (
+        np.asarray(t.column("item_id").to_numpy(), dtype=np.int64),
+        np.asarray(t.column("clickbait").to_numpy(), dtype=np.float64),
+    )
+
+
+def _check_has_clicks(feats: Features, split: str) -> None:
+    """Refuse a split without any click: every ranking metric would be undefined (NaN)."""
+    if split not in ("train", "valid", "test"):
+        raise FunnelrecError(f"unknown split '{split}' (train, valid or test)")
+    rows = read_examples(feats, "ranking", split, ["label"])
+    if rows.num_rows and np.asarray(rows.column("label").to_numpy()).max() > 0.5:
+        return
+    if not rows.num_rows:
+        raise FunnelrecError(f"{feats.path}: the ranking {split} split has no impressions")
+    if feats.split == "last":
+        raise FunnelrecError(
+            f"{feats.path}: the ranking {split} split has no clicked impression: with "
+            "leave-last-out features it holds only the impressions after each user's held-out "
+            "last watch, so none can be clicked; rebuild the features with `funnelrec features "
+            "build --split time`"
+        )
+    raise FunnelrecError(
+        f"{feats.path}: the ranking {split} split has no clicked impression, nothing to measure"
+    )
+
+
+def evaluate_ranker(
+    art: Path | str,
+    features: Path | str,
+    *,
+    split: str = "test",
+    out: Path | str | None = None,
+    data: Path | str | None = None,
+    top_k: int = 10,
+    seed: int = 0,
+    show: bool = True,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score a split with the ranker of `art` and write metrics.json (default ART/metrics.json).
+
+    data: the dataset the features were built from (default: the path the features
+    recorded); when it is simulated, the oracle and the clickbait shares are added.
+    limit: score about this many impressions only: every page of the split's first users
+    (`score_split`); None = the whole split.
+    Returns what was written: {"model": {...}, "random": {...}, ["oracle": {...},]
+    ["clickbait": {...},] "protocol": {...}}.
+    """
+    art = Path(art)
+    feats = Features.open(features)
+    _check_has_clicks(feats, split)
+    meta = read_ranker_config(art)
+    _check_features(meta, feats, art)
+    model = load_ranker(art)
+    cfg = model.config
+    p = score_split(
+        model, feats, split, int(meta.get("eval_batch_size", 8192)), show=show, limit=limit
+    )
+    args = (p.label, p.watch_time, p.user_id, p.request_id)
+    result: dict[str, Any] = {
+        "format_version": METRICS_FORMAT_VERSION,
+        "model": rank_metrics.ranking_metrics(
+            p.logit,
+            *args,
+            watch_time_unit=cfg.watch_time_unit,
+            clicks_as_negatives=cfg.clicks_as_negatives,
+            calibration_factor=model.calibration.factor,
+        ),
+    }
+    # A random order's expected loss is 0.5; one draw on a small split is noisy, so the
+    # reference is the mean of RANDOM_DRAWS seeded draws.
+    rng = np.random.default_rng(seed)
+    draws = [
+        rank_metrics.weighted_per_user_loss(rng.random(len(p)), *args) for _ in range(RANDOM_DRAWS)
+    ]
+    result["random"] = {"weighted_per_user_loss": float(np.mean(draws)), "draws": RANDOM_DRAWS}
+
+    data_path = Path(data) if data is not None else Path(feats.manifest["data"]["path"])
+    truth = _truth_items(data_path) if data_path.exists() else None
+    if truth is not None and len(p):
+        rows = read_examples(feats, "ranking", split, ["item_id", "ts", "item_shown_before"])
+        rows = rows.slice(0, len(p))  # the scored prefix (shard order, as the loader reads)
+        item = np.asarray(rows.column("item_id").to_numpy(), dtype=np.int64)
+        world = World.load(data_path)
+        oracle = world.expected_watch_time(
+            p.user_id,
+            item,
+            np.asarray(rows.column("ts").to_numpy(), dtype=np.int64),
+            np.nan_to_num(np.asarray(rows.column("item_shown_before").to_numpy())),
+        )
+        result["oracle"] = {
+            "weighted_per_user_loss": rank_metrics.weighted_per_user_loss(oracle, *args),
+            "auc": rank_metrics.auc(oracle, p.label),
+        }
+        ids, clickbait = truth
+        by_id = np.zeros(int(ids.max()) + 1)
+        by_id[ids] = clickbait
+        threshold = float(np.quantile(clickbait, CLICKBAIT_QUANTILE))
+        high = by_id[item] >= threshold
+        result["clickbait"] = {
+            "definition": f"item clickbait >= the world's {CLICKBAIT_QUANTILE:.0%} quantile "
+            f"({threshold:.3f}); share among each user's top {top_k} impressions of the split",
+            "top_k": top_k,
+            "model_top_k_share": rank_metrics.top_k_share(p.logit, p.user_id, high, top_k),
+            "oracle_top_k_share": rank_metrics.top_k_share(oracle, p.user_id, high, top_k),
+            "shown_share": float(high.mean()),
+        }
+    result["protocol"] = {
+        "artifact": str(art),
+        "features": str(feats.path),
+        "data_fingerprint": feats.fingerprint,
+        "split_kind": feats.split,
+        "split": split,
+        "impressions_scored": len(p),
+        "impressions_in_split": feats.num_examples("ranking", split),
+        "tower": tower_name(cfg.tower),
+        "objective": cfg.objective,
+        "power_features": cfg.power_features,
+        "watch_time_unit": cfg.watch_time_unit,
+        "pairs": "clicked x unclicked impressions of one (user_id, request_id) page; "
+        "ties count half",
+        "calibration": "predicted = c * exp(logit) * watch_time_unit vs observed seconds per "
+        "impression, deciles of prediction; calibration_raw: the same with c = 1",
+        "calibration_fit": model.calibration.to_dict(),
+    }
+    if math.isnan(result["model"]["weighted_per_user_loss"]):
+        console.print(
+            f"[yellow]warning:[/] the {split} split has no page with both a clicked and an "
+            "unclicked impression; the weighted per-user loss is undefined"
+        )
+    write_json_atomic(Path(out) if out is not None else art / "metrics.json", result)
+    return result
+
+
+def with_overrides(cfg: RankerTrainConfig, **model: Any) -> RankerTrainConfig:
+    """`cfg` with some RankingConfig fields replaced (for experiment scripts)."""
+    return replace(cfg, model=replace(cfg.model, **model))

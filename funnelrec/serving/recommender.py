@@ -1,0 +1,556 @@
+"""The funnel end to end for one request: user -> candidates -> ranking -> response (SPEC 1).
+
+    rec = Recommender.load(ART)                     # an artifact from `funnelrec package`
+    rec.seed_state(store)                           # once: the data's latest user state
+    resp = rec.recommend(RecommendRequest(user_id=7, k=10), store.context(7))
+    resp.items[0].item_id, resp.items[0].expected_watch_time, resp.items[0].sources
+    resp.timings_ms                                 # per stage, and "total"
+
+A request goes through these stages (the keys of `Response.timings_ms`):
+
+context     the user's events and demographics at request time. History and queries come
+            from the live store's context, or from the request itself (an explicit
+            context: the request's lists replace the stored ones). Demographics: the
+            request's fields, else the user's stored ones from the data set. Request
+            time: the end of the data's window ("now" of the packaged models: the latest
+            timestamp in the data), or the user's latest event when live events are later,
+            plus one second (features count events strictly before the request, as in
+            training). Explicit histories and queries have no times: they are taken as
+            done in order, `explicit_gap_s` apart, ending just before the request.
+candidates_deep     the candidate model's user vector (example age 0, SPEC 2.1) searched
+            in the ANN index over item embeddings: the main source, `deep_k` items
+candidates_fresh    "fresh and popular now": recent watch counts boosted for new uploads
+candidates_cowatch  "co-watched with the last watch": items watched right after it
+merge       union of the sources' items; each keeps every source that nominated it and
+            that source's score (the scores are not comparable across sources, SPEC 1)
+features    the ranking features of every candidate, by the training code itself
+            (`serving_features`): churn (times already shown), time since the user last
+            watched the topic, the user's watches of the channel, item age, duration, ...
+ranking     the ranker's expected watch time exp(logit) (SPEC 3); best first, already
+            watched items dropped when `exclude_watched`, the top k returned
+total       the whole request
+
+Unknown users never get an error: with demographics the deep model still runs (empty
+history), and with nothing at all only the fresh-and-popular source nominates.
+
+Artifact layout (written by `package.package`; every part is checked against the others
+when loading, a mismatch raises ArtifactError):
+
+    ART/manifest.json               format version, data fingerprint, the artifact's own
+                                    fingerprint, versions, parts, sizes of every file
+    ART/features/                   features.json + transforms/ (no example shards)
+    ART/candidates/                 candidate model, item embeddings, index/ (ANN)
+    ART/ranker/                     ranking model
+    ART/sources/fresh, cowatch/     the other candidate sources, fitted on the training split
+    ART/items.parquet               item metadata + each item's watch count in the data
+    ART/users.parquet               users' demographics
+    ART/state/{watches,searches,impressions}.parquet   the live store's seed: each user's
+                                    last watches and queries, impression counts
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from funnelrec import __version__
+from funnelrec.ann.index import ItemIndex
+from funnelrec.baselines import CoWatch, Popularity, load_baseline
+from funnelrec.candidates import (
+    CandidateInputs,
+    check_features,
+    load_candidate_model,
+    load_item_embeddings,
+    read_candidate_config,
+)
+from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.features import Demographics, Features
+from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
+from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
+from funnelrec.serving.state import UserContext, UserStateStore
+
+__all__ = [
+    "Demographics",
+    "RecommendRequest",
+    "RecommendedItem",
+    "Recommender",
+    "Response",
+    "ServingConfig",
+]
+
+ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_KIND = "funnelrec-recommender"
+MANIFEST = "manifest.json"
+FEATURES_DIR = "features"
+CANDIDATES_DIR = "candidates"
+INDEX_DIR = "candidates/index"
+RANKER_DIR = "ranker"
+FRESH_DIR = "sources/fresh"
+COWATCH_DIR = "sources/cowatch"
+ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
+STATE_DIR = "state"
+STATE_TABLES = ("watches", "searches", "impressions")
+
+# Candidate source names, as they appear in responses and timings. When the ranker was
+# trained with the nominating source as a feature, an item nominated by several sources
+# is presented as coming from the first of them in this order.
+DEEP, COWATCH, FRESH = "deep", "cowatch", "fresh"
+SOURCES = (DEEP, COWATCH, FRESH)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How many candidates each source nominates, and the explicit-context clock.
+
+    deep_k:         items from the ANN search (SPEC 1: "a few hundred") [300]
+    fresh_k:        items from "fresh and popular now" [50]
+    cowatch_k:      items from "co-watched with the last watch" [50]
+    explicit_gap_s: seconds between the watches (queries) of an explicit history [60]
+    A source is asked for at least k items when it is the only one.
+    """
+
+    deep_k: int = 300
+    fresh_k: int = 50
+    cowatch_k: int = 50
+    explicit_gap_s: int = 60
+
+    def __post_init__(self) -> None:
+        for name in ("deep_k", "fresh_k", "cowatch_k"):
+            if getattr(self, name) < 0:
+                raise FunnelrecError(f"serving config: {name} must be >= 0")
+        if self.explicit_gap_s < 1:
+            raise FunnelrecError("serving config: explicit_gap_s must be >= 1")
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """One recommendation request: a user id and/or an explicit context.
+
+    history: dataset item ids, oldest first (replaces the stored history when given)
+    queries: search queries, oldest first (replace the stored ones when given)
+    demographics: override the user's stored demographics field by field
+    k: items to return; exclude_watched: leave out items in the user's history
+    """
+
+    user_id: int | None = None
+    history: list[int] | None = None
+    queries: list[str] | None = None
+    demographics: Demographics | None = None
+    k: int = 10
+    exclude_watched: bool = True
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    """item_id: dataset item id; expected_watch_time: seconds (exp(score) x unit);
+    score: the ranker's logit; sources: source name -> that source's own score."""
+
+    item_id: int
+    expected_watch_time: float
+    score: float
+    sources: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id,
+            "expected_watch_time": _finite(self.expected_watch_time),
+            "score": _finite(self.score),
+            "sources": {k: _finite(v) for k, v in self.sources.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Response:
+    """Items best first, milliseconds per stage, and what the request was built from.
+
+    info: user_id, known_user, history / queries used (counts), demographics
+    ("request", "stored", "request+stored" or "none"), request_ts, candidates per source,
+    ranked (distinct candidates the ranker scored).
+    """
+
+    items: list[RecommendedItem]
+    timings_ms: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "items": [it.to_dict() for it in self.items],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            **self.info,
+        }
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class _Context:
+    events: UserEvents
+    demographics: Demographics | None
+    demographics_from: str
+    known_user: bool
+    ts: int
+
+    @property
+    def has_signal(self) -> bool:
+        d = self.demographics
+        has_demo = d is not None and any(v is not None for v in asdict(d).values())
+        return bool(self.events.history) or bool(self.events.queries) or has_demo
+
+
+class Recommender:
+    """A loaded artifact: the whole funnel, ready to answer `recommend` (thread-safe).
+
+    Attributes: path, manifest, fingerprint (the artifact's identity: changes with any
+    part), data_fingerprint (the training data's), version (funnelrec version that built
+    it), now (the request time: the end of the data's window), config (ServingConfig).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], config: ServingConfig) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.config = config
+        self.fingerprint = str(manifest["fingerprint"])
+        self.data_fingerprint = str(manifest["data"]["fingerprint"])
+        self.version = str(manifest["funnelrec_version"])
+        self.now = int(manifest["data"]["now"])
+        self._load_parts()
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, art: Path | str, *, config: ServingConfig | None = None) -> Recommender:
+        """Open artifact `art`; raises ArtifactError when it is broken or its parts disagree.
+
+        config: the serving knobs (default: those packaged in the manifest).
+        """
+        path = Path(art)
+        manifest = read_manifest(path)
+        try:
+            cfg = config or ServingConfig(**manifest.get("serving", {}))
+            return cls(path, manifest, cfg)
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, OSError, pa.ArrowException) as e:
+            raise ArtifactError(f"{path}: broken artifact ({type(e).__name__}: {e})") from None
+
+    def _load_parts(self) -> None:
+        path, fp = self.path, self.data_fingerprint
+        feats = Features.open(path / FEATURES_DIR)
+        if feats.fingerprint != fp:
+            raise ArtifactError(
+                f"{path / FEATURES_DIR}: features of data {feats.fingerprint}, "
+                f"the artifact is of data {fp}"
+            )
+        self.features = feats
+
+        cand_dir = path / CANDIDATES_DIR
+        cand_meta = read_candidate_config(cand_dir)
+        check_features(cand_meta, feats, cand_dir)
+        self.candidate_model = load_candidate_model(cand_dir)
+        if self.candidate_model.inputs != CandidateInputs.from_features(feats):
+            raise ArtifactError(f"{cand_dir}: its input sizes differ from the features'")
+        emb, item_ids = load_item_embeddings(cand_dir)
+        self.index = ItemIndex.load(
+            path / INDEX_DIR,
+            expected_dim=int(emb.shape[1]),
+            expected_item_ids=item_ids.numpy(),
+        )
+
+        rank_dir = path / RANKER_DIR
+        rank_meta = read_ranker_config(rank_dir)
+        if rank_meta.get("data", {}).get("fingerprint") != fp:
+            raise ArtifactError(
+                f"{rank_dir} was trained on data {rank_meta.get('data', {}).get('fingerprint')}, "
+                f"the artifact is of data {fp}"
+            )
+        spec = RankingFeatureSpec.from_dict(feats.ranking_spec).to_dict()
+        if rank_meta.get("spec") != spec:
+            raise ArtifactError(f"{rank_dir}: its feature spec differs from the features'")
+        self.ranker = load_ranker(rank_dir)
+
+        items = pq.read_table(path / ITEMS_FILE)
+        self.items = ServingItems.from_table(items)
+        self._items_table = items.drop_columns(["watches"])
+        self._item_row = np.full(self.items.num_items + 1, -1, dtype=np.int64)
+        self._item_row[np.asarray(items.column("item_id").to_numpy())] = np.arange(items.num_rows)
+        n = self.items.num_items
+        if int(item_ids.max()) > n or not self.items.known[item_ids.numpy()].all():
+            raise ArtifactError(f"{cand_dir}: its item embeddings name items not in {ITEMS_FILE}")
+
+        fresh = load_baseline(path / FRESH_DIR)
+        cowatch = load_baseline(path / COWATCH_DIR)
+        if not isinstance(fresh, Popularity) or fresh.cfg.fresh_half_life_s is None:
+            raise ArtifactError(f"{path / FRESH_DIR}: not a fresh-and-popular source")
+        if not isinstance(cowatch, CoWatch):
+            raise ArtifactError(f"{path / COWATCH_DIR}: not a co-watch source")
+        for name, model in ((FRESH_DIR, fresh), (COWATCH_DIR, cowatch)):
+            if model.num_items != n:
+                raise ArtifactError(
+                    f"{path / name}: fitted for {model.num_items} items, the corpus has {n}"
+                )
+        self.fresh, self.cowatch = fresh, cowatch
+
+        users = pq.read_table(path / USERS_FILE)
+        ids = np.asarray(users.column("user_id").to_numpy(), dtype=np.int64)
+        self._users = users
+        self._user_row = np.full(int(ids.max()) + 1 if ids.size else 1, -1, dtype=np.int64)
+        self._user_row[ids] = np.arange(len(ids))
+        self.featurizer = RankingFeaturizer(feats, self.items)
+
+    # ---------------------------------------------------------------- lookups
+
+    def has_item(self, item_id: int) -> bool:
+        """Whether `item_id` (a dataset item id) is in the corpus."""
+        return 0 < item_id <= self.items.num_items and bool(self.items.known[item_id])
+
+    def item_metadata(self, item_id: int) -> dict[str, Any] | None:
+        """item_id, raw_id, title, topic, channel_id, upload_ts, duration_s ... where known."""
+        if not self.has_item(item_id):
+            return None
+        row = self._items_table.slice(int(self._item_row[item_id]), 1).to_pylist()[0]
+        return {k: v for k, v in row.items() if v is not None}
+
+    def user_demographics(self, user_id: int) -> Demographics | None:
+        """The user's demographics in the data set (None: an unknown user)."""
+        if not 0 < user_id < len(self._user_row) or self._user_row[user_id] < 0:
+            return None
+        row = self._users.slice(int(self._user_row[user_id]), 1).to_pylist()[0]
+        age = row.get("age")
+        return Demographics(
+            age=None if age is None or math.isnan(age) else float(age),
+            gender=row.get("gender"),
+            region=row.get("region"),
+            device=row.get("device"),
+            logged_in=row.get("logged_in"),
+        )
+
+    # ---------------------------------------------------------------- live state
+
+    def seed_state(self, store: UserStateStore) -> None:
+        """Seed the live store with the packaged latest state (once per data set).
+
+        A no-op when the store was seeded from the same data; ArtifactError when it holds
+        another data set's state.
+        """
+        seeded = store.meta("seeded_from")
+        if seeded == self.data_fingerprint:
+            return
+        self.check_compatible_state(store)
+        state = self.path / STATE_DIR
+        tables = {name: pq.read_table(state / f"{name}.parquet") for name in STATE_TABLES}
+        store.seed(
+            tables["watches"],
+            tables["searches"],
+            tables["impressions"],
+            fingerprint=self.data_fingerprint,
+        )
+
+    def check_compatible_state(self, store: UserStateStore) -> None:
+        """Raise ArtifactError when `store` was seeded from other data than this artifact's."""
+        seeded = store.meta("seeded_from")
+        if seeded is not None and seeded != self.data_fingerprint:
+            raise ArtifactError(
+                f"{store.path}: the live state was seeded from data {seeded}, the artifact "
+                f"{self.path} is of data {self.data_fingerprint}"
+            )
+
+    # ---------------------------------------------------------------- serving
+
+    def recommend(self, req: RecommendRequest, ctx: UserContext | None = None) -> Response:
+        """The top `req.k` items for a request (see the module docstring for the stages).
+
+        ctx: the user's live state (`UserStateStore.context`), None for none.
+        Raises FunnelrecError for an invalid request (k < 1, unknown item ids in history).
+        """
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        if req.k < 1:
+            raise FunnelrecError(f"k: must be at least 1, got {req.k}")
+        t = time.perf_counter()
+        user = self._context(req, ctx)
+        history = np.asarray(user.events.history, dtype=np.int64)
+        watched = np.unique(history) if req.exclude_watched else None
+        # The candidate model's input (also the user's region and device vocabulary ids,
+        # which the ranker reads too): the same transforms as the training examples'.
+        cand_batch = self.features.candidate_batch(
+            [list(user.events.history)], [list(user.events.queries)], [user.demographics]
+        )
+        region, device = int(cand_batch.region[0]), int(cand_batch.device[0])
+        timings["context"] = _ms(t)
+        nominated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        t = time.perf_counter()
+        if user.has_signal and self.config.deep_k > 0:
+            with torch.no_grad():
+                u = self.candidate_model(cand_batch).float().numpy()
+            k_deep = min(max(self.config.deep_k, req.k), self.index.count)
+            ids, scores = self.index.search(u[0], k_deep, exclude=watched)
+            keep = ids >= 0
+            nominated[DEEP] = (ids[keep], scores[keep])
+        timings["candidates_deep"] = _ms(t)
+
+        t = time.perf_counter()
+        k_fresh = self.config.fresh_k if DEEP in nominated else max(self.config.fresh_k, req.k)
+        if k_fresh > 0:
+            nominated[FRESH] = self.fresh.top_k(history, k_fresh, exclude=watched)
+        timings["candidates_fresh"] = _ms(t)
+
+        t = time.perf_counter()
+        if history.size and self.config.cowatch_k > 0:
+            nominated[COWATCH] = self.cowatch.top_k(history, self.config.cowatch_k, exclude=watched)
+        timings["candidates_cowatch"] = _ms(t)
+
+        t = time.perf_counter()
+        present = [s for s in SOURCES if s in nominated]
+        all_ids = np.concatenate([nominated[s][0] for s in present] or [np.zeros(0, np.int64)])
+        all_scores = np.concatenate(
+            [np.asarray(nominated[s][1], np.float64) for s in present] or [np.zeros(0)]
+        )
+        all_src = np.repeat(np.arange(len(present)), [len(nominated[s][0]) for s in present])
+        if watched is not None:
+            keep = ~np.isin(all_ids, watched)
+            all_ids, all_scores, all_src = all_ids[keep], all_scores[keep], all_src[keep]
+        # First nomination of each item, in SOURCES order: its primary source and score.
+        _, first = np.unique(all_ids, return_index=True)
+        first = np.sort(first)
+        cand = all_ids[first].astype(np.int64)
+        primary = [present[i] for i in all_src[first]]
+        timings["merge"] = _ms(t)
+
+        items: list[RecommendedItem] = []
+        t = time.perf_counter()
+        batch = None
+        if len(cand):
+            batch = self.featurizer.batch(
+                user.events,
+                cand,
+                user.ts,
+                region=region,
+                device=device,
+                sources=primary,
+                scores=all_scores[first],
+            )
+        timings["features"] = _ms(t)
+
+        t = time.perf_counter()
+        if batch is not None:
+            with torch.no_grad():
+                logit = self.ranker(batch).double().numpy()
+            # calibrated seconds (the ranker's validation factor): the order is exp(logit)'s
+            ewt = self.ranker.seconds_from_logits(logit)
+            order = np.lexsort((cand, -ewt))[: req.k]  # ties: smaller item id first
+            by_source = {
+                s: dict(zip(nominated[s][0].tolist(), nominated[s][1].tolist(), strict=True))
+                for s in present
+            }
+            for i in order:
+                item = int(cand[i])
+                sources = {s: float(by_source[s][item]) for s in present if item in by_source[s]}
+                items.append(RecommendedItem(item, float(ewt[i]), float(logit[i]), sources))
+        timings["ranking"] = _ms(t)
+        timings["total"] = _ms(t_start)
+        info = {
+            "user_id": req.user_id,
+            "known_user": user.known_user,
+            "history": len(user.events.history),
+            "queries": len(user.events.queries),
+            "demographics": user.demographics_from,
+            "request_ts": user.ts,
+            "candidates": {s: len(nominated[s][0]) for s in SOURCES if s in nominated},
+            "ranked": len(cand),
+        }
+        return Response(items=items, timings_ms=timings, info=info)
+
+    def _context(self, req: RecommendRequest, ctx: UserContext | None) -> _Context:
+        gap = self.config.explicit_gap_s
+        if req.history is not None:
+            for i, x in enumerate(req.history):
+                if not self.has_item(int(x)):
+                    raise FunnelrecError(f"history[{i}]: unknown item id {x}")
+        history: list[int] = []
+        history_ts: list[int] = []
+        if req.history is None and ctx is not None:
+            # Stored events were validated when they arrived; an item the corpus lacks
+            # (state of another model) is left out rather than failing the request.
+            pairs = [(i, s) for i, s in zip(ctx.history, ctx.history_ts, strict=True)]
+            pairs = [(i, s) for i, s in pairs if self.has_item(i)]
+            history, history_ts = [i for i, _ in pairs], [s for _, s in pairs]
+        queries: list[str] = []
+        queries_ts: list[int] = []
+        if req.queries is None and ctx is not None:
+            queries, queries_ts = list(ctx.queries), list(ctx.queries_ts)
+        latest = max([self.now, *history_ts, *queries_ts])
+        if ctx is not None and ctx.last_ts is not None:
+            latest = max(latest, ctx.last_ts)
+        ts = latest + 1
+        if req.history is not None:
+            history = [int(x) for x in req.history]
+            history_ts = [ts - gap * (len(history) - j) for j in range(len(history))]
+        if req.queries is not None:
+            queries = [str(q) for q in req.queries]
+            queries_ts = [ts - gap * (len(queries) - j) for j in range(len(queries))]
+
+        stored = self.user_demographics(req.user_id) if req.user_id is not None else None
+        given = req.demographics
+        demo: Demographics | None
+        if given is not None and any(v is not None for v in asdict(given).values()):
+            changes = {k: v for k, v in asdict(given).items() if v is not None}
+            demo = replace(stored, **changes) if stored is not None else given
+            demo_from = "request+stored" if stored is not None else "request"
+        else:
+            demo, demo_from = stored, "stored" if stored is not None else "none"
+        known = stored is not None or (ctx is not None and bool(ctx.history or ctx.queries))
+        # Times shown and when last shown: the churn features (SPEC 3), exact as in training.
+        shown = dict(ctx.shown) if ctx is not None else {}
+        shown_ts = dict(ctx.shown_ts) if ctx is not None else {}
+        events = UserEvents(history, history_ts, queries, queries_ts, shown, shown_ts)
+        return _Context(events, demo, demo_from, known, ts)
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json of an artifact, checked for kind, format version and its files."""
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such artifact directory")
+    try:
+        manifest: dict[str, Any] = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{path}: not a recommender artifact (no {MANIFEST}; build one with "
+            "`funnelrec package`)"
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{file}: unreadable ({e})") from None
+    if manifest.get("kind") != ARTIFACT_KIND:
+        raise ArtifactError(f"{file}: not a recommender artifact (kind {manifest.get('kind')!r})")
+    if manifest.get("format_version") != ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{file}: artifact format version {manifest.get('format_version')}, this "
+            f"funnelrec {__version__} reads {ARTIFACT_FORMAT_VERSION}"
+        )
+    for rel, size in dict(manifest.get("files", {})).items():
+        p = path / rel
+        if not p.is_file():
+            raise ArtifactError(f"{path}: {rel} is missing")
+        if p.stat().st_size != size:
+            raise ArtifactError(
+                f"{path}: {rel} has {p.stat().st_size} bytes, the manifest says {size} "
+                "(a part was replaced after packaging)"
+            )
+    return manifest

@@ -1,0 +1,632 @@
+"""One training loop for any model with `compute_loss(batch) -> scalar` (both stages).
+
+    seed_everything(cfg.seed)                      # before building the model
+    model = CandidateModel(...)
+    result = train(model, loader_epochs(loader), cfg,
+                   steps_per_epoch=len(loader), checkpoint=Path("ART.checkpoint.pt"),
+                   evaluate=lambda m: recall_at_k(m))   # higher is better; optional
+
+What it does, in order, every step: move the batch to the device, loss.backward(), clip
+the global gradient norm, step the optimizers. AdamW (or Adagrad) for dense parameters;
+parameters a model lists in `sparse_parameters()` (large embedding tables with sparse
+gradients) get lazy Adam (`sparse_adam.RowSparseAdam`: SparseAdam's update, faster),
+which only touches the rows a batch used.
+
+Checkpoints (every `checkpoint_every` steps, and on Ctrl-C after the step in flight)
+hold the model and optimizer state dicts, every RNG state, the position in the data
+(epoch, batch) and the early-stopping state, written atomically with `torch.save` and
+read with `weights_only=True`. `resume=True` restores all of it, so the run continues to
+the same weights as an uninterrupted one (bit-exact on the CPU, tested), given that the
+batches of an epoch depend only on the epoch (`loader_epochs` of a seeded loader).
+
+Early stopping: `evaluate(model)` runs at the end of each epoch (or every `eval_every`
+steps); after `patience` evaluations without improvement training stops, and the best
+weights are restored.
+
+Data-parallel (`dist=distributed.setup(device)` in each process torchrun starts): every
+rank trains a replica on its own batches (`batch_size` / N examples each), gradients are
+averaged over ranks before clipping (`distributed.sync_gradients`: dense ones all-reduced,
+sparse tables' touched rows all-gathered), so all replicas take the same step. The loss
+and the Ctrl-C request are agreed on in the same exchange; `evaluate` must return the same
+number on every rank (reduce it, e.g. `Distributed.all_reduce_sums`). Only rank 0 writes
+checkpoints; they hold every rank's RNG state, and resuming needs the same number of ranks.
+
+    torchrun --standalone --nproc-per-node 2 -m funnelrec.cli.worker candidates -f FEAT -o ART
+    python -m funnelrec.cli.worker candidates -f FEAT -o ART --device cuda    # one process
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import io
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.progress import progress_bar
+from funnelrec.training.distributed import Distributed, rank_seed, sync_gradients
+from funnelrec.training.sparse_adam import RowSparseAdam
+
+CHECKPOINT_FORMAT = 1
+
+# Config fields that may change between an interrupted run and its resumption: they
+# do not change what a step computes (more epochs or steps extend the same run).
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "max_steps", "checkpoint_every", "threads", "num_workers", "progress_every"}
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (shared by both stages). Defaults in brackets where they are choices.
+
+    optimizer:        "adamw" (dense) + lazy Adam (sparse tables), or "adagrad" (all)
+    lr:               learning rate [1e-3]
+    sparse_lr:        learning rate of the sparse tables; None = lr
+    weight_decay:     decoupled weight decay of dense parameters (never embeddings' rows)
+    grad_clip:        max global gradient norm; 0 = no clipping
+    batch_size:       examples per step, over all processes of a data-parallel run
+    epochs:           passes over the training examples
+    max_steps:        stop after this many steps in total (None = epochs decide)
+    seed:             seeds torch, numpy and random; with the loader's seed, the whole run
+    threads:          torch intra-op threads (None = torch's default)
+    device:           "cpu" or "cuda" (under torchrun: each process's own GPU)
+    checkpoint_every: steps between checkpoints (0 = only on Ctrl-C)
+    eval_every:       steps between evaluations (0 = at the end of each epoch)
+    patience:         evaluations without improvement before stopping (0 = never stop)
+    restore_best:     load the best evaluated weights at the end
+    num_workers:      loader processes
+    """
+
+    optimizer: Literal["adamw", "adagrad"] = "adamw"
+    lr: float = 1e-3
+    sparse_lr: float | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 1024
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    checkpoint_every: int = 1000
+    eval_every: int = 0
+    patience: int = 0
+    restore_best: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise FunnelrecError(f"train config: lr must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise FunnelrecError("train config: batch_size and epochs must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise FunnelrecError(f"train config: max_steps must be >= 1, got {self.max_steps}")
+        if self.grad_clip < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
+            raise FunnelrecError("train config: grad_clip, checkpoint_every, eval_every >= 0")
+        if self.patience < 0:
+            raise FunnelrecError(f"train config: patience must be >= 0, got {self.patience}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise FunnelrecError(
+                f"train config: device must be cpu, cuda or cuda:N, got {self.device!r}"
+            ) from None
+
+
+class TrainingInterrupted(FunnelrecError):
+    """Ctrl-C during training: the checkpoint (if any) holds the last completed step."""
+
+
+@dataclass
+class TrainResult:
+    """What happened. history: (step, metric) of each evaluation. Counts are over all
+    ranks; comm_*: this rank's gradient exchange in this call (0 on one process)."""
+
+    steps: int
+    epochs: int
+    examples: int
+    seconds: float  # of this call (a resumed run: since resuming)
+    examples_per_s: float  # of this call
+    loss: float
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+    history: list[tuple[int, float]] = field(default_factory=list)
+    world_size: int = 1
+    comm_bytes_per_step: float = 0.0
+    comm_seconds: float = 0.0
+
+
+EpochBatches = Callable[[int, int], Iterable[Any]]
+"""(epoch, start) -> that epoch's batches from batch index `start` on."""
+
+
+def loader_epochs(loader: Any) -> EpochBatches:
+    """Adapt a loader with `set_epoch(epoch)` (e.g. `loader.candidate_loader`) or a plain
+    re-iterable of batches to `EpochBatches`. Skipped batches are read and dropped."""
+
+    def epoch_batches(epoch: int, start: int) -> Iterable[Any]:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        return itertools.islice(iter(loader), start, None)
+
+    return epoch_batches
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (call before building the model)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, sparse) trainable parameters: sparse ones are the model's
+    `sparse_parameters()` (tables with sparse gradients), in a fixed order."""
+    sparse_fn = getattr(model, "sparse_parameters", None)
+    sparse: list[nn.Parameter] = list(sparse_fn()) if callable(sparse_fn) else []
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    return dense, sparse
+
+
+def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Optimizers for `model`'s parameters (see the module docstring)."""
+    dense, sparse = split_parameters(model)
+    sparse_lr = config.sparse_lr if config.sparse_lr is not None else config.lr
+    if config.optimizer == "adagrad":
+        groups: list[dict[str, Any]] = [
+            {"params": dense, "weight_decay": config.weight_decay},
+            {"params": sparse, "lr": sparse_lr, "weight_decay": 0.0},
+        ]
+        return [torch.optim.Adagrad([g for g in groups if g["params"]], lr=config.lr)]
+    opts: list[torch.optim.Optimizer] = []
+    if dense:
+        # the fused kernel does one pass over each tensor instead of a dozen (~6x faster
+        # on CPU); it needs floating-point parameters on CPU or CUDA
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in dense)
+        opts.append(
+            torch.optim.AdamW(
+                dense, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
+            )
+        )
+    if sparse:
+        opts.append(RowSparseAdam(sparse, lr=sparse_lr))
+    if not opts:
+        raise FunnelrecError("the model has no trainable parameters")
+    return opts
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Scale all gradients, dense and sparse, so their global L2 norm is <= max_norm.
+
+    Returns the norm before clipping. Sparse gradients are coalesced first (duplicate
+    rows summed) so that their norm is the true one."""
+    grads: list[Tensor] = []
+    # last parameter first: the optimizers then start on the gradients read last, still in
+    # cache (-1.5 to -2 ms per step at the throughput benchmark's shape, in turns)
+    for p in reversed(list(params)):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return float(total)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    # only the training GPU's generator (dropout): asking for every GPU's would start a
+    # CUDA context on each of them, in every process of a multi-GPU run
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if device.type == "cuda" and isinstance(state.get("cuda"), Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a second Ctrl-C while saving: leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `train`, read with weights_only=True (no pickle code)."""
+    try:
+        ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no checkpoint to resume from") from None
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ArtifactError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
+        raise ArtifactError(
+            f"{path}: checkpoint format {ckpt.get('format_version')}, this funnelrec reads "
+            f"{CHECKPOINT_FORMAT}"
+        )
+    return ckpt
+
+
+def _state_copy(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _StopOnSigint:
+    """First Ctrl-C: finish the step in flight, then checkpoint and stop. Second: abort."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class _Position:
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` already trained on
+    step: int = 0
+    examples: int = 0
+    loss: float = math.nan  # running mean of recent losses
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+# glibc hands allocations above a (dynamic) threshold to mmap and returns freed memory
+# at the heap's top to the system, so every training step's fresh gradient buffers
+# (tens of MB for embedding tables) come back as new pages, each zeroed by the kernel on
+# first touch: ~6,000-9,000 page faults and ~10% of a step's time at the throughput
+# benchmark's shape (one thread). Keeping allocations up to KEEP_FREED_BYTES on the heap
+# and not trimming it reuses the pages instead (PyTorch's CPU tuning guide suggests a
+# caching allocator for the same reason).
+KEEP_FREED_BYTES = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc to reuse freed memory (see KEEP_FREED_BYTES); for the whole
+    process, once (finding the C library runs ldconfig, so later calls reuse the answer).
+    False where the C library is not glibc (nothing is changed)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+        and mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES)
+    )
+
+
+def train(
+    model: nn.Module,
+    batches: EpochBatches,
+    config: TrainConfig,
+    *,
+    steps_per_epoch: int | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    description: str = "training",
+    dist: Distributed | None = None,
+) -> TrainResult:
+    """Train `model` in place (see the module docstring).
+
+    batches:         (epoch, start) -> batches; `loader_epochs(loader)` makes one. Under
+                     `dist`, this rank's share of the epoch (its loader's rank/world_size)
+    steps_per_epoch: steps per epoch, for the progress bar's total and ETA
+    checkpoint:      file to checkpoint to (and resume from)
+    evaluate:        validation metric of the model, higher is better (e.g. Recall@K);
+                     under `dist`, called on every rank and must agree across ranks
+    meta:            JSON-able description of what is trained (model and data config); a
+                     resumed checkpoint must carry the same
+    dist:            this process's place in a data-parallel run (None: one process)
+    """
+    if not callable(getattr(model, "compute_loss", None)):
+        raise FunnelrecError(f"{type(model).__name__} has no compute_loss(batch)")
+    if resume and checkpoint is None:
+        raise FunnelrecError("resume needs a checkpoint path")
+    dist = dist or Distributed()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FunnelrecError(f"device {config.device!r}: no CUDA GPU is available here")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model.to(device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    optimizers = build_optimizers(model, config)
+    dense_params, sparse_params = split_parameters(model)
+    pos = _Position()
+    best_state: dict[str, Tensor] | None = None
+    meta_json = json.dumps(meta or {}, sort_keys=True, default=str)
+    if resume:
+        assert checkpoint is not None
+        ckpt = load_checkpoint(checkpoint)
+        _check_resumable(ckpt, config, meta_json, checkpoint)
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != dist.world_size:
+            raise ArtifactError(
+                f"{checkpoint}: checkpoint was made by {saved_world} process(es), this run has "
+                f"{dist.world_size}; resume with the same number (--nproc)"
+            )
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        saved = ckpt["position"]
+        pos = _Position(**{**saved, "history": [(int(s), float(m)) for s, m in saved["history"]]})
+        best_state = ckpt.get("best_model")
+        _set_rng_state(ckpt["rng_ranks"][dist.rank] if dist.enabled else ckpt["rng"], device)
+    else:
+        seed_rng_for_training(config.seed, dist.rank)
+    # replicas must start equal; after a resume they already are (one checkpoint)
+    if not resume:
+        dist.broadcast_module(model)
+
+    def save() -> None:
+        """Called on every rank at the same step: rank 0 writes, the others wait for it."""
+        if checkpoint is None:
+            return
+        rng = _rng_state(device)
+        every_rng = dist.all_gather_objects(rng)
+        if dist.is_main:
+            state = {
+                "format_version": CHECKPOINT_FORMAT,
+                "config": asdict(config),
+                "meta": meta_json,
+                "model": model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "rng": rng,
+                "position": asdict(pos),
+                "best_model": best_state,
+                "world_size": dist.world_size,
+            }
+            if dist.enabled:
+                state["rng_ranks"] = every_rng
+            _save_atomic(state, checkpoint)
+        # a rank that left early (an exception after Ctrl-C) would make torchrun kill
+        # rank 0 mid-write
+        dist.barrier()
+
+    def run_eval() -> bool:
+        """Evaluate; True if training should stop early."""
+        nonlocal best_state
+        if evaluate is None:
+            return False
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # RNG-neutral
+            metric = float(evaluate(model))
+        model.train()
+        pos.history.append((pos.step, metric))
+        if pos.best is None or metric > pos.best:
+            pos.best, pos.best_step, pos.bad_evals = metric, pos.step, 0
+            if config.restore_best:
+                best_state = _state_copy(model)
+        else:
+            pos.bad_evals += 1
+        return config.patience > 0 and pos.bad_evals >= config.patience
+
+    total = None
+    if steps_per_epoch is not None:
+        total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps) if total is not None else config.max_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    t0 = time.perf_counter()
+    examples_before, steps_before = pos.examples, pos.step
+    comm_bytes, comm_s = 0, 0.0
+    rate_t, rate_n, rate = t0, 0, 0.0
+    done = pos.stopped_early or (config.max_steps is not None and pos.step >= config.max_steps)
+    # steps on the bar; the rate is of examples (a step's batch size varies at an epoch's end)
+    fields = "steps  {task.fields[rate]} ex/s  loss {task.fields[loss]}"
+    bar = progress_bar(None, enabled=progress and dist.is_main, fields=fields)
+    with _StopOnSigint() as stop, bar:
+        task = bar.add_task(description, total=total, completed=pos.step, rate="-", loss="-")
+        while not done and pos.epoch < config.epochs:
+            # torch's DataLoader draws a seed from the global RNG when an iterator is made;
+            # a resumed run makes one mid-epoch, so keep that draw off the training stream
+            with torch.random.fork_rng(devices=[]):
+                it: Iterator[Any] = iter(batches(pos.epoch, pos.batch))
+            exhausted = stopping = False
+            while True:
+                if config.max_steps is not None and pos.step >= config.max_steps:
+                    done = True
+                    break
+                batch = None
+                if not exhausted:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        exhausted = True
+                    except Exception:
+                        if not stop.requested:  # else a loader worker died of the same Ctrl-C
+                            raise
+                        exhausted = True
+                # one process: the epoch ends with its batches; several: when every
+                # rank's have (a rank without a batch still joins the exchange)
+                if batch is None and not dist.enabled:
+                    break
+                n = 0 if batch is None else len(batch) if hasattr(batch, "__len__") else 1
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                value = math.nan
+                if batch is not None:
+                    if hasattr(batch, "to"):
+                        batch = batch.to(device)
+                    loss = model.compute_loss(batch)  # type: ignore[operator]
+                    loss.backward()
+                    value = float(loss.detach())
+                stopping = stop.requested
+                if dist.enabled:
+                    tc = time.perf_counter()
+                    sync = sync_gradients(
+                        dense_params, sparse_params, dist, examples=n, loss=value, stop=stopping
+                    )
+                    comm_s += time.perf_counter() - tc
+                    comm_bytes += sync.bytes
+                    # every rank takes the same decisions from here on: the agreed values
+                    n, value, stopping = sync.examples, sync.loss, sync.stop
+                    if n == 0:
+                        break
+                if config.grad_clip > 0:
+                    clip_grad_norm(params, config.grad_clip)
+                for opt in optimizers:
+                    opt.step()
+                if not math.isfinite(value):
+                    raise FunnelrecError(
+                        f"training diverged: loss {value} at step {pos.step + 1} "
+                        "(lower lr or keep grad_clip on)"
+                    )
+                pos.batch += 1
+                pos.step += 1
+                pos.examples += n
+                pos.loss = value if math.isnan(pos.loss) else 0.98 * pos.loss + 0.02 * value
+                rate_n += n
+                now = time.perf_counter()
+                if now - rate_t >= 1.0:
+                    rate, rate_t, rate_n = rate_n / (now - rate_t), now, 0
+                bar.update(task, completed=pos.step, rate=f"{rate:,.0f}", loss=f"{pos.loss:.4f}")
+                if stopping:
+                    break
+                # evaluate before checkpointing, so a checkpoint holds its step's evaluation
+                if config.eval_every and pos.step % config.eval_every == 0 and run_eval():
+                    pos.stopped_early = done = True
+                    break
+                if config.checkpoint_every and pos.step % config.checkpoint_every == 0:
+                    save()
+            if not dist.enabled:
+                stopping = stop.requested
+            if stopping:
+                save()
+                where = f"; checkpoint saved to {checkpoint} (continue with --resume)"
+                raise TrainingInterrupted(
+                    f"interrupted at step {pos.step}" + (where if checkpoint else "")
+                )
+            if done:
+                break
+            if not config.eval_every and run_eval():
+                pos.stopped_early = done = True
+            pos.epoch += 1
+            pos.batch = 0
+    if checkpoint is not None:
+        save()  # the final state: resuming a finished run is a no-op
+    if config.restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    seconds = time.perf_counter() - t0
+    steps = pos.step - steps_before
+    return TrainResult(
+        steps=pos.step,
+        epochs=pos.epoch,
+        examples=pos.examples,
+        seconds=seconds,
+        examples_per_s=(pos.examples - examples_before) / seconds if seconds > 0 else math.nan,
+        loss=pos.loss,
+        best_metric=pos.best,
+        best_step=pos.best_step,
+        stopped_early=pos.stopped_early,
+        history=list(pos.history),
+        world_size=dist.world_size,
+        comm_bytes_per_step=comm_bytes / steps if steps else 0.0,
+        comm_seconds=comm_s,
+    )
+
+
+def seed_rng_for_training(seed: int, rank: int = 0) -> None:
+    """The RNG state a fresh run starts its first step from (negatives, dropout); each
+    rank of a data-parallel run draws its own stream (rank 0's is the 1-process one)."""
+    seed_everything(rank_seed(seed, rank) + 1)  # +1: not the stream the model's init drew from
+
+
+def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, meta: str, path: Path) -> None:
+    saved = ckpt.get("config", {})
+    now = asdict(config)
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        k = changed[0]
+        raise ArtifactError(
+            f"{path}: checkpoint was made with {k}={saved.get(k)!r}, now {k}={now[k]!r}; "
+            "resume with the same training config"
+        )
+    if ckpt.get("meta") != meta:
+        raise ArtifactError(f"{path}: checkpoint was made for another model or data configuration")

@@ -1,0 +1,148 @@
+"""Serving-time ranking features equal the training examples' for the same moment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from funnelrec.data.dataset import Dataset
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.features.build import build_features
+from funnelrec.features.loader import read_examples, read_requests
+from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
+from funnelrec.simulate import generate, preset_config
+
+SOURCES = ("deep", "fresh", "cowatch")
+
+
+def _source(item: np.ndarray) -> list[str]:
+    """A made-up candidate source per item (a function of the id, so serving can redo it)."""
+    return [SOURCES[i % 3] for i in np.asarray(item).tolist()]
+
+
+def _score(item: np.ndarray) -> np.ndarray:
+    return np.asarray(item, dtype=np.float64) * 0.01
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Dataset, Features]]:
+    """Features of one small world, plain and with candidate source and score columns on
+    the impressions (which then become ranking features)."""
+    root = tmp_path_factory.mktemp("serving_features")
+    generate(
+        preset_config("tiny", ["n_users=200", "days=14"]), seed=3, out=root / "data", progress=False
+    )
+    ds = Dataset.open(root / "data")
+    cfg = FeaturesConfig(n_quantiles=100)
+    build_features(ds, root / "plain", split="time", config=cfg, progress=False)
+    imp = ds.table("impressions")
+    item = np.asarray(imp["item_id"].to_numpy())
+    imp = imp.append_column("cand_score", pa.array(_score(item)))
+    imp = imp.append_column("cand_source", pa.array(_source(item)))
+    build_features(ds, root / "cand", split="time", config=cfg, progress=False, impressions=imp)
+    return {
+        "plain": (ds, Features.open(root / "plain")),
+        "cand": (ds, Features.open(root / "cand")),
+    }
+
+
+def _before(table: pa.Table, user: int, ts: int) -> pa.Table:
+    mask = pc.and_(pc.equal(table["user_id"], user), pc.less(table["ts"], ts))
+    return table.filter(mask)
+
+
+@pytest.mark.parametrize(
+    ("kind", "split"), [("plain", "valid"), ("plain", "test"), ("cand", "test")]
+)
+def test_features_of_a_request_equal_the_training_examples(
+    world: dict[str, tuple[Dataset, Features]], kind: str, split: str
+) -> None:
+    ds, feats = world[kind]
+    watches = ds.table("watches", ["user_id", "item_id", "ts"])
+    searches = ds.table("searches", ["user_id", "ts", "query"])
+    impressions = ds.table("impressions", ["user_id", "item_id", "ts"])
+    users = ds.table("users")
+    examples = read_examples(feats, "ranking", split)
+    requests = read_requests(feats, split)
+    w_item = np.asarray(watches["item_id"].to_numpy())
+    w_ts = np.asarray(watches["ts"].to_numpy())
+    items = ServingItems.from_table(ds.table("items"))
+    featurizer = RankingFeaturizer(feats, items)
+    region, device = feats.vocab("region"), feats.vocab("device")
+    checked = 0
+    for r in range(0, requests.num_rows, max(1, requests.num_rows // 25)):
+        req = requests.slice(r, 1).to_pylist()[0]
+        user, ts = req["user_id"], req["ts"]
+        rows = examples.filter(pc.equal(examples["request_index"], r))
+        w = _before(watches, user, ts)
+        w = w.take(pa.array(np.argsort(w["ts"].to_numpy(), kind="stable")))
+        s = _before(searches, user, ts)
+        s = s.take(pa.array(np.argsort(s["ts"].to_numpy(), kind="stable")))
+        shown = (
+            _before(impressions, user, ts)
+            .group_by("item_id")
+            .aggregate([("ts", "count"), ("ts", "max")])
+        )
+        shown_items = shown["item_id"].to_pylist()
+        # "the item's watches by everyone so far": at this request, those before ts
+        featurizer.items.watches = np.bincount(w_item[w_ts < ts], minlength=len(items.known))
+        events = UserEvents(
+            history=w["item_id"].to_pylist(),
+            history_ts=w["ts"].to_pylist(),
+            queries=s["query"].to_pylist(),
+            queries_ts=s["ts"].to_pylist(),
+            shown=dict(zip(shown_items, shown["ts_count"].to_pylist(), strict=True)),
+            shown_ts=dict(zip(shown_items, shown["ts_max"].to_pylist(), strict=True)),
+        )
+        me = users.filter(pc.equal(users["user_id"], user))
+        cand = np.asarray(rows["item_id"].to_numpy())
+        batch = featurizer.batch(
+            events,
+            cand,
+            ts,
+            region=int(region.lookup(me["region"])[0]),
+            device=int(device.lookup(me["device"])[0]),
+            sources=_source(cand),
+            scores=_score(cand),
+        )
+        for name in featurizer.categorical:
+            assert batch.categorical[name].tolist() == rows[name].to_pylist(), name
+        raw = {n: np.asarray(rows[n].to_numpy(), dtype=np.float64) for n in featurizer.raw}
+        want = feats.normalizer("ranking").transform(raw)
+        np.testing.assert_array_equal(batch.dense.numpy(), want)
+        for name in featurizer.bags:
+            ids, offsets = batch.bags[name]
+            assert offsets.tolist() == [len(req[name]) * i for i in range(rows.num_rows)]
+            assert ids[: len(req[name])].tolist() == req[name], name
+        checked += 1
+    assert checked >= 20
+    if kind == "cand":  # the candidate source and score are ranking features here
+        assert "source" in featurizer.categorical and "cand_score" in featurizer.raw
+    else:
+        assert "source" not in featurizer.categorical and "cand_score" not in featurizer.raw
+    # the churn feature is exercised: some impressions had been shown before
+    assert (np.asarray(examples["item_shown_before"].to_numpy()) > 0).any()
+
+
+def test_items_from_table_index_by_item_id(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "item_id": [3, 1],
+            "upload_ts": [100, None],
+            "channel_id": [7, None],
+            "topic": ["cats", "news"],
+            "watches": [4, 2],
+        }
+    )
+    items = ServingItems.from_table(table)
+    assert items.num_items == 3 and items.known.tolist() == [False, True, False, True]
+    assert items.watches.tolist() == [0, 2, 0, 4]
+    assert items.channel is not None and items.channel.tolist() == [0, 0, 0, 7]
+    assert items.upload_ts is not None and np.isnan(items.upload_ts[1])
+    assert items.topic is not None and items.topic.to_pylist() == [None, "news", None, "cats"]
+    local = items.local(np.array([3]))
+    assert local.n == 1 and local.channel is not None and local.channel.tolist() == [0, 7]

@@ -24,6 +24,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check funnelrec tests benchmarks
 	$(VENV)/bin/ruff format --check funnelrec tests benchmarks
 	$(VENV)/bin/mypy funnelrec
+	# The architecture's rules (pyproject.toml, [tool.importlinter]; docs/architecture.md).
+	$(VENV)/bin/lint-imports
 
 test: lint
 	# One BLAS thread: the tests use small matrices, where threads only add overhead.

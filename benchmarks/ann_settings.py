@@ -47,8 +47,7 @@ from ann import (
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.ann import index as ann_module
-from funnelrec.ann.index import IndexParams, ItemIndex
+from funnelrec.ann.index import IndexParams, ItemIndex, SearchOptions
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SETTINGS = (
@@ -109,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if s["scan"] == "faiss" and (nlist, "faiss") not in indexes:
             # the same FAISS index, searched by FAISS alone
             built = indexes[nlist, "kernel"]
-            kernel, ann_module.FAST_SCAN_KERNEL = ann_module.FAST_SCAN_KERNEL, False
-            indexes[nlist, "faiss"] = ItemIndex(built._idmap, "ivfpq_fs", built.params)
-            ann_module.FAST_SCAN_KERNEL = kernel
+            faiss_only = SearchOptions(scan_kernel=False)
+            indexes[nlist, "faiss"] = ItemIndex(
+                built._idmap, "ivfpq_fs", built.params, options=faiss_only
+            )
     scans = {key: index.scan_implementation for key, index in indexes.items()}
     names = [
         f"nlist={s['nlist']:.0f} nprobe={s['nprobe']:.0f} rerank={s['rerank']:g} "

@@ -219,8 +219,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
-            "softmax_row_pass": row_pass(),  # C or torch (funnelrec.kernels.softmax.FUSED_ROWS)
-            "embedding_row_sums": rowsum.level(),  # C or torch (funnelrec.kernels.rowsum.ENABLED)
+            "softmax_row_pass": row_pass(),  # C (the model's c_softmax_rows is on) or torch
+            "embedding_row_sums": rowsum.level(),  # C (c_row_sums is on) or torch
             # other processes on a shared machine: the runs compete with this many
             "load_average_1m_before": load_before,
             "load_average_1m_after": os.getloadavg()[0],

@@ -8,15 +8,16 @@ calibration, and a smoke run on the real KuaiRand sample.
     .venv/bin/python benchmarks/ranking_table.py --features FEAT --rows none,1024-512-256,ctr
     .venv/bin/python benchmarks/ranking_table.py --kuairand-only            # the smoke run only
 
-Every row trains from configs/ranker-<row>.toml with the same step budget (--steps batches
-of the config's 1024 impressions, one shuffled pass order) and the same seed; nothing else
-differs. After training, the calibration factor is fitted on the first --valid-impressions
-validation impressions (whole users; `train_ranker`), and the row is scored on the first
---test-impressions test impressions (whole users; `evaluate_ranker`): weighted per-user loss,
-AUC, GAUC, the share of high-clickbait items (top decile of the world's latent clickbait)
-among each user's top 10, and mean predicted / observed watch time per impression, raw
-(exp(logit)) and calibrated (c * exp(logit)), overall and by decile. The random order and the
-simulator's oracle (order by true expected watch time) are scored on the same impressions.
+Every row trains from configs/ranker.toml with its one change (`ROW_OVERRIDES`), the same
+step budget (--steps batches of the config's 1024 impressions, one shuffled pass order) and
+the same seed; nothing else differs. After training, the calibration factor is fitted on the
+first --valid-impressions validation impressions (whole users; `train_ranker`), and the row
+is scored on the first --test-impressions test impressions (whole users; `evaluate_ranker`):
+weighted per-user loss, AUC, GAUC, the share of high-clickbait items (top decile of the
+world's latent clickbait) among each user's top 10, and mean predicted / observed watch time
+per impression, raw (exp(logit)) and calibrated (c * exp(logit)), overall and by decile. The
+random order and the simulator's oracle (order by true expected watch time) are scored on
+the same impressions.
 
 Artifacts go to --work/<row>; --reuse keeps an artifact trained with the same settings and
 only re-scores it. KuaiRand (--kuairand DIR, default ../shared/data/kuairand-sample; skipped
@@ -75,16 +76,24 @@ CALIBRATION_TARGET = 0.10  # |calibrated mean / observed mean - 1| <= 10%
 console = Console()
 
 
+# What each row changes in configs/ranker.toml (the deepest tower, watch-time weighted).
+ROW_OVERRIDES: dict[str, list[str]] = {
+    **{tower: [f"model.tower={tower}"] for tower in list(ROWS)[:7]},
+    "no-powers": ["model.power_features=false"],
+    "ctr": ["model.objective=ctr"],
+}
+
+
 def row_config(
     row: str, steps: int | None, seed: int, valid_impressions: int | None, extra: list[str]
 ) -> RankerTrainConfig:
-    """configs/ranker-<row>.toml with the benchmark's step budget and seed."""
-    overrides = [f"train.seed={seed}", *extra]
+    """configs/ranker.toml with the row's change, the benchmark's step budget and seed."""
+    overrides = [*ROW_OVERRIDES[row], f"train.seed={seed}", *extra]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     if valid_impressions is not None:
         overrides.append(f"valid_impressions={valid_impressions}")
-    return load_ranker_train_config(CONFIGS / f"ranker-{row}.toml", overrides)
+    return load_ranker_train_config(CONFIGS / "ranker.toml", overrides)
 
 
 def trained_with(art: Path, cfg: RankerTrainConfig, feats: Features) -> bool:

@@ -1,17 +1,29 @@
 """Typed configuration: frozen dataclasses filled from a TOML file plus `key=value` overrides.
 
-    cfg = load_config(TrainConfig, Path("configs/small.toml"), ["lr=0.01", "tower.depth=3"])
+    cfg = load_config(CandidateTrainingConfig, Path("configs/candidates-small.toml"), ["dim=64"])
 
-Values from TOML keep their TOML types; values from overrides are strings parsed by the
-field's annotation (int, float, bool, str, None-able, tuple of those, Literal choices,
-nested dataclasses by dotted keys). Unknown keys and unparseable values raise
-`FunnelrecError` naming the key, so a typo never silently falls back to a default.
+One loader and one set of rules for every stage's config, in the file and on the command
+line alike:
+- defaults first (the dataclass's own, or a given instance such as a preset), then the TOML
+  file, then the overrides in order;
+- sections are dotted keys (`model.dim=64`) or TOML tables (`[model]`); a section given in
+  part keeps the defaults of the keys it leaves out, its parent's where they differ;
+- a key that is no field of the config itself but a field of exactly one of its sections
+  may leave the section out (`dim=64` for `model.dim=64`); a key two sections share must
+  name its section;
+- values from TOML keep their TOML types; override values are parsed by the field's
+  annotation (int, float, bool, str, None-able, tuple of those, Literal choices). A tuple
+  is written `a,b,c`; one of non-negative integers also `1024-512-256` (the ranker's tower
+  widths), and `none` is the empty tuple.
+Unknown keys and unparseable values raise `FunnelrecError` naming the key, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -24,12 +36,29 @@ from funnelrec.errors import FunnelrecError
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build `cls` from defaults, then the TOML file at `path`, then `key=value` overrides."""
-    values: dict[str, Any] = read_toml(path) if path is not None else {}
+def load_config(
+    cls: type[T],
+    path: Path | str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    defaults: T | None = None,
+) -> T:
+    """Build `cls` from `defaults` (an instance; default: the class's own defaults), then
+    the TOML file at `path`, then `key=value` overrides (see the module doc for the rules)."""
+    values: dict[str, Any] = (
+        _as_tree(dataclasses.asdict(defaults))  # type: ignore[call-overload]
+        if defaults is not None
+        else {}
+    )
+    if path is not None:
+        for key, value in read_toml(path).items():
+            if isinstance(value, Mapping):
+                _merge(values.setdefault(key, {}), value, key)
+            else:
+                _set_dotted(values, _resolve(cls, key.split(".")), value)
     for item in overrides:
         key, raw = _split_override(item)
-        _set_dotted(values, key.split("."), raw)
+        _set_dotted(values, _resolve(cls, key.split(".")), raw)
     return from_dict(cls, values)
 
 
@@ -46,11 +75,46 @@ def read_toml(path: Path | str) -> dict[str, Any]:
 
 def apply_overrides(config: T, overrides: Sequence[str]) -> T:
     """`config` (a dataclass instance, e.g. a preset) with `key=value` overrides applied."""
-    values = dataclasses.asdict(config)  # type: ignore[call-overload]
-    for item in overrides:
-        key, raw = _split_override(item)
-        _set_dotted(values, key.split("."), raw)
-    return from_dict(type(config), values)
+    return load_config(type(config), None, overrides, defaults=config)
+
+
+def _sections(cls: Any) -> dict[str, Any]:
+    """The fields of dataclass `cls` that are sections (dataclasses), by name."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+def _resolve(cls: Any, parts: list[str]) -> list[str]:
+    """The full path of a key: a bare key that only one section has goes to that section."""
+    if len(parts) != 1 or parts[0] in {f.name for f in dataclasses.fields(cls)}:
+        return parts
+    owners = [
+        name
+        for name, section in _sections(cls).items()
+        if parts[0] in {f.name for f in dataclasses.fields(section)}
+    ]
+    if len(owners) > 1:
+        spelled = " or ".join(f"{o}.{parts[0]}" for o in owners)
+        raise FunnelrecError(f"config key '{parts[0]}' is in several sections: say {spelled}")
+    return [owners[0], parts[0]] if owners else parts
+
+
+def _as_tree(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _as_tree(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def _merge(base: Any, top: Mapping[str, Any], where: str) -> None:
+    if not isinstance(base, dict):
+        raise FunnelrecError(f"config key '{where}' is not a section")
+    for k, v in top.items():
+        if isinstance(v, Mapping):
+            _merge(base.setdefault(k, {}), v, f"{where}.{k}")
+        else:
+            base[k] = v
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -97,12 +161,16 @@ def _field_default(f: dataclasses.Field[Any]) -> Any:
     return None
 
 
-def _set_dotted(values: dict[str, Any], keys: list[str], raw: str) -> None:
+def _set_dotted(values: dict[str, Any], keys: list[str], raw: Any) -> None:
     for k in keys[:-1]:
         values = values.setdefault(k, {})
         if not isinstance(values, dict):
             raise FunnelrecError(f"config key '{k}' is not a section")
     values[keys[-1]] = raw
+
+
+# Non-negative integers joined by dashes: a tuple written as one name (1024-512-256).
+_DASHED = re.compile(r"\d+(-\d+)+")
 
 
 def _parse_int(text: str) -> int:
@@ -144,14 +212,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}"
         )
     if origin in (tuple, list):
+        inner = args[0] if args else Any
         items = value
         if isinstance(value, str):
             # "none" (or nothing) is the empty list: e.g. a tower with no hidden layer.
             text = "" if value.strip().lower() == "none" else value
+            if inner is int and _DASHED.fullmatch(text.strip()):
+                text = text.replace("-", ",")  # 1024-512-256
             items = [s for s in text.replace("->", ",").split(",") if s.strip()]
         if not isinstance(items, Sequence):
             raise FunnelrecError(f"config key '{key}' must be a list, got {value!r}")
-        inner = args[0] if args else Any
         out = [_coerce(inner, v, key) for v in items]
         return tuple(out) if origin is tuple else out
     if tp is bool:

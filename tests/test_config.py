@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 
-from funnelrec.config import load_config
+from funnelrec.config import apply_overrides, load_config
 from funnelrec.errors import FunnelrecError
 
 
@@ -69,3 +69,50 @@ def test_bad_toml_file(tmp_path: Path) -> None:
         load_config(Cfg, f)
     with pytest.raises(FunnelrecError, match="cannot read config"):
         load_config(Cfg, tmp_path / "missing.toml")
+
+
+@dataclass(frozen=True)
+class Model:
+    dim: int = 8
+    tower: tuple[int, ...] = (4,)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Train:
+    lr: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=lambda: Train(lr=0.5))
+    valid_k: int = 100
+
+
+def test_a_key_one_section_has_may_leave_the_section_out(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text("dim = 16\nvalid_k = 10\n[train]\nseed = 3\n")
+    cfg = load_config(Run, f, ["lr=0.25", "model.seed=2"])
+    assert cfg == Run(model=Model(dim=16, seed=2), train=Train(lr=0.25, seed=3), valid_k=10)
+    # the file's partial [train] section kept the parent's lr default (0.5, not Train's 0.1)
+    assert load_config(Run, f).train == Train(lr=0.5, seed=3)
+    with pytest.raises(FunnelrecError, match=r"several sections: say model.seed or train.seed"):
+        load_config(Run, None, ["seed=1"])
+    with pytest.raises(FunnelrecError, match="unknown config key 'dimm'"):
+        load_config(Run, None, ["dimm=1"])
+
+
+def test_integer_tuples_by_name_and_presets_with_overrides() -> None:
+    assert load_config(Run, None, ["tower=1024-512-256"]).model.tower == (1024, 512, 256)
+    assert load_config(Run, None, ["model.tower=256"]).model.tower == (256,)
+    assert load_config(Run, None, ["model.tower=512,256"]).model.tower == (512, 256)
+    assert load_config(Run, None, ["model.tower=none"]).model.tower == ()
+    with pytest.raises(FunnelrecError, match="must be an integer"):
+        load_config(Run, None, ["model.tower=1024-x"])
+    preset = Run(model=Model(dim=32), valid_k=5)
+    assert apply_overrides(preset, ["lr=1"]) == Run(
+        model=Model(dim=32), train=Train(lr=1.0), valid_k=5
+    )
+    assert load_config(Run, None, ["dim=4"], defaults=preset).model == Model(dim=4)

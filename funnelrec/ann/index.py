@@ -86,21 +86,8 @@ EXACT_MAX_ITEMS = 50_000
 # m is small; rows that exclude more than this use a FAISS id selector, one query at a time.
 OVERFETCH_MAX = 1024
 
-# Random reads of float rows (ivfpq_fs's and hnsw_sq's re-rank, every step of an HNSW
-# search) each miss the TLB with 4 KiB pages: 1M x 128 floats span 131k pages. Backed by
-# 2 MiB pages (Linux: madvise MADV_HUGEPAGE, then MADV_COLLAPSE, ~0.6 s for 512 MB), one
-# ivfpq_fs query at 1M items (nprobe 112, rerank 6) took p50 0.95 ms instead of 1.05-1.09,
-# timed in turns with an index left on small pages. Best effort: elsewhere nothing changes.
-HUGE_PAGES = True
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
-
-# ivfpq_fs searches (without an id selector) through funnelrec's scan kernel
-# (`funnelrec.ann.fastscan`, C) where it is built and supports the index: the same buckets,
-# codes and re-rank as FAISS's fast scan + IndexRefine, in 0.6-0.7x the time per query
-# (1M benchmark, nprobe 112, rerank 6, one thread, in turns: p50 0.63 against 1.07 ms,
-# p99 0.86 against 1.49; docs/ann.md). False: FAISS always (A/B, tests).
-FAST_SCAN_KERNEL = True
 
 # Rows added per call while building: small enough for a live progress bar.
 _ADD_CHUNK = 50_000
@@ -237,6 +224,25 @@ def _as_matrix(x: ArrayLike, what: str) -> np.ndarray:
     return a
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """How this process searches an index; not saved with it (`ServingConfig.index`).
+
+    scan_kernel: ivfpq_fs searches without an id selector through funnelrec's scan kernel
+                 (`fastscan`, C) where it is built and supports the index: the same
+                 buckets, codes and re-rank as FAISS's fast scan + IndexRefine, faster
+                 (measured in docs/ann.md). False: FAISS's own search (A/B runs, tests).
+    huge_pages:  back the arrays searches read at random (the re-rank's float rows, HNSW's
+                 links) with 2 MiB pages where the system allows it (Linux: madvise
+                 MADV_HUGEPAGE, then MADV_COLLAPSE): with 4 KiB pages each such read of a
+                 large index misses the TLB (docs/ann.md). Best effort: elsewhere nothing
+                 changes.
+    """
+
+    scan_kernel: bool = True
+    huge_pages: bool = True
+
+
 class ItemIndex:
     """A FAISS inner-product index over item embeddings, searched by dataset item id.
 
@@ -254,6 +260,7 @@ class ItemIndex:
         threads: int | None = None,
         recall: dict[str, Any] | None = None,
         build_seconds: float | None = None,
+        options: SearchOptions = SearchOptions(),
     ) -> None:
         self._idmap = idmap  # owns the search index and the row -> item id map
         self._index = faiss.downcast_index(idmap.index)
@@ -264,6 +271,7 @@ class ItemIndex:
         self.threads = threads
         self.recall = recall
         self.build_seconds = build_seconds
+        self.options = options
         self._refs: tuple[Any, ...] = ()  # set by `build`: keeps Python wrappers alive
         # FAISS per-call search parameters by (knob, k, rerank); creating one costs ~20 us.
         self._param_cache: dict[tuple[int, int, float], Any] = {}
@@ -285,14 +293,14 @@ class ItemIndex:
         self._dense = bool(np.array_equal(self.item_ids, np.arange(len(self.item_ids))))
         # ivfpq_fs: the scan kernel's copy of the codes, where it can search this index
         self._scan: fastscan.FastScan | None = None
-        if self._fs is not None and FAST_SCAN_KERNEL:
+        if self._fs is not None and options.scan_kernel:
             self._scan = fastscan.FastScan.from_faiss(self._fs, self._floats)
-        if HUGE_PAGES:
+        if options.huge_pages:
             self._advise_huge_pages()
 
     def _advise_huge_pages(self) -> None:
         """Back the arrays searches read at random (float rows, HNSW links) with 2 MiB
-        pages where the system allows it (see HUGE_PAGES)."""
+        pages where the system allows it (see `SearchOptions.huge_pages`)."""
         if self._floats is not None and self._floats.ntotal:
             codes = self._floats.codes
             _huge_pages(int(codes.data()), int(codes.size()))
@@ -333,11 +341,12 @@ class ItemIndex:
         threads: int | None = None,
         progress: bool = False,
         seed: int = 0,
+        options: SearchOptions = SearchOptions(),
     ) -> ItemIndex:
         """Index `embeddings` [N, d] whose row i is item `item_ids[i]` ([N] int64, unique, >= 0).
 
         `kind` None picks `default_kind(N)`. `progress` shows a Rich bar while adding.
-        `seed` fixes the IVF training sample and k-means.
+        `seed` fixes the IVF training sample and k-means. `options`: how it is searched.
         """
         x = _as_matrix(embeddings, "embeddings")
         ids = np.ascontiguousarray(np.asarray(item_ids), dtype=np.int64)
@@ -370,7 +379,8 @@ class ItemIndex:
                 _ivf_of(base).cp.seed = seed
                 idmap.train(sample)
             _add(idmap, x, ids, progress, f"index {kind}")
-        index = cls(idmap, kind, p, threads=threads, build_seconds=time.perf_counter() - start)
+        spent = time.perf_counter() - start
+        index = cls(idmap, kind, p, threads=threads, build_seconds=spent, options=options)
         index._refs = refs
         return index
 
@@ -393,6 +403,7 @@ class ItemIndex:
             p,
             threads=self.threads,
             build_seconds=(self.build_seconds or 0.0) + spent,
+            options=self.options,
         )
         index._refs = refs
         return index
@@ -790,6 +801,7 @@ class ItemIndex:
         expected_item_ids: ArrayLike | None = None,
         expected_item_ids_hash: str | None = None,
         threads: int | None = None,
+        options: SearchOptions = SearchOptions(),
     ) -> ItemIndex:
         """Open an index saved by `save`, refusing one that does not match the model.
 
@@ -852,6 +864,7 @@ class ItemIndex:
             threads=threads,
             recall=meta.get("recall"),
             build_seconds=meta.get("build_seconds"),
+            options=options,
         )
         if index.dim != meta.get("dim") or index.count != meta.get("count"):
             raise ArtifactError(

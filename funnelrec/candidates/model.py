@@ -60,6 +60,11 @@ class CandidateConfig:
                     recency-weighted mean (the k-th latest watch weighs decay ** k)
     history_dropout: in training, each history watch is left out of its bag with this
                     probability (a regulariser for small data sets); never at serving
+    c_row_sums:     the bags and the output table's gather through the C row sums where
+                    they are built (False: torch; the same numbers to rounding, for A/B
+                    runs and tests)
+    c_softmax_rows: the sampled softmax's element-wise pass in C where it is built (False:
+                    torch, likewise)
     """
 
     dim: int = 256
@@ -86,6 +91,8 @@ class CandidateConfig:
     temperature: float = 1.0
     history_decay: float = 1.0
     history_dropout: float = 0.0
+    c_row_sums: bool = True
+    c_softmax_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -162,6 +169,7 @@ def bag_mean(
     offsets: Tensor,
     decay: float = 1.0,
     keep: Tensor | None = None,
+    c_row_sums: bool = True,
 ) -> Tensor:
     """Mean embedding of each bag [B, dim], padding (id 0) left out; an empty bag -> 0.
 
@@ -172,7 +180,7 @@ def bag_mean(
     decay < 1: a recency-weighted mean instead, the k-th id from a bag's end (bags are
     oldest first) weighing decay ** k, the weights of each bag normalised to sum to 1.
     keep: [n] bool, the ids to count (the others are left out like padding; positions
-    from a bag's end still count them)."""
+    from a bag's end still count them). c_row_sums: see `CandidateConfig`."""
     real = (ids != 0).to(table.weight.dtype)
     if keep is not None:
         real = real * keep.to(real.dtype)
@@ -189,7 +197,9 @@ def bag_mean(
     count.index_add_(0, rows, real)
     weights = real / count.clamp(min=1e-12)[rows]
     if ids.device.type == "cpu":  # ~3x faster than EmbeddingBag's backward, or more
-        return weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=table.sparse)
+        return weighted_bag_sum(
+            table.weight, ids, offsets, weights, sparse_grad=table.sparse, c_row_sums=c_row_sums
+        )
     out: Tensor = table(ids, offsets, per_sample_weights=weights)
     return out
 
@@ -280,6 +290,8 @@ class CandidateModel(nn.Module):
             correction=c.logq_correction,
             full=c.loss == "full",
             normalize_items=c.normalize,
+            c_row_sums=c.c_row_sums,
+            c_softmax_rows=c.c_softmax_rows,
         )
 
     def item_embeddings(self) -> Tensor:
@@ -310,11 +322,20 @@ class CandidateModel(nn.Module):
         keep = None
         if self.training and c.history_dropout > 0.0:
             keep = torch.rand(batch.history.shape, device=batch.history.device) >= c.history_dropout
-        parts = [
-            bag_mean(self.item_input, batch.history, batch.history_offsets, c.history_decay, keep)
-        ]
+        history = bag_mean(
+            self.item_input,
+            batch.history,
+            batch.history_offsets,
+            c.history_decay,
+            keep,
+            c_row_sums=c.c_row_sums,
+        )
+        parts = [history]
         if self.token_input is not None:
-            parts.append(bag_mean(self.token_input, batch.search, batch.search_offsets))
+            search = bag_mean(
+                self.token_input, batch.search, batch.search_offsets, c_row_sums=c.c_row_sums
+            )
+            parts.append(search)
         if self.region is not None and self.device_emb is not None:
             if batch.dense.shape[1] != self.inputs.num_dense:
                 raise FunnelrecError(

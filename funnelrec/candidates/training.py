@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from funnelrec.candidates.artifacts import features_meta, save_candidate_artifact
 from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
-from funnelrec.config import from_dict, read_toml
+from funnelrec.config import load_config
 from funnelrec.data.dataset import AtomicDirectory
 from funnelrec.errors import FunnelrecError
 from funnelrec.features.batch import CandidateBatch
@@ -46,41 +46,10 @@ class CandidateTrainingConfig:
 def load_training_config(
     path: Path | str | None = None, overrides: Sequence[str] = ()
 ) -> CandidateTrainingConfig:
-    """Defaults, then a TOML file (sections [model] and [train]), then key=value overrides.
-
-    A key of either section may be given without its section (`dim=64`, `lr=0.01`), in
-    the file or on the command line: the two sections share no field names. Values are
-    checked and parsed by `config.from_dict` (unknown keys are errors)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        raw = read_toml(path)
-        for key, value in raw.items():
-            if isinstance(value, dict):
-                values.setdefault(key, {}).update(value)
-            else:
-                _set(values, key, value)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise FunnelrecError(f"override '{item}' is not of the form key=value")
-        _set(values, key.strip(), value.strip())
-    return from_dict(CandidateTrainingConfig, values)
-
-
-def _set(values: dict[str, Any], key: str, value: Any) -> None:
-    """values[section][key] = value, the section implied by an unqualified key."""
-    parts = key.split(".")
-    if len(parts) == 1:
-        if key in CandidateConfig.__dataclass_fields__:
-            parts = ["model", key]
-        elif key in TrainConfig.__dataclass_fields__:
-            parts = ["train", key]
-    node = values
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise FunnelrecError(f"config key '{p}' is not a section")
-    node[parts[-1]] = value
+    """Defaults, then a TOML file (sections [model] and [train]), then key=value overrides,
+    by `config.load_config`'s rules: a key of either section may leave the section out
+    (`dim=64`, `lr=0.01`), since the two share no field names."""
+    return load_config(CandidateTrainingConfig, path, overrides)
 
 
 def checkpoint_path(out: Path | str) -> Path:

@@ -61,13 +61,20 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 class _WeightedBagSum(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, weight: Tensor, ids: Tensor, offsets: Tensor, per_id: Tensor, sparse_grad: bool
+        ctx: Any,
+        weight: Tensor,
+        ids: Tensor,
+        offsets: Tensor,
+        per_id: Tensor,
+        sparse_grad: bool,
+        c_row_sums: bool,
     ) -> Tensor:
         ctx.shape = tuple(weight.shape)
         ctx.sparse_grad = sparse_grad
+        ctx.c_row_sums = c_row_sums
         weights = per_id.to(weight.dtype)
         ctx.bags = 0  # > 0: the terms by row are saved
-        if rowsum.usable(weight, weights):
+        if c_row_sums and rowsum.usable(weight, weights):
             if not sparse_grad and weight.shape[0] <= 2 * ids.shape[0]:
                 # the ids in order of table row: the forward reads the table once, in
                 # order, and the backward sums each row's terms
@@ -86,13 +93,13 @@ class _WeightedBagSum(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         ids, offsets, per_id, *saved = ctx.saved_tensors
         rows_count, dim = ctx.shape
-        if not ctx.sparse_grad and rowsum.usable(grad_out, per_id):
+        if not ctx.sparse_grad and ctx.c_row_sums and rowsum.usable(grad_out, per_id):
             terms = (
                 rowsum.Terms.of(tuple(saved), ctx.bags)
                 if saved
                 else rowsum.terms_by_row(ids, rows_count, offsets, per_id.to(grad_out.dtype))
             )
-            return rowsum.gradient(terms, grad_out), None, None, None, None
+            return rowsum.gradient(terms, grad_out), None, None, None, None, None
         b, n = offsets.shape[0], ids.shape[0]
         lengths = torch.diff(offsets, append=offsets.new_tensor([n]))
         bag_of = torch.repeat_interleave(torch.arange(b, device=ids.device), lengths)
@@ -122,23 +129,34 @@ class _WeightedBagSum(torch.autograd.Function):
             # into a fresh buffer, beta 0 (its contents ignored): torch.sparse.mm zero-fills
             # its result and then copies it, ~2.5x the time at 10k x 256
             grad = g.new_empty(rows_count, dim).addmm_(st, g, beta=0)  # [V, d]
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def weighted_bag_sum(
-    weight: Tensor, ids: Tensor, offsets: Tensor, per_id: Tensor, *, sparse_grad: bool
+    weight: Tensor,
+    ids: Tensor,
+    offsets: Tensor,
+    per_id: Tensor,
+    *,
+    sparse_grad: bool,
+    c_row_sums: bool = True,
 ) -> Tensor:
     """sum_i per_id[i] * weight[ids[i]] over each bag: [B, d].
 
     weight [V, d]; ids [n] int64 in 0..V-1; offsets [B] int64, non-decreasing starts of
     the bags in `ids` (the first 0); per_id [n] (no gradient flows to it). sparse_grad: the
-    gradient of `weight` as a coalesced sparse tensor of the touched rows.
+    gradient of `weight` as a coalesced sparse tensor of the touched rows. c_row_sums: use
+    the C row sums where they are built (False: the torch path, for A/B runs and tests).
     """
-    out: Tensor = _WeightedBagSum.apply(weight, ids, offsets, per_id.detach(), sparse_grad)
+    out: Tensor = _WeightedBagSum.apply(
+        weight, ids, offsets, per_id.detach(), sparse_grad, c_row_sums
+    )
     return out
 
 
-def mean_bag(weight: Tensor, ids: Tensor, offsets: Tensor, *, sparse_grad: bool) -> Tensor:
+def mean_bag(
+    weight: Tensor, ids: Tensor, offsets: Tensor, *, sparse_grad: bool, c_row_sums: bool = True
+) -> Tensor:
     """Mean embedding of each bag [B, d], padding (id 0) left out, an empty bag -> 0: the
     numbers of `F.embedding_bag(mode="mean", padding_idx=0)`, as CSR products."""
     n = ids.shape[0]
@@ -148,4 +166,6 @@ def mean_bag(weight: Tensor, ids: Tensor, offsets: Tensor, *, sparse_grad: bool)
     count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
     count.index_add_(0, rows, real)
     per_id = real / count.clamp(min=1.0).index_select(0, rows)
-    return weighted_bag_sum(weight, ids, offsets, per_id, sparse_grad=sparse_grad)
+    return weighted_bag_sum(
+        weight, ids, offsets, per_id, sparse_grad=sparse_grad, c_row_sums=c_row_sums
+    )

@@ -31,8 +31,6 @@ from torch import Tensor
 from funnelrec.errors import FunnelrecError
 from funnelrec.kernels import native
 
-# False: torch always (A/B, tests).
-ENABLED = True
 _LIB: Any = native.load("funnelrec.kernels._rowsum")
 if _LIB is not None:
     _p, _i = ctypes.c_void_p, ctypes.c_int64
@@ -45,22 +43,19 @@ if _LIB is not None:
 
 
 def level() -> str:
-    """What sums the rows: "C (AVX-512)" (or AVX2 / portable C), or "torch"."""
-    if not ENABLED or _LIB is None:
+    """What sums the rows where a model asks for the C row sums: "C (AVX-512)" (or AVX2 /
+    portable C), or "torch" where the kernel was not built."""
+    if _LIB is None:
         return "torch"
     return f"C ({native.LEVELS[int(_LIB.rsum_level())]})"
 
 
 def usable(*tensors: Tensor) -> bool:
-    """Whether the kernel can take these tensors: built and on, all on the CPU; float ones
-    float32 (integer ones are converted)."""
-    return (
-        ENABLED
-        and _LIB is not None
-        and all(
-            t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32)
-            for t in tensors
-        )
+    """Whether the kernel can take these tensors: built, all on the CPU; float ones float32
+    (integer ones are converted)."""
+    return _LIB is not None and all(
+        t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32)
+        for t in tensors
     )
 
 

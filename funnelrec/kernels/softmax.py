@@ -121,6 +121,8 @@ class SampledSoftmax(nn.Module):
         correction: bool = True,
         full: bool = False,
         normalize_items: bool = False,
+        c_row_sums: bool = True,
+        c_softmax_rows: bool = True,
     ) -> None:
         super().__init__()
         if num_negatives < 0:
@@ -134,6 +136,9 @@ class SampledSoftmax(nn.Module):
         self.full = bool(full)
         # L2-normalise the item rows a batch uses (cosine scoring; the model normalises u)
         self.normalize_items = bool(normalize_items)
+        # the C kernels where they are built (False: torch, for A/B runs and tests)
+        self.c_row_sums = bool(c_row_sums)
+        self.c_softmax_rows = bool(c_softmax_rows)
         probs = proposal.probs.to(torch.float64)
         cdf = torch.cumsum(probs[1:], 0)
         cdf[-1] = 1.0  # guard against rounding so that a uniform draw < 1 always lands
@@ -180,7 +185,9 @@ class SampledSoftmax(nn.Module):
             if self.normalize_items:
                 pos_v, cand_v = F.normalize(pos_v, dim=1), F.normalize(cand_v, dim=1)
             bias = torch.zeros(ids.shape[0], device=u.device, dtype=u.dtype)
-            return softmax_cross_entropy(u, pos_v, cand_v, bias, labels, ids)
+            return softmax_cross_entropy(
+                u, pos_v, cand_v, bias, labels, ids, c_softmax_rows=self.c_softmax_rows
+            )
         return self.sampled_loss(u, item_weight, labels, self.sample(self.num_negatives), sparse)
 
     def sampled_loss(
@@ -201,7 +208,7 @@ class SampledSoftmax(nn.Module):
             # (_GatherRows' index_add_ is not deterministic on a GPU)
             rows = F.embedding(all_ids, item_weight, sparse=sparse)
         else:
-            rows = _GatherRows.apply(item_weight, all_ids)
+            rows = _GatherRows.apply(item_weight, all_ids, self.c_row_sums)
         if self.normalize_items:
             rows = F.normalize(rows, dim=1)
         pos_v = rows[:b]  # [B, d]
@@ -228,9 +235,11 @@ class SampledSoftmax(nn.Module):
         else:
             bias = torch.zeros(ids.shape[0], device=u.device, dtype=u.dtype)
         if m == 0 and n > 0:  # the candidates are rows[B:]: one gradient for the block
-            out: Tensor = _FusedSoftmaxCERows.apply(u, rows, bias, labels, ids)
+            out: Tensor = _FusedSoftmaxCERows.apply(u, rows, bias, labels, ids, self.c_softmax_rows)
             return out
-        return softmax_cross_entropy(u, pos_v, cand_v, bias, labels, ids)
+        return softmax_cross_entropy(
+            u, pos_v, cand_v, bias, labels, ids, c_softmax_rows=self.c_softmax_rows
+        )
 
 
 # Rows of the [B, C] logits handled at once: chunks of ~CHUNK_ELEMENTS floats keep the
@@ -244,8 +253,7 @@ CHUNK_ELEMENTS = 1 << 22
 # in C, one pass per row while it is in cache (funnelrec/kernels/_rowsoftmax.c), where it is built:
 # torch makes six passes over the chunk, each from memory. Timed in the training step, in
 # turns (benchmarks' issue shape, one thread): see docs/candidates.md.
-# False: torch always (A/B, tests). CPU float32 only.
-FUSED_ROWS = True
+# CPU float32 only; `c_softmax_rows=False` gives torch's passes (A/B runs, tests).
 _ROWS: Any = native.load("funnelrec.kernels._rowsoftmax")
 if _ROWS is not None:
     _ROWS.rs_softmax_rows.argtypes = [
@@ -274,21 +282,16 @@ def _fused_rows(logits: Tensor, bias: Tensor, pos: Tensor) -> tuple[Tensor, Tens
 
 
 def row_pass() -> str:
-    """What runs the element-wise pass over CPU logits: "C (AVX-512)" (or AVX2 / portable
-    C) where the C row pass is built and on, else "torch"."""
-    if not FUSED_ROWS or _ROWS is None:
+    """What runs the element-wise pass over CPU logits where a model asks for the C row
+    pass: "C (AVX-512)" (or AVX2 / portable C), or "torch" where it was not built."""
+    if _ROWS is None:
         return "torch"
     return f"C ({native.LEVELS[int(_ROWS.rs_level())]})"
 
 
 def _can_fuse(*tensors: Tensor) -> bool:
-    return (
-        FUSED_ROWS
-        and _ROWS is not None
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            for t in tensors
-        )
+    return _ROWS is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
     )
 
 
@@ -299,6 +302,8 @@ def softmax_cross_entropy(
     cand_bias: Tensor,
     labels: Tensor,
     cand_ids: Tensor,
+    *,
+    c_softmax_rows: bool = True,
 ) -> Tensor:
     """Mean of -o_pos + log(exp(o_pos) + sum_c exp(u . v_c + bias_c)) over the batch, with
     candidate c masked out of row i when cand_ids[c] == labels[i] (accidental hits).
@@ -306,9 +311,12 @@ def softmax_cross_entropy(
     u [B, d], pos_v [B, d] (the labels' output embeddings), cand_v [C, d] (the shared
     candidates' embeddings), cand_bias [C] (added to their logits: -log expected count),
     labels [B], cand_ids [C]. Gradients flow to u, pos_v and cand_v; the computation is
-    fused over row chunks (see CHUNK_ELEMENTS).
+    fused over row chunks (see CHUNK_ELEMENTS), each chunk's element-wise pass in C where
+    it is built and `c_softmax_rows`.
     """
-    out: Tensor = _FusedSoftmaxCE.apply(u, pos_v, cand_v, cand_bias, labels, cand_ids)
+    out: Tensor = _FusedSoftmaxCE.apply(
+        u, pos_v, cand_v, cand_bias, labels, cand_ids, c_softmax_rows
+    )
     return out
 
 
@@ -335,6 +343,7 @@ def _loss_and_grads(
     labels: Tensor,
     cand_ids: Tensor,
     grads: tuple[Tensor, Tensor, Tensor] | None,
+    c_softmax_rows: bool,
 ) -> Tensor:
     """The mean loss of `softmax_cross_entropy`, in row chunks; with `grads` = (grad_u
     [B, d], grad_pos [B, d], grad_cand [C, d]), its gradients written into them."""
@@ -347,7 +356,7 @@ def _loss_and_grads(
     cand_bias = cand_bias.contiguous()
     # the C row pass adds the bias to each row while it is in cache; torch adds it in the
     # matmul (a broadcast copy of the bias, then the product accumulated onto it)
-    fused = _can_fuse(cand_bias, pos)  # (the logits, from mm, are contiguous)
+    fused = c_softmax_rows and _can_fuse(cand_bias, pos)  # (the logits, from mm, are contiguous)
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     rows = max(1, CHUNK_ELEMENTS // max(c_count, 1))
     if need_grad and b == 0:
@@ -401,17 +410,18 @@ class _FusedSoftmaxCE(torch.autograd.Function):
         cand_bias: Tensor,
         labels: Tensor,
         cand_ids: Tensor,
+        c_softmax_rows: bool,
     ) -> Tensor:
         grads = None
         if any(ctx.needs_input_grad[:3]):
             grads = (torch.empty_like(u), torch.empty_like(pos_v), torch.empty_like(cand_v))
             ctx.save_for_backward(*grads)
-        return _loss_and_grads(u, pos_v, cand_v, cand_bias, labels, cand_ids, grads)
+        return _loss_and_grads(u, pos_v, cand_v, cand_bias, labels, cand_ids, grads, c_softmax_rows)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_u, grad_pos, grad_cand = _scaled(ctx.saved_tensors, grad_out)
-        return grad_u, grad_pos, grad_cand, None, None, None
+        return grad_u, grad_pos, grad_cand, None, None, None, None
 
 
 class _FusedSoftmaxCERows(torch.autograd.Function):
@@ -427,6 +437,7 @@ class _FusedSoftmaxCERows(torch.autograd.Function):
         cand_bias: Tensor,
         labels: Tensor,
         cand_ids: Tensor,
+        c_softmax_rows: bool,
     ) -> Tensor:
         b = u.shape[0]
         grads = None
@@ -434,12 +445,14 @@ class _FusedSoftmaxCERows(torch.autograd.Function):
             grad_u, grad_rows = torch.empty_like(u), torch.empty_like(rows)
             grads = (grad_u, grad_rows[:b], grad_rows[b:])
             ctx.save_for_backward(grad_u, grad_rows)
-        return _loss_and_grads(u, rows[:b], rows[b:], cand_bias, labels, cand_ids, grads)
+        return _loss_and_grads(
+            u, rows[:b], rows[b:], cand_bias, labels, cand_ids, grads, c_softmax_rows
+        )
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_u, grad_rows = _scaled(ctx.saved_tensors, grad_out)
-        return grad_u, grad_rows, None, None, None
+        return grad_u, grad_rows, None, None, None, None
 
 
 def _scaled(grads: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
@@ -459,9 +472,9 @@ class _GatherRows(torch.autograd.Function):
     (5,120 rows of a 10k x 256 table, one thread)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, ids: Tensor, c_row_sums: bool) -> Tensor:
         ctx.rows = weight.shape[0]
-        if rowsum.usable(weight):
+        if c_row_sums and rowsum.usable(weight):
             terms = rowsum.terms_by_row(ids, ctx.rows)
             ctx.save_for_backward(*terms.tensors())
             ctx.sources = terms.sources
@@ -473,9 +486,9 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         if len(saved) > 1:
-            return rowsum.gradient(rowsum.Terms.of(saved, ctx.sources), grad), None
+            return rowsum.gradient(rowsum.Terms.of(saved, ctx.sources), grad), None, None
         out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, saved[0], grad)
-        return out, None
+        return out, None, None
 
 
 def full_softmax_loss(u: Tensor, item_weight: Tensor, labels: Tensor) -> Tensor:

@@ -199,6 +199,8 @@ class RankingConfig:
     sparse:             sparse gradients for embedding tables of >= SPARSE_AUTO_ROWS rows
                         (the training loop gives them lazy Adam); True = all, False = none.
                         None = auto.
+    c_row_sums:         the bags' means through the C row sums where they are built (False:
+                        torch; the same numbers to rounding, for A/B runs and tests).
     """
 
     tower: tuple[int, ...] = (1024, 512, 256)
@@ -207,6 +209,7 @@ class RankingConfig:
     watch_time_unit: float = 1.0
     clicks_as_negatives: bool = False
     sparse: bool | None = None
+    c_row_sums: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tower, str):
@@ -479,7 +482,15 @@ class RankingModel(nn.Module):
             table = self.embeddings[space]
             assert isinstance(table, nn.Embedding)
             if ids.device.type == "cpu" and ids.numel():  # CSR products: faster backward
-                parts.append(mean_bag(table.weight, ids, offsets, sparse_grad=table.sparse))
+                parts.append(
+                    mean_bag(
+                        table.weight,
+                        ids,
+                        offsets,
+                        sparse_grad=table.sparse,
+                        c_row_sums=self.config.c_row_sums,
+                    )
+                )
             else:
                 parts.append(
                     F.embedding_bag(

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 
-from funnelrec.config import from_dict, read_toml
+from funnelrec.config import load_config
 from funnelrec.data.dataset import AtomicDirectory, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features
@@ -44,7 +44,6 @@ from funnelrec.features.loader import ranking_loader, read_examples
 from funnelrec.progress import progress_bar
 from funnelrec.ranking import metrics as rank_metrics
 from funnelrec.ranking.model import (
-    TOWER_PRESETS,
     Calibration,
     RankingConfig,
     RankingFeatureSpec,
@@ -112,42 +111,10 @@ class RankerTrainConfig:
 def load_ranker_train_config(
     path: Path | str | None = None, overrides: Sequence[str] = ()
 ) -> RankerTrainConfig:
-    """Defaults, then the TOML file, then `key=value` overrides (dotted: model.tower=512,256).
-
-    Sections start from RankerTrainConfig's own defaults (not the section class's), so a
-    [train] section that sets lr alone keeps grad_clip = 0. `model.tower=none` (or any
-    name in ranking.TOWER_PRESETS, e.g. 1024-512-256) selects a preset.
-    """
-    values: dict[str, Any] = _as_tree(asdict(RankerTrainConfig()))
-    if path is not None:
-        _merge(values, read_toml(path))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key:
-            raise FunnelrecError(f"override '{item}' is not of the form key=value")
-        if key.split(".")[-1] == "tower" and raw in TOWER_PRESETS:
-            raw = ",".join(str(w) for w in TOWER_PRESETS[raw])
-        node = values
-        parts = key.split(".")
-        for k in parts[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise FunnelrecError(f"config key '{k}' is not a section")
-        node[parts[-1]] = raw
-    return from_dict(RankerTrainConfig, values)
-
-
-def _as_tree(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _as_tree(v) if isinstance(v, Mapping) else v for k, v in d.items()}
-
-
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
-    for k, v in top.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
+    """Defaults, then the TOML file, then `key=value` overrides, by `config.load_config`'s
+    rules (`model.tower=1024-512-256`, `train.epochs=3`). A [train] section that sets lr
+    alone keeps RankerTrainConfig's own train defaults (grad_clip = 0)."""
+    return load_config(RankerTrainConfig, path, overrides)
 
 
 def checkpoint_path(out: Path) -> Path:

@@ -1,4 +1,6 @@
-"""The funnel end to end for one request: user -> candidates -> ranking -> response (SPEC 1).
+"""The funnel end to end for one request: user -> candidates -> ranking -> response.
+
+The two-stage funnel of Covington et al. 2016, section 2.
 
     rec = Recommender.load(ART)                     # an artifact from `funnelrec package`
     rec.seed_state(store)                           # once: the data's latest user state
@@ -17,16 +19,17 @@ context     the user's events and demographics at request time. History and quer
             plus one second (features count events strictly before the request, as in
             training). Explicit histories and queries have no times: they are taken as
             done in order, `explicit_gap_s` apart, ending just before the request.
-candidates_deep     the candidate model's user vector (example age 0, SPEC 2.1) searched
+candidates_deep     the candidate model's user vector (example age 0, paper 3.3) searched
             in the ANN index over item embeddings: the main source, `deep_k` items
 candidates_fresh    "fresh and popular now": recent watch counts boosted for new uploads
 candidates_cowatch  "co-watched with the last watch": items watched right after it
 merge       union of the sources' items; each keeps every source that nominated it and
-            that source's score (the scores are not comparable across sources, SPEC 1)
+            that source's score (the scores are not comparable across sources: ranking
+            is what makes them comparable, paper section 2)
 features    the ranking features of every candidate, by the training code itself
             (`serving_features`): churn (times already shown), time since the user last
             watched the topic, the user's watches of the channel, item age, duration, ...
-ranking     the ranker's expected watch time exp(logit) (SPEC 3); best first, already
+ranking     the ranker's expected watch time exp(logit) (paper 4.2); best first, already
             watched items dropped when `exclude_watched`, the top k returned
 total       the whole request
 
@@ -63,7 +66,7 @@ import pyarrow.parquet as pq
 import torch
 
 from funnelrec import __version__
-from funnelrec.ann.index import ItemIndex
+from funnelrec.ann.index import ItemIndex, SearchOptions
 from funnelrec.baselines import CoWatch, Popularity, load_baseline
 from funnelrec.candidates import (
     CandidateInputs,
@@ -72,6 +75,7 @@ from funnelrec.candidates import (
     load_item_embeddings,
     read_candidate_config,
 )
+from funnelrec.config import from_dict
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Demographics, Features
 from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
@@ -112,10 +116,12 @@ SOURCES = (DEEP, COWATCH, FRESH)
 class ServingConfig:
     """How many candidates each source nominates, and the explicit-context clock.
 
-    deep_k:         items from the ANN search (SPEC 1: "a few hundred") [300]
+    deep_k:         items from the ANN search (the paper's "a few hundred", section 2) [300]
     fresh_k:        items from "fresh and popular now" [50]
     cowatch_k:      items from "co-watched with the last watch" [50]
     explicit_gap_s: seconds between the watches (queries) of an explicit history [60]
+    index:          how the ANN index is searched (`ann.index.SearchOptions`: the scan
+                    kernel, huge pages)
     A source is asked for at least k items when it is the only one.
     """
 
@@ -123,6 +129,7 @@ class ServingConfig:
     fresh_k: int = 50
     cowatch_k: int = 50
     explicit_gap_s: int = 60
+    index: SearchOptions = field(default_factory=SearchOptions)
 
     def __post_init__(self) -> None:
         for name in ("deep_k", "fresh_k", "cowatch_k"):
@@ -238,7 +245,10 @@ class Recommender:
         path = Path(art)
         manifest = read_manifest(path)
         try:
-            cfg = config or ServingConfig(**manifest.get("serving", {}))
+            cfg = config or from_dict(ServingConfig, manifest.get("serving", {}))
+        except FunnelrecError as e:
+            raise ArtifactError(f"{path}: broken artifact (serving config: {e})") from None
+        try:
             return cls(path, manifest, cfg)
         except ArtifactError:
             raise
@@ -266,6 +276,7 @@ class Recommender:
             path / INDEX_DIR,
             expected_dim=int(emb.shape[1]),
             expected_item_ids=item_ids.numpy(),
+            options=self.config.index,
         )
 
         rank_dir = path / RANKER_DIR
@@ -512,7 +523,7 @@ class Recommender:
         else:
             demo, demo_from = stored, "stored" if stored is not None else "none"
         known = stored is not None or (ctx is not None and bool(ctx.history or ctx.queries))
-        # Times shown and when last shown: the churn features (SPEC 3), exact as in training.
+        # Times shown and when last shown: the churn features (paper 4.1), exact as in training.
         shown = dict(ctx.shown) if ctx is not None else {}
         shown_ts = dict(ctx.shown_ts) if ctx is not None else {}
         events = UserEvents(history, history_ts, queries, queries_ts, shown, shown_ts)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.ann.test_index import clustered  # the same kind of data as the other index tests
 
 from funnelrec.ann import fastscan
-from funnelrec.ann import index as ann
-from funnelrec.ann.index import IndexParams, ItemIndex
+from funnelrec.ann.index import IndexParams, ItemIndex, SearchOptions
 from funnelrec.errors import FunnelrecError
+from tests.ann.test_index import clustered  # the same kind of data as the other index tests
 
 pytestmark = pytest.mark.skipif(
     not fastscan.available(), reason="the C kernel was not built (no compiler at install)"
@@ -41,10 +40,10 @@ def scan(index: ItemIndex) -> fastscan.FastScan:
 
 
 @pytest.fixture()
-def faiss_only(index: ItemIndex, monkeypatch: pytest.MonkeyPatch) -> ItemIndex:
+def faiss_only(index: ItemIndex) -> ItemIndex:
     """The same FAISS index, searched by FAISS."""
-    monkeypatch.setattr(ann, "FAST_SCAN_KERNEL", False)
-    return ItemIndex(index._idmap, "ivfpq_fs", index.params, threads=1)
+    faiss = SearchOptions(scan_kernel=False)
+    return ItemIndex(index._idmap, "ivfpq_fs", index.params, threads=1, options=faiss)
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:

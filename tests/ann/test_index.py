@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from funnelrec.ann import index as ann
-from funnelrec.ann.index import KINDS, IndexParams, ItemIndex, default_kind, item_ids_hash
+from funnelrec.ann.index import (
+    KINDS,
+    IndexParams,
+    ItemIndex,
+    SearchOptions,
+    default_kind,
+    item_ids_hash,
+)
 from funnelrec.errors import ArtifactError, FunnelrecError
 
 N, D = 2000, 16
@@ -382,12 +389,13 @@ def test_load_refuses_an_index_of_another_kind_than_its_record(
 def test_fast_scan_picks_its_single_query_scan_and_gives_the_batch_results(
     data: tuple[np.ndarray, np.ndarray, np.ndarray],
     built: dict[str, ItemIndex],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, ids, q = data
-    monkeypatch.setattr(ann, "FAST_SCAN_KERNEL", False)  # FAISS's own search (the fallback)
     built_index = built["ivfpq_fs"]
-    index = ItemIndex(built_index._idmap, "ivfpq_fs", built_index.params, threads=1)
+    faiss_only = SearchOptions(scan_kernel=False)  # FAISS's own search (the fallback)
+    index = ItemIndex(
+        built_index._idmap, "ivfpq_fs", built_index.params, threads=1, options=faiss_only
+    )
     assert index.scan_implementation == "FAISS"
     fs = index._fs
     batch_ids, batch_scores = index.search(q, 20)
@@ -404,9 +412,7 @@ def test_fast_scan_picks_its_single_query_scan_and_gives_the_batch_results(
     assert not np.isin(got, drop).any() and (got >= 0).all()
 
 
-def test_huge_pages_change_nothing_but_where_the_arrays_live(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_huge_pages_change_nothing_but_where_the_arrays_live() -> None:
     # 3 MiB of floats and HNSW links: at least one whole 2 MiB page to advise (the advice
     # is best effort: whether Linux grants it depends on the machine), same results.
     rng = np.random.default_rng(0)
@@ -415,10 +421,9 @@ def test_huge_pages_change_nothing_but_where_the_arrays_live(
     q = rng.standard_normal((20, 128)).astype(np.float32)
     for kind in ("exact", "hnsw", "ivfpq_fs"):
         p = IndexParams(hnsw_m=8, nlist=32, nprobe=8)
-        monkeypatch.setattr(ann, "HUGE_PAGES", False)
-        small = ItemIndex.build(x, ids, kind, p, threads=1).search(q, 10)
-        monkeypatch.setattr(ann, "HUGE_PAGES", True)
-        huge = ItemIndex.build(x, ids, kind, p, threads=1).search(q, 10)
+        off, on = SearchOptions(huge_pages=False), SearchOptions(huge_pages=True)
+        small = ItemIndex.build(x, ids, kind, p, threads=1, options=off).search(q, 10)
+        huge = ItemIndex.build(x, ids, kind, p, threads=1, options=on).search(q, 10)
         np.testing.assert_array_equal(small[0], huge[0])
         np.testing.assert_array_equal(small[1], huge[1])
     buf = np.zeros(1 << 20, dtype=np.uint8)  # 1 MiB: no whole 2 MiB page inside

@@ -10,7 +10,7 @@ Simulates the world and builds leave-last-out features under --work (reused when
 exist), trains with the config (default configs/candidates-small.toml) and scores the
 test split's next watches (seen items excluded, never the target). The oracle is the
 simulator's truth, `World.oracle_top_k(by="watch_rate")`: the items the user was likeliest
-to watch in a session at that time. The issue's target: the model's Recall@100 >= 0.8 x
+to watch in a session at that time. The target: the model's Recall@100 >= 0.8 x
 the oracle's. The model is scored with serving's example age 0 ("model") and with the
 example age of each target's time ("model_age_at_target"; leave-last-out targets are
 spread over the window, the oracle knows their time). Targets outside the training item

@@ -5,7 +5,7 @@
 
 Simulates the preset's world (unless --data points at one), builds features with the
 default config (leave-last-out, cap 30, history 50), and reads the training shards back
-with shuffling at batch size 1,024. Goals (issue 4): 10M examples in under 5 minutes on
+with shuffling at batch size 1,024. Goals: 10M examples in under 5 minutes on
 2 cores (33k examples/s), and a loader that never bottlenecks training (it should deliver
 batches far faster than a training step consumes them). Prints a table and writes
 benchmarks/results/features.json.

@@ -1,10 +1,10 @@
-"""Baselines on real data (MovieLens-100k, Amazon Beauty) under shared/BENCHMARKS.md's protocol.
+"""Baselines on real data (MovieLens-100k, Amazon Beauty) beside the peers' figures.
 
     .venv/bin/python benchmarks/real_data.py                      # both data sets, all models
     .venv/bin/python benchmarks/real_data.py --datasets ml-100k --models itemknn,als
 
-Protocol (the same as the peer table in shared/BENCHMARKS.md): each user's interactions in
-time order (ties in file order); users with fewer than 3 dropped; the last interaction is
+Protocol (the one the peers' figures in PEERS were measured with): each user's interactions
+in time order (ties in file order); users with fewer than 3 dropped; the last interaction is
 the test target, the one before it validation, the rest training; every model fitted on
 training data only; full ranking over all items, the user's training and validation items
 excluded from the ranking (never the target); one target per user, so HR@K = Recall@K;
@@ -76,7 +76,8 @@ PROTOCOL = (
     "the validation item"
 )
 
-# The peers' figures, from shared/BENCHMARKS.md (same protocol), for side-by-side printing.
+# The peers' figures (other libraries' models, measured under the same protocol on the same
+# kind of machine), for side-by-side printing.
 PEERS: dict[str, dict[str, dict[str, float]]] = {
     "ml-100k": {
         "most-popular": {"train hr@10": 0.0859, "train ndcg@10": 0.0445, "train hr@50": 0.1983},
@@ -355,8 +356,9 @@ def funnelrec(data: Split) -> ModelRun:
     config = load_training_config(
         REPO / "configs" / FUNNELREC_CONFIGS[data.name], FUNNELREC_OVERRIDES
     )
-    # torch imports its compiler stack (~4 s) the first time an optimizer is built: a
-    # library import, not training, so it happens before the clock starts
+    # torch imports its compiler stack the first time an optimizer is built (seconds:
+    # docs/candidates.md, "Real data"): a library import, not training, so it happens
+    # before the clock starts
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     started, cpu = time.perf_counter(), time.process_time()
     fit_candidates(feats, art, config, force=True, progress=PROGRESS)

@@ -1,4 +1,4 @@
-"""Benchmark: time and peak memory of every stage of the funnel, per world size (issue 10).
+"""Benchmark: time and peak memory of every stage of the funnel, per world size.
 
     .venv/bin/python benchmarks/scale.py --presets small medium
     .venv/bin/python benchmarks/scale.py --presets large --workers 2      # hours; resumable
@@ -24,7 +24,8 @@ feature build resumes at its first unwritten block, training from its checkpoint
 The growth exponent of a stage is the least-squares slope of log(wall time) against
 log(events) (watches + searches + impressions) over the presets measured: 1 is linear;
 the same of CPU time too (fairer when other work shared the machine).
-The memory bound of the issue: the large preset's peak RSS of every stage <= 16 GiB.
+The memory bound it checks: the large preset's peak RSS of every stage <= 16 GiB (one
+machine, bounded memory: docs/scale.md).
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ What it measures, on loopback, with the client on the same machine as the server
    Candidates per request: the artifact's serving config (deep_k from the ANN index plus
    the fresh-and-popular and co-watch sources); "ranked" is how many the ranker scored.
    With --deep-k N, the same run again with deep_k = N in place of the packaged one
-   (through `serve.create_app(serving=...)`, the app `funnelrec serve` runs): the issue
-   asks for 300 candidates ranked, and the packaged 300 + 50 + 50 ranks ~370.
+   (through `serve.create_app(serving=...)`, the app `funnelrec serve` runs): the goal is
+   300 candidates ranked (the paper's "a few hundred", Covington et al. 2016, section 2),
+   and the packaged 300 + 50 + 50 ranks more than that (the merge drops only repeats;
+   "ranked" in the results).
 2. load: `--concurrency` clients (asyncio + httpx) for `--load-seconds`: throughput,
    p50/p99 and the error count (non-200 answers and failed requests).
 3. with --index-1m: the same latency run against servers whose deep source searches a
@@ -29,8 +31,9 @@ What it measures, on loopback, with the client on the same machine as the server
    watched items); each row answers a real item id, so ranking sees real items, and
    repeats are collapsed to their first (best) occurrence as the candidate merge does.
    Two runs, by what a copy answers (`answers`): "parent", the item it was drawn from
-   (copies of one item crowd a top-300, so only ~50-100 distinct items reach the
-   ranker), and "spread", distinct items per copy (as many candidates as a real corpus).
+   (copies of one item crowd a top-300, so far fewer distinct items reach the ranker:
+   docs/ann.md), and "spread", distinct items per copy (as many candidates as a real
+   corpus).
    The index is built once into --index-cache (ivfpq_fs: minutes; hnsw: tens of minutes
    on 2 cores) and reused while the item vectors and settings are the same; its search
    knob (nprobe, efSearch) is tuned to recall@100 >= 0.95 on the model's user vectors for
@@ -299,8 +302,9 @@ def answers(real_ids: np.ndarray, copies: int, mode: str) -> np.ndarray:
     j of item i; j = 0: the real vector).
 
     parent: every copy answers its own item. The copies of an item the user is close to
-        are all close too, so a top-300 holds only ~50-100 distinct items (measured on the
-        small world) and far fewer candidates reach the ranker than on a real 1M corpus.
+        are all close too, so a top-300 holds few distinct items (docs/ann.md, "A 1M-item
+        index at serving") and far fewer candidates reach the ranker than on a real 1M
+        corpus.
     spread: copy j of item i answers item (i + j x shift) mod n, shift ~0.618 n: rows
         answer distinct items, so the ranker gets as many candidates as on a real corpus.
     """

@@ -57,16 +57,17 @@ ORDER = (
     "scale",
 )
 
-# The issues' goals, for results that do not record their own.
-REAL_DATA_GOAL = 1.2  # HR@10 >= 1.2 x the best peer's (shared/BENCHMARKS.md)
+# The benchmarks' goals, for results that do not record their own.
+REAL_DATA_GOAL = 1.2  # HR@10 >= 1.2 x the best peer's (benchmarks/real_data.py's PEERS)
 REAL_DATA_TIME_GOAL = 0.2  # training time <= 1/5 of the tuned YoutubeDNN's
-# The tuned torch-rechub YoutubeDNN's training seconds per data set (shared/BENCHMARKS.md;
-# real_data.json records the peers' accuracy, not their time).
+# The tuned torch-rechub YoutubeDNN's training seconds per data set, as the peers were
+# measured (same protocol, same kind of machine; real_data.json records the peers'
+# accuracy, not their time).
 YOUTUBEDNN_TRAINING_S = {"ml-100k": 116.0, "beauty": 383.0}
-THROUGHPUT_GOAL = 0.5  # of the fp32 matmul peak (issue 5)
-QUALITY_GOAL = 0.8  # Recall@100 over the oracle's (issue 5)
-ANN_GOAL = "p99 ≤ 1 ms at recall@100 ≥ 0.95"  # issue 6
-FEATURES_GOAL_MINUTES = 5.0  # per 10M examples (issue 4)
+THROUGHPUT_GOAL = 0.5  # candidate training, of the fp32 matmul peak
+QUALITY_GOAL = 0.8  # candidate Recall@100 over the oracle's
+ANN_GOAL = "p99 ≤ 1 ms at recall@100 ≥ 0.95"  # single-query ANN search
+FEATURES_GOAL_MINUTES = 5.0  # building 10M training examples
 DATASET_NAMES = {"ml-100k": "MovieLens-100k", "beauty": "Amazon Beauty"}
 
 # What a renderer cannot find in a result of another shape; caught to fall back to generic.

@@ -32,6 +32,7 @@ from rich.console import Console
 
 from funnelrec.ann.index import ItemIndex
 from funnelrec.candidates import (
+    INDEX_DIR,
     fit_candidates,
     load_candidate_model,
     load_item_embeddings,
@@ -199,7 +200,7 @@ def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
         asdict(cfg.index),
         ["candidates"],
         lambda t: _index(cfg, out, t),
-        target=out / "candidates" / "index",
+        target=out / "candidates" / INDEX_DIR,
     )
     stage("ranker", _settings(cfg.ranker), ["features"], lambda t: _ranker(cfg, out, t))
     stage(
@@ -339,8 +340,9 @@ def build_tiny_artifact(
     Writes ROOT/data (simulate, preset "tiny" with `simulate` overrides), ROOT/feat
     (leave-last-out), ROOT/cand (candidate model, dim 16, `steps` steps), ROOT/ranker (a
     32-wide ranker, `steps` steps) and ROOT/art. `threads`: torch threads while training
-    (process-wide; 1 is fastest for these tiny models on a busy machine). About 10 s on
-    two cores: a fixture for everything that serves, not a model worth serving.
+    (process-wide; 1 is fastest for these tiny models on a busy machine). Quick enough to
+    be a test fixture for everything that serves (docs/simulator.md, "Presets"), not a
+    model worth serving.
     """
     root = Path(root)
     generate(preset_config("tiny", list(simulate)), seed=seed, out=root / "data", progress=False)

@@ -71,8 +71,8 @@ enum { FS_SCALAR = 0, FS_AVX2 = 1, FS_AVX512 = 2 }; /* _levels.h */
  *
  * Which way a comparison goes is unpredictable here, and mispredicted branches made a
  * quickselect over (distance, row) structs, with qsort for the order, the biggest cost
- * after the scan (~0.15 ms of a ~0.65 ms query at 1M items; a bounded heap was no
- * better). Now a quickselect on bare floats, whose partition writes every key to both
+ * after the scan (a bounded heap was no better; timings in docs/ann.md, "The scan
+ * kernel"). Now a quickselect on bare floats, whose partition writes every key to both
  * sides and advances one cursor (no branch), finds the cut; the few kept (buckets,
  * final results) are then put in order by insertion.
  */

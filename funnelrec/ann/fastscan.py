@@ -5,18 +5,18 @@ FAISS builds and stores the index (k-means buckets, the product quantizer, the c
 the float vectors); this module reads them once into the layout the kernel scans and
 searches them. It does the same work as FAISS's fast-scan search followed by
 `IndexRefine` (the same buckets, codes and re-rank depth, so recall is the same to the
-rounding of the 8-bit tables), in less time per query: on the 1M x 128 benchmark (nlist
-2048, nprobe 112, rerank 6, one thread), timed in turns with FAISS in one process, p50
-0.63 against 1.07 ms and p99 0.86 against 1.49 ms (docs/ann.md, "The scan kernel"). What
-it saves is the bookkeeping around the same SIMD lookups: a block's 32 sums are compared
-with the current cut in SIMD and only blocks holding a candidate leave it, candidates
-are cut back with a branch-free selection, and their rows are looked up only at the end.
+rounding of the 8-bit tables), in less time per query (timed in turns with FAISS in one
+process on the 1M x 128 benchmark: docs/ann.md, "The scan kernel", and
+benchmarks/results/ann_settings.json). What it saves is the bookkeeping around the same
+SIMD lookups: a block's 32 sums are compared with the current cut in SIMD and only blocks
+holding a candidate leave it, candidates are cut back with a branch-free selection, and
+their rows are looked up only at the end.
 
 The kernel is a compiled extension, built when the package is installed if a C compiler
 is at hand (it is optional: without it `available()` is False and ItemIndex searches
 through FAISS). It picks AVX-512, AVX2 or portable C by what the CPU runs, all giving
 identical numbers; ItemIndex uses it only where AVX2 or better runs (the portable C is
-the reference the SIMD code is tested against, and ~8x slower).
+the reference the SIMD code is tested against, and far slower: docs/ann.md).
 
     scan = FastScan.from_faiss(ivf_fast_scan_index, flat_ip_index)   # or None
     rows, scores = scan.search(queries, k=100, nprobe=112, rerank=6.0)
@@ -171,9 +171,9 @@ class FastScan:
         """From a FAISS `IndexIVFPQFastScan` (inner product, by residual, 4-bit codes)
         whose row numbers index the `IndexFlat` `floats`; None when the kernel is not
         built or cannot search this index (`supports`), and on a CPU without AVX2 unless
-        `portable`: the portable C scan is ~8x slower than the SIMD ones (1M benchmark:
-        p50 4.2 ms against 0.54), slower than FAISS's own (which has ARM NEON code); it
-        is the reference the SIMD paths are tested against."""
+        `portable`: the portable C scan is far slower than the SIMD ones, slower even than
+        FAISS's own (which has ARM NEON code; timings in docs/ann.md, "The scan kernel");
+        it is the reference the SIMD paths are tested against."""
         if _LIB is None or supports(ivf) is not None:
             return None
         if not portable and int(_LIB.fs_level()) == 0:
@@ -240,8 +240,8 @@ class FastScan:
     ) -> tuple[np.ndarray, np.ndarray]:
         """`search` of one query [d] float32, with the least per-call work: rows [k],
         scores [k]. The serving path: its buffers are ctypes arrays, as reading a numpy
-        array's address (`.ctypes.data`) costs ~4 us a time here (~2% of a query at 1M
-        items for the three)."""
+        array's address (`.ctypes.data`) on every call is a visible share of a
+        sub-millisecond query (docs/ann.md, "The single-query path")."""
         if query.shape != (self.dim,) or query.dtype != np.float32:
             raise FunnelrecError(f"a query must be [{self.dim}] float32, got {query.shape}")
         floats: Any = ctypes.c_float * self.dim  # (typeshed: from_buffer_copy wants bytes)

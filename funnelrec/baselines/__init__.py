@@ -18,8 +18,9 @@ The models:
 - `CoWatch`: asymmetric item-to-item counts, i -> j when j is watched within the next few
   watches after i, normalised into P(j follows | i), top-N neighbours per item; a user is
   scored from their last watch (the serving source) or their last few (a baseline).
-- `ItemKNN`: cosine similarity of items' user sets, top-N neighbours per item (100 as in
-  shared/BENCHMARKS.md), a user's score is the sum over their history's neighbours.
+- `ItemKNN`: cosine similarity of items' user sets, top-N neighbours per item (100, as in
+  the peer ItemKNN that benchmarks/real_data.py compares with), a user's score is the sum
+  over their history's neighbours.
 - `BPR`, `ALS`: matrix factorisation through the `implicit` library's CPU models.
 
 Each saves to a directory (`baseline.json` with a format version + NPY arrays, written

@@ -135,7 +135,7 @@ class CoWatchConfig:
 
 
 class CoWatch(_Neighbours):
-    """Asymmetric item-to-item co-watch counts (SPEC 2.2: co-watch is asymmetric).
+    """Asymmetric item-to-item co-watch counts (Covington et al. 2016, section 3.4).
 
     C[i, j] = #{(user, p, q): p < q <= p + next_n, ts_q - ts_p <= window_s,
                item_p = i, item_q = j != i}   (j watched after i; never i after j)
@@ -210,7 +210,7 @@ class CoWatch(_Neighbours):
 
 @dataclass(frozen=True)
 class ItemKNNConfig:
-    """neighbours: kept per item (100 in shared/BENCHMARKS.md)."""
+    """neighbours: kept per item (100, as in the peer ItemKNN of benchmarks/real_data.py)."""
 
     neighbours: int = 100
 

@@ -1,11 +1,13 @@
-"""Candidate generation (SPEC 2): the deep retrieval network that gives a user vector u.
+"""Candidate generation: the deep retrieval network that gives a user vector u.
+
+The network of Covington et al. 2016, section 3.2:
 
     inputs                          width
     mean of history item embeddings item_dim    nn.EmbeddingBag (mean), id 0 = padding
-    mean of search token embeddings token_dim   (an unordered bag, SPEC 2.2)
+    mean of search token embeddings token_dim   (an unordered bag, paper 3.4)
     region, device embeddings       from the features' log rule
     dense demographics              F           gender, logged_in, age ... in [0, 1]
-    example age                     1           SPEC 2.1; set to 0 at serving
+    example age                     1           paper 3.3; set to 0 at serving
         -> concatenated -> tower of ReLU layers -> u [B, d]
 
 Tower depths as in the paper (d = 256 there): 0: linear to d; 1: d; 2: 2d -> d;
@@ -43,6 +45,7 @@ from __future__ import annotations
 from funnelrec.candidates.artifacts import (
     CONFIG_FILE,
     FORMAT_VERSION,
+    INDEX_DIR,
     ITEM_EMBEDDINGS_FILE,
     KIND,
     WEIGHTS_FILE,
@@ -75,6 +78,7 @@ from funnelrec.candidates.training import (
 __all__ = [
     "CONFIG_FILE",
     "FORMAT_VERSION",
+    "INDEX_DIR",
     "ITEM_EMBEDDINGS_FILE",
     "KIND",
     "SPARSE_AUTO_ROWS",

@@ -33,6 +33,8 @@ KIND = "candidates"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.safetensors"
+# The ANN index over the item embeddings lives inside the artifact (`funnelrec index build`).
+INDEX_DIR = "index"
 
 
 def vocab_digest(values: np.ndarray) -> str:

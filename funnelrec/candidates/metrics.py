@@ -11,8 +11,9 @@ strict order. Column 0 (padding / out of vocabulary) is never ranked; a target t
 of vocabulary (id 0) cannot be retrieved and counts as a miss.
 
 Exclusion of already-seen items: the items a user watched before the target are removed
-from the ranking, except the target itself (a re-watch stays retrievable), the protocol of
-shared/BENCHMARKS.md. Both variants are computed from the same scores.
+from the ranking, except the target itself (a re-watch stays retrievable), the protocol
+the peers' figures in benchmarks/README.md were measured with. Both variants are computed
+from the same scores.
 
 With R relevant items of a query and target ranks r_1 < r_2 < ... (one target per
 query in next-watch evaluation, where HR@K = Recall@K and MAP@K = MRR cut at K):
@@ -27,7 +28,7 @@ each averaged over queries.
     report = evaluate_retrieval(scorers, batches, num_items=N, seen=history_seen)
     report.metrics["model"]["recall@10"], report.metrics["model_seen_included"]["recall@10"]
 
-Approximate retrieval (an ANN index, issue 6) is scored by the same metrics from a ranked
+Approximate retrieval (an ANN index, `funnelrec.ann`) is scored by the same metrics from a ranked
 list instead of full scores: a `Retriever` returns the top max(K) vocabulary ids of each
 query, the seen items excluded in the search itself (as serving does), and a target's rank
 is its place in that list, or inf (a miss) when it is not there. So every metric at K
@@ -265,7 +266,8 @@ def target_ranks(
 
 def _row_counts(mask: Tensor) -> Tensor:
     """[Q] int64 number of True per row of a [Q, N] bool mask (numpy's count on the CPU:
-    ~30x faster than torch's bool sum, which dominated evaluation over large corpora)."""
+    torch's bool sum dominated evaluation over large corpora; docs/candidates.md,
+    "Evaluation")."""
     if mask.device.type != "cpu":
         return mask.sum(1)
     return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1).astype(np.int64))

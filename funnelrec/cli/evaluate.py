@@ -16,7 +16,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.candidates import check_features, load_candidate_model, read_candidate_config
+from funnelrec.ann.index import ItemIndex
+from funnelrec.candidates import (
+    INDEX_DIR,
+    check_features,
+    load_candidate_model,
+    load_item_embeddings,
+    read_candidate_config,
+)
 from funnelrec.candidates.metrics import (
     KS,
     SEEN_INCLUDED,
@@ -30,6 +37,7 @@ from funnelrec.candidates.metrics import (
 )
 from funnelrec.data.dataset import write_json_atomic
 from funnelrec.errors import FunnelrecError
+from funnelrec.features import Features
 
 ANN = "model_ann"  # metrics of the model's top-K through its ANN index
 
@@ -84,7 +92,6 @@ def candidates(
 ) -> None:
     """Recall, HR, NDCG, MAP at K and MRR by exact full-corpus scoring, beside popularity
     (and with --ann, the same metrics of the model's top K through its ANN index)."""
-    from funnelrec.features import Features
 
     ks = _ks(k)
     meta = read_candidate_config(art)
@@ -150,9 +157,6 @@ def _device(name: str) -> torch.device:
 
 def _ann_retriever(art: Path, index_dir: Path | None, scorer: ModelScorer) -> IndexRetriever:
     """The ANN index of `art` (refused unless it matches the model's embeddings and ids)."""
-    from funnelrec.ann.index import ItemIndex
-    from funnelrec.candidates import load_item_embeddings
-    from funnelrec.cli.index import INDEX_DIR
 
     emb, item_ids = load_item_embeddings(art)
     ids = item_ids.numpy().astype(np.int64, copy=False)

@@ -1,4 +1,4 @@
-"""`funnelrec experiment NAME`: the paper's experiments on a simulated world (issue 9).
+"""`funnelrec experiment NAME`: the paper's experiments on a simulated world.
 
     funnelrec experiment labels --preset small --seeds 2
     funnelrec experiment paper --preset small              # all of them + one report

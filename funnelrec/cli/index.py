@@ -15,6 +15,7 @@ elsewhere), so the number in ART/index/index.json says how the index does for th
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.ann.index import KINDS, RERANKED, SQ_TYPES, IndexParams, ItemIndex
-from funnelrec.candidates import load_item_embeddings, read_candidate_config, split_user_vectors
+from funnelrec.candidates import (
+    INDEX_DIR,
+    load_item_embeddings,
+    read_candidate_config,
+    split_user_vectors,
+)
 from funnelrec.errors import FunnelrecError
-
-INDEX_DIR = "index"
 
 app = typer.Typer(
     help="Build and benchmark the nearest-neighbour index over item embeddings.",
@@ -187,8 +191,6 @@ def _queries(art: Path, features: Path | None, split: str, limit: int) -> np.nda
 
 def _settings(index: ItemIndex, values: str | None) -> list[tuple[str, IndexParams]]:
     """(label, params) per value of the kind's search knob; exact has none."""
-    from dataclasses import replace
-
     if index.kind == "exact":
         return [("exact index", index.params)]
     knob = "ef_search" if index.kind.startswith("hnsw") else "nprobe"

@@ -104,7 +104,7 @@ def print_metrics(result: Mapping[str, Any]) -> None:
 
 
 def train_command(
-    features: Path = typer.Option(..., "--features", "-f", help="Features directory (issue 4)."),
+    features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint.pt."),
@@ -176,7 +176,7 @@ def evaluate_command(
 
 def impressions_command(
     data: Path = typer.Option(..., "--data", "-d", help="Dataset without impressions."),
-    features: Path = typer.Option(..., "--features", "-f", help="Its features (issue 4)."),
+    features: Path = typer.Option(..., "--features", "-f", help="Its features (built from DATA)."),
     candidates: Path = typer.Option(..., "--candidates", help="Candidate-model artifact."),
     out: Path = typer.Option(..., "--out", "-o", help="New dataset: DATA + impressions."),
     k: int = typer.Option(20, "-k", help="Impressions per page (retrieved top k)."),

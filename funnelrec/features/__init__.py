@@ -18,8 +18,8 @@ Layout of a features directory (written atomically: built under a temporary name
                                              data has impressions)
     FEAT/ranking/{train,valid,test}/requests.parquet     the bags of each request
 
-Candidate-generation examples (SPEC 2, 2.1, 2.2). For a label watch of user u at time t
-(every watch, whatever its source):
+Candidate-generation examples (Covington et al. 2016, sections 3.2-3.4). For a label watch
+of user u at time t (every watch, whatever its source):
 - history: item ids of the last `history_n` watches before it (watch order: ts, then row
   order), OOV ids left out of the bag;
 - search: tokens (unigrams + bigrams) of the last `search_n` queries with ts < t, a bag;
@@ -29,7 +29,7 @@ Candidate-generation examples (SPEC 2, 2.1, 2.2). For a label watch of user u at
 - label: the item's vocabulary id. A training example whose label fell out of a truncated
   vocabulary is dropped (counted in the manifest); held-out ones keep label 0 (a miss).
 Training labels: at most `cap` per user (None: all), sampled with `seed` from the user's
-training watches. `labels="random"` is the ablation of SPEC 2.2: the label is a random
+training watches. `labels="random"` is the ablation of section 3.4: the label is a random
 training watch and the history the `history_n` training watches around it (both sides).
 Held-out examples: leave-last-out gives one validation (second-to-last watch) and one test
 (last watch) example per user, history = everything before the target (for the test target
@@ -38,7 +38,7 @@ from each held-out window, history = everything before each.
 Valid/test shards also carry `seen`: the distinct item vocabulary ids the user watched
 before the target (for "exclude already watched" in evaluation; see `loader.seen_items`).
 
-Ranking examples (SPEC 3), one per impression, when the data has impressions:
+Ranking examples (section 4.1), one per impression, when the data has impressions:
 - categorical: item (impression item), seed (the last watch before the request), both in
   the `rank_item` vocabulary (fitted on clicked training impressions), channel, topic,
   region, device;

@@ -36,7 +36,8 @@ class _Batch:
 
 @dataclass(frozen=True)
 class CandidateBatch(_Batch):
-    """B candidate-generation examples (SPEC 2): a user's context before a label watch.
+    """B candidate-generation examples (Covington et al. 2016, section 3): a user's context
+    before a label watch.
 
     history, history_offsets:   [H], [B]  item vocabulary ids of the last N watches
     search, search_offsets:     [S], [B]  token vocabulary ids of the last N queries (a bag)
@@ -65,7 +66,8 @@ class CandidateBatch(_Batch):
 
 @dataclass(frozen=True)
 class RankingBatch(_Batch):
-    """B ranking examples (SPEC 3): one impression each, with query and item features.
+    """B ranking examples (Covington et al. 2016, section 4): one impression each, with query
+    and item features.
 
     categorical: name -> [B]               univalent ids (impression item, channel, topic, ...)
     bags:        name -> ([N], [B])        multivalent ids + offsets (last watched items, ...)

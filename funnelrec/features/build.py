@@ -51,7 +51,8 @@ def build_features(
     """Fit transforms on the training part of `data` and write example shards to `out`.
 
     `impressions` replaces the dataset's impressions table as the source of ranking
-    examples, e.g. slates of retrieved candidates for data that has none (issue 7). It has
+    examples, e.g. slates of retrieved candidates for data that has none
+    (`funnelrec.ranking.pages`). It has
     the canonical impression columns and may add `cand_score` (float, the candidate
     generator's score: a continuous feature) and `cand_source` (string, which generator
     nominated the item: a categorical feature with its own vocabulary "source").

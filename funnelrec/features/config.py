@@ -13,8 +13,9 @@ from funnelrec.features.vocab import Vocabulary, embedding_dim
 FORMAT_VERSION = 1
 MANIFEST = "features.json"
 REQUESTS = "requests.parquet"  # per split: the query-side bags of each ranking request
-# Example shards: zstd without dictionary pages or statistics writes ~1.5x faster than
-# Arrow's defaults and is no larger (ids and floats rarely repeat within a page).
+# Example shards: zstd without dictionary pages or statistics writes faster than Arrow's
+# defaults and is no larger, as ids and floats rarely repeat within a page (docs/features.md,
+# "On disk").
 SHARD_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "use_dictionary": False,
@@ -27,16 +28,17 @@ SHARD_OPTIONS: dict[str, Any] = {
 #   gender=<v> ..., gender_missing  one-hot over the gender vocabulary, flag
 CANDIDATE_DENSE = ("age", "logged_in", "gender")
 
-# Ranking continuous features (raw values; NaN = missing), all from events before ts:
+# Ranking continuous features (raw values; NaN = missing), all from events before ts. Those
+# marked "paper" are the ones Covington et al. 2016, section 4.1 names among the strongest:
 RANKING_CONTINUOUS = (
     "user_prior_watches",  # watches of the user so far
     "user_last_watch_ago_s",  # seconds since the user's last watch
-    "channel_watches",  # the user's watches from the item's channel (SPEC 3)
+    "channel_watches",  # the user's watches from the item's channel (paper)
     "channel_last_watch_ago_s",  # seconds since the user last watched this channel
     "topic_watches",  # the user's watches of the item's topic
-    "topic_last_watch_ago_s",  # seconds since the user last watched this topic (SPEC 3)
+    "topic_last_watch_ago_s",  # seconds since the user last watched this topic (paper)
     "item_watched_before",  # times the user already watched this item
-    "item_shown_before",  # times the item was already shown to the user (churn, SPEC 3)
+    "item_shown_before",  # times the item was already shown to the user (churn, paper)
     "item_last_shown_ago_s",  # seconds since it was last shown to the user
     "item_prior_watches",  # the item's watches by everyone so far (popularity)
     "item_age_s",  # seconds since upload
@@ -73,7 +75,8 @@ class FeaturesConfig:
     row_group_rows: rows per Parquet row group (the loader's unit of reading and shuffling)
     block_events:   data with more events (watches + searches + impressions) is built in
                     blocks of users of about this many events each: bounds memory (see
-                    `funnelrec.features.partition`); a block needs ~0.2 GiB per million events
+                    `funnelrec.features.partition`; docs/scale.md has a block's memory per
+                    million events)
     """
 
     history_n: int = 50

@@ -1,10 +1,10 @@
-"""Quantile normalisation of continuous features (SPEC 3), fitted on training values only.
+"""Quantile normalisation of continuous features, fitted on training values only.
 
-For each column, `n_quantiles + 1` quantiles of the training values are the knots of a
-piecewise-linear map onto [0, 1): a value is placed by linear interpolation between the
-knots around it, so on training data the output is close to uniform whatever the input's
-scale or skew. Knot k sits at level k / (n_quantiles + 1), so the largest training value
-maps to n/(n+1) < 1.
+As in Covington et al. 2016, section 4.1: for each column, `n_quantiles + 1` quantiles of
+the training values are the knots of a piecewise-linear map onto [0, 1): a value is placed
+by linear interpolation between the knots around it, so on training data the output is
+close to uniform whatever the input's scale or skew. Knot k sits at level
+k / (n_quantiles + 1), so the largest training value maps to n/(n+1) < 1.
 
 - Heavy ties: equal knots are merged into one whose level is the mean of theirs, so a
   value shared by 60% of the rows lands in the middle of its 60% band (the map stays a
@@ -14,7 +14,7 @@ maps to n/(n+1) < 1.
 - Missing values (NaN): x = 0 and a separate indicator column `name_missing` = 1. A column
   gets the indicator when its training values had NaNs or it is declared `nullable`.
 
-Each column is emitted as x, x^2 and sqrt(x) (super- and sub-linear shapes, SPEC 3), unless
+Each column is emitted as x, x^2 and sqrt(x) (super- and sub-linear shapes, section 4.1), unless
 fitted with `powers=False`. Output column order: per input column, in input order,
 `name`, `name^2`, `sqrt(name)`, then `name_missing` if it has one.
 

@@ -172,8 +172,9 @@ def _request_table(
     """The query-side bags of requests, given each request's first impression row.
 
     The watch history and search tokens are the same for every impression of a request
-    (SPEC 3: query features are computed once per request), so they are stored once per
-    request and joined by the loader, not repeated for each of the slate's impressions.
+    (query features are computed once per request: Covington et al. 2016, section 4.1), so
+    they are stored once per request and joined by the loader, not repeated for each of the
+    slate's impressions.
     """
     log = ctx.log
     assert log.imp is not None

@@ -1,12 +1,12 @@
 """Ranking features at serving time, computed by the very code that built the training examples.
 
-A ranking example (SPEC 3) describes one impression: a user at time t and one item. In
-training, `examples.ranking._ranking_table` and `_request_table` compute its features
-from time indexes over the whole event log ("watches of this channel before t", "times
-shown before t", ...). Reimplementing those formulas for serving would let the two drift
-apart, so serving builds the same inputs for ONE request instead (the user's recent
-events from the live state, the candidates as the request's impressions) and calls the
-same functions; the resulting table goes through the same quantile normaliser as the
+A ranking example (Covington et al. 2016, section 4.1) describes one impression: a user at
+time t and one item. In training, `examples.ranking._ranking_table` and `_request_table`
+compute its features from time indexes over the whole event log ("watches of this channel
+before t", "times shown before t", ...). Reimplementing those formulas for serving would let
+the two drift apart, so serving builds the same inputs for ONE request instead (the user's
+recent events from the live state, the candidates as the request's impressions) and calls
+the same functions; the resulting table goes through the same quantile normaliser as the
 loader applies to training shards (`loader.RankingConverter`).
 
     items = ServingItems.from_table(pq.read_table(ART / "items.parquet"))
@@ -166,7 +166,7 @@ class UserEvents:
 
     history, history_ts: dataset item ids watched and when (aligned)
     queries, queries_ts: search queries and when (aligned)
-    shown:               item id -> times already shown to the user (churn, SPEC 3)
+    shown:               item id -> times already shown to the user (churn, paper 4.1)
     shown_ts:            item id -> when it was last shown (missing: at the user's latest
                          event, the best guess when the store keeps counts only)
     """

@@ -1,4 +1,7 @@
-"""Train / validation / test splits that never let training see the future (SPEC 4).
+"""Train / validation / test splits that never let training see the future.
+
+Held-out targets come after the history they are predicted from, never from the middle of
+it: a random hold-out leaks the future (Covington et al. 2016, section 3.4).
 
 Both splits work on watches sorted by (user, ts), ties in the table's row order, and give
 each user's watches as three consecutive runs of positions: training first, then

@@ -1,15 +1,17 @@
-"""Search query tokeniser: lower-case unigrams and bigrams, an unordered bag (SPEC 2, 2.2).
+"""Search query tokeniser: lower-case unigrams and bigrams, an unordered bag.
 
-A query becomes its lower-cased words (runs of letters, digits and underscores) and every
+The search history input of candidate generation (Covington et al. 2016, section 3.2). A
+query becomes its lower-cased words (runs of letters, digits and underscores) and every
 pair of adjacent words joined by one space. Order is thrown away on purpose: the model
 sees a bag of tokens, not the last query verbatim, so it cannot simply echo the query's
-own result page back (SPEC 2.2).
+own result page back (section 3.4).
 
     tokenize("Funny  Cats, 2024!")  # -> ['funny', 'cats', '2024', 'funny cats', 'cats 2024']
 
 `tokenize_array` does the same for a whole column. Two paths give the same tokens:
 - many queries (building training examples): Arrow kernels, no Python loop per query;
-  Arrow compiles the separator regex on every call (~10 ms), small next to the work;
+  Arrow compiles the separator regex on every call, small next to a column's work
+  (docs/features.md, the query tokeniser);
 - a few queries (one request at serving time): plain Python over a per-character table,
   so a request does not pay that compilation. The table is filled from Arrow itself the
   first time a character is met (lower-casing and the letter/digit classes are exactly

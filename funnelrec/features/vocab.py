@@ -1,12 +1,12 @@
 """Vocabularies: raw values of one id space (items, search tokens, regions, ...) -> dense ids.
 
-A vocabulary is fitted in one pass over TRAINING data only (SPEC 3, 4): the values are
-counted, sorted by frequency (most frequent first, ties by value), and truncated to the top
+A vocabulary is fitted in one pass before training (Covington et al. 2016, section 4.1),
+over TRAINING data only, so that held-out data cannot leak into it: the values are counted,
+sorted by frequency (most frequent first, ties by value), and truncated to the top
 `max_size`. Id 0 is out of vocabulary: every value not kept maps to 0, whose embedding is
 the zero vector. Ids 1..n are therefore in decreasing training frequency, which is what a
 log-uniform negative sampler assumes; `counts` keeps the frequencies themselves (the
 candidate model builds its sampling proposal Q from the item vocabulary's counts).
-
 Example:
     v = Vocabulary.fit("region", pa.array(["de", "fr", "de", None]))
     v.lookup(pa.array(["de", "us"]))   # -> array([1, 0], dtype=int32)
@@ -36,7 +36,8 @@ from funnelrec.errors import ArtifactError, FunnelrecError
 
 FORMAT_VERSION = 1
 
-# Embedding dimension rule (SPEC 3: "roughly proportional to log(number of unique values)").
+# Embedding dimension rule (Covington et al. 2016, section 4.1: "roughly proportional to the
+# logarithm of the number of unique values").
 # dim = EMB_MULTIPLE * ceil(EMB_SCALE * log2(cardinality) / EMB_MULTIPLE), clipped to
 # [EMB_MIN, EMB_MAX]. The scale puts the paper's example, 1M ids x 32 dims, on the rule
 # (1.6 * log2(1e6) = 31.9); rounding up to a multiple of 4 keeps matrix shapes friendly.

@@ -1,4 +1,4 @@
-"""Offline metrics of a ranker on held-out impressions (SPEC 3), vectorised NumPy.
+"""Offline metrics of a ranker on held-out impressions, vectorised NumPy.
 
 All functions take flat arrays over n impressions:
     score       [n]  the model's logit (any monotone score works for the ranking metrics)
@@ -8,10 +8,11 @@ All functions take flat arrays over n impressions:
     request_id  [n]  which page (request) showed it; pairs are formed within one
                      (user_id, request_id) page
 
-Weighted per-user loss (the paper's headline metric): for every page, every pair of a
-clicked impression p and an unclicked impression q on it; the pair is mispredicted when q
-scores higher than p, and then p's watch time counts as mispredicted. A tie counts half
-(a ranker that cannot tell them apart orders them at random, so half the time it is wrong).
+Weighted per-user loss (the paper's headline metric, Covington et al. 2016, section 4.3):
+for every page, every pair of a clicked impression p and an unclicked impression q on it;
+the pair is mispredicted when q scores higher than p, and then p's watch time counts as
+mispredicted. A tie counts half (a ranker that cannot tell them apart orders them at
+random, so half the time it is wrong).
 
     loss = sum over pairs T_p * ([s_q > s_p] + 0.5 [s_q == s_p]) / sum over pairs T_p
 

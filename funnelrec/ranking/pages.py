@@ -1,11 +1,12 @@
 """Impressions for data that has none, synthesised from the candidate model's retrievals.
 
 MovieLens, Amazon and other sequence files log what users watched (rated, bought), never
-what they were shown, so there is nothing to train a ranker on (SPEC 3 needs impressions:
-shown, clicked or not, watched for how long). Here the funnel is staged instead: for every
-candidate-generation example of the features (a user at the time t of one of their
-watches, with only the history before t), the trained candidate model retrieves its top
-k items, and those become one page (request) of impressions at time t:
+what they were shown, so there is nothing to train a ranker on (ranking learns from
+impressions: shown, clicked or not, watched for how long; Covington et al. 2016, section
+4). Here the funnel is staged instead: for every candidate-generation example of the
+features (a user at the time t of one of their watches, with only the history before t),
+the trained candidate model retrieves its top k items, and those become one page
+(request) of impressions at time t:
 
 - the item the user actually watched at t is the click (a positive), with the watch's
   `watch_time_s` as its watch time, or 1 second when the data has none (then the ranker's
@@ -120,7 +121,7 @@ def impressions_from_candidates(
 
     features:   the features `candidates` was trained on (built from `data`); their
                 candidate examples of `splits` are the points in time that get a page
-    candidates: a candidate-model artifact (issue 5)
+    candidates: a candidate-model artifact (`funnelrec.candidates`)
     k:          impressions per page (the top k of an exact or HNSW search, `ann`)
     Returns `out`.
     """

@@ -360,8 +360,8 @@ def run_app(
     torch_threads: intra-op threads of each model call and of the ANN search [env
     FUNNELREC_TORCH_THREADS, else 1].
     Requests run in uvicorn's thread pool, so concurrent requests already use the cores;
-    a model call spreading over them too only adds contention (on a busy 2-core machine,
-    two threads made the ranker's p50 ~3x slower than one).
+    a model call spreading over them too only adds contention (measured on the ranker:
+    docs/ranking.md, "At serving").
     """
     import faiss
     import torch
@@ -375,9 +375,9 @@ def run_app(
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
     server = uvicorn.Server(config)
     install_sighup_reload(app)
-    # The ~200k objects of the loaded libraries and model would be traversed by every full
-    # garbage collection (~0.1-0.4 s here, a pause in some request); they live as long as
-    # the process, so move them out of the collector's sight.
+    # The objects of the loaded libraries and model would be traversed by every full garbage
+    # collection, a pause in some request (docs/ranking.md, "At serving"); they live as long
+    # as the process, so move them out of the collector's sight.
     gc.collect()
     gc.freeze()
     server.run()

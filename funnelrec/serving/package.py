@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from funnelrec import __version__
 from funnelrec.ann.index import ItemIndex
 from funnelrec.baselines import CoWatch, CoWatchConfig, Popularity, PopularityConfig, upload_times
+from funnelrec.candidates import INDEX_DIR as CANDIDATE_INDEX_DIR
 from funnelrec.candidates import (
     check_features,
     load_item_embeddings,
@@ -97,7 +98,8 @@ class PackageConfig:
     fresh:          the "fresh and popular now" source (baselines.PopularityConfig)
     cowatch:        the "co-watched with the last watch" source (baselines.CoWatchConfig;
                     last_n = 1: scored from the last watch only)
-    state_n:        watches and queries per user in the live store's seed [50, SPEC 2]
+    state_n:        watches and queries per user in the live store's seed [50, the paper's
+                    history length: Covington et al. 2016, section 3.2]
     index_target_recall: an index built here is tuned to this recall@100 (approximate
                     kinds; exact needs none)
     index_queries:  validation user vectors used for that tuning
@@ -264,7 +266,7 @@ def _copy_features(src: Path, dst: Path) -> None:
 def _index(cand_dir: Path, feat_dir: Path, dst: Path, cfg: PackageConfig) -> dict[str, Any]:
     emb, item_ids = load_item_embeddings(cand_dir)
     ids = item_ids.numpy()
-    own = cand_dir / "index"
+    own = cand_dir / CANDIDATE_INDEX_DIR
     if own.exists():
         index = ItemIndex.load(own, expected_dim=int(emb.shape[1]), expected_item_ids=ids)
         shutil.copytree(own, dst)

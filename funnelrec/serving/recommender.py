@@ -68,6 +68,7 @@ import torch
 from funnelrec import __version__
 from funnelrec.ann.index import ItemIndex, SearchOptions
 from funnelrec.baselines import CoWatch, Popularity, load_baseline
+from funnelrec.candidates import INDEX_DIR as CANDIDATE_INDEX_DIR
 from funnelrec.candidates import (
     CandidateInputs,
     check_features,
@@ -96,7 +97,7 @@ ARTIFACT_KIND = "funnelrec-recommender"
 MANIFEST = "manifest.json"
 FEATURES_DIR = "features"
 CANDIDATES_DIR = "candidates"
-INDEX_DIR = "candidates/index"
+INDEX_DIR = f"{CANDIDATES_DIR}/{CANDIDATE_INDEX_DIR}"
 RANKER_DIR = "ranker"
 FRESH_DIR = "sources/fresh"
 COWATCH_DIR = "sources/cowatch"

@@ -14,10 +14,10 @@ and all impression counts) and then grows with the events the service receives.
 
 Layout: one row per user (table `users`) holding the user's last N watches, last N queries
 and every impression count with the time last shown. A row per user, not per event, makes
-seeding cost a row per user (a small world's 3 million impression pairs took tens of
-seconds as rows; as one row per user they take about a second) and a request's read one
-primary-key lookup. `append` reads the rows of the users it touches, adds the events and
-writes them back, all in one transaction. The columns are plain data, no pickle:
+seeding cost a row per user, not a row per (user, item) impression pair (docs/scale.md,
+"One machine, bounded memory"), and a request's read one primary-key lookup. `append`
+reads the rows of the users it touches, adds the events and writes them back, all in one
+transaction. The columns are plain data, no pickle:
 
     watches      BLOB  [k] records of (item_id int64, ts int64, watch_time_s float64, NaN =
                        unknown), little-endian, oldest first (equal times: arrival order)
@@ -464,8 +464,8 @@ def _rows_from_tables(
 ) -> dict[int, _Packed]:
     """Packed rows per user from event tables (see `UserStateStore.seed`).
 
-    Built column by column with whole-table NumPy work and one byte slice per user: a
-    million users' rows take seconds (an object per user took several times longer).
+    Built column by column with whole-table NumPy work and one byte slice per user, not a
+    Python object per user, which was several times slower (docs/scale.md).
     """
     rows: dict[int, _Packed] = {}
     empty_w, empty_i = np.zeros(0, _WATCH).tobytes(), np.zeros(0, _SHOWN).tobytes()

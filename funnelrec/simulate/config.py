@@ -154,16 +154,18 @@ def _validate(c: SimConfig) -> None:
         raise bad("user_model", "completion_concentration and interest_floor must be > 0")
 
 
+# Each preset is sized for the use named above it; how long each takes to simulate is in
+# docs/simulator.md, "Presets".
 PRESETS: dict[str, SimConfig] = {
-    # tests: about 20k watches in well under 2 s
+    # tests: about 20k watches
     "tiny": SimConfig(
         n_users=500, n_items=1_000, days=28, tokens_per_topic=20, items_per_channel=10
     ),
-    # the demo: about 1M watches in under a minute on 2 cores
+    # the demo: about 1M watches
     "small": SimConfig(n_users=20_000, n_items=10_000, days=28),
     # experiments and benchmarks: about 10M watches
     "medium": SimConfig(n_users=200_000, n_items=100_000, days=28, tokens_per_topic=120),
-    # scale (issue 10): >= 100M watches, streamed in blocks
+    # scale (one machine, bounded memory; docs/scale.md): >= 100M watches, streamed in blocks
     "large": SimConfig(n_users=1_000_000, n_items=1_000_000, days=56, tokens_per_topic=400),
 }
 

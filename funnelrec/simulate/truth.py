@@ -3,9 +3,10 @@
 `funnelrec simulate` (see `simulate/`) draws a world, writes it to `DIR/truth/` and then
 generates every event through the functions of this module, so what the data show and
 what the truth says cannot drift apart. Later stages load the same truth to score
-themselves against it: `oracle_top_k` is the reference top-K of issue 5's Recall@K, and
-`click_probability` / `expected_watch_time` replay served slates in issue 9's simulated
-A/B test.
+themselves against it: `oracle_top_k` is the reference top-K of the candidate model's
+Recall@K (benchmarks/candidates_quality.py), and `click_probability` /
+`expected_watch_time` replay served slates in the simulated A/B test (`funnelrec
+experiment funnel-ab`).
 
     DIR/truth/world.json      format version, seed, config, topic names and vocabularies,
                               time window, user-model coefficients

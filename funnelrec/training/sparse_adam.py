@@ -5,8 +5,8 @@ their moments decay only when touched, the bias correction counts the table's st
 same numbers to float rounding. It works on the touched rows as one dense block: gather
 the rows' moments, update them in place, scatter them back, add the step to the weights.
 SparseAdam instead builds sparse tensors and masks the dense moments with them, which
-measured ~1.5-2x slower on one thread (1M x 64 table, 40k rows touched: 87-90 ms vs
-45-64 ms a step; the whole candidate-model step at 1M items spent 61% in SparseAdam).
+was slower on one thread, and at 1M items the optimizer dominated the candidate model's
+step (docs/candidates.md, "Training").
 
     opt = RowSparseAdam([table.weight], lr=1e-3)
 """

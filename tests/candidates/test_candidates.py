@@ -322,7 +322,7 @@ def test_training_beats_popularity_on_the_tiny_worlds_next_watches(
         res = runner.invoke(evaluate_cli.app, ["candidates", str(art), "--device", bad])
         assert res.exit_code != 0 and "--device" in str(res.exception)
 
-    # validation-split user vectors for the ANN index (issue 6)
+    # validation-split user vectors: the ANN index's tuning queries
     uv = split_user_vectors(art, tiny_features, "valid")
     assert uv.vectors.shape == (len(uv.label), 16) and len(uv.label) > 300
     first = split_user_vectors(art, tiny_features, "valid", batch_size=64, limit=100)

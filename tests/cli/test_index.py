@@ -28,7 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from funnelrec.simulate import generate, preset_config
 
     root = tmp_path_factory.mktemp("cli_index")
-    world = preset_config("tiny", ["n_users=300", "days=14"])  # ~2 s to build and train
+    world = preset_config("tiny", ["n_users=300", "days=14"])  # smaller still: a quick fixture
     generate(world, seed=0, out=root / "data", progress=False)
     build_features(root / "data", root / "feat", split="last", progress=False)
     cfg = load_training_config(

@@ -1,5 +1,5 @@
-"""Training examples for both stages: every rule of issue 4 on a hand-made world, plus the
-no-leak properties on a simulated one."""
+"""Training examples for both stages: every rule of docs/features.md on a hand-made world,
+plus the no-leak properties on a simulated one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's experiments on a simulated world (issue 9): `funnelrec experiment NAME`.
+"""The paper's experiments on a simulated world: `funnelrec experiment NAME`.
 
     from funnelrec.experiments import EXPERIMENTS, run_experiment
     from funnelrec.experiments.harness import ExperimentOptions

@@ -9,8 +9,8 @@ all items for a random sample of users' last watches, seen items excluded.
     BPR, ALS (64 factors, `implicit`)          baselines.BPR / ALS, the user's learned vector
     funnelrec candidate model                  the harness's default model and budget
 
-`baselines.ItemKNN` is left out: its all-pairs cosine fit alone takes minutes on the small
-world on two cores; benchmarks/real_data.py compares it on real data.
+`baselines.ItemKNN` is left out: its all-pairs cosine fit is too slow for the small world
+on two cores (docs/results.md); benchmarks/real_data.py compares it on real data.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from funnelrec.experiments.evaluation import (
     summary,
 )
 from funnelrec.experiments.harness import Harness, Timer
+from funnelrec.features import Features
 from funnelrec.serving.package import training_watches
 
 NAME = "baselines"
@@ -59,35 +60,8 @@ def _models(h: Harness, seed: int) -> dict[str, Fittable]:
 def run(h: Harness) -> dict[str, Any]:
     timer = Timer()
     feats = h.features("last", ["ranking=false"])
-    ds = Dataset.open(h.data())
-    n_items = int(ds.manifest.row_counts["items"])
     sample = ExampleSample.draw(feats, "test", h.budget.eval_examples)
     batches = sample_batches(feats, sample)
-    values = feats.vocab("item").values
-    train = training_watches(ds, feats)
-
-    def evaluate(seed: int) -> dict[str, Any]:
-        data = Interactions.of(train)
-        scorers: dict[str, Scorer] = {}
-        fit_s: dict[str, float] = {}
-        for name, model in _models(h, seed).items():
-            model.fit(data, num_items=n_items)
-            fit_s[name] = model.fit_seconds
-            scorers[name] = BaselineScorer(model, values)
-        run = h.candidate_run(feats, [], seed)
-        scorers["funnelrec candidate model"] = ModelScorer(load_candidate_model(run["artifact"]))
-        fit_s["funnelrec candidate model"] = run["wall_s"]
-        er = example_ranks(scorers, feats, sample, batches=batches)
-        return {
-            name: {
-                "metrics": summary(r, (10, 50, 100)),
-                "curve": recall_curve(r),
-                "ci_recall@100": bootstrap_ci(per_example(r, "recall@100")),
-                "fit_s": fit_s[name],
-            }
-            for name, r in er.ranks.items()
-        }
-
     per_seed = [
         h.cached(
             "baselines",
@@ -98,23 +72,47 @@ def run(h: Harness) -> dict[str, Any]:
                 "budget": h.settings()["budget"],
                 "models": {k: m.config() for k, m in _models(h, seed).items()},
             },
-            lambda seed=seed: evaluate(seed),  # type: ignore[misc]
+            lambda seed=seed: _evaluate(h, feats, sample, batches, seed),  # type: ignore[misc]
         )
         for seed in h.seeds
     ]
-    names = [*_models(h, 0), "funnelrec candidate model"]
-    rows, series = [], []
-    results: dict[str, Any] = {}
-    for name in names:
-        stats = {c: mean_sd([s[name]["metrics"][c] for s in per_seed]) for c in COLUMNS}
-        ci = per_seed[0][name]["ci_recall@100"]
-        fit = float(np.mean([s[name]["fit_s"] for s in per_seed]))
-        rows.append(
-            [name, *(_pm(*stats[c]) for c in COLUMNS), f"[{ci[0]:.3f}, {ci[1]:.3f}]", f"{fit:.1f}"]
-        )
-        curve = np.mean([s[name]["curve"] for s in per_seed], axis=0).tolist()
-        series.append({"label": name, "x": list(CURVE_KS), "y": curve})
-        results[name] = {c: stats[c][0] for c in COLUMNS} | {"fit_s": fit}
+    doc = _document(h, per_seed, len(sample.positions))
+    h.finish(NAME, doc, timer)
+    return doc
+
+
+def _evaluate(
+    h: Harness, feats: Features, sample: ExampleSample, batches: Any, seed: int
+) -> dict[str, Any]:
+    """Fit every baseline, train the deep model, and score them all on the sample."""
+    ds = Dataset.open(h.data())
+    n_items = int(ds.manifest.row_counts["items"])
+    values = feats.vocab("item").values
+    data = Interactions.of(training_watches(ds, feats))
+    scorers: dict[str, Scorer] = {}
+    fit_s: dict[str, float] = {}
+    for name, model in _models(h, seed).items():
+        model.fit(data, num_items=n_items)
+        fit_s[name] = model.fit_seconds
+        scorers[name] = BaselineScorer(model, values)
+    run = h.candidate_run(feats, [], seed)
+    scorers["funnelrec candidate model"] = ModelScorer(load_candidate_model(run["artifact"]))
+    fit_s["funnelrec candidate model"] = run["wall_s"]
+    er = example_ranks(scorers, feats, sample, batches=batches)
+    return {
+        name: {
+            "metrics": summary(r, (10, 50, 100)),
+            "curve": recall_curve(r),
+            "ci_recall@100": bootstrap_ci(per_example(r, "recall@100")),
+            "fit_s": fit_s[name],
+        }
+        for name, r in er.ranks.items()
+    }
+
+
+def _verdict(h: Harness, results: dict[str, Any], names: list[str]) -> tuple[str, str]:
+    """(holds, text): is the deep model ahead of the best baseline, or of matrix
+    factorisation at least?"""
     model = results["funnelrec candidate model"]["recall@100"]
     best_name = max((n for n in names if n != "funnelrec candidate model"),
                     key=lambda n: results[n]["recall@100"])  # fmt: skip
@@ -134,13 +132,31 @@ def run(h: Harness) -> dict[str, Any]:
         )
         + f" The deep model trained for {h.budget.cand_steps} steps only; see the protocol."
     )
+    return holds, verdict
+
+
+def _document(h: Harness, per_seed: list[dict[str, Any]], n_users: int) -> dict[str, Any]:
+    names = [*_models(h, 0), "funnelrec candidate model"]
+    rows, series = [], []
+    results: dict[str, Any] = {}
+    for name in names:
+        stats = {c: mean_sd([s[name]["metrics"][c] for s in per_seed]) for c in COLUMNS}
+        ci = per_seed[0][name]["ci_recall@100"]
+        fit = float(np.mean([s[name]["fit_s"] for s in per_seed]))
+        rows.append(
+            [name, *(_pm(*stats[c]) for c in COLUMNS), f"[{ci[0]:.3f}, {ci[1]:.3f}]", f"{fit:.1f}"]
+        )
+        curve = np.mean([s[name]["curve"] for s in per_seed], axis=0).tolist()
+        series.append({"label": name, "x": list(CURVE_KS), "y": curve})
+        results[name] = {c: stats[c][0] for c in COLUMNS} | {"fit_s": fit}
+    holds, verdict = _verdict(h, results, names)
     seeds = f"{len(h.seeds)} seed(s)"
-    doc = {
+    return {
         "title": "Baselines: popularity, co-watch, BPR, ALS and the deep model",
         "claim": "The deep candidate generator (which replaced a matrix factorisation approach "
         "at YouTube) retrieves the next watch better than classic collaborative filtering.",
         "protocol": f"{h.options.preset} world, leave-last-out split (last watch = test), "
-        f"{len(sample.positions)} test users sampled at random (the same for every model); "
+        f"{n_users} test users sampled at random (the same for every model); "
         "all models fitted on the training part only; full ranking of every training-"
         "vocabulary item, items watched before excluded (never the target); ties broken "
         f"by a fixed random order; mean ± sd over {seeds} (BPR, ALS and the deep model "
@@ -168,8 +184,6 @@ def run(h: Harness) -> dict[str, Any]:
         "verdict": {"holds": holds, "text": verdict},
         "results": {"models": results, "per_seed": per_seed},
     }
-    h.finish(NAME, doc, timer)
-    return doc
 
 
 def _pm(mean: float, sd: float) -> str:

@@ -1,9 +1,10 @@
-"""`funnelrec experiment depth-features` (the paper's Fig. 6): held-out MAP of candidate
-generation against tower depth 0-4, for four feature sets:
+"""`funnelrec experiment depth-features` (the paper's Fig. 6, Covington et al. 2016,
+section 3.5): held-out MAP of candidate generation against tower depth 0-4, for four
+feature sets:
 
     watches only        history bag only
     + searches          + the bag of search tokens
-    + example age       + the example-age input (SPEC 2.1)
+    + example age       + the example-age input (section 3.3)
     all features        + demographics (region, device, gender, logged-in, age)
 
 Tower depths as in the paper, scaled to d: 0 linear to d; 1: d; 2: 2d -> d; 3: 4d -> 2d -> d;
@@ -20,6 +21,7 @@ import numpy as np
 from funnelrec.experiments.common import candidate_arm, pm, rel, seeds_note, time_features
 from funnelrec.experiments.evaluation import mean_sd
 from funnelrec.experiments.harness import Harness, Timer
+from funnelrec.features import Features
 
 NAME = "depth-features"
 METRIC = "map@100"
@@ -31,11 +33,25 @@ FEATURE_SETS: dict[str, list[str]] = {
 }
 
 
+_Grid = dict[str, dict[int, list[dict[str, Any]]]]
+"""feature set -> depth -> one trained model per seed."""
+_Stats = dict[str, dict[int, tuple[float, float]]]
+"""feature set -> depth -> (mean, sd) of a metric over seeds."""
+
+
 def run(h: Harness) -> dict[str, Any]:
     timer = Timer()
     feats = time_features(h)
     depths = list(h.budget.depths)
-    grid: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    grid = _grid(h, feats, depths)
+    doc = _document(h, grid, depths)
+    h.finish(NAME, doc, timer)
+    return doc
+
+
+def _grid(h: Harness, feats: Features, depths: list[int]) -> _Grid:
+    """Every feature set at every depth, one model per seed."""
+    grid: _Grid = {}
     total = len(FEATURE_SETS) * len(depths) * len(h.seeds)
     done = 0
     for name, overrides in FEATURE_SETS.items():
@@ -50,32 +66,20 @@ def run(h: Harness) -> dict[str, Any]:
                 grid[name][depth].append(
                     candidate_arm(h, feats, [*overrides, f"depth={depth}"], seed)
                 )
+    return grid
 
-    stats = {
-        name: {d: mean_sd([a["metrics"][METRIC] for a in arms]) for d, arms in by_depth.items()}
+
+def _stats(grid: _Grid, metric: str) -> _Stats:
+    return {
+        name: {d: mean_sd([a["metrics"][metric] for a in arms]) for d, arms in by_depth.items()}
         for name, by_depth in grid.items()
     }
-    recall = {
-        name: {
-            d: mean_sd([a["metrics"]["recall@100"] for a in arms]) for d, arms in by_depth.items()
-        }
-        for name, by_depth in grid.items()
-    }
-    rows = []
-    for name in FEATURE_SETS:
-        rows.append([name, *(pm(*stats[name][d]) for d in depths)])
-    rows_recall = [[name, *(pm(*recall[name][d]) for d in depths)] for name in FEATURE_SETS]
-    series = [
-        {
-            "label": name,
-            "x": depths,
-            "y": [stats[name][d][0] for d in depths],
-            "yerr": [stats[name][d][1] for d in depths],
-        }
-        for name in FEATURE_SETS
-    ]
-    # Did the paper's two directions hold? Features: each added group raises MAP (averaged
-    # over depths); depth: the best depth of "all features" is deeper than 0 and beats it.
+
+
+def _verdict(h: Harness, stats: _Stats, depths: list[int]) -> tuple[str, str]:
+    """(holds, text): did the paper's two directions hold? Features: each added group
+    raises MAP (averaged over depths); depth: the best depth of "all features" is deeper
+    than 0 and beats it."""
     avg = {name: float(np.mean([stats[name][d][0] for d in depths])) for name in FEATURE_SETS}
     names = list(FEATURE_SETS)
     steps_up = [avg[b] > avg[a] for a, b in itertools.pairwise(names)]
@@ -119,7 +123,27 @@ def run(h: Harness) -> dict[str, Any]:
         "topic mixture plus a small taste vector, which a linear map of the averaged history "
         "already captures."
     )
-    doc = {
+    return holds, text
+
+
+def _document(h: Harness, grid: _Grid, depths: list[int]) -> dict[str, Any]:
+    stats = _stats(grid, METRIC)
+    recall = _stats(grid, "recall@100")
+    rows = []
+    for name in FEATURE_SETS:
+        rows.append([name, *(pm(*stats[name][d]) for d in depths)])
+    rows_recall = [[name, *(pm(*recall[name][d]) for d in depths)] for name in FEATURE_SETS]
+    series = [
+        {
+            "label": name,
+            "x": depths,
+            "y": [stats[name][d][0] for d in depths],
+            "yerr": [stats[name][d][1] for d in depths],
+        }
+        for name in FEATURE_SETS
+    ]
+    holds, text = _verdict(h, stats, depths)
+    return {
         "title": "Depth and features (Fig. 6): held-out MAP vs tower depth",
         "claim": "Holdout MAP rises with tower depth and with each feature group added: "
         "watches only < + searches < + example age < all features.",
@@ -164,5 +188,3 @@ def run(h: Harness) -> dict[str, Any]:
             },
         },
     }
-    h.finish(NAME, doc, timer)
-    return doc

@@ -1,5 +1,6 @@
-"""`funnelrec experiment example-age` (the paper's Fig. 3 / SPEC 2.1): does the example-age
-input let the model learn how an item's popularity changes with its age?
+"""`funnelrec experiment example-age` (the paper's Fig. 3, Covington et al. 2016, section
+3.3): does the example-age input let the model learn how an item's popularity changes with
+its age?
 
 Two candidate models differ only in the example-age input. For a random sample of
 held-out requests of the validation period (the days right after the training window, so
@@ -106,33 +107,50 @@ def run(h: Harness) -> dict[str, Any]:
         {"features": feats.path.name, "period": "valid", "t0": t0, "n_days": n_days},
         lambda: empirical_shares(h, feats, upload, t0, n_days),
     )
-    arms: dict[str, list[dict[str, Any]]] = {}
-    for label, flag in ARMS.items():
-        arms[label] = []
-        for seed in h.seeds:
-            arm = candidate_arm(h, feats, [flag], seed)
-            shares = h.cached(
-                "age-shares",
-                {
-                    "model": arm["artifact"],
-                    "split": sample.split,
-                    "n": len(sample.positions),
-                    "n_days": n_days,
-                },
-                lambda arm=arm: {  # type: ignore[misc]
-                    "shares": predicted_shares(arm["artifact"], feats, sample, upload, t0, n_days)
-                },
-            )
-            arms[label].append({**arm, "shares": shares["shares"]})
+    arms = {
+        label: [_arm(h, feats, flag, seed, sample, upload, t0, n_days) for seed in h.seeds]
+        for label, flag in ARMS.items()
+    }
+    doc = _document(h, arms, empirical, n_days, len(sample.positions))
+    h.finish(NAME, doc, timer)
+    return doc
 
-    emp = np.asarray(empirical["shares"])
+
+def _arm(
+    h: Harness,
+    feats: Features,
+    flag: str,
+    seed: int,
+    sample: ExampleSample,
+    upload: np.ndarray,
+    t0: int,
+    n_days: int,
+) -> dict[str, Any]:
+    """One model, with its predicted shares by item age (cached)."""
+    arm = candidate_arm(h, feats, [flag], seed)
+    shares = h.cached(
+        "age-shares",
+        {
+            "model": arm["artifact"],
+            "split": sample.split,
+            "n": len(sample.positions),
+            "n_days": n_days,
+        },
+        lambda: {"shares": predicted_shares(arm["artifact"], feats, sample, upload, t0, n_days)},
+    )
+    return {**arm, "shares": shares["shares"]}
+
+
+def _table(
+    arms: dict[str, list[dict[str, Any]]], emp: np.ndarray, n_days: int
+) -> tuple[list[list[str]], list[dict[str, Any]], dict[str, Any]]:
+    """The table's rows, the figure's series and the summary of each arm."""
     days = list(range(n_days))
     series = [
         {"label": "empirical (validation-period watches)", "x": days, "y": emp[:n_days].tolist()}
     ]
     rows = []
     summary: dict[str, Any] = {}
-    emp_fresh = float(emp[:FRESH_DAYS].sum())
     for label, runs in arms.items():
         shares = np.mean([r["shares"] for r in runs], axis=0)
         series.append({"label": f"model, {label}", "x": days, "y": shares[:n_days].tolist()})
@@ -142,7 +160,14 @@ def run(h: Harness) -> dict[str, Any]:
         rec = mean_sd([r["metrics"]["recall@100"] for r in runs])
         rows.append([label, pm(*fresh), pm(float(shares[n_days]), 0.0), pm(*l1), pm(*mp), pm(*rec)])
         summary[label] = {"fresh_share": fresh, "l1_to_empirical": l1, "map@100": mp}
+    emp_fresh = float(emp[:FRESH_DAYS].sum())
     rows.append(["empirical", f"{emp_fresh:.4f}", f"{emp[n_days]:.4f}", "0", "", ""])
+    return rows, series, summary
+
+
+def _verdict(summary: dict[str, Any], emp_fresh: float, oov_share: float) -> tuple[str, str]:
+    """(holds, text): with example age, is the model's age distribution closer to the
+    data's and fresher?"""
     w, wo = summary["with example age"], summary["without"]
     # A direction counts only when it is larger than a small margin: with one seed, shares
     # that differ by a few percent are within training noise.
@@ -165,15 +190,28 @@ def run(h: Harness) -> dict[str, Any]:
             "and 2% in L1): at this budget the model does not learn the interaction "
             "between example age and fresh items, and both miss the freshness of the data."
         )
-        + f" {100 * empirical['oov_share']:.1f}% of validation-period watches are of items no "
+        + f" {100 * oov_share:.1f}% of validation-period watches are of items no "
         "model trained on the window can know (uploaded after it or never watched in it)."
     )
-    doc = {
+    return holds, text
+
+
+def _document(
+    h: Harness,
+    arms: dict[str, list[dict[str, Any]]],
+    empirical: dict[str, Any],
+    n_days: int,
+    n_requests: int,
+) -> dict[str, Any]:
+    emp = np.asarray(empirical["shares"])
+    rows, series, summary = _table(arms, emp, n_days)
+    holds, text = _verdict(summary, float(emp[:FRESH_DAYS].sum()), empirical["oov_share"])
+    return {
         "title": "Example age (Fig. 3): predicted share of recommendations by item age",
         "claim": "Without the example-age feature the model predicts roughly the average "
         "popularity over the training window; with it (set to 0 at serving) the model "
         "captures the time-dependent popularity of fresh items.",
-        "protocol": f"{h.options.preset} world, time split; {len(sample.positions)} requests "
+        "protocol": f"{h.options.preset} world, time split; {n_requests} requests "
         "of the validation period (right after the training window) sampled at random; the "
         "model's softmax over all vocabulary items (example age 0) averaged over requests "
         "and summed by the item's age in days at the request; empirical: all validation-"
@@ -214,5 +252,3 @@ def run(h: Harness) -> dict[str, Any]:
             "summary": summary,
         },
     }
-    h.finish(NAME, doc, timer)
-    return doc

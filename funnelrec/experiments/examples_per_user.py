@@ -1,5 +1,6 @@
-"""`funnelrec experiment examples-per-user` (SPEC 2.2): a fixed number of training examples
-per user against all of them, scored separately for light, medium and heavy users.
+"""`funnelrec experiment examples-per-user` (Covington et al. 2016, section 3.4): a fixed
+number of training examples per user against all of them, scored separately for light,
+medium and heavy users.
 
 Both models get the same number of steps; the uncapped features draw most examples from
 heavy users, the capped ones (`FeaturesConfig.cap`, 30 by default) spread them evenly.
@@ -24,6 +25,7 @@ from funnelrec.experiments.evaluation import (
     per_example,
 )
 from funnelrec.experiments.harness import Harness, Timer, stable_hash
+from funnelrec.features import Features
 from funnelrec.features.loader import read_examples
 from funnelrec.serving.package import training_watches
 
@@ -37,18 +39,39 @@ def run(h: Harness) -> dict[str, Any]:
     capped = time_features(h)
     cap = capped.config.cap
     uncapped = time_features(h, ["cap=none", "ranking=false"])
-    ds = Dataset.open(h.data())
-    train = training_watches(ds, capped)
-    users = np.asarray(train.column("user_id").to_numpy(), dtype=np.int64)
-    n_train = np.bincount(users)
+    n_train = _training_watches_per_user(h, capped)
+    cuts = np.quantile(n_train[n_train > 0], [1 / 3, 2 / 3])
+    share_rows = _share_rows(n_train, cuts, cap)
+    sample, group_of = _stratified_sample(h, capped, n_train, cuts)
+    group = group_of[sample.positions]
+    arms_def = {f"capped ({cap} per user)": capped, "uncapped (all watches)": uncapped}
+    arms = {
+        label: [_arm(h, feats, capped, sample, group, seed) for seed in h.seeds]
+        for label, feats in arms_def.items()
+    }
+    # all test examples: the group means weighted by each group's share of them
+    weight = {g: float((group_of == i).mean()) for i, g in enumerate(GROUPS)}
+    doc = _document(h, cap, arms, group, weight, cuts, share_rows)
+    h.finish(NAME, doc, timer)
+    return doc
+
+
+def _training_watches_per_user(h: Harness, feats: Features) -> np.ndarray:
+    """[max user id + 1] each user's number of training watches."""
+    train = training_watches(Dataset.open(h.data()), feats)
+    return np.bincount(np.asarray(train.column("user_id").to_numpy(), dtype=np.int64))
+
+
+def _share_rows(n_train: np.ndarray, cuts: np.ndarray, cap: int | None) -> list[list[str]]:
+    """Per activity group: its users, and its share of the training examples uncapped
+    and capped."""
     active = n_train[n_train > 0]
-    cuts = np.quantile(active, [1 / 3, 2 / 3])
     capped_n = np.minimum(active, cap) if cap else active
-    share_rows = []
+    rows = []
     for g, (lo, hi) in zip(GROUPS, [(0, cuts[0]), (cuts[0], cuts[1]), (cuts[1], np.inf)],
                            strict=True):  # fmt: skip
         in_g = (active > lo) & (active <= hi) if g != "light" else active <= hi
-        share_rows.append(
+        rows.append(
             [
                 g,
                 f"{int(lo) + (g != 'light')}-{'' if np.isinf(hi) else int(hi)}",
@@ -57,11 +80,17 @@ def run(h: Harness) -> dict[str, Any]:
                 f"{capped_n[in_g].sum() / capped_n.sum():.1%}",
             ]
         )
+    return rows
 
-    # A stratified sample: as many test examples from each activity group (heavy users
-    # hold most test examples, so a uniform sample would say little about light users).
+
+def _stratified_sample(
+    h: Harness, feats: Features, n_train: np.ndarray, cuts: np.ndarray
+) -> tuple[ExampleSample, np.ndarray]:
+    """As many test examples from each activity group (heavy users hold most test
+    examples, so a uniform sample would say little about light users), and the group of
+    every test example."""
     test_users = np.asarray(
-        read_examples(capped, "candidates", "test", ["user_id"]).column("user_id").to_numpy(),
+        read_examples(feats, "candidates", "test", ["user_id"]).column("user_id").to_numpy(),
         dtype=np.int64,
     )
     group_of = np.digitize(n_train[np.minimum(test_users, n_train.size - 1)], cuts, right=True)
@@ -76,39 +105,43 @@ def run(h: Harness) -> dict[str, Any]:
             ]
         )
     )
-    sample = ExampleSample("test", positions, test_users.size)
-    weight = {g: float((group_of == i).mean()) for i, g in enumerate(GROUPS)}
-    group = group_of[positions]
-    n_per_group = {g: int((group == i).sum()) for i, g in enumerate(GROUPS)}
-    arms_def = {f"capped ({cap} per user)": capped, "uncapped (all watches)": uncapped}
-    arms: dict[str, list[dict[str, Any]]] = {}
-    for label, feats in arms_def.items():
-        arms[label] = []
-        for seed in h.seeds:
-            arm = candidate_arm(h, feats, [], seed, eval_feats=capped)
+    return ExampleSample("test", positions, test_users.size), group_of
 
-            def score(arm: dict[str, Any] = arm) -> dict[str, Any]:
-                model = load_candidate_model(arm["artifact"])
-                r = example_ranks({"m": ModelScorer(model)}, capped, sample).ranks["m"]
-                return {"hits": per_example(r, METRIC).tolist()}
 
-            key = {"model": arm["artifact"], "positions": stable_hash(positions.tolist())}
-            hits = np.asarray(h.cached("epu-hits", key, score)["hits"])
-            by_group = {g: float(hits[group == i].mean()) for i, g in enumerate(GROUPS)}
-            arms[label].append({**arm, "groups": by_group, "hits": hits})
+def _arm(
+    h: Harness,
+    feats: Features,
+    capped: Features,
+    sample: ExampleSample,
+    group: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """A model trained on `feats`: its hits on the sample (cached) and recall by group."""
+    arm = candidate_arm(h, feats, [], seed, eval_feats=capped)
 
+    def score() -> dict[str, Any]:
+        model = load_candidate_model(arm["artifact"])
+        r = example_ranks({"m": ModelScorer(model)}, capped, sample).ranks["m"]
+        return {"hits": per_example(r, METRIC).tolist()}
+
+    key = {"model": arm["artifact"], "positions": stable_hash(sample.positions.tolist())}
+    hits = np.asarray(h.cached("epu-hits", key, score)["hits"])
+    by_group = {g: float(hits[group == i].mean()) for i, g in enumerate(GROUPS)}
+    return {**arm, "groups": by_group, "hits": hits}
+
+
+def _table(
+    arms: dict[str, list[dict[str, Any]]], group: np.ndarray, weight: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, Any], list[list[str]]]:
+    """Each arm's recall by group over seeds, the paired difference per group (seed 0,
+    capped minus uncapped), and the table's rows of both."""
     stats = {
         label: {g: mean_sd([r["groups"][g] for r in runs]) for g in GROUPS}
-        # all test examples: the group means weighted by each group's share of them
         | {"all": mean_sd([sum(weight[g] * r["groups"][g] for g in GROUPS) for r in runs])}
         for label, runs in arms.items()
     }
     labels = list(arms)
     rows = [[label, *(pm(*stats[label][g]) for g in (*GROUPS, "all"))] for label in labels]
-    c, u = stats[labels[0]], stats[labels[1]]
-    light_gain = rel(c["light"][0], u["light"][0])
-    heavy_gain = rel(c["heavy"][0], u["heavy"][0])
-    # paired on the same examples (seed 0): capped minus uncapped, per group
     diffs = {
         g: paired_diff_ci(arms[labels[0]][0]["hits"][group == i],
                           arms[labels[1]][0]["hits"][group == i])
@@ -118,7 +151,18 @@ def run(h: Harness) -> dict[str, Any]:
         ["difference (capped - uncapped), 95% CI",
          *(f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" for d in diffs.values()), ""]
     )  # fmt: skip
-    light = diffs["light"]
+    return stats, diffs, rows
+
+
+def _verdict(
+    c: dict[str, tuple[float, float]],
+    u: dict[str, tuple[float, float]],
+    light: tuple[float, float, float],
+) -> tuple[str, str]:
+    """(holds, text) from the capped (`c`) and uncapped (`u`) stats and the light users'
+    paired difference."""
+    light_gain = rel(c["light"][0], u["light"][0])
+    heavy_gain = rel(c["heavy"][0], u["heavy"][0])
     holds = "yes" if light[1] > 0 else "unclear" if light[2] >= 0 and light[0] >= 0 else "no"
     text = (
         f"Capping changes {METRIC} of light users by {light_gain}, heavy users by "
@@ -136,7 +180,23 @@ def run(h: Harness) -> dict[str, Any]:
         + " At a fixed number of steps the capped model also sees light users' examples "
         "more often, which is the mechanism the paper describes."
     )
-    doc = {
+    return holds, text
+
+
+def _document(
+    h: Harness,
+    cap: int | None,
+    arms: dict[str, list[dict[str, Any]]],
+    group: np.ndarray,
+    weight: dict[str, float],
+    cuts: np.ndarray,
+    share_rows: list[list[str]],
+) -> dict[str, Any]:
+    n_per_group = {g: int((group == i).sum()) for i, g in enumerate(GROUPS)}
+    labels = list(arms)
+    stats, diffs, rows = _table(arms, group, weight)
+    holds, text = _verdict(stats[labels[0]], stats[labels[1]], diffs["light"])
+    return {
         "title": "Examples per user: capped vs uncapped, by user activity",
         "claim": "Generating a fixed number of training examples per user weighs users "
         "equally in the loss and keeps a few heavy users from dominating it.",
@@ -192,5 +252,3 @@ def run(h: Harness) -> dict[str, Any]:
             "n_per_group": n_per_group,
         },
     }
-    h.finish(NAME, doc, timer)
-    return doc

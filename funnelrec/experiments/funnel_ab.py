@@ -36,6 +36,7 @@ from funnelrec.experiments.common import candidate_arm, heldout_sample, pm, time
 from funnelrec.experiments.evaluation import bootstrap_ci, example_ranks, mean_sd, summary
 from funnelrec.experiments.harness import Harness, Timer, stable_hash
 from funnelrec.experiments.ranking_table import CTR, WLR_BEST
+from funnelrec.features import Features
 from funnelrec.ranking.model import load_ranker, read_ranker_config
 from funnelrec.serving.package import package, training_watches
 from funnelrec.serving.recommender import Recommender, RecommendRequest
@@ -156,73 +157,109 @@ def run(h: Harness) -> dict[str, Any]:
     feats = time_features(h)
     ds = Dataset.open(h.data())
     train = training_watches(ds, feats)
-    n_items = int(ds.manifest.row_counts["items"])
-    pop = Popularity().fit(train, num_items=n_items)
+    pop = Popularity().fit(train, num_items=int(ds.manifest.row_counts["items"]))
+    pop_offline = _popularity_offline(h, feats)
+    users_all = np.unique(np.asarray(train.column("user_id").to_numpy(), dtype=np.int64))
+    per_seed = [_seed_arm(h, feats, pop, pop_offline, users_all, seed) for seed in h.seeds]
+    logged = _logged_reference(h, int(feats.manifest["split"]["t2"]))
+    n_users = min(h.budget.ab_users, users_all.size)
+    doc = _document(h, per_seed, pop_offline, logged, n_users)
+    h.finish(NAME, doc, timer)
+    return doc
+
+
+def _popularity_offline(h: Harness, feats: Features) -> dict[str, Any]:
+    """Most popular's offline metrics on the held-out sample (cached)."""
     sample = heldout_sample(h, feats)
-    pop_offline = h.cached(
+    return h.cached(
         "ab-pop-offline",
         {"features": feats.path.name, "n": len(sample.positions)},
         lambda: summary(
             example_ranks({"p": PopularityScorer(feats.item_counts())}, feats, sample).ranks["p"]
         ),
     )
-    users_all = np.unique(np.asarray(train.column("user_id").to_numpy(), dtype=np.int64))
-    per_seed = []
-    for seed in h.seeds:
-        cand = candidate_arm(h, feats, [], seed)
-        wlr = h.ranker_run(feats, WLR_BEST[1], seed)
-        ctr = h.ranker_run(feats, CTR[1], seed)
-        users = np.sort(
-            np.random.default_rng(seed).choice(
-                users_all, min(h.budget.ab_users, users_all.size), replace=False
-            )
+
+
+def _seed_arm(
+    h: Harness,
+    feats: Features,
+    pop: Popularity,
+    pop_offline: dict[str, Any],
+    users_all: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """One seed's models (candidate model, WLR and CTR rankers), the replay of every
+    policy to its sample of users (cached), and each policy's offline metric."""
+    cand = candidate_arm(h, feats, [], seed)
+    wlr = h.ranker_run(feats, WLR_BEST[1], seed)
+    ctr = h.ranker_run(feats, CTR[1], seed)
+    users = np.sort(
+        np.random.default_rng(seed).choice(
+            users_all, min(h.budget.ab_users, users_all.size), replace=False
         )
+    )
+    result = h.cached(
+        "ab-replay",
+        {
+            "cand": cand["artifact"],
+            "wlr": wlr["artifact"],
+            "ctr": ctr["artifact"],
+            "users": len(users),
+            "k": h.budget.ab_k,
+            "seed": seed,
+        },
+        lambda: _replay_funnels(h, feats, cand, wlr, ctr, pop, users, seed),
+    )
+    offline = {
+        "most popular": ("recall@10 (next watch)", pop_offline["recall@10"]),
+        "fresh & popular now": ("", None),
+        "candidate generation only": ("recall@10 (next watch)", cand["metrics"]["recall@10"]),
+        "funnel, WLR ranker": (
+            "weighted per-user loss",
+            wlr["test"]["model"]["weighted_per_user_loss"],
+        ),
+        "funnel, CTR ranker": (
+            "weighted per-user loss",
+            ctr["test"]["model"]["weighted_per_user_loss"],
+        ),
+        "oracle (truth)": ("", None),
+    }
+    ranker_auc = {
+        "funnel, WLR ranker": wlr["test"]["model"]["auc"],
+        "funnel, CTR ranker": ctr["test"]["model"]["auc"],
+    }
+    return {"replay": result, "offline": offline, "ranker_auc": ranker_auc}
 
-        def ab(cand: dict[str, Any] = cand, wlr: dict[str, Any] = wlr,
-               ctr: dict[str, Any] = ctr, users: np.ndarray = users,
-               seed: int = seed) -> dict[str, Any]:  # fmt: skip
-            art = _artifact(h, feats.path, cand["artifact"], wlr["artifact"])
-            rec = Recommender.load(art)
-            spec = read_ranker_config(ctr["artifact"]).get("spec")
-            if spec != read_ranker_config(wlr["artifact"]).get("spec"):
-                raise ArtifactError(f"{ctr['artifact']}: its feature spec differs from the WLR's")
-            rec_ctr = copy.copy(rec)  # the same funnel and candidates, another ranker
-            rec_ctr.ranker = load_ranker(ctr["artifact"])
-            return replay(h, rec, rec_ctr, pop, users, seed)
 
-        result = h.cached(
-            "ab-replay",
-            {
-                "cand": cand["artifact"],
-                "wlr": wlr["artifact"],
-                "ctr": ctr["artifact"],
-                "users": len(users),
-                "k": h.budget.ab_k,
-                "seed": seed,
-            },
-            ab,
-        )
-        offline = {
-            "most popular": ("recall@10 (next watch)", pop_offline["recall@10"]),
-            "fresh & popular now": ("", None),
-            "candidate generation only": ("recall@10 (next watch)", cand["metrics"]["recall@10"]),
-            "funnel, WLR ranker": (
-                "weighted per-user loss",
-                wlr["test"]["model"]["weighted_per_user_loss"],
-            ),
-            "funnel, CTR ranker": (
-                "weighted per-user loss",
-                ctr["test"]["model"]["weighted_per_user_loss"],
-            ),
-            "oracle (truth)": ("", None),
-        }
-        per_seed.append({"replay": result, "offline": offline, "ranker_auc": {
-            "funnel, WLR ranker": wlr["test"]["model"]["auc"],
-            "funnel, CTR ranker": ctr["test"]["model"]["auc"]}})  # fmt: skip
+def _replay_funnels(
+    h: Harness,
+    feats: Features,
+    cand: dict[str, Any],
+    wlr: dict[str, Any],
+    ctr: dict[str, Any],
+    pop: Popularity,
+    users: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """`replay` with the funnel packaged from `cand` and `wlr`, and its twin ranked by
+    `ctr`."""
+    art = _artifact(h, feats.path, cand["artifact"], wlr["artifact"])
+    rec = Recommender.load(art)
+    spec = read_ranker_config(ctr["artifact"]).get("spec")
+    if spec != read_ranker_config(wlr["artifact"]).get("spec"):
+        raise ArtifactError(f"{ctr['artifact']}: its feature spec differs from the WLR's")
+    rec_ctr = copy.copy(rec)  # the same funnel and candidates, another ranker
+    rec_ctr.ranker = load_ranker(ctr["artifact"])
+    return replay(h, rec, rec_ctr, pop, users, seed)
 
-    def stat(policy: str, key: str) -> tuple[float, float]:
-        return mean_sd([s["replay"]["policies"][policy][key] for s in per_seed])
 
+def _stat(per_seed: list[dict[str, Any]], policy: str, key: str) -> tuple[float, float]:
+    return mean_sd([s["replay"]["policies"][policy][key] for s in per_seed])
+
+
+def _table_rows(per_seed: list[dict[str, Any]], logged: dict[str, float]) -> list[list[str]]:
+    """Each policy's offline metric beside its online outcomes, then the logging policy's
+    observed ones."""
     first = per_seed[0]
     rows = []
     for p in POLICIES:
@@ -237,19 +274,24 @@ def run(h: Harness) -> dict[str, Any]:
                 metric,
                 off,
                 pm(*mean_sd(aucs)) if aucs else "",
-                pm(*stat(p, "expected_watch_s"), digits=1),
+                pm(*_stat(per_seed, p, "expected_watch_s"), digits=1),
                 f"[{ci[0]:.1f}, {ci[1]:.1f}]",
-                pm(*stat(p, "expected_ctr")),
-                pm(*stat(p, "sampled_watch_s"), digits=1),
-                pm(*stat(p, "sampled_ctr")),
+                pm(*_stat(per_seed, p, "expected_ctr")),
+                pm(*_stat(per_seed, p, "sampled_watch_s"), digits=1),
+                pm(*_stat(per_seed, p, "sampled_ctr")),
                 f"{first['replay']['policies'][p]['distinct_items']:,}",
             ]
         )
-    logged = _logged_reference(h, int(feats.manifest["split"]["t2"]))
     rows.append(["logging policy (observed, test period)", "", "", "", "", "", "",
                  f"{logged['watch_s']:.1f}", f"{logged['ctr']:.4f}", ""])  # fmt: skip
-    w = {p: stat(p, "expected_watch_s")[0] for p in POLICIES}
-    c = {p: stat(p, "expected_ctr")[0] for p in POLICIES}
+    return rows
+
+
+def _disagreements(
+    per_seed: list[dict[str, Any]], pop_offline: dict[str, Any], w: dict[str, float]
+) -> list[str]:
+    """Where an offline metric orders two policies differently from expected watch time
+    (`w`, per impression)."""
     wlr_l = float(np.mean([s["offline"]["funnel, WLR ranker"][1] for s in per_seed]))
     ctr_l = float(np.mean([s["offline"]["funnel, CTR ranker"][1] for s in per_seed]))
     disagreements = []
@@ -272,6 +314,11 @@ def run(h: Harness) -> dict[str, Any]:
             f"click AUC prefers the {better} ranker (CTR {auc['funnel, CTR ranker']:.3f}, WLR "
             f"{auc['funnel, WLR ranker']:.3f}), expected watch time per impression the other"
         )
+    return disagreements
+
+
+def _verdict(w: dict[str, float], c: dict[str, float], disagreements: list[str]) -> tuple[str, str]:
+    """(holds, text) from each policy's expected watch time `w` and CTR `c`."""
     ranker_gain = w["funnel, WLR ranker"] / max(w["candidate generation only"], 1e-9) - 1
     wlr_vs_ctr = w["funnel, WLR ranker"] / max(w["funnel, CTR ranker"], 1e-9) - 1
     ctr_vs_wlr_clicks = c["funnel, CTR ranker"] / max(c["funnel, WLR ranker"], 1e-9) - 1
@@ -296,10 +343,17 @@ def run(h: Harness) -> dict[str, Any]:
             else "Offline metrics and simulated online outcomes agree on the orderings here."
         )
     )
-    lat = first["replay"]["request_ms"]
+    return holds, text
+
+
+def _figures(
+    per_seed: list[dict[str, Any]], w: dict[str, float], c: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Watch time and CTR by policy, and the funnels' request latency."""
+    first = per_seed[0]
     if len(per_seed) > 1:  # the spread over seeds
         error_label = f"expected (± sd over {len(per_seed)} seeds)"
-        error_bars: list[Any] = [stat(p, "expected_watch_s")[1] for p in POLICIES]
+        error_bars: list[Any] = [_stat(per_seed, p, "expected_watch_s")[1] for p in POLICIES]
     else:  # one seed: the bootstrap interval over users
         ci = [first["replay"]["policies"][p]["ci_expected_watch_s"] for p in POLICIES]
         error_label = "expected (95% CI over users)"
@@ -307,7 +361,52 @@ def run(h: Harness) -> dict[str, Any]:
             [max(0.0, w[p] - c[0]) for p, c in zip(POLICIES, ci, strict=True)],
             [max(0.0, c[1] - w[p]) for p, c in zip(POLICIES, ci, strict=True)],
         ]
-    doc = {
+    return [
+        {
+            "name": "ab_watch_time",
+            "kind": "bar",
+            "title": "expected watch time per impression (truth)",
+            "categories": list(POLICIES),
+            "ylabel": "seconds per impression",
+            "series": [
+                {
+                    "label": error_label,
+                    "y": [w[p] for p in POLICIES],
+                    "yerr": error_bars,
+                }
+            ],
+        },
+        {
+            "name": "ab_ctr",
+            "kind": "bar",
+            "title": "expected click-through rate (truth)",
+            "categories": list(POLICIES),
+            "ylabel": "CTR",
+            "series": [{"label": "expected", "y": [c[p] for p in POLICIES]}],
+        },
+        {
+            "name": "ab_latency",
+            "kind": "hist",
+            "title": "funnel request latency (Recommender.recommend, in process)",
+            "xlabel": "milliseconds",
+            "ylabel": "requests",
+            "series": [{"label": k, "values": v} for k, v in first["replay"]["request_ms"].items()],
+        },
+    ]
+
+
+def _document(
+    h: Harness,
+    per_seed: list[dict[str, Any]],
+    pop_offline: dict[str, Any],
+    logged: dict[str, float],
+    n_users: int,
+) -> dict[str, Any]:
+    w = {p: _stat(per_seed, p, "expected_watch_s")[0] for p in POLICIES}
+    c = {p: _stat(per_seed, p, "expected_ctr")[0] for p in POLICIES}
+    disagreements = _disagreements(per_seed, pop_offline, w)
+    holds, text = _verdict(w, c, disagreements)
+    return {
         "title": "Funnel A/B: simulated online outcomes of served slates",
         "claim": "Ranking by predicted watch time (weighted logistic regression) beats ranking "
         "by click-through rate on watch time, and the final judge is an online test whose "
@@ -315,7 +414,7 @@ def run(h: Harness) -> dict[str, Any]:
         "protocol": f"{h.options.preset} world; models trained on the time split's training "
         f"window (the default candidate model; rankers {WLR_BEST[0]} with watch-time weights "
         f"and with unit weights, {h.budget.rank_steps} steps), packaged with `funnelrec "
-        f"package`; {len(users)} users sampled at random, each served k = {h.budget.ab_k} "
+        f"package`; {n_users} users sampled at random, each served k = {h.budget.ab_k} "
         "items by every policy at the same time (just after the data's window), items they "
         "watched excluded; outcomes from the simulator's user model: exact expected watch "
         "time and click probability per impression (position effects are not modelled), "
@@ -338,41 +437,10 @@ def run(h: Harness) -> dict[str, Any]:
                     "sampled CTR",
                     "distinct items",
                 ],
-                "rows": rows,
+                "rows": _table_rows(per_seed, logged),
             }
         ],
-        "figures": [
-            {
-                "name": "ab_watch_time",
-                "kind": "bar",
-                "title": "expected watch time per impression (truth)",
-                "categories": list(POLICIES),
-                "ylabel": "seconds per impression",
-                "series": [
-                    {
-                        "label": error_label,
-                        "y": [w[p] for p in POLICIES],
-                        "yerr": error_bars,
-                    }
-                ],
-            },
-            {
-                "name": "ab_ctr",
-                "kind": "bar",
-                "title": "expected click-through rate (truth)",
-                "categories": list(POLICIES),
-                "ylabel": "CTR",
-                "series": [{"label": "expected", "y": [c[p] for p in POLICIES]}],
-            },
-            {
-                "name": "ab_latency",
-                "kind": "hist",
-                "title": "funnel request latency (Recommender.recommend, in process)",
-                "xlabel": "milliseconds",
-                "ylabel": "requests",
-                "series": [{"label": k, "values": v} for k, v in lat.items()],
-            },
-        ],
+        "figures": _figures(per_seed, w, c),
         "verdict": {"holds": holds, "text": text},
         "results": {
             "per_seed": per_seed,
@@ -381,5 +449,3 @@ def run(h: Harness) -> dict[str, Any]:
             "disagreements": disagreements,
         },
     }
-    h.finish(NAME, doc, timer)
-    return doc

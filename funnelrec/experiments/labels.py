@@ -1,6 +1,7 @@
-"""`funnelrec experiment labels` (the paper's Fig. 5 / SPEC 2.2): predicting the next watch
-from the history before it ("rollback") against predicting a randomly held-out watch
-from the history on both sides of it, both scored on predicting the next watch.
+"""`funnelrec experiment labels` (the paper's Fig. 5, Covington et al. 2016, section 3.4):
+predicting the next watch from the history before it ("rollback") against predicting a
+randomly held-out watch from the history on both sides of it, both scored on predicting
+the next watch.
 
 The two feature sets differ only in `FeaturesConfig.labels` ("next" or "random"); they are
 built from the same world and split, so their vocabularies and held-out examples agree,

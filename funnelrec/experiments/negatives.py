@@ -1,6 +1,7 @@
-"""`funnelrec experiment negatives` (SPEC 2): sampled softmax with 64 .. 8,192 shared
-negatives per batch, with and without the logQ correction, against the full softmax:
-held-out quality and training examples per second, at the same number of steps.
+"""`funnelrec experiment negatives` (Covington et al. 2016, section 3.1): sampled softmax
+with 64 .. 8,192 shared negatives per batch, with and without the logQ correction, against
+the full softmax: held-out quality and training examples per second, at the same number of
+steps.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import numpy as np
 from funnelrec.experiments.common import candidate_arm, pm, seeds_note, time_features
 from funnelrec.experiments.evaluation import mean_sd
 from funnelrec.experiments.harness import Harness, Timer
+from funnelrec.features import Features
 
 NAME = "negatives"
 METRIC = "recall@100"
+
+
+_Arms = dict[tuple[str, int], list[dict[str, Any]]]
+"""(logQ "on" / "off" / "full", negatives) -> one trained model per seed."""
 
 
 def run(h: Harness) -> dict[str, Any]:
@@ -22,22 +28,34 @@ def run(h: Harness) -> dict[str, Any]:
     feats = time_features(h)
     n_items = len(feats.vocab("item")) - 1
     grid = [n for n in h.budget.negatives if n < n_items] or [min(h.budget.negatives)]
-    arms: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    arms = _arms(h, feats, grid, n_items)
+    doc = _document(h, arms, grid, n_items)
+    h.finish(NAME, doc, timer)
+    return doc
+
+
+def _arms(h: Harness, feats: Features, grid: list[int], n_items: int) -> _Arms:
+    """Sampled softmax at every size of `grid` with logQ on and off, then the full one."""
+    arms: _Arms = {}
     for logq in ("on", "off"):
         for n in grid:
             over = [f"num_negatives={n}", f"logq_correction={'true' if logq == 'on' else 'false'}"]
             arms[(logq, n)] = [candidate_arm(h, feats, over, s) for s in h.seeds]
     arms[("full", n_items)] = [candidate_arm(h, feats, ["loss=full"], s) for s in h.seeds]
+    return arms
 
-    def stat(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
-        if key == "examples_per_s":
-            return mean_sd([r["examples_per_s"] for r in runs])
-        if key == "examples_per_cpu_s":
-            # CPU time of the whole training call: on a shared machine it varies far less
-            # with the load than wall time does
-            return mean_sd([r["examples"] / max(r["cpu_s"], 1e-9) for r in runs])
-        return mean_sd([r["metrics"][key] for r in runs])
 
+def _stat(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    if key == "examples_per_s":
+        return mean_sd([r["examples_per_s"] for r in runs])
+    if key == "examples_per_cpu_s":
+        # CPU time of the whole training call: on a shared machine it varies far less
+        # with the load than wall time does
+        return mean_sd([r["examples"] / max(r["cpu_s"], 1e-9) for r in runs])
+    return mean_sd([r["metrics"][key] for r in runs])
+
+
+def _table_rows(arms: _Arms) -> list[list[str]]:
     rows = []
     for (logq, n), runs in arms.items():
         label = "full softmax" if logq == "full" else f"sampled, logQ {logq}"
@@ -45,17 +63,20 @@ def run(h: Harness) -> dict[str, Any]:
             [
                 label,
                 f"{n:,}",
-                pm(*stat(runs, METRIC)),
-                pm(*stat(runs, "map@100")),
-                f"{stat(runs, 'examples_per_s')[0]:,.0f}",
-                f"{stat(runs, 'examples_per_cpu_s')[0]:,.0f}",
+                pm(*_stat(runs, METRIC)),
+                pm(*_stat(runs, "map@100")),
+                f"{_stat(runs, 'examples_per_s')[0]:,.0f}",
+                f"{_stat(runs, 'examples_per_cpu_s')[0]:,.0f}",
             ]
         )
-    full_q = stat(arms[("full", n_items)], METRIC)[0]
-    full_eps = stat(arms[("full", n_items)], "examples_per_cpu_s")[0]
+    return rows
+
+
+def _series(arms: _Arms, grid: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The figures' lines of the sampled arms: quality, and examples per CPU second."""
     series_q, series_s = [], []
     for logq in ("on", "off"):
-        ys = [stat(arms[(logq, n)], METRIC) for n in grid]
+        ys = [_stat(arms[(logq, n)], METRIC) for n in grid]
         series_q.append(
             {
                 "label": f"sampled, logQ {logq}",
@@ -68,11 +89,19 @@ def run(h: Harness) -> dict[str, Any]:
             {
                 "label": f"sampled, logQ {logq}",
                 "x": grid,
-                "y": [stat(arms[(logq, n)], "examples_per_cpu_s")[0] for n in grid],
+                "y": [_stat(arms[(logq, n)], "examples_per_cpu_s")[0] for n in grid],
             }
         )
-    on = {n: stat(arms[("on", n)], METRIC)[0] for n in grid}
-    off = {n: stat(arms[("off", n)], METRIC)[0] for n in grid}
+    return series_q, series_s
+
+
+def _verdict(arms: _Arms, grid: list[int], n_items: int) -> tuple[str, str]:
+    """(holds, text): does logQ help, does quality rise with the negatives and approach the
+    full softmax's, and how much faster is sampling."""
+    full_q = _stat(arms[("full", n_items)], METRIC)[0]
+    full_eps = _stat(arms[("full", n_items)], "examples_per_cpu_s")[0]
+    on = {n: _stat(arms[("on", n)], METRIC)[0] for n in grid}
+    off = {n: _stat(arms[("off", n)], METRIC)[0] for n in grid}
     logq_helps = sum(on[n] > off[n] for n in grid)
     rises = on[grid[-1]] > on[grid[0]]
     close = on[grid[-1]] >= 0.9 * full_q
@@ -85,7 +114,7 @@ def run(h: Harness) -> dict[str, Any]:
     )
     # "thousands of negatives": the largest sampled size up to 4,096 against the full softmax
     ref = max([n for n in grid if n <= 4096] or grid[:1])
-    speedup = stat(arms[("on", ref)], "examples_per_cpu_s")[0] / max(full_eps, 1e-9)
+    speedup = _stat(arms[("on", ref)], "examples_per_cpu_s")[0] / max(full_eps, 1e-9)
     ref_q = on[ref] if ref in grid else float("nan")
     text = (
         f"{METRIC} with logQ: {on[grid[0]]:.4f} at {grid[0]} negatives, {on[grid[-1]]:.4f} at "
@@ -104,7 +133,15 @@ def run(h: Harness) -> dict[str, Any]:
             else "The paper's picture does not hold at this budget."
         )
     )
-    doc = {
+    return holds, text
+
+
+def _document(h: Harness, arms: _Arms, grid: list[int], n_items: int) -> dict[str, Any]:
+    full_q = _stat(arms[("full", n_items)], METRIC)[0]
+    full_eps = _stat(arms[("full", n_items)], "examples_per_cpu_s")[0]
+    series_q, series_s = _series(arms, grid)
+    holds, text = _verdict(arms, grid, n_items)
+    return {
         "title": "Negatives: sampled softmax (logQ on / off) vs full softmax",
         "claim": "Sampling thousands of negatives with the logQ (importance) correction "
         "trains about as well as the full softmax, and much faster.",
@@ -126,7 +163,7 @@ def run(h: Harness) -> dict[str, Any]:
                     "train examples/s (wall)",
                     "examples per CPU s",
                 ],
-                "rows": rows,
+                "rows": _table_rows(arms),
             }
         ],
         "figures": [
@@ -154,12 +191,10 @@ def run(h: Harness) -> dict[str, Any]:
         "verdict": {"holds": holds, "text": text},
         "results": {
             "grid": grid,
-            "quality": {f"{k[0]}-{k[1]}": stat(v, METRIC) for k, v in arms.items()},
+            "quality": {f"{k[0]}-{k[1]}": _stat(v, METRIC) for k, v in arms.items()},
             "examples_per_s": {
                 f"{k[0]}-{k[1]}": float(np.mean([r["examples_per_s"] for r in v]))
                 for k, v in arms.items()
             },
         },
     }
-    h.finish(NAME, doc, timer)
-    return doc

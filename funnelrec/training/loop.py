@@ -9,8 +9,8 @@
 What it does, in order, every step: move the batch to the device, loss.backward(), clip
 the global gradient norm, step the optimizers. AdamW (or Adagrad) for dense parameters;
 parameters a model lists in `sparse_parameters()` (large embedding tables with sparse
-gradients) get lazy Adam (`sparse_adam.RowSparseAdam`: SparseAdam's update, faster),
-which only touches the rows a batch used.
+gradients) get lazy Adam (`sparse_adam.RowSparseAdam`: SparseAdam's update, faster; see
+docs/candidates.md), which only touches the rows a batch used.
 
 Checkpoints (every `checkpoint_every` steps, and on Ctrl-C after the step in flight)
 hold the model and optimizer state dicts, every RNG state, the position in the data
@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -201,8 +201,8 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
         return [torch.optim.Adagrad([g for g in groups if g["params"]], lr=config.lr)]
     opts: list[torch.optim.Optimizer] = []
     if dense:
-        # the fused kernel does one pass over each tensor instead of a dozen (~6x faster
-        # on CPU); it needs floating-point parameters on CPU or CUDA
+        # the fused kernel does one pass over each tensor instead of a dozen; it needs
+        # floating-point parameters on CPU or CUDA
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in dense)
         opts.append(
             torch.optim.AdamW(
@@ -223,7 +223,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
     rows summed) so that their norm is the true one."""
     grads: list[Tensor] = []
     # last parameter first: the optimizers then start on the gradients read last, still in
-    # cache (-1.5 to -2 ms per step at the throughput benchmark's shape, in turns)
+    # cache (the gain, timed: docs/candidates.md)
     for p in reversed(list(params)):
         if p.grad is None:
             continue
@@ -334,6 +334,8 @@ class _StopOnSigint:
 
 @dataclass
 class _Position:
+    """Where training stands: what a checkpoint holds to resume from."""
+
     epoch: int = 0
     batch: int = 0  # batches of `epoch` already trained on
     step: int = 0
@@ -349,10 +351,9 @@ class _Position:
 # glibc hands allocations above a (dynamic) threshold to mmap and returns freed memory
 # at the heap's top to the system, so every training step's fresh gradient buffers
 # (tens of MB for embedding tables) come back as new pages, each zeroed by the kernel on
-# first touch: ~6,000-9,000 page faults and ~10% of a step's time at the throughput
-# benchmark's shape (one thread). Keeping allocations up to KEEP_FREED_BYTES on the heap
-# and not trimming it reuses the pages instead (PyTorch's CPU tuning guide suggests a
-# caching allocator for the same reason).
+# first touch (the cost in a step, measured: docs/candidates.md). Keeping allocations up
+# to KEEP_FREED_BYTES on the heap and not trimming it reuses the pages instead (PyTorch's
+# CPU tuning guide suggests a caching allocator for the same reason).
 KEEP_FREED_BYTES = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -402,11 +403,73 @@ def train(
                      resumed checkpoint must carry the same
     dist:            this process's place in a data-parallel run (None: one process)
     """
+    run = _setup(model, config, checkpoint, resume, evaluate, meta, dist or Distributed())
+    pos = run.pos
+    model.train()
+    t0 = time.perf_counter()
+    examples_before, steps_before = pos.examples, pos.step
+    done = pos.stopped_early or run.at_max_steps()
+    total = _total_steps(config, steps_per_epoch)
+    show = progress and run.dist.is_main
+    with _StopOnSigint() as stop, _Progress(show, description, total, pos.step, t0) as bar:
+        while not done and pos.epoch < config.epochs:
+            end = _train_epoch(run, batches, stop, bar)
+            # one process reads the request itself; several act only on the agreed one
+            if end == "stop" or (not run.dist.enabled and stop.requested):
+                _checkpoint_and_stop(run)
+            if end == "done":
+                break
+            if not config.eval_every and _evaluate(run):
+                pos.stopped_early = done = True
+            pos.epoch += 1
+            pos.batch = 0
+    if checkpoint is not None:
+        _save(run)  # the final state: resuming a finished run is a no-op
+    if config.restore_best and run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    return _result(run, time.perf_counter() - t0, examples_before, steps_before)
+
+
+@dataclass
+class _Run:
+    """What the pieces of `train` share: the model, its optimizers and where training
+    stands, and this rank's gradient exchange so far."""
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    dist: Distributed
+    optimizers: list[torch.optim.Optimizer]
+    dense: list[nn.Parameter]  # split_parameters(model), in the order every rank shares
+    sparse: list[nn.Parameter]
+    params: list[nn.Parameter]  # every trainable parameter, for clipping
+    checkpoint: Path | None
+    meta_json: str
+    evaluate: Callable[[nn.Module], float] | None
+    pos: _Position = field(default_factory=_Position)
+    best_state: dict[str, Tensor] | None = None
+    comm_bytes: int = 0
+    comm_s: float = 0.0
+
+    def at_max_steps(self) -> bool:
+        return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
+
+
+def _setup(
+    model: nn.Module,
+    config: TrainConfig,
+    checkpoint: Path | None,
+    resume: bool,
+    evaluate: Callable[[nn.Module], float] | None,
+    meta: dict[str, Any] | None,
+    dist: Distributed,
+) -> _Run:
+    """The model on its device, its optimizers, and the state the first step starts from:
+    the checkpoint's (resume) or a fresh RNG stream with the replicas made equal."""
     if not callable(getattr(model, "compute_loss", None)):
         raise FunnelrecError(f"{type(model).__name__} has no compute_loss(batch)")
     if resume and checkpoint is None:
         raise FunnelrecError("resume needs a checkpoint path")
-    dist = dist or Distributed()
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FunnelrecError(f"device {config.device!r}: no CUDA GPU is available here")
@@ -416,184 +479,255 @@ def train(
     if device.type == "cpu":
         keep_freed_memory()
     optimizers = build_optimizers(model, config)
-    dense_params, sparse_params = split_parameters(model)
-    pos = _Position()
-    best_state: dict[str, Tensor] | None = None
-    meta_json = json.dumps(meta or {}, sort_keys=True, default=str)
+    dense, sparse = split_parameters(model)
+    run = _Run(
+        model=model,
+        config=config,
+        device=device,
+        dist=dist,
+        optimizers=optimizers,
+        dense=dense,
+        sparse=sparse,
+        params=[p for p in model.parameters() if p.requires_grad],
+        checkpoint=checkpoint,
+        meta_json=json.dumps(meta or {}, sort_keys=True, default=str),
+        evaluate=evaluate,
+    )
     if resume:
         assert checkpoint is not None
-        ckpt = load_checkpoint(checkpoint)
-        _check_resumable(ckpt, config, meta_json, checkpoint)
-        saved_world = int(ckpt.get("world_size", 1))
-        if saved_world != dist.world_size:
-            raise ArtifactError(
-                f"{checkpoint}: checkpoint was made by {saved_world} process(es), this run has "
-                f"{dist.world_size}; resume with the same number (--nproc)"
-            )
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        saved = ckpt["position"]
-        pos = _Position(**{**saved, "history": [(int(s), float(m)) for s, m in saved["history"]]})
-        best_state = ckpt.get("best_model")
-        _set_rng_state(ckpt["rng_ranks"][dist.rank] if dist.enabled else ckpt["rng"], device)
+        _resume(run, checkpoint)
     else:
         seed_rng_for_training(config.seed, dist.rank)
-    # replicas must start equal; after a resume they already are (one checkpoint)
-    if not resume:
+        # replicas must start equal; after a resume they already are (one checkpoint)
         dist.broadcast_module(model)
+    return run
 
-    def save() -> None:
-        """Called on every rank at the same step: rank 0 writes, the others wait for it."""
-        if checkpoint is None:
-            return
-        rng = _rng_state(device)
-        every_rng = dist.all_gather_objects(rng)
-        if dist.is_main:
-            state = {
-                "format_version": CHECKPOINT_FORMAT,
-                "config": asdict(config),
-                "meta": meta_json,
-                "model": model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "rng": rng,
-                "position": asdict(pos),
-                "best_model": best_state,
-                "world_size": dist.world_size,
-            }
-            if dist.enabled:
-                state["rng_ranks"] = every_rng
-            _save_atomic(state, checkpoint)
-        # a rank that left early (an exception after Ctrl-C) would make torchrun kill
-        # rank 0 mid-write
-        dist.barrier()
 
-    def run_eval() -> bool:
-        """Evaluate; True if training should stop early."""
-        nonlocal best_state
-        if evaluate is None:
-            return False
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # RNG-neutral
-            metric = float(evaluate(model))
-        model.train()
-        pos.history.append((pos.step, metric))
-        if pos.best is None or metric > pos.best:
-            pos.best, pos.best_step, pos.bad_evals = metric, pos.step, 0
-            if config.restore_best:
-                best_state = _state_copy(model)
-        else:
-            pos.bad_evals += 1
-        return config.patience > 0 and pos.bad_evals >= config.patience
+def _resume(run: _Run, path: Path) -> None:
+    """Restore everything the checkpoint at `path` holds, once it is known to be this
+    run's: weights, optimizer states, position, best weights and this rank's RNG."""
+    ckpt = load_checkpoint(path)
+    _check_resumable(ckpt, run.config, run.meta_json, path)
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_world != run.dist.world_size:
+        raise ArtifactError(
+            f"{path}: checkpoint was made by {saved_world} process(es), this run has "
+            f"{run.dist.world_size}; resume with the same number (--nproc)"
+        )
+    run.model.load_state_dict(ckpt["model"])
+    for opt, state in zip(run.optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    saved = ckpt["position"]
+    run.pos = _Position(**{**saved, "history": [(int(s), float(m)) for s, m in saved["history"]]})
+    run.best_state = ckpt.get("best_model")
+    rng = ckpt["rng_ranks"][run.dist.rank] if run.dist.enabled else ckpt["rng"]
+    _set_rng_state(rng, run.device)
 
+
+class _Progress:
+    """The progress bar: steps, the rate of examples over about the last second (a step's
+    batch size varies at an epoch's end) and the running loss."""
+
+    FIELDS = "steps  {task.fields[rate]} ex/s  loss {task.fields[loss]}"
+
+    def __init__(
+        self, enabled: bool, description: str, total: int | None, step: int, t0: float
+    ) -> None:
+        self.bar = progress_bar(None, enabled=enabled, fields=self.FIELDS)
+        self.description, self.total, self.step = description, total, step
+        self.rate_t, self.rate_n, self.rate = t0, 0, 0.0
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        self.task = self.bar.add_task(
+            self.description, total=self.total, completed=self.step, rate="-", loss="-"
+        )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, pos: _Position, examples: int) -> None:
+        self.rate_n += examples
+        now = time.perf_counter()
+        if now - self.rate_t >= 1.0:
+            self.rate, self.rate_t, self.rate_n = self.rate_n / (now - self.rate_t), now, 0
+        self.bar.update(
+            self.task, completed=pos.step, rate=f"{self.rate:,.0f}", loss=f"{pos.loss:.4f}"
+        )
+
+
+def _total_steps(config: TrainConfig, steps_per_epoch: int | None) -> int | None:
+    """The steps the run will take, for the progress bar's total (None: not known)."""
     total = None
     if steps_per_epoch is not None:
         total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps) if total is not None else config.max_steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    t0 = time.perf_counter()
-    examples_before, steps_before = pos.examples, pos.step
-    comm_bytes, comm_s = 0, 0.0
-    rate_t, rate_n, rate = t0, 0, 0.0
-    done = pos.stopped_early or (config.max_steps is not None and pos.step >= config.max_steps)
-    # steps on the bar; the rate is of examples (a step's batch size varies at an epoch's end)
-    fields = "steps  {task.fields[rate]} ex/s  loss {task.fields[loss]}"
-    bar = progress_bar(None, enabled=progress and dist.is_main, fields=fields)
-    with _StopOnSigint() as stop, bar:
-        task = bar.add_task(description, total=total, completed=pos.step, rate="-", loss="-")
-        while not done and pos.epoch < config.epochs:
-            # torch's DataLoader draws a seed from the global RNG when an iterator is made;
-            # a resumed run makes one mid-epoch, so keep that draw off the training stream
-            with torch.random.fork_rng(devices=[]):
-                it: Iterator[Any] = iter(batches(pos.epoch, pos.batch))
-            exhausted = stopping = False
-            while True:
-                if config.max_steps is not None and pos.step >= config.max_steps:
-                    done = True
-                    break
-                batch = None
-                if not exhausted:
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        exhausted = True
-                    except Exception:
-                        if not stop.requested:  # else a loader worker died of the same Ctrl-C
-                            raise
-                        exhausted = True
-                # one process: the epoch ends with its batches; several: when every
-                # rank's have (a rank without a batch still joins the exchange)
-                if batch is None and not dist.enabled:
-                    break
-                n = 0 if batch is None else len(batch) if hasattr(batch, "__len__") else 1
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                value = math.nan
-                if batch is not None:
-                    if hasattr(batch, "to"):
-                        batch = batch.to(device)
-                    loss = model.compute_loss(batch)  # type: ignore[operator]
-                    loss.backward()
-                    value = float(loss.detach())
-                stopping = stop.requested
-                if dist.enabled:
-                    tc = time.perf_counter()
-                    sync = sync_gradients(
-                        dense_params, sparse_params, dist, examples=n, loss=value, stop=stopping
-                    )
-                    comm_s += time.perf_counter() - tc
-                    comm_bytes += sync.bytes
-                    # every rank takes the same decisions from here on: the agreed values
-                    n, value, stopping = sync.examples, sync.loss, sync.stop
-                    if n == 0:
-                        break
-                if config.grad_clip > 0:
-                    clip_grad_norm(params, config.grad_clip)
-                for opt in optimizers:
-                    opt.step()
-                if not math.isfinite(value):
-                    raise FunnelrecError(
-                        f"training diverged: loss {value} at step {pos.step + 1} "
-                        "(lower lr or keep grad_clip on)"
-                    )
-                pos.batch += 1
-                pos.step += 1
-                pos.examples += n
-                pos.loss = value if math.isnan(pos.loss) else 0.98 * pos.loss + 0.02 * value
-                rate_n += n
-                now = time.perf_counter()
-                if now - rate_t >= 1.0:
-                    rate, rate_t, rate_n = rate_n / (now - rate_t), now, 0
-                bar.update(task, completed=pos.step, rate=f"{rate:,.0f}", loss=f"{pos.loss:.4f}")
-                if stopping:
-                    break
-                # evaluate before checkpointing, so a checkpoint holds its step's evaluation
-                if config.eval_every and pos.step % config.eval_every == 0 and run_eval():
-                    pos.stopped_early = done = True
-                    break
-                if config.checkpoint_every and pos.step % config.checkpoint_every == 0:
-                    save()
-            if not dist.enabled:
-                stopping = stop.requested
-            if stopping:
-                save()
-                where = f"; checkpoint saved to {checkpoint} (continue with --resume)"
-                raise TrainingInterrupted(
-                    f"interrupted at step {pos.step}" + (where if checkpoint else "")
-                )
-            if done:
-                break
-            if not config.eval_every and run_eval():
-                pos.stopped_early = done = True
-            pos.epoch += 1
-            pos.batch = 0
-    if checkpoint is not None:
-        save()  # the final state: resuming a finished run is a no-op
-    if config.restore_best and best_state is not None:
-        model.load_state_dict(best_state)
-    seconds = time.perf_counter() - t0
+    return total
+
+
+class _BatchStream:
+    """The rest of one epoch's batches, then None (also once a loader worker has died of
+    the Ctrl-C being handled)."""
+
+    def __init__(self, batches: EpochBatches, pos: _Position, stop: _StopOnSigint) -> None:
+        # torch's DataLoader draws a seed from the global RNG when an iterator is made;
+        # a resumed run makes one mid-epoch, so keep that draw off the training stream
+        with torch.random.fork_rng(devices=[]):
+            self._it: Iterator[Any] = iter(batches(pos.epoch, pos.batch))
+        self._stop = stop
+        self.exhausted = False
+
+    def next(self) -> Any:
+        if self.exhausted:
+            return None
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.exhausted = True
+        except Exception:
+            if not self._stop.requested:
+                raise
+            self.exhausted = True
+        return None
+
+
+_EpochEnd = Literal["end", "done", "stop"]
+
+
+def _train_epoch(
+    run: _Run, batches: EpochBatches, stop: _StopOnSigint, bar: _Progress
+) -> _EpochEnd:
+    """Train on the rest of the current epoch. Returns "end" (its batches are done),
+    "done" (max_steps reached or early stopping), or "stop" (a Ctrl-C, agreed by all
+    ranks), with the evaluations and checkpoints that fall due on the way."""
+    pos, config = run.pos, run.config
+    epoch = _BatchStream(batches, pos, stop)
+    while True:
+        if run.at_max_steps():
+            return "done"
+        batch = epoch.next()
+        # one process: the epoch ends with its batches; several: when every
+        # rank's have (a rank without a batch still joins the exchange)
+        if batch is None and not run.dist.enabled:
+            return "end"
+        examples, stopping = _step(run, batch, stop)
+        if run.dist.enabled and examples == 0:
+            return "stop" if stopping else "end"
+        bar.update(pos, examples)
+        if stopping:
+            return "stop"
+        # evaluate before checkpointing, so a checkpoint holds its step's evaluation
+        if config.eval_every and pos.step % config.eval_every == 0 and _evaluate(run):
+            pos.stopped_early = True
+            return "done"
+        if config.checkpoint_every and pos.step % config.checkpoint_every == 0:
+            _save(run)
+
+
+def _step(run: _Run, batch: Any, stop: _StopOnSigint) -> tuple[int, bool]:
+    """One step on `batch` (None: this rank has none left, but joins the exchange).
+
+    Returns (examples, stop) as all ranks agreed on them; examples == 0 under `dist`:
+    no rank had a batch left, and nothing was updated."""
+    pos, config = run.pos, run.config
+    n = 0 if batch is None else len(batch) if hasattr(batch, "__len__") else 1
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    value = math.nan
+    if batch is not None:
+        if hasattr(batch, "to"):
+            batch = batch.to(run.device)
+        loss = run.model.compute_loss(batch)  # type: ignore[operator]
+        loss.backward()
+        value = float(loss.detach())
+    stopping = stop.requested
+    if run.dist.enabled:
+        tc = time.perf_counter()
+        sync = sync_gradients(
+            run.dense, run.sparse, run.dist, examples=n, loss=value, stop=stopping
+        )
+        run.comm_s += time.perf_counter() - tc
+        run.comm_bytes += sync.bytes
+        # every rank takes the same decisions from here on: the agreed values
+        n, value, stopping = sync.examples, sync.loss, sync.stop
+        if n == 0:
+            return n, stopping
+    if config.grad_clip > 0:
+        clip_grad_norm(run.params, config.grad_clip)
+    for opt in run.optimizers:
+        opt.step()
+    if not math.isfinite(value):
+        raise FunnelrecError(
+            f"training diverged: loss {value} at step {pos.step + 1} "
+            "(lower lr or keep grad_clip on)"
+        )
+    pos.batch += 1
+    pos.step += 1
+    pos.examples += n
+    pos.loss = value if math.isnan(pos.loss) else 0.98 * pos.loss + 0.02 * value
+    return n, stopping
+
+
+def _evaluate(run: _Run) -> bool:
+    """Evaluate and keep the best weights; True if training should stop early."""
+    pos, config = run.pos, run.config
+    if run.evaluate is None:
+        return False
+    run.model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # RNG-neutral
+        metric = float(run.evaluate(run.model))
+    run.model.train()
+    pos.history.append((pos.step, metric))
+    if pos.best is None or metric > pos.best:
+        pos.best, pos.best_step, pos.bad_evals = metric, pos.step, 0
+        if config.restore_best:
+            run.best_state = _state_copy(run.model)
+    else:
+        pos.bad_evals += 1
+    return config.patience > 0 and pos.bad_evals >= config.patience
+
+
+def _save(run: _Run) -> None:
+    """Checkpoint, called on every rank at the same step: rank 0 writes, the others wait
+    for it."""
+    if run.checkpoint is None:
+        return
+    rng = _rng_state(run.device)
+    every_rng = run.dist.all_gather_objects(rng)
+    if run.dist.is_main:
+        state = {
+            "format_version": CHECKPOINT_FORMAT,
+            "config": asdict(run.config),
+            "meta": run.meta_json,
+            "model": run.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in run.optimizers],
+            "rng": rng,
+            "position": asdict(run.pos),
+            "best_model": run.best_state,
+            "world_size": run.dist.world_size,
+        }
+        if run.dist.enabled:
+            state["rng_ranks"] = every_rng
+        _save_atomic(state, run.checkpoint)
+    # a rank that left early (an exception after Ctrl-C) would make torchrun kill
+    # rank 0 mid-write
+    run.dist.barrier()
+
+
+def _checkpoint_and_stop(run: _Run) -> NoReturn:
+    """Ctrl-C: checkpoint the last completed step and stop."""
+    _save(run)
+    where = f"; checkpoint saved to {run.checkpoint} (continue with --resume)"
+    raise TrainingInterrupted(
+        f"interrupted at step {run.pos.step}" + (where if run.checkpoint else "")
+    )
+
+
+def _result(run: _Run, seconds: float, examples_before: int, steps_before: int) -> TrainResult:
+    """What this call did; `*_before`: where it started (a resumed run's checkpoint)."""
+    pos = run.pos
     steps = pos.step - steps_before
     return TrainResult(
         steps=pos.step,
@@ -606,9 +740,9 @@ def train(
         best_step=pos.best_step,
         stopped_early=pos.stopped_early,
         history=list(pos.history),
-        world_size=dist.world_size,
-        comm_bytes_per_step=comm_bytes / steps if steps else 0.0,
-        comm_seconds=comm_s,
+        world_size=run.dist.world_size,
+        comm_bytes_per_step=run.comm_bytes / steps if steps else 0.0,
+        comm_seconds=run.comm_s,
     )
 
 

@@ -9,9 +9,9 @@ whose cache and memory bandwidth are shared with other tenants, a setting timed 
 minute then looks worse than one timed in a fast minute. Here the settings take turns,
 one query each, so the host's slow and fast minutes fall on all settings alike and their
 ratios can be trusted even when the absolute figures move. Each setting answers every
-query once, but never right after a search of the same query (whose buckets and rows are
-then in cache: an earlier version of this script, sending each query to all settings
-back to back, made the second setting of an index look up to ~20% faster).
+query once, but never right after a search of the same query, whose buckets and rows
+would then still be in cache and flatter the second setting of an index (docs/ann.md,
+"Bucket count").
 
 Each `--setting` is an ivfpq_fs index (nlist, built once; `--cache` as in ann.py, whose
 cache it shares) searched with the given nprobe and rerank, through funnelrec's scan

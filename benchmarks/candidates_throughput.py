@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/candidates_throughput.py                  # synthetic batches
     .venv/bin/python benchmarks/candidates_throughput.py --features FEAT  # real examples
 
-The issue's setting: depth 2 tower, d = 256, 4,096 shared sampled negatives, batch 1,024,
-histories of 50 items. Without --features, batches are synthetic with the small world's
-shape (10,000 items; every history exactly 50 items, every search bag 20 tokens). Steps
-run through the real loop (`train.train`: forward, backward, clipping, optimizer).
+The setting the throughput goal is set for: depth 2 tower, d = 256, 4,096 shared sampled
+negatives, batch 1,024, histories of 50 items. Without --features, batches are synthetic
+with the small world's shape (10,000 items; every history exactly 50 items, every search
+bag 20 tokens). Steps run through the real loop (`train.train`: forward, backward,
+clipping, optimizer).
 
 Model FLOPs count the matrix multiplications only (tower layers and the sampled logits,
 forward and backward = 3x forward); gathers, bag means and element-wise work are not
@@ -18,12 +19,13 @@ machine the wall time includes waiting for a core, the CPU time does not (with m
 one thread it counts spinning threads too). Both are set against the matmul peak measured
 the same way.
 
-The host's speed drifts (the same matmul runs 100-125 GFLOP/s from one minute to the next
-on the 2-core machine), so the peak is also measured in turns with the steps: before each
-window of `--window` steps, the best of three 2048-square matmuls (not timed as part of a
-step). `fraction_of_peak_in_turns` is the median over windows of the window's achieved
-FLOP/s (its median step) over that window's peak. `fraction_of_peak` is the cautious
-figure: the median step of the whole run against the best matmul of the run.
+The host's speed drifts (the same matmul runs at different rates from one minute to the
+next on the 2-core machine; docs/candidates.md, "Throughput"), so the peak is also
+measured in turns with the steps: before each window of `--window` steps, the best of
+three 2048-square matmuls (not timed as part of a step). `fraction_of_peak_in_turns` is
+the median over windows of the window's achieved FLOP/s (its median step) over that
+window's peak. `fraction_of_peak` is the cautious figure: the median step of the whole run
+against the best matmul of the run.
 Prints a table and writes benchmarks/results/candidates_throughput.json.
 """
 

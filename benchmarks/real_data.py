@@ -580,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         "funnelrec_version": __version__,
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
         "torch_threads": torch.get_num_threads(),
-        "peers_source": "shared/BENCHMARKS.md",
+        "peers_source": "the peers' published figures on this protocol (PEERS in "
+        "benchmarks/real_data.py)",
         "datasets": {},
     }
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:

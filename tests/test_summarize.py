@@ -193,7 +193,10 @@ def test_known_results_render_tables_and_headlines(tmp_path: Path) -> None:
     assert "commit uncommitted" in index  # no git repository here
     assert "| hnsw | efSearch=400 | 0.951 | 2.61 | 4.18 |" in index
     assert "| funnelrec candidates | - | - | - | 0.2500 | 0.1200 | 0.5000 | 20.0 |  |" in index
-    assert "| peer: als | 0.1262 | - | - | 0.1421 | - | - | - | shared/BENCHMARKS.md |" in index
+    assert (
+        "| peer: als | 0.1262 | - | - | 0.1421 | - | - | - | published (PEERS in real_data.py) |"
+        in index
+    )
     assert "skipped: no time window" in index
     assert "Skipped: not found" in index
     assert "| http_total | 21.5 / 33.2 |" in index

@@ -1,8 +1,9 @@
 """Top-N retrieval by dot product over item embeddings: a FAISS index with item ids attached.
 
 At serving, candidate generation is a nearest-neighbour search in dot-product space over
-the item (output) embeddings of the candidate model (SPEC.md 2). `ItemIndex` wraps one
-FAISS inner-product index and the mapping from its rows to dataset item ids:
+the item (output) embeddings of the candidate model (Covington et al. 2016, section 3.1).
+`ItemIndex` wraps one FAISS inner-product index and the mapping from its rows to dataset
+item ids:
 
     index = ItemIndex.build(embeddings, item_ids)          # kind chosen by corpus size
     ids, scores = index.search(user_vectors, k=100, exclude=watched_per_user)
@@ -68,18 +69,19 @@ _GRAPH: tuple[Kind, ...] = ("hnsw", "hnsw_sq")
 _BUCKETS: tuple[Kind, ...] = ("ivf", "ivfpq", "ivfpq_fs")
 SQ_TYPES = ("sq8", "fp16")
 # Candidates re-ranked per result when `rerank` is 0. hnsw_sq: 8-bit codes misorder only
-# near-ties, and 2 k lifts recall@100 from 0.947 to 0.951 at efSearch 400 (1M benchmark).
-# ivfpq_fs: 4-bit codes of 2 dimensions are coarse; at nlist 2048, nprobe 112, 4 k / 6 k /
-# 8 k gave 0.942 / 0.952 / 0.955, and 6 k reached 0.95 sooner than 4 k (nprobe 160) or 8 k.
+# near-ties, so re-scoring 2 k is enough to recover them. ivfpq_fs: 4-bit codes of 2
+# dimensions are coarse, and 6 k reached recall@100 0.95 at the least search time of the
+# depths tried on the 1M benchmark (docs/ann.md, "Results: 1M x 128").
 DEFAULT_RERANK: dict[str, float] = {"hnsw_sq": 2.0, "ivfpq_fs": 6.0}
 
 INDEX_FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 
-# Up to this many items the default is exact search: one query over 50k x 128 floats took
-# 4-8 ms on one core of the reference machine (10k: 0.5 ms), well inside the serving
-# budget of tens of ms (SPEC 2), and exact needs no build, no tuning and loses no recall.
+# Up to this many items the default is exact search: one query over 50k x 128 floats stays
+# well inside the serving budget of tens of ms (Covington et al. 2016, section 3.1;
+# timings in docs/ann.md, "Threshold"), and exact needs no build, no tuning and loses no
+# recall.
 EXACT_MAX_ITEMS = 50_000
 
 # Exclusion by over-fetching (search k + m, drop the excluded) is batched and cheap while
@@ -94,13 +96,12 @@ _ADD_CHUNK = 50_000
 
 # FAISS fast-scan search implementations (IndexIVFFastScan.implem) for ivfpq_fs. One query
 # (the serving path): 11 scans its probed lists into a reservoir of the rerank * k best;
-# FAISS's automatic choice (0) keeps a heap, which costs more at k = 600: on the 1M
-# benchmark (nprobe 208-224, rerank 6, one thread) a query took ~1.0 ms instead of ~1.15
-# (p50) with the same results. Batches: 0, which splits them over threads by query
-# (1000 queries: 0.50 s against 0.69 s with 11). One query is not split over threads:
-# FAISS's 14 (one query's lists over threads, one heap) was no faster with 2 threads; its
-# 15 (a reservoir per thread) took p50 ~10-15% off on an idle machine, but whenever the
-# other core was taken p99 jumped to 2-17 ms (1M benchmark, nlist 2048; docs/ann.md).
+# FAISS's automatic choice (0) keeps a heap, which costs more when rerank * k is in the
+# hundreds, for the same results. Batches: 0, which splits them over threads by query.
+# One query is not split over threads: FAISS's 14 (one query's lists over threads, one
+# heap) was no faster with 2 threads, and its 15 (a reservoir per thread) helped the
+# median on an idle machine but made the p99 far worse whenever the other core was taken.
+# Timings: docs/ann.md, "The single-query path" and "Threads".
 _FS_IMPLEM_SINGLE, _FS_IMPLEM_BATCH = 11, 0
 
 
@@ -137,7 +138,9 @@ class IndexParams:
                 raise FunnelrecError(f"nprobe={p.nprobe} must be at least 1")
         if kind in ("ivfpq", "ivfpq_fs"):
             # ivfpq_fs: 2 dimensions per 4-bit code (d / 2 codes, 32 bytes at d = 128); with 4
-            # per code (d / 4) recall@100 at 1M stalled near 0.90 even re-ranking 8 k.
+            # per code (d / 4) the codes are too coarse: reaching recall@100 0.95 then takes a
+            # deeper scan and re-rank than the smaller codes save (docs/ann.md, "Half-size
+            # codes").
             pq_m = p.pq_m or (_auto_pq_m(dim) if kind == "ivfpq" else max(1, dim // 2))
             if dim % pq_m != 0:
                 raise FunnelrecError(f"pq_m={pq_m} must divide the embedding dimension {dim}")
@@ -198,9 +201,9 @@ def _huge_pages(address: int, nbytes: int) -> bool:
 
 def _auto_nlist(count: int, kind: Kind) -> int:
     # FAISS wiki: 4 sqrt(N) to 16 sqrt(N) buckets; at least 39 training points per bucket.
-    # ivfpq_fs: 2 sqrt(N). Its scan costs ~2.5 us per bucket besides ~8 ns per code, so at
-    # 1M items 2048 buckets (nprobe 112, ~60k codes) reach recall@100 0.95 in ~25% less
-    # time than 4096 (nprobe 208, ~55k codes); 1024 needs too many codes (docs/ann.md).
+    # ivfpq_fs: 2 sqrt(N). Its scan pays a fixed cost per bucket besides its cost per code,
+    # so at 1M items 2048 buckets reach recall@100 0.95 sooner than 4096 (a few more codes,
+    # half the buckets), while 1024 need too many codes (docs/ann.md, "Bucket count").
     target = max(1.0, (2 if kind == "ivfpq_fs" else 4) * math.sqrt(count))
     nlist = 2 ** round(math.log2(target))
     return int(max(1, min(nlist, count // 39 or 1)))
@@ -208,7 +211,8 @@ def _auto_nlist(count: int, kind: Kind) -> int:
 
 def _auto_pq_m(dim: int) -> int:
     # 8 dimensions per sub-quantizer: with 4, FAISS 1.15's k-means on 4-d sub-vectors was
-    # ~10x slower per point on the reference machine (a slow kernel for tiny d).
+    # many times slower per point (a slow kernel for tiny d; docs/ann.md, "Kinds and
+    # defaults").
     m = max(1, dim // 8)
     while dim % m:
         m -= 1
@@ -264,7 +268,8 @@ class ItemIndex:
     ) -> None:
         self._idmap = idmap  # owns the search index and the row -> item id map
         self._index = faiss.downcast_index(idmap.index)
-        # fixed once built (reading them from FAISS costs ~2 us each, per query)
+        # fixed once built: read through SWIG on every query they would cost a measurable
+        # share of a sub-millisecond search (docs/ann.md, "The single-query path")
         self._dim, self._count = int(self._index.d), int(self._index.ntotal)
         self.kind: Kind = kind
         self.params = params
@@ -273,7 +278,8 @@ class ItemIndex:
         self.build_seconds = build_seconds
         self.options = options
         self._refs: tuple[Any, ...] = ()  # set by `build`: keeps Python wrappers alive
-        # FAISS per-call search parameters by (knob, k, rerank); creating one costs ~20 us.
+        # FAISS per-call search parameters by (knob, k, rerank): creating one per query
+        # would be a sizeable share of it (docs/ann.md, "The single-query path").
         self._param_cache: dict[tuple[int, int, float], Any] = {}
         # The float vectors, searchable exactly, where the index keeps them.
         self._floats: Any = None
@@ -386,7 +392,8 @@ class ItemIndex:
 
     def to_hnsw_sq(self, sq_type: str = "sq8", rerank: float = 0.0) -> ItemIndex:
         """A new hnsw_sq index with this hnsw index's graph: only the codes are computed
-        (seconds at 1M items, where building the graph took most of an hour).
+        (seconds at 1M items, where building the graph is the slow part: docs/ann.md,
+        "Results: 1M x 128").
 
         This index is left as it was (the float vectors are copied).
         """
@@ -479,8 +486,9 @@ class ItemIndex:
         approximate search comes back short (the general path then completes it).
 
         One FAISS call into fresh output arrays and no other per-call allocation but the
-        id lookup: at 1M items a query takes well under a millisecond, so the ~50 us that
-        the general path's checks and copies add would be a sizeable share of it.
+        id lookup: at 1M items a query takes well under a millisecond, so the time the
+        general path's checks and copies add would be a sizeable share of it (docs/ann.md,
+        "The single-query path").
         """
         q = np.ascontiguousarray(q)
         if self._scan is not None:  # one thread, whatever `threads` says; checks q finite
@@ -577,9 +585,10 @@ class ItemIndex:
     def _params(self, k: int, sel: Any = None, exhaustive: bool = False) -> Any:
         """FAISS per-call search parameters (thread-safe, unlike setting index fields).
 
-        Without a selector they are cached: creating one costs ~20 us, a fair share of a
-        sub-millisecond query. FAISS 1.15 searches a graph only `efSearch` deep even when k
-        is larger (and then returns fewer than k), so efSearch is raised to what is fetched.
+        Without a selector they are cached: creating one costs a fair share of a
+        sub-millisecond query (docs/ann.md, "The single-query path"). FAISS 1.15 searches
+        a graph only `efSearch` deep even when k is larger (and then returns fewer than k),
+        so efSearch is raised to what is fetched.
         """
         p = self.params
         fetch = max(k, int(k * p.rerank)) if self.kind in RERANKED else k
@@ -895,8 +904,9 @@ def _new_index(kind: Kind, p: IndexParams, d: int) -> Any:
         index.hnsw.efConstruction = p.ef_construction
         index.hnsw.efSearch = p.ef_search
         # FAISS prunes each node's level-0 links with a heuristic made for metric
-        # distances; under inner product it drops many useful links (on clustered data of
-        # varying norms recall@100 stalled near 0.85). Keeping the lists full fixes it.
+        # distances; under inner product with varying norms it drops links that searches
+        # need, and recall stalls whatever efSearch is. Keeping the lists full fixes it
+        # (docs/ann.md, "Kinds and defaults").
         index.keep_max_size_level0 = True
         return index
     # IVF with inner product clusters on the sphere (FAISS sets spherical k-means).
@@ -908,8 +918,8 @@ def _new_index(kind: Kind, p: IndexParams, d: int) -> Any:
     else:
         index = faiss.IndexIVFPQFastScan(quantizer, d, p.nlist, p.pq_m, 4, ip)
         # Codes of each vector's offset from its bucket's centroid, not of the vector (FAISS's
-        # fast-scan default): 4-bit codes of small offsets are finer. On the 1M benchmark,
-        # recall@100 at nprobe 192, rerank 8 went from 0.880 to 0.953.
+        # fast-scan default): 4-bit codes of small offsets are finer, and recall is far
+        # higher at the same nprobe and rerank (docs/ann.md, "Kinds and defaults").
         index.by_residual = True
     index.nprobe = p.nprobe
     index.own_fields = True  # the IVF index frees its quantizer ...
@@ -935,8 +945,9 @@ def _build_hnsw_sq(
 ) -> tuple[Any, tuple[Any, ...]]:
     """(IndexIDMap over the hnsw_sq index of `x` [N, d], Python wrappers to keep alive).
 
-    The graph is built over the float vectors (IndexHNSWFlat: building over 8-bit codes
-    was ~1.7x slower, every insertion decoding them), then handed to `_hnsw_sq_from`.
+    The graph is built over the float vectors (IndexHNSWFlat), then handed to
+    `_hnsw_sq_from`: building it over 8-bit codes is slower, as every insertion decodes
+    them (docs/ann.md, "Kinds and defaults").
     """
     graph = _new_index("hnsw", p, x.shape[1])
     _add(graph, x, None, progress, "index hnsw_sq (graph)")

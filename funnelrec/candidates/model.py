@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from funnelrec.features import Features
 
 # Embedding tables with at least this many rows get sparse gradients when `sparse` is
-# unset. A dense (fused AdamW) step costs ~ rows x width, a sparse one (coalesce +
-# SparseAdam) ~ lookups x width; measured for one history table (batch 1,024 x 50 ids,
-# width 128, one thread) dense vs sparse: 10k rows 74 vs 350 ms, 100k 422 vs 674 ms,
-# 300k 1,236 vs 1,048 ms, 1M 3,615 vs 1,123 ms (sparse measured with torch's SparseAdam;
-# RowSparseAdam is faster, so the crossover is now lower). Set `sparse` for other shapes.
+# unset. A dense (fused AdamW) step costs ~ rows x width, a sparse one (coalesce + lazy
+# Adam) ~ lookups x width, so sparse wins once the table is large against the batch's
+# lookups; this is the crossover measured for a history table at the throughput
+# benchmark's batch (docs/candidates.md, "Sparse or dense tables"). It was measured with
+# torch's SparseAdam; RowSparseAdam is faster, so the true crossover is now lower. Set
+# `sparse` for other shapes.
 SPARSE_AUTO_ROWS = 200_000
 
 
@@ -38,7 +39,8 @@ class CandidateConfig:
     token_dim:      search token embedding width; None = dim
     region_dim, device_dim: None = the features' log-cardinality rule
     tie_embeddings: share the input and output item tables (needs item_dim == dim)
-    use_search, use_demographics, use_example_age: feature groups (for ablations, SPEC 2)
+    use_search, use_demographics, use_example_age: feature groups, to switch off for the
+                    paper's feature ablations (Covington et al. 2016, section 3.5)
     relu_output:    ReLU on the last tower layer too, as in the paper's tower
     dropout:        between tower layers
     loss:           "sampled" (the paper) or "full" softmax (exact; small vocabularies)
@@ -196,7 +198,9 @@ def bag_mean(
     count = torch.zeros(offsets.shape[0], dtype=real.dtype, device=ids.device)
     count.index_add_(0, rows, real)
     weights = real / count.clamp(min=1e-12)[rows]
-    if ids.device.type == "cpu":  # ~3x faster than EmbeddingBag's backward, or more
+    # on the CPU the bags' gradient through EmbeddingBag's backward is a per-id scatter,
+    # several times slower (docs/candidates.md, "Training")
+    if ids.device.type == "cpu":
         return weighted_bag_sum(
             table.weight, ids, offsets, weights, sparse_grad=table.sparse, c_row_sums=c_row_sums
         )
@@ -351,7 +355,8 @@ class CandidateModel(nn.Module):
         return u
 
     def forward(self, batch: CandidateBatch) -> Tensor:
-        """Serving: u [B, d] with the example age set to `serving_example_age` (SPEC 2.1)."""
+        """Serving: u [B, d] with the example age set to `serving_example_age`: the end
+        of the training window, or slightly past it (Covington et al. 2016, section 3.3)."""
         age = torch.full_like(batch.example_age, self.config.serving_example_age)
         return self.user_vector(batch, age)
 

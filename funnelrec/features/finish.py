@@ -88,8 +88,8 @@ def _finish(
     if not rank_columns:
         ranking = {
             "available": False,
-            "reason": "the dataset has no impressions table: ranking examples are made "
-            "from retrieved candidates instead (issue 7)",
+            "reason": "the dataset has no impressions table: `funnelrec features "
+            "impressions` makes one from retrieved candidates",
         }
     elif tf.rank is None:
         ranking = {"available": False, "reason": "ranking=false in the features config"}

@@ -191,7 +191,9 @@ __attribute__((target("avx512f"))) static int scatter_avx512(
             const int64_t a = start[v], e = start[v + 1];
             if (a >= e) continue;
             const float *s = src + v * d + j0;
-            if (v + 2 < rows) { /* past L2, where the sums are (-10% time, table not cached) */
+            /* the next rows, fetched past L2 (NTA) so as not to evict the sums there: it
+               pays when the table is not in cache (docs/candidates.md, "Kernel choices") */
+            if (v + 2 < rows) {
                 const float *ahead = src + (v + 2) * d + j0;
                 for (int64_t j = 0; j < 128 && j0 + j < c1; j += 16)
                     _mm_prefetch((const char *)(ahead + j), _MM_HINT_NTA);

@@ -4,15 +4,15 @@ A batch of bags (flat ids [n] + start offsets [B], the `nn.EmbeddingBag` form) w
 weight per id is the sparse matrix S [B, V] (row b holds bag b's weights at its ids), and
 the bag sums are S @ W for the table W [V, d]. Its gradient is S^T @ G.
 
-Where the C row sums are built (`funnelrec.kernels.rowsum`, CPU float32), the forward puts the ids
-in order of table row once (a stable counting sort), reads the table row by row into the
-bags' sums, and the backward sums each table row's terms and writes it once: a training
-step at the throughput benchmark's shape is ~4-5% faster than with the torch path below
-(docs/candidates.md, "Throughput"). Otherwise the forward is EmbeddingBag's own kernel
-and the gradient a CSR sparse-dense matmul, which beats `nn.EmbeddingBag`'s backward (a
-per-id scatter) by ~3x: a batch of 1,024 bags of 50 ids over a 1,683 x 64 table, one
-thread, forward + backward 4.1 ms against 13.4 ms. S^T is built by a stable sort of the
-ids. Both ways the gradient is deterministic.
+Where the C row sums are built (`funnelrec.kernels.rowsum`, CPU float32), the forward puts
+the ids in order of table row once (a stable counting sort), reads the table row by row
+into the bags' sums, and the backward sums each table row's terms and writes it once: each
+direction goes over the table once, in order, where the torch path below makes extra
+passes over it from memory (the training step's timing: docs/candidates.md, "Throughput").
+Otherwise the forward is EmbeddingBag's own kernel and the gradient a CSR sparse-dense
+matmul, which beats `nn.EmbeddingBag`'s backward (a per-id scatter; docs/candidates.md,
+"Training"). S^T is built by a stable sort of the ids. Both ways the gradient is
+deterministic.
 
     out = weighted_bag_sum(table.weight, ids, offsets, weights, sparse_grad=False)  # [B, d]
 
@@ -39,10 +39,11 @@ RADIX_SORT_MIN = 32_768
 def stable_order(ids: Tensor, bound: int) -> Tensor:
     """argsort(ids, stable=True) for ids in 0..bound-1, the fast way on the CPU.
 
-    The narrowest key type sorts fastest (51,200 keys, one thread: int64 2.6 ms, int32 1.3,
-    int16 0.8), and below RADIX_SORT_MIN keys torch falls back to a comparison sort ~5x
-    slower than its radix sort (20,480 int16 keys: 2.3 ms; padded to 32,768 with the
-    largest key, which sorts after every real one: 0.45 ms)."""
+    The narrowest key type sorts fastest (a radix sort's passes grow with the key's
+    bytes), and below RADIX_SORT_MIN keys torch falls back to a comparison sort, much
+    slower than its radix sort: so a batch a little short of it is padded up to it with
+    the largest key, which sorts after every real one (the timings: docs/candidates.md,
+    "Kernel choices")."""
     n = int(ids.shape[0])
     key_type = torch.int16 if bound <= 2**15 else torch.int32 if bound <= 2**31 else torch.int64
     keys = ids.to(key_type)
@@ -86,7 +87,8 @@ class _WeightedBagSum(torch.autograd.Function):
             ctx.save_for_backward(ids, offsets, per_id)
             return rowsum.bag_sums_by_bag(weight, ids, offsets, weights)
         ctx.save_for_backward(ids, offsets, per_id)
-        # the same sums as the CSR product S @ W, ~2x faster (1,024 bags of 50 ids, d 256)
+        # the same sums as the CSR product S @ W, but EmbeddingBag's kernel runs faster
+        # (docs/candidates.md, "Kernel choices")
         return F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=weights)
 
     @staticmethod
@@ -106,8 +108,8 @@ class _WeightedBagSum(torch.autograd.Function):
         keep = per_id != 0  # padding and zero-weight ids add nothing
         if not bool(keep.all()):
             ids, bag_of, per_id = ids[keep], bag_of[keep], per_id[keep]
-        # CSR products with 32-bit indices run ~10% faster, and index_select gathers ~3x
-        # faster than advanced indexing
+        # 32-bit indices where they fit, and index_select rather than advanced indexing:
+        # both faster (docs/candidates.md, "Kernel choices")
         index_type = torch.int32 if max(rows_count, b, n) < 2**31 else torch.int64
         order = stable_order(ids, rows_count)
         sorted_ids = ids.index_select(0, order)
@@ -127,7 +129,8 @@ class _WeightedBagSum(torch.autograd.Function):
             crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(index_type)
             st = _csr(crow, col, values, (rows_count, b))
             # into a fresh buffer, beta 0 (its contents ignored): torch.sparse.mm zero-fills
-            # its result and then copies it, ~2.5x the time at 10k x 256
+            # its result and then copies it: two passes over the [V, d] table that this
+            # saves (docs/candidates.md, "Training")
             grad = g.new_empty(rows_count, dim).addmm_(st, g, beta=0)  # [V, d]
         return grad, None, None, None, None, None
 

@@ -1,9 +1,10 @@
 """The candidate-generation loss: a softmax over the item vocabulary, full or sampled.
 
-SPEC 2 frames retrieval as extreme multiclass classification,
-P(w = i | u) = exp(v_i . u) / sum_j exp(v_j . u). The full denominator touches every item;
-the paper instead samples thousands of negatives from a background distribution Q and
-corrects for the sampling ("logQ" / importance correction). With label y, shared negatives
+The paper (Covington et al. 2016, section 3.1) frames retrieval as extreme multiclass
+classification, P(w = i | u) = exp(v_i . u) / sum_j exp(v_j . u). The full denominator
+touches every item; the paper instead samples thousands of negatives from a background
+distribution Q and corrects for the sampling ("logQ" / importance correction), which keeps
+a step's cost independent of the vocabulary's size. With label y, shared negatives
 s_1..s_n ~ Q (with replacement) and o_j = v_j . u:
 
     loss = -o_y + log( exp(o_y) + sum_{k: s_k != y} exp(o_{s_k} - log(n Q(s_k))) )
@@ -244,15 +245,15 @@ class SampledSoftmax(nn.Module):
 
 # Rows of the [B, C] logits handled at once: chunks of ~CHUNK_ELEMENTS floats keep the
 # element-wise passes over the logits in cache (L3) while the matmuls stay large enough to
-# run near peak. Measured in the training step, in turns (d = 256, C = 4,096, B = 1,024,
-# one thread, the C row pass): 1,024-row chunks 1-3 ms faster per step than 512-row
-# ones, 256-row ones ~10 ms slower.
+# run near peak. At the throughput benchmark's shape (C = 4,096) a chunk is the whole
+# batch of 1,024 rows, which timed faster in the training step than 512- or 256-row
+# chunks (docs/candidates.md, "Throughput").
 CHUNK_ELEMENTS = 1 << 22
 
 # The element-wise pass over a row chunk (bias, row maxima, shift, floor, exp, row sums)
-# in C, one pass per row while it is in cache (funnelrec/kernels/_rowsoftmax.c), where it is built:
-# torch makes six passes over the chunk, each from memory. Timed in the training step, in
-# turns (benchmarks' issue shape, one thread): see docs/candidates.md.
+# in C, one pass per row while it is in cache (funnelrec/kernels/_rowsoftmax.c), where it
+# is built: torch makes six passes over the chunk, each reading it from memory. How much
+# that saves in the training step: docs/candidates.md, "Throughput".
 # CPU float32 only; `c_softmax_rows=False` gives torch's passes (A/B runs, tests).
 _ROWS: Any = native.load("funnelrec.kernels._rowsoftmax")
 if _ROWS is not None:
@@ -468,8 +469,8 @@ class _GatherRows(torch.autograd.Function):
     """weight[ids] with a dense gradient, deterministic (each row's terms added in index
     order). On the CPU through `rowsum` (funnelrec/kernels/_rowsum.c): the gather and each table
     row's sum in one pass, the ids' order by row found in forward. Else zeros +
-    index_add_, ~2x faster than `F.embedding`'s backward, which sorts the ids first
-    (5,120 rows of a 10k x 256 table, one thread)."""
+    index_add_, which beats `F.embedding`'s backward because that sorts the ids first
+    (docs/candidates.md, "Kernel choices")."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, ids: Tensor, c_row_sums: bool) -> Tensor:

@@ -1,4 +1,5 @@
-"""Stage 2: the deep ranking network trained by watch-time weighted logistic regression (SPEC 3).
+"""Stage 2: the deep ranking network trained by watch-time weighted logistic regression
+(Covington et al. 2016, section 4).
 
 Each impression (a candidate item shown to a user on one page) becomes one input vector:
 
@@ -10,8 +11,9 @@ Each impression (a candidate item shown to a user on one page) becomes one input
 - Multivalent features (bags) are averaged (`embedding_bag`, mode mean). Id 0 is padding and
   out-of-vocabulary: its row is the zero vector and it is left out of a bag's mean, so an
   empty or all-OOV bag embeds to zero.
-- Dense features arrive quantile-normalised as x, x^2 and sqrt(x) (issue 4); the `x^2` and
-  `sqrt(x)` columns can be dropped (`power_features=False`) for the paper's ablation.
+- Dense features arrive already quantile-normalised to [0, 1) by the feature pipeline, as
+  x, x^2 and sqrt(x) (Covington et al. 2016, section 4.1); the `x^2` and `sqrt(x)` columns
+  can be dropped (`power_features=False`) for the paper's ablation.
 - A tower of ReLU layers (the paper's Table 1 widths) ends in one logit z.
 
 Training: weighted logistic regression. A clicked impression is a positive of weight
@@ -187,7 +189,8 @@ class RankingConfig:
 
     tower:              hidden ReLU widths, bottom to top; () = no hidden layer (a logistic
                         regression over the embeddings and dense inputs). See TOWER_PRESETS.
-    objective:          "watch_time": positives weighted by watch time, negatives 1 (SPEC 3);
+    objective:          "watch_time": positives weighted by watch time, negatives 1
+                        (Covington et al. 2016, section 4.2);
                         "ctr": every impression weight 1 (the ablation).
     power_features:     feed the x^2 and sqrt(x) dense columns (False = the ablation).
     watch_time_unit:    seconds per unit of positive weight. A positive weighs T / unit, so
@@ -481,7 +484,9 @@ class RankingModel(nn.Module):
             ids, offsets = bag
             table = self.embeddings[space]
             assert isinstance(table, nn.Embedding)
-            if ids.device.type == "cpu" and ids.numel():  # CSR products: faster backward
+            # on the CPU, `mean_bag`'s C row sums (or CSR products) give a faster backward
+            # than embedding_bag's per-id scatter (docs/candidates.md, "Training")
+            if ids.device.type == "cpu" and ids.numel():
                 parts.append(
                     mean_bag(
                         table.weight,

@@ -144,12 +144,29 @@ def setup(device: str = "cpu") -> Distributed:
         torch.cuda.set_device(local)  # "cuda" now means this rank's GPU
         comm_device = f"cuda:{local}"
     if not td.is_initialized():
+        _import_group_defaults()
         td.init_process_group(backend=backend_for(device))
     return Distributed(rank=rank, world_size=world, local_rank=local, device=comm_device)
 
 
+def _import_group_defaults() -> None:
+    """Import, before the default process group exists, the torch modules whose functions
+    take `group=group.WORLD` as a default argument.
+
+    Such a default is evaluated once, at import, and torch imports these modules lazily
+    (`torch.distributed.nn`, with torch._dynamo, when the first optimizer is built). Imported
+    after `init_process_group`, their defaults would hold the group for the rest of the
+    process: `destroy_process_group` could not free it, and gloo's worker and transport
+    threads would outlive `teardown` into interpreter shutdown, where they can abort the
+    process ("terminate called without an active exception") after a run that succeeded.
+    Imported first, the defaults are None (the default group, looked up at each call)."""
+    import torch.distributed.nn  # noqa: F401
+
+
 def teardown(dist: Distributed) -> None:
-    """Leave the process group `setup` joined (after the last collective)."""
+    """Leave the process group `setup` joined (after the last collective). Nothing else
+    holds the group (see `_import_group_defaults`), so this frees it: the backend's threads
+    are joined here, while the interpreter is fully alive, not at process exit."""
     if dist.enabled and td.is_initialized():
         td.destroy_process_group()
 

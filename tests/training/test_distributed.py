@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import socket
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as td
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -230,10 +233,27 @@ def _job_both(dist: Distributed, out: Path) -> None:
     _job_train(dist, out)
 
 
+def _job_teardown(dist: Distributed, out: Path) -> None:
+    group = td.group.WORLD
+    assert group is not None
+    freed = weakref.ref(group)
+    del group
+    # what training does once the group exists: build an optimizer (torch then imports
+    # torch._dynamo, and with it modules whose default arguments are the default group)
+    torch.optim.AdamW(Toy().parameters())
+    assert dist.all_gather_objects(dist.rank) == [0, 1]
+    teardown(dist)
+    gc.collect()
+    # a group something still held would keep gloo's threads running into interpreter
+    # shutdown, where they can abort a process whose run succeeded
+    assert freed() is None, "the process group outlived teardown"
+
+
 JOBS: dict[str, Callable[[Distributed, Path], None]] = {
     "collectives": _job_collectives,
     "train": _job_train,
     "both": _job_both,
+    "teardown": _job_teardown,
 }
 
 
@@ -248,6 +268,12 @@ def test_two_ranks_step_as_one_process_keep_equal_replicas_and_resume_exactly(
     with pytest.raises(ArtifactError, match="2 process"):
         train(_toy_candidates(), _rank_epochs(0), _cfg(), checkpoint=tmp_path / "shared.pt",
               resume=True, progress=False)  # fmt: skip
+
+
+def test_teardown_frees_the_process_group_once_training_has_run(tmp_path: Path) -> None:
+    """In 2 spawned gloo processes: after an optimizer was built (as training does),
+    `teardown` still frees the group, so no gloo thread of it runs at process exit."""
+    spawn("teardown", tmp_path)
 
 
 # --------------------------------------------------------------------------- torchrun, tiny world

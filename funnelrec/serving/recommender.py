@@ -27,7 +27,7 @@ merge       union of the sources' items; each keeps every source that nominated 
             that source's score (the scores are not comparable across sources: ranking
             is what makes them comparable, paper section 2)
 features    the ranking features of every candidate, by the training code itself
-            (`serving_features`): churn (times already shown), time since the user last
+            (`features.serving`): churn (times already shown), time since the user last
             watched the topic, the user's watches of the channel, item age, duration, ...
 ranking     the ranker's expected watch time exp(logit) (paper 4.2); best first, already
             watched items dropped when `exclude_watched`, the top k returned

@@ -15,6 +15,7 @@ from funnelrec.cli import (
     evaluate,
     experiment,
     features,
+    funnel,
     index,
     package,
     rank,
@@ -34,6 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 evaluate.app.command("ranker")(rank.evaluate_command)
+evaluate.app.command("funnel")(funnel.evaluate_command)
 features.app.command("impressions")(rank.impressions_command)
 
 app.command("demo")(run.demo)

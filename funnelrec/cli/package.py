@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from funnelrec.serving.package import load_package_config, package
 from funnelrec.serving.recommender import read_manifest
@@ -29,7 +30,7 @@ def package_command(
         None, "--data", "-d", help="Dataset directory (default: the one the features name)."
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="TOML ([serving], [fresh], [cowatch] sections, state_n)."
+        None, "--config", help=escape("TOML ([serving], [fresh], [cowatch] sections, state_n).")
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
     overrides: list[str] = typer.Argument(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from funnelrec.candidates import checkpoint_path, fit_candidates, load_training_config
 from funnelrec.cli import rank
@@ -35,7 +36,7 @@ def candidates(
     features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
     config: Path | None = typer.Option(
-        None, "--config", "-c", help="TOML config ([model] and [train] sections)."
+        None, "--config", "-c", help=escape("TOML config ([model] and [train] sections).")
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run from its checkpoint."

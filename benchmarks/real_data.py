@@ -14,9 +14,17 @@ validation item. Exclusion is the same in both.
 
 Data: MovieLens-100k is fetched with `funnelrec.data.fetch` into --ml100k when that directory
 does not exist (GroupLens, else the recbole 1.2.1 wheel from the package index); Beauty is
-imported from ../shared/data/amazon-beauty/beauty.txt (--beauty) into --work. A data set
-that cannot be had is skipped with a message. Writes benchmarks/results/real_data.json
-and prints a table beside the peers' numbers.
+imported from amazon-beauty/beauty.txt of the shared data folder (--beauty) into --work. The
+shared data folder is `../shared/data/` beside the checkout (its README says what is there
+and where it comes from); the nearest `shared/data` at or above the checkout, or above the
+repository a worktree or local clone was made from, is used. A data set that cannot be had
+is not run, with a line naming the path looked for and how to get it, repeated at the end.
+Writes benchmarks/results/real_data.json and prints a table beside the peers' numbers.
+
+It says what it does as it goes: the data set, each model's fit, and the progress of
+funnelrec's own feature build and training and of every evaluation (`funnelrec.progress`:
+a live bar on a terminal, plain lines with rate and ETA in a log); --no-progress: the
+per-model lines only.
 
 Adding a model: write `def my_model(data: Split) -> ModelRun` that fits on
 `data.train` and returns a score function per history setting (`ScoreFn`: user ids [b]
@@ -32,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,14 +52,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.markup import escape
+from rich.progress import Progress
 from rich.table import Table
 
 from funnelrec import __version__
@@ -59,9 +62,11 @@ from funnelrec.candidates.metrics import RetrievalMetrics, exclusion_mask, targe
 from funnelrec.data.dataset import Dataset, write_json_atomic
 from funnelrec.errors import FunnelrecError
 from funnelrec.features.splits import leave_last_out, user_offsets
+from funnelrec.progress import progress_bar
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+BEAUTY = "amazon-beauty/beauty.txt"  # in the shared data folder
 SEED = 0
 MIN_INTERACTIONS = 3
 KS = (10, 50)
@@ -223,15 +228,21 @@ class ModelRun:
 
 
 def evaluate(
-    score: ScoreFn, data: Split, setting: str, progress: Progress | None = None
+    score: ScoreFn,
+    data: Split,
+    setting: str,
+    progress: Progress | None = None,
+    name: str = "",
 ) -> dict[str, float]:
-    """HR / NDCG / Recall @ KS of one score function on every evaluated user."""
+    """HR / NDCG / Recall @ KS of one score function on every evaluated user (`name`: the
+    model's, for the progress bar)."""
     n1 = data.num_items + 1
     keys = tie_keys(n1, SEED)
     acc = RetrievalMetrics(KS)
     q = data.users.size
     rows = max(1, SCORE_BUDGET // n1)
-    task = progress.add_task(f"{data.name} {setting}", total=q) if progress else None
+    what = " ".join(x for x in (data.name, name, setting) if x)
+    task = progress.add_task(what, total=q) if progress else None
     for lo in range(0, q, rows):
         hi = min(q, lo + rows)
         s = torch.from_numpy(
@@ -335,7 +346,7 @@ FUNNELREC_CONFIGS = {"ml-100k": "candidates-ml100k.toml", "beauty": "candidates-
 FUNNELREC_OVERRIDES: list[str] = []
 FUNNELREC_FEATURE_OVERRIDES: list[str] = []
 WORK = Path("/tmp/funnelrec-bench")
-PROGRESS = False
+PROGRESS = True  # funnelrec's feature build and training show their progress
 AGE_AT_REQUEST = True
 
 
@@ -351,7 +362,7 @@ def funnelrec(data: Split) -> ModelRun:
     art = WORK / f"{data.name}-candidates-{os.getpid()}"
     for d in (feat_dir, art):  # per process (runs may go side by side), removed at exit
         atexit.register(shutil.rmtree, d, ignore_errors=True)
-    build_features(data.path, feat_dir, split="last", config=fcfg, force=True, progress=False)
+    build_features(data.path, feat_dir, split="last", config=fcfg, force=True, progress=PROGRESS)
     feats = Features.open(feat_dir)
     config = load_training_config(
         REPO / "configs" / FUNNELREC_CONFIGS[data.name], FUNNELREC_OVERRIDES
@@ -433,22 +444,82 @@ MODELS: dict[str, Callable[[Split], ModelRun]] = {
 # Data sets
 
 
+class MissingData(FunnelrecError):
+    """A data set's files are not where they were looked for."""
+
+
+def _git_roots() -> list[Path]:
+    """The checkout a worktree was added to, or a local clone was made from: the shared
+    data folder sits beside that one too."""
+    roots = []
+    for args in (
+        ["rev-parse", "--path-format=absolute", "--git-common-dir"],
+        ["config", "--get", "remote.origin.url"],
+    ):
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out and Path(out).is_absolute() and Path(out).exists():
+            roots.append(Path(out).parent if out.endswith(".git") else Path(out))
+    return roots
+
+
+def shared_data_dirs() -> list[Path]:
+    """Where the shared data folder may be, nearest first: `shared/data` at or above the
+    checkout (as the user reached it and with links resolved), the working directory, and
+    the checkout a worktree or clone came from."""
+    roots = [Path(os.path.abspath(__file__)).parent.parent, REPO, Path.cwd(), *_git_roots()]
+    dirs: list[Path] = []
+    for root in roots:
+        for d in (root, *root.parents):
+            if d / "shared" / "data" not in dirs:
+                dirs.append(d / "shared" / "data")
+    return dirs
+
+
+def shared_data(relative: str) -> Path:
+    """`relative` in the nearest shared data folder that has it; where none has, the
+    documented place (`../shared/data/` beside the checkout), for the message."""
+    for d in shared_data_dirs():
+        if (d / relative).exists():
+            return d / relative
+    return REPO.parent / "shared" / "data" / relative
+
+
 def ml100k_dataset(path: Path, console: Console) -> Path:
     if not (path / "manifest.json").exists():
         from funnelrec.data.fetch import fetch_movielens_100k
 
-        console.print(f"fetching MovieLens-100k into {path}")
-        fetch_movielens_100k(path, force=path.exists(), on_status=console.print)
+        console.print(f"ml-100k: fetching MovieLens-100k into {escape(str(path))}")
+        try:
+            fetch_movielens_100k(
+                path, force=path.exists(), on_status=lambda m: console.print(escape(m))
+            )
+        except FunnelrecError as e:
+            raise MissingData(
+                f"{path}: MovieLens-100k could not be fetched ({e}). Get it: the GroupLens "
+                f"ml-100k.zip or the recbole 1.2.1 wheel (see ../shared/data/README.md), "
+                f"imported with `funnelrec data import movielens ml-100k.zip --out DIR`, "
+                f"then pass --ml100k DIR"
+            ) from e
     return path
 
 
 def beauty_dataset(src: Path, path: Path, console: Console) -> Path:
     if not (path / "manifest.json").exists():
         if not src.exists():
-            raise FunnelrecError(f"{src} not found")
+            raise MissingData(
+                f"{src} not found. Get it: the BERT4Rec authors' Amazon Beauty file "
+                f"(`user item` a line, in time order per user) at {BEAUTY} of the shared "
+                f"data folder `../shared/data/` beside the checkout (see its README.md), "
+                f"or pass --beauty PATH"
+            )
         from funnelrec.data.loaders import import_sequence
 
-        console.print(f"importing {src} into {path}")
+        console.print(f"beauty: importing {escape(str(src))} into {escape(str(path))}")
         import_sequence(src, path, force=path.exists())
     return path
 
@@ -459,30 +530,26 @@ def _fmt(x: float | None) -> str:
 
 def run_dataset(data: Split, models: list[str], console: Console) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for key in models:
+    for i, key in enumerate(models, 1):
+        console.print(f"{data.name}: model {i}/{len(models)}: {key}: fitting")
         try:
             run = MODELS[key](data)
         except FunnelrecError as e:
-            console.print(f"[yellow]{data.name}: {key} skipped: {e}")
+            console.print(f"[yellow]{data.name}: {key} skipped: {escape(str(e))}")
             out[key] = {"skipped": str(e)}
             continue
+        console.print(
+            f"{data.name}: {key}: fitted in {run.fit_seconds:.1f} s; evaluating "
+            f"{', '.join(s for s in SETTINGS if s in run.scores)} on {data.users.size:,} users"
+        )
         res: dict[str, Any] = {"name": run.name, "fit_s": round(run.fit_seconds, 3)}
         if run.note:
             res["note"] = run.note
-        with Progress(
-            TextColumn(f"{run.name:<28}"),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with progress_bar("users", enabled=PROGRESS, console=console, transient=True) as bar:
             for setting in SETTINGS:
                 if setting in run.scores:
                     t0 = time.perf_counter()
-                    res[setting] = evaluate(run.scores[setting], data, setting, progress)
+                    res[setting] = evaluate(run.scores[setting], data, setting, bar, run.name)
                     res[f"{setting} eval_s"] = round(time.perf_counter() - t0, 2)
         out[key] = res
         tr, va = res.get("train", {}), res.get("+val", {})
@@ -546,7 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/funnelrec-bench"))
     p.add_argument("--ml100k", type=Path, default=None, help="dataset dir (default WORK/ml-100k)")
     p.add_argument(
-        "--beauty", type=Path, default=REPO.parent / "shared/data/amazon-beauty/beauty.txt"
+        "--beauty",
+        type=Path,
+        default=None,
+        help=f"Beauty's beauty.txt (default: {BEAUTY} of the nearest shared/data folder, "
+        "../shared/data/ beside the checkout)",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "real_data.json")
     p.add_argument(
@@ -558,9 +629,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--merge", action="store_true", help="keep results in --out of data sets and models not run"
     )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress of the feature build, training and evaluation (the lines per model stay)",
+    )
     args = p.parse_args(argv)
-    global WORK
+    global WORK, PROGRESS
     WORK = args.work
+    PROGRESS = not args.no_progress
     FUNNELREC_OVERRIDES.extend(args.funnelrec_overrides.split())
     FUNNELREC_FEATURE_OVERRIDES.extend(args.feature_overrides.split())
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -584,18 +661,26 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/real_data.py)",
         "datasets": {},
     }
-    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    not_run: list[str] = []
+    for n, name in enumerate(names, 1):
+        console.print(f"[bold]data set {n}/{len(names)}: {name}")
         try:
             if name == "ml-100k":
                 path = ml100k_dataset(args.ml100k or args.work / "ml-100k", console)
             elif name == "beauty":
-                path = beauty_dataset(args.beauty, args.work / "beauty", console)
+                path = beauty_dataset(
+                    args.beauty or shared_data(BEAUTY), args.work / "beauty", console
+                )
             else:
                 raise FunnelrecError(f"unknown data set {name!r} (ml-100k, beauty)")
         except FunnelrecError as e:
-            console.print(f"[yellow]{name}: skipped: {e}")
+            # loud: a data set missing changes what the results file holds
+            console.print(f"[bold red]{name}: NOT RUN: {escape(str(e))}")
             report["datasets"][name] = {"skipped": str(e)}
+            not_run.append(f"{name}: {e}")
             continue
+        console.print(f"{name}: reading {escape(str(path))}")
         data = load_split(name, path)
         console.print(f"{name}: {data.stats}")
         results = run_dataset(data, models, console)
@@ -617,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         report["datasets"] = {**earlier, **report["datasets"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {escape(str(args.out))}")
+    for line in not_run:
+        console.print(f"[bold red]NOT RUN: {escape(line)}")
     return 0
 
 

@@ -26,11 +26,8 @@ Protocol (docs/evaluation.md):
   times: the recommender takes it as done just before the end of the data's window
   (`ServingConfig.explicit_gap_s` apart), and no impressions (the churn features are 0).
 - exclusion: the items watched before the target are never returned, except the target
-  itself (a re-watch stays retrievable), as in `candidates.metrics`. `recommend` can only
-  exclude a whole history, so a request whose target is a re-watch is served without
-  exclusion and the other watched items are removed from its ranked list afterwards (its
-  sources then nominate from lists that still hold watched items); every other request is
-  served exactly as in production.
+  itself (a re-watch stays retrievable), as in `candidates.metrics`: the request's
+  `exclude` list, which every source and the merge honour as they do the history.
 - lists scored, the top max K of each: `funnel` (the served ranking), `deep` (the deep
   candidates in ANN order, i.e. without the ranker), `cowatch` and `fresh` (those sources'
   own orders), each with the same exclusion. Plus the candidate pool: whether the target
@@ -416,26 +413,24 @@ class _Run:
         rewatch = [bool(np.isin(t, w)) for t, w in zip(targets.tolist(), watched, strict=True)]
         # the items each request must not return: the watched ones but the target
         excl = [w[w != t] for w, t in zip(watched, targets.tolist(), strict=True)]
-        # the k asked of `recommend` (more for a re-watch, whose list is filtered after)
-        req_ks = [k + len(e) if r else k for e, r in zip(excl, rewatch, strict=True)]
-        deep = self._deep(ctxs, demos, excl, max(req_ks))
+        deep = self._deep(ctxs, demos, excl, k)
         lists = {name: np.zeros((q, k), dtype=np.int64) for name in LISTS}
         for row, (ctx, target) in enumerate(zip(ctxs, targets.tolist(), strict=True)):
             history = np.asarray(ctx.history, dtype=np.int64)
             self.rewatch += rewatch[row]
             self.unknown += not rec.has_item(target)
             self.empty_history += not ctx.history
-            served, sources = self._served(int(users[row]), ctx, excl[row], req_ks[row])
+            served, sources = self._served(int(users[row]), ctx, excl[row])
             lists[FUNNEL][row, : len(served)] = served
             # Each source's own list, and the depth it nominates at in `Recommender.recommend`
-            # for a request of req_k items (0: not at all): the candidate pool.
+            # for a request of k items (0: not at all): the candidate pool.
             own: dict[str, tuple[np.ndarray, int]] = {}
             deep_ids = deep[row]
             deep_on = deep_ids is not None and cfg.deep_k > 0
             if deep_ids is not None:
-                k_deep = min(max(cfg.deep_k, req_ks[row]), rec.index.count) if deep_on else 0
+                k_deep = min(max(cfg.deep_k, k), rec.index.count) if deep_on else 0
                 own[DEEP] = (deep_ids, k_deep)
-            k_fresh = cfg.fresh_k if deep_on else max(cfg.fresh_k, req_ks[row])
+            k_fresh = cfg.fresh_k if deep_on else max(cfg.fresh_k, k)
             own[FRESH] = (rec.fresh.top_k(history, max(k, k_fresh), exclude=excl[row])[0], k_fresh)
             if history.size:
                 ids = rec.cowatch.top_k(history, max(k, cfg.cowatch_k), exclude=excl[row])[0]
@@ -465,27 +460,20 @@ class _Run:
             self.acc[name].update(list_ranks(torch.from_numpy(lists[name]), tgt), ones)
 
     def _served(
-        self, user: int, ctx: Context, excl: np.ndarray, req_k: int
+        self, user: int, ctx: Context, excl: np.ndarray
     ) -> tuple[list[int], list[list[str]]]:
-        """The funnel's top k: (item ids, each one's nominating sources). A request whose
-        target is a re-watch (req_k > k) is served unexcluded, then filtered (see the module
-        docstring)."""
-        rewatch = req_k > self.k
+        """The funnel's top k: (item ids, each one's nominating sources)."""
         req = RecommendRequest(
             user_id=user,
             history=ctx.history,
             queries=ctx.queries,
-            k=req_k,
-            exclude_watched=not rewatch,
+            k=self.k,
+            exclude=excl.tolist(),
         )
         resp = self.rec.recommend(req)
         self.funnel_ms += resp.timings_ms["total"]
         self.candidates += int(resp.info["ranked"])
-        items = resp.items
-        if rewatch:
-            drop = set(excl.tolist())
-            items = [it for it in items if it.item_id not in drop]
-        items = items[: self.k]
+        items = resp.items[: self.k]
         return [it.item_id for it in items], [list(it.sources) for it in items]
 
     def _deep(
@@ -547,8 +535,7 @@ def protocol(rec: Recommender, ks: tuple[int, ...]) -> dict[str, Any]:
         "the end of the data's window, the explicit events spaced "
         f"{cfg.explicit_gap_s} s apart before it; no impressions",
         "exclusion": "items watched before the target are never returned, except the target "
-        "itself; a request whose target is a re-watch is served without exclusion and the "
-        "other watched items removed from its ranked list",
+        "itself (the request's exclude list, honoured by every source and the merge)",
         "lists": {
             FUNNEL: "Recommender.recommend: the sources' union ordered by the ranker",
             DEEP: "the candidate model's user vector searched in the ANN index (ANN order)",

@@ -148,6 +148,8 @@ class RecommendRequest:
     queries: search queries, oldest first (replace the stored ones when given)
     demographics: override the user's stored demographics field by field
     k: items to return; exclude_watched: leave out items in the user's history
+    exclude: dataset item ids never to return, in place of the history's when given (an
+             offline evaluation keeps a re-watched target retrievable this way)
     """
 
     user_id: int | None = None
@@ -156,6 +158,7 @@ class RecommendRequest:
     demographics: Demographics | None = None
     k: int = 10
     exclude_watched: bool = True
+    exclude: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -393,7 +396,10 @@ class Recommender:
         t = time.perf_counter()
         user = self._context(req, ctx)
         history = np.asarray(user.events.history, dtype=np.int64)
-        watched = np.unique(history) if req.exclude_watched else None
+        if req.exclude is not None:
+            watched: np.ndarray | None = np.unique(np.asarray(req.exclude, dtype=np.int64))
+        else:
+            watched = np.unique(history) if req.exclude_watched else None
         # The candidate model's input (also the user's region and device vocabulary ids,
         # which the ranker reads too): the same transforms as the training examples'.
         cand_batch = self.features.candidate_batch(

@@ -106,20 +106,13 @@ def test_matches_a_brute_force_recomputation(rec: Recommender, art: Path) -> Non
         assert got.context.queries == queries
         excl = sorted(set(history) - {target})
         lists: dict[str, list[int]] = {}
-        if target in history:  # served unexcluded, then the watched items but the target dropped
-            req = RecommendRequest(
-                user_id=u,
-                history=history,
-                queries=queries,
-                k=K + len(excl),
-                exclude_watched=False,
-            )
-            resp = rec.recommend(req)
-            lists["funnel"] = [it.item_id for it in resp.items if it.item_id not in excl][:K]
-        else:
-            req = RecommendRequest(user_id=u, history=history, queries=queries, k=K)
-            resp = rec.recommend(req)
-            lists["funnel"] = [it.item_id for it in resp.items]
+        # the watched items but the target excluded; without a re-watch, as in production
+        req = RecommendRequest(user_id=u, history=history, queries=queries, k=K, exclude=excl)
+        resp = rec.recommend(req)
+        lists["funnel"] = [it.item_id for it in resp.items]
+        if target not in history:
+            plain = RecommendRequest(user_id=u, history=history, queries=queries, k=K)
+            assert [it.item_id for it in rec.recommend(plain).items] == lists["funnel"]
         batch = rec.features.candidate_batch([history], [queries], [rec.user_demographics(u)])
         with torch.no_grad():
             scores = (emb @ rec.candidate_model(batch)[0]).numpy()

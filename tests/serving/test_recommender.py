@@ -291,3 +291,23 @@ def test_http_layer_serves_this_recommender(art: Path, tmp_path: Path) -> None:
         again = client.post("/v1/recommend", json={"user_id": 5, "k": 5}).json()
         assert first not in [it["item_id"] for it in again["items"]]
         assert again["request_ts"] == 2**40 + 1
+
+
+def test_an_exclude_list_replaces_the_historys_exclusion(
+    rec: Recommender, store: UserStateStore
+) -> None:
+    u = _user_with_history(store, 10)
+    history = store.context(u).history[-10:]
+    served = rec.recommend(RecommendRequest(history=history, k=1000))
+    assert not {it.item_id for it in served.items} & set(history)
+    # Every watched item but one excluded: that one may come back (a re-watch stays
+    # retrievable offline), the others never; unexcluded items are ranked as before.
+    keep = history[-1]
+    rest = [i for i in history if i != keep]
+    again = rec.recommend(RecommendRequest(history=history, exclude=rest, k=1000))
+    got = {it.item_id for it in again.items}
+    assert not got & set(rest)
+    assert keep in got  # the last watch's co-watched list and the deep model reach it
+    dropped = {it.item_id for it in served.items[:5]}
+    shifted = rec.recommend(RecommendRequest(history=history, exclude=[*history, *dropped]))
+    assert not {it.item_id for it in shifted.items} & (dropped | set(history))

@@ -54,15 +54,21 @@ searchsorted (`splits.TimeIndex`), never a Python loop per impression.
 Fitted on the training part only: every vocabulary, both normalisers, the item counts that
 the candidate model's negative sampler uses, and example_age's time range.
 
-The package, in the order the data flows (`funnelrec.features.build` runs it over the data):
+The package, in the order the data flows (`build.py` runs it over the data):
 
 - `config.py`: `FeaturesConfig`, the format's version and file names, the feature columns;
-- `reading.py`: the dataset's users and items by id, the events sorted by (user, ts);
+- `vocab.py`, `normalize.py`, `tokenize.py`: the fitted transforms;
+- `splits.py`: leave-last-out and time splits, and the time index of every feature;
+- `tables.py`: the dataset's users and items by id, the events sorted by (user, ts);
 - `vectorised.py`: bags as flat ids + offsets (`gather_ranges`, `drop_zeros`), sampling;
 - `transforms.py`: `UserEncoder`, demographics -> region, device and dense columns;
-- `candidates.py`: candidate-generation examples;
-- `ranking.py`: ranking examples and the bags of their requests;
-- `features.py`: `Features`, an opened features directory, and serving-time batches.
+- `candidate_examples.py`: candidate-generation examples;
+- `ranking_examples.py`: ranking examples and the bags of their requests;
+- `build.py`, `fit.py`, `write.py`, `finish.py`: `build_features`; `partition.py` and
+  `blocked.py`: large data built in blocks of users, resumably;
+- `reader.py`: `Features`, an opened features directory, and serving-time batches;
+- `batch.py`, `loader.py`: the batch types and shards -> batches;
+- `serving.py`: the ranking features at serving time, from live state.
 
 This file only re-exports the public names.
 """

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec.data.dataset import Dataset
 from funnelrec.ranking.model import tower_name
 from funnelrec.ranking.pages import impressions_from_candidates
 from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
@@ -184,4 +185,9 @@ def impressions_command(
 ) -> None:
     """Synthesise impressions from the candidate model's retrievals (data without any)."""
     impressions_from_candidates(data, features, candidates, out, k=k, force=force)
-    console.print(f"wrote {out}; next: funnelrec features build --data {out} --out FEAT")
+    made = Dataset.open(out).manifest.extra["impressions_from_candidates"]
+    console.print(
+        f"wrote {out}: {made['pages']:,} pages of {k} (the moments whose watch the candidate "
+        f"model retrieved, of {made['examples']:,})"
+    )
+    console.print(f"next: funnelrec features build --data {out} --out FEAT")

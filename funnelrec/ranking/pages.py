@@ -12,16 +12,23 @@ the trained candidate model retrieves its top k items, and those become one page
   `watch_time_s` as its watch time, or 1 second when the data has none (then the ranker's
   weights are all 1 and it learns which candidate is watched next);
 - the other retrieved items are shown-but-not-watched negatives (watch time 0);
-- when the watched item is not among the top k it takes the last slot, so every page has
-  exactly one positive. Positions are retrieval ranks (not a ranking feature).
+- a moment whose watched item is not among the top k gets no page. Putting the watch on
+  the page anyway would make the click the one item the candidate model did not retrieve,
+  and every feature that follows retrieval would give it away: "times already shown" most
+  of all (the negatives are the same top k that earlier pages showed again and again, the
+  inserted click was rarely shown), but also popularity and age (the model favours popular,
+  older items). A ranker trained on such pages learns to find the odd one out, which no
+  served page has. Positions are retrieval ranks (not a ranking feature).
 
 The result is a new dataset: every table of the source (users, items, watches, searches,
 id maps) plus this `impressions` table, so `funnelrec features build` then builds ranking
 examples from it like from logged impressions, with the same split kind.
 
 Caveats, by construction: training examples' pages come from a model that was trained on
-those very watches, so their positives are retrieved more often than held-out ones; and
-"times already shown" counts earlier synthetic pages, not real exposure.
+those very watches, so their watches are retrieved (and get a page) more often than
+held-out ones; only the moments the candidate model got right have pages, so a weak model
+or a small k leaves few; and "times already shown" counts earlier synthetic pages, not
+real exposure.
 
     impressions_from_candidates(DATA, FEAT, CAND_ART, OUT, k=20)
     funnelrec features build --data OUT --split last --out FEAT2
@@ -121,6 +128,7 @@ def impressions_from_candidates(
 
     features:   the features `candidates` was trained on (built from `data`); their
                 candidate examples of `splits` are the points in time that get a page
+                (those whose watch the candidate model retrieves)
     candidates: a candidate-model artifact (`funnelrec.candidates`)
     k:          impressions per page (the top k of an exact or HNSW search, `ann`)
     Returns `out`.
@@ -165,7 +173,15 @@ def impressions_from_candidates(
     user, ts = np.concatenate(users), np.concatenate(times)
     item, watch_time = _match_watches(ds, user, ts, np.concatenate(labels))
     retrieved = np.concatenate(shown)
-    ok = np.flatnonzero(item > 0)  # examples whose watch was found (all, in consistent data)
+    # examples whose watch was found (all, in consistent data) and retrieved: the others
+    # have no page (see the module's docstring)
+    found = item > 0
+    ok = np.flatnonzero(found & _retrieved(retrieved, item))
+    if len(ok) == 0:
+        raise FunnelrecError(
+            f"no watch of {feats.path}'s examples is in the candidate model's top {k}: "
+            "no page to write (train the candidate model further or raise k)"
+        )
 
     extra = {
         "impressions_from_candidates": {
@@ -174,6 +190,9 @@ def impressions_from_candidates(
             "candidates": str(candidates),
             "k": k,
             "splits": list(splits),
+            "examples": len(item),
+            "pages": len(ok),
+            "watch_not_found": int((~found).sum()),
         }
     }
     with DatasetWriter(
@@ -194,6 +213,11 @@ def impressions_from_candidates(
     return Path(out)
 
 
+def _retrieved(retrieved: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """Whether each example's watched item [B] is among its retrieved items [B, k]."""
+    return np.asarray((retrieved == item[:, None]).any(axis=1))
+
+
 def _pages(
     retrieved: np.ndarray,
     item: np.ndarray,
@@ -204,22 +228,20 @@ def _pages(
 ) -> pa.Table:
     """Impressions rows of B pages: retrieved [B, k] with each page's watched item clicked.
 
-    A watched item missing from the top k replaces the last slot; slots the index could
-    not fill (id -1) are dropped.
+    Every watched item must be among its page's retrieved items (`_retrieved`); slots the
+    index could not fill (id -1) are dropped.
     """
     b, k = retrieved.shape
-    shown = retrieved.copy()
-    hit = shown == item[:, None]
-    missing = ~hit.any(axis=1)
-    shown[missing, k - 1] = item[missing]
-    clicked = shown == item[:, None]
+    if not _retrieved(retrieved, item).all():
+        raise ValueError("a page's watched item is not among its retrieved items")
+    clicked = retrieved == item[:, None]
     t = np.where(np.isnan(watch_time), 1.0, watch_time).astype(np.float32)
-    keep = (shown > 0).ravel()
+    keep = (retrieved > 0).ravel()
     return pa.table(
         {
             "request_id": np.repeat(np.arange(first_request, first_request + b), k)[keep],
             "user_id": np.repeat(user.astype(np.int64), k)[keep],
-            "item_id": shown.ravel().astype(np.int64)[keep],
+            "item_id": retrieved.ravel().astype(np.int64)[keep],
             "ts": np.repeat(ts.astype(np.int64), k)[keep],
             "position": np.tile(np.arange(k, dtype=np.int32), b)[keep],
             "clicked": clicked.ravel()[keep],

@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from funnelrec.ann.index import ItemIndex
 from funnelrec.candidates import (
     CandidateConfig,
     CandidateInputs,
     CandidateModel,
     features_meta,
+    load_candidate_model,
+    load_item_embeddings,
     save_candidate_artifact,
 )
 from funnelrec.data.dataset import Dataset, DatasetWriter
@@ -67,7 +71,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     impressions_from_candidates(
         root / "data", root / "feat", root / "cand", root / "data2", k=K, progress=False
     )
-    return {"data": root / "data", "feat": root / "feat", "data2": root / "data2", "root": root}
+    build_features(root / "data2", root / "feat2", split="last", config=cfg, progress=False)
+    return {
+        "data": root / "data",
+        "feat": root / "feat",
+        "cand": root / "cand",
+        "data2": root / "data2",
+        "feat2": root / "feat2",
+        "root": root,
+    }
 
 
 def test_every_page_has_k_impressions_and_the_watched_item_as_its_one_click(
@@ -77,8 +89,12 @@ def test_every_page_has_k_impressions_and_the_watched_item_as_its_one_click(
     imp = ds.table("impressions")
     feats = Features.open(setup["feat"])
     n_examples = sum(feats.num_examples("candidates", s) for s in ("train", "valid", "test"))
-    assert imp.num_rows == n_examples * K
+    meta = ds.manifest.extra["impressions_from_candidates"]
+    assert meta["examples"] == n_examples
+    assert 0 < meta["pages"] < n_examples  # moments whose watch was not retrieved have none
+    assert imp.num_rows == meta["pages"] * K
     req = imp.column("request_id").to_numpy()
+    assert np.array_equal(np.unique(req), np.arange(1, meta["pages"] + 1))
     clicks = np.bincount(req, weights=imp.column("clicked").to_numpy(zero_copy_only=False))
     assert set(clicks[1:].tolist()) == {1.0}
     # the click is a real watch of that user at that moment, with its watch time
@@ -98,14 +114,7 @@ def test_every_page_has_k_impressions_and_the_watched_item_as_its_one_click(
 def test_ranking_examples_build_and_train_from_the_synthetic_impressions(
     setup: dict[str, Path],
 ) -> None:
-    feat2 = setup["root"] / "feat2"
-    build_features(
-        setup["data2"],
-        feat2,
-        split="last",
-        config=FeaturesConfig(n_quantiles=50, history_n=10, cap=10),
-        progress=False,
-    )
+    feat2 = setup["feat2"]
     f2 = Features.open(feat2)
     assert f2.has_ranking and f2.num_examples("ranking", "train") > 0
     cfg = rank.load_ranker_train_config(
@@ -122,15 +131,95 @@ def test_data_that_has_impressions_is_refused(setup: dict[str, Path], tmp_path: 
         )
 
 
-def test_pages_replace_the_last_slot_with_a_missed_watch() -> None:
-    from funnelrec.ranking.pages import _pages
+def test_the_click_is_one_of_the_retrieved_items_not_an_inserted_odd_one_out(
+    setup: dict[str, Path],
+) -> None:
+    # A click is an item the candidate model retrieved for that user at that moment, like
+    # its page's non-clicks: retrieve every candidate example's top K again to check.
+    model = load_candidate_model(setup["cand"])
+    emb, ids = load_item_embeddings(setup["cand"])
+    index = ItemIndex.build(emb.numpy(), ids.numpy())
+    feats = Features.open(setup["feat"])
+    vocab = feats.vocab("item")
+    top: dict[tuple[int, int], set[int]] = {}
+    with torch.no_grad():
+        for split in ("train", "valid", "test"):
+            for batch in candidate_loader(feats, split, batch_size=4096):
+                got, _ = index.search(model(batch).float().numpy(), K)
+                for u, t, row in zip(
+                    batch.user_id.tolist(), batch.ts.tolist(), got.tolist(), strict=True
+                ):
+                    top.setdefault((u, t), set()).update(row)
+    imp = Dataset.open(setup["data2"]).table("impressions")
+    clicked = imp.filter(imp.column("clicked"))
+    cols = [clicked.column(c).to_pylist() for c in ("user_id", "ts", "item_id")]
+    for u, t, i in zip(*cols, strict=True):
+        assert i in top[(u, t)]
+    assert vocab.lookup(clicked.column("item_id").to_numpy()).min() > 0
 
-    retrieved = np.array([[5, 6, 7], [8, 9, -1]])
-    t = _pages(retrieved, np.array([6, 4]), np.array([30.0, np.nan]), np.array([1, 2]),
+
+def _within_page_auc(request: np.ndarray, label: np.ndarray, value: np.ndarray) -> float:
+    """P(click's value > a non-click's on the same page), ties half; NaN lowest."""
+    v = np.where(np.isnan(value), -np.inf, value)
+    num = den = 0.0
+    for r in np.unique(request):
+        m = request == r
+        pos, neg = v[m & label][:, None], v[m & ~label][None, :]
+        num += (pos > neg).sum() + 0.5 * (pos == neg).sum()
+        den += pos.size * neg.size
+    return num / den
+
+
+# What the ranking features know of past pages: in synthetic impressions these carry no
+# real exposure, so a page must not differ in them between its click and its non-clicks.
+EXPOSURE = ("item_shown_before", "item_last_shown_ago_s")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_exposure_features_do_not_give_the_click_away(setup: dict[str, Path], split: str) -> None:
+    shards = Features.open(setup["feat2"]).shards("ranking", split)
+    rows = pa.concat_tables([pq.read_table(p) for p in shards])
+    label = rows.column("label").to_numpy() > 0
+    request = rows.column("request_id").to_numpy()
+    for name in EXPOSURE:
+        auc = _within_page_auc(request, label, rows.column(name).to_numpy(zero_copy_only=False))
+        # a click inserted where retrieval missed it was rarely shown before, its
+        # neighbours on the page (the same top K as on earlier pages) nearly always
+        assert 0.3 < auc < 0.7, (name, auc)
+
+
+def test_pages_leave_out_a_missed_watch() -> None:
+    from funnelrec.ranking.pages import _pages, _retrieved
+
+    retrieved = np.array([[5, 6, 7], [8, 9, -1], [1, 2, 3]])
+    item = np.array([6, 9, 4])
+    assert _retrieved(retrieved, item).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="not among"):
+        _pages(retrieved, item, np.ones(3), np.arange(3), np.arange(3), first_request=1)
+    t = _pages(retrieved[:2], item[:2], np.array([30.0, np.nan]), np.array([1, 2]),
                np.array([100, 200]), first_request=7)  # fmt: skip
-    assert t.column("request_id").to_pylist() == [7, 7, 7, 8, 8, 8]
-    assert t.column("item_id").to_pylist() == [5, 6, 7, 8, 9, 4]
-    assert t.column("clicked").to_pylist() == [False, True, False, False, False, True]
+    assert t.column("request_id").to_pylist() == [7, 7, 7, 8, 8]
+    assert t.column("item_id").to_pylist() == [5, 6, 7, 8, 9]
+    assert t.column("position").to_pylist() == [0, 1, 2, 0, 1]
+    assert t.column("clicked").to_pylist() == [False, True, False, False, True]
     # no watch time in the data: the click weighs 1 second
-    assert t.column("watch_time_s").to_pylist() == [0, 30, 0, 0, 0, 1]
+    assert t.column("watch_time_s").to_pylist() == [0, 30, 0, 0, 1]
     assert pa.types.is_int32(t.schema.field("position").type)
+
+
+def test_the_command_writes_the_pages_and_says_how_many(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from funnelrec.cli import app
+
+    out = tmp_path / "data3"
+    args = ["features", "impressions", "--data", str(setup["data"]), "--features"]
+    args += [str(setup["feat"]), "--candidates", str(setup["cand"]), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "-k", str(K)])
+    assert res.exit_code == 0, res.output
+    made = Dataset.open(out).manifest.extra["impressions_from_candidates"]
+    assert 0 < made["pages"] <= made["examples"]
+    assert f"{made['pages']:,} pages of {K}" in " ".join(res.output.split())
+    assert Dataset.open(out).table("impressions").num_rows == made["pages"] * K

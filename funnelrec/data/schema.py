@@ -7,7 +7,9 @@ reads only them. Ids are dense int64 starting at 1 (0 is padding / out of vocabu
     items:       item_id; optional upload_ts, duration_s, channel_id, topic, language, title
     watches:     user_id, item_id, ts, watch_time_s (nullable), source (nullable)
     searches:    user_id, ts, query
-    impressions: request_id, user_id, item_id, ts, position, clicked, watch_time_s
+    impressions: request_id, user_id, item_id, ts, position, clicked, watch_time_s; optional
+                 cand_source (which candidate generator nominated the item) and cand_score
+                 (its score there), ranking features where logged
 
 `validate_table` checks a table against its spec and returns it with canonical column
 order and types, or raises `DataError` naming the file, column and first offending row.
@@ -115,6 +117,10 @@ SPECS: dict[str, TableSpec] = {
             Column("position", pa.int32(), minimum=0),
             Column("clicked", pa.bool_()),
             Column("watch_time_s", pa.float32(), minimum=0),
+        ),
+        optional=(
+            Column("cand_source", pa.string(), nullable=True),
+            Column("cand_score", pa.float64(), nullable=True),
         ),
     ),
 }

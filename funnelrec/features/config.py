@@ -46,6 +46,9 @@ RANKING_CONTINUOUS = (
 )
 # Optional impression columns (from a candidate generator) that become features when present.
 CANDIDATE_SCORE, CANDIDATE_SOURCE = "cand_score", "cand_source"
+# The values of `cand_source` the Recommender serves and the pages from retrieved
+# candidates log: the candidate model through the ANN index, co-watch, fresh and popular.
+DEEP_SOURCE, COWATCH_SOURCE, FRESH_SOURCE = "deep", "cowatch", "fresh"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import pyarrow.compute as pc
 from funnelrec.data.dataset import Dataset
 from funnelrec.data.schema import validate_table
 from funnelrec.errors import DataError
-from funnelrec.features.config import CANDIDATE_SCORE, CANDIDATE_SOURCE
 from funnelrec.features.partition import EventTables
 from funnelrec.features.splits import user_offsets
 from funnelrec.features.tokenize import tokenize_array
@@ -135,21 +134,9 @@ def _sort_by_user_ts(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
 
 
 def _check_impressions(table: pa.Table) -> pa.Table:
-    """Impressions given by the caller: the canonical columns (validated as the dataset's
-    would be) plus the optional candidate-generation columns."""
-    extra = [c for c in (CANDIDATE_SCORE, CANDIDATE_SOURCE) if c in table.column_names]
-    canonical = validate_table(
-        "impressions", table.drop_columns(extra), where="impressions given to build_features"
-    )
-    for name, type_ in ((CANDIDATE_SCORE, pa.float64()), (CANDIDATE_SOURCE, pa.string())):
-        if name in extra:
-            try:
-                canonical = canonical.append_column(name, table.column(name).cast(type_))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DataError(
-                    f"impressions: column '{name}' must be of type {type_}", column=name
-                ) from None
-    return canonical
+    """Impressions given by the caller, validated as the dataset's would be (the canonical
+    columns and the optional candidate-generation ones)."""
+    return validate_table("impressions", table, where="impressions given to build_features")
 
 
 def _read_log(

@@ -54,7 +54,8 @@ from funnelrec.candidates import (
 )
 from funnelrec.data.dataset import Dataset, DatasetWriter
 from funnelrec.errors import FunnelrecError
-from funnelrec.features import Features
+from funnelrec.features import CANDIDATE_SCORE, CANDIDATE_SOURCE, Features
+from funnelrec.features.config import DEEP_SOURCE
 from funnelrec.features.loader import candidate_loader
 from funnelrec.progress import progress_bar
 
@@ -149,6 +150,7 @@ def impressions_from_candidates(
     vocab = feats.vocab("item")
 
     shown: list[np.ndarray] = []
+    shown_scores: list[np.ndarray] = []
     users: list[np.ndarray] = []
     times: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -158,8 +160,9 @@ def impressions_from_candidates(
         task = bar.add_task("pages from candidates", total=total)
         for split in splits:
             for batch in candidate_loader(feats, split, batch_size=batch_size):
-                retrieved, _ = index.search(model(batch).float().numpy(), k)  # [B, k], best first
+                retrieved, scores = index.search(model(batch).float().numpy(), k)  # best first
                 shown.append(retrieved.astype(np.int64))
+                shown_scores.append(scores.astype(np.float64))
                 label = batch.label.numpy()
                 label_item = np.zeros(len(label), dtype=np.int64)
                 known = label > 0
@@ -172,7 +175,7 @@ def impressions_from_candidates(
         raise FunnelrecError(f"{feats.path}: no candidate examples in splits {', '.join(splits)}")
     user, ts = np.concatenate(users), np.concatenate(times)
     item, watch_time = _match_watches(ds, user, ts, np.concatenate(labels))
-    retrieved = np.concatenate(shown)
+    retrieved, scores = np.concatenate(shown), np.concatenate(shown_scores)
     # examples whose watch was found (all, in consistent data) and retrieved: the others
     # have no page (see the module's docstring)
     found = item > 0
@@ -208,7 +211,15 @@ def impressions_from_candidates(
             sel = ok[lo : lo + PAGES_PER_CHUNK]
             writer.write(
                 "impressions",
-                _pages(retrieved[sel], item[sel], watch_time[sel], user[sel], ts[sel], lo + 1),
+                _pages(
+                    retrieved[sel],
+                    item[sel],
+                    watch_time[sel],
+                    user[sel],
+                    ts[sel],
+                    lo + 1,
+                    scores=scores[sel],
+                ),
             )
     return Path(out)
 
@@ -225,11 +236,15 @@ def _pages(
     user: np.ndarray,
     ts: np.ndarray,
     first_request: int,
+    *,
+    scores: np.ndarray | None = None,
 ) -> pa.Table:
     """Impressions rows of B pages: retrieved [B, k] with each page's watched item clicked.
 
     Every watched item must be among its page's retrieved items (`_retrieved`); slots the
-    index could not fill (id -1) are dropped.
+    index could not fill (id -1) are dropped. `scores` [B, k]: the retrieval's scores,
+    logged as `cand_score` beside `cand_source` "deep", as a served page logs them (the
+    Recommender hands the ranker the same two for every candidate).
     """
     b, k = retrieved.shape
     if not _retrieved(retrieved, item).all():
@@ -246,5 +261,13 @@ def _pages(
             "position": np.tile(np.arange(k, dtype=np.int32), b)[keep],
             "clicked": clicked.ravel()[keep],
             "watch_time_s": np.where(clicked, t[:, None], 0.0).astype(np.float32).ravel()[keep],
+            **(
+                {
+                    CANDIDATE_SOURCE: pa.array([DEEP_SOURCE] * int(keep.sum()), type=pa.string()),
+                    CANDIDATE_SCORE: scores.astype(np.float64).ravel()[keep],
+                }
+                if scores is not None
+                else {}
+            ),
         }
     )

@@ -79,6 +79,7 @@ from funnelrec.candidates import (
 from funnelrec.config import from_dict
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Demographics, Features
+from funnelrec.features.config import COWATCH_SOURCE, DEEP_SOURCE, FRESH_SOURCE
 from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
 from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
 from funnelrec.serving.state import UserContext, UserStateStore
@@ -109,7 +110,7 @@ STATE_TABLES = ("watches", "searches", "impressions")
 # Candidate source names, as they appear in responses and timings. When the ranker was
 # trained with the nominating source as a feature, an item nominated by several sources
 # is presented as coming from the first of them in this order.
-DEEP, COWATCH, FRESH = "deep", "cowatch", "fresh"
+DEEP, COWATCH, FRESH = DEEP_SOURCE, COWATCH_SOURCE, FRESH_SOURCE
 SOURCES = (DEEP, COWATCH, FRESH)
 
 

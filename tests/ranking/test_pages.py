@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.loader import candidate_loader
 from funnelrec.ranking import training as rank
+from funnelrec.ranking.model import RankingFeatureSpec
 from funnelrec.ranking.pages import impressions_from_candidates
 from funnelrec.simulate import generate, preset_config
 from funnelrec.training.loop import TrainConfig, loader_epochs, train
@@ -223,3 +225,49 @@ def test_the_command_writes_the_pages_and_says_how_many(
     assert 0 < made["pages"] <= made["examples"]
     assert f"{made['pages']:,} pages of {K}" in " ".join(res.output.split())
     assert Dataset.open(out).table("impressions").num_rows == made["pages"] * K
+
+
+def test_pages_log_the_source_and_score_and_the_ranker_reads_them(
+    setup: dict[str, Path],
+) -> None:
+    imp = Dataset.open(setup["data2"]).table("impressions")
+    assert set(imp.column("cand_source").to_pylist()) == {"deep"}
+    score = imp.column("cand_score").to_numpy()
+    req = imp.column("request_id").to_numpy()
+    pos = imp.column("position").to_numpy()
+    order = np.lexsort((pos, req))
+    same_page = req[order][1:] == req[order][:-1]
+    assert np.all(np.diff(score[order])[same_page] <= 1e-6)  # retrieval order: best first
+    # the retrieval's own scores: the user vector against the clicked item's embedding
+    model = load_candidate_model(setup["cand"])
+    emb, ids = load_item_embeddings(setup["cand"])
+    feats = Features.open(setup["feat"])
+    clicked = imp.filter(imp.column("clicked"))
+    by_moment = {
+        (u, t): s
+        for u, t, s in zip(
+            clicked.column("user_id").to_pylist(),
+            clicked.column("ts").to_pylist(),
+            clicked.column("cand_score").to_pylist(),
+            strict=True,
+        )
+    }
+    row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+    checked = 0
+    with torch.no_grad():
+        for batch in candidate_loader(feats, "train", batch_size=4096):
+            u = model(batch).float()
+            items = feats.vocab("item").decode(np.maximum(batch.label.numpy(), 1))
+            for row, key in enumerate(zip(batch.user_id.tolist(), batch.ts.tolist(), strict=True)):
+                if key in by_moment and batch.label[row] > 0:
+                    want = float(u[row] @ emb[row_of[int(items[row])]])
+                    assert by_moment[key] == pytest.approx(want, rel=1e-4, abs=1e-4)
+                    checked += 1
+    assert checked > 0
+    # both become ranking features, and the ranker trained on them has their inputs
+    spec = RankingFeatureSpec.from_dict(Features.open(setup["feat2"]).ranking_spec)
+    assert "source" in dict(spec.categorical) and "cand_score" in spec.dense_columns
+    cfg = rank.load_ranker_train_config(None, ["model.tower=8", "train.max_steps=2"])
+    rank.train_ranker(setup["feat2"], setup["root"] / "ranker-src", cfg, progress=False)
+    trained = json.loads((setup["root"] / "ranker-src" / "config.json").read_text())
+    assert RankingFeatureSpec.from_dict(trained["spec"]) == spec

@@ -4,6 +4,7 @@ artifact."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,19 +27,68 @@ if TYPE_CHECKING:
     from funnelrec.training.distributed import Distributed
 
 
+# When batch_size is left unset, it is chosen from the number of training examples: the
+# power of two nearest to examples / AUTO_STEPS_PER_EPOCH, within [AUTO_BATCH_MIN,
+# AUTO_BATCH_MAX]. Large data sets get the loop's usual batch; small ones
+# smaller batches, so that an epoch (one validation) still holds enough steps to learn from
+# and early stopping sees the model improve in small increments.
+AUTO_BATCH_MIN = 64
+AUTO_BATCH_MAX = 1024
+AUTO_STEPS_PER_EPOCH = 32
+
+
+def auto_batch_size(num_examples: int) -> int:
+    """The batch size chosen for `num_examples` training examples (see AUTO_BATCH_MAX)."""
+    target = max(num_examples, 1) / AUTO_STEPS_PER_EPOCH
+    size = 2 ** max(0, round(math.log2(max(target, 1.0))))
+    return min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, size))
+
+
+@dataclass(frozen=True)
+class CandidateTrainConfig(TrainConfig):
+    """`TrainConfig` with the candidate stage's defaults: train until validation Recall@K
+    stops improving, and a batch size chosen from the data unless set.
+
+    batch_size: examples per step; None = `auto_batch_size(training examples)`, resolved by
+                `fit_candidates` (the artifact's config.json records the value used) [None]
+    epochs:     the most passes over the training examples; early stopping usually ends
+                training well before [50]
+    patience:   epoch-end evaluations without a better validation Recall@K before stopping
+                (the best epoch's weights are kept: restore_best) [3]
+    lr:         TrainConfig's [1e-3]: Adam's step size suits every batch size chosen above
+    """
+
+    batch_size: int | None = None  # type: ignore[assignment]
+    epochs: int = 50
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        self.resolved(AUTO_BATCH_MAX)  # TrainConfig's checks, on the resolved values
+
+    def resolved(self, num_examples: int) -> TrainConfig:
+        """The plain TrainConfig that trains: batch_size chosen from `num_examples` when
+        unset."""
+        values = asdict(self)
+        if self.batch_size is None:
+            values["batch_size"] = auto_batch_size(num_examples)
+        return TrainConfig(**values)
+
+
 @dataclass(frozen=True)
 class CandidateTrainingConfig:
     """One training run of the candidate model: the model, the loop, and validation.
 
     model:          CandidateConfig ([model] in TOML, `model.dim=64` or just `dim=64`)
-    train:          train.TrainConfig ([train] in TOML, `train.lr=0.01` or `lr=0.01`)
+    train:          CandidateTrainConfig ([train] in TOML, `train.lr=0.01` or `lr=0.01`):
+                    by default up to 50 epochs, stopping after 3 without a better
+                    validation Recall@K, with a batch size chosen from the data
     valid_k:        K of the validation Recall@K (seen items excluded) that early stopping
                     watches [100]
-    valid_examples: validation examples scored per evaluation (None = all)
+    valid_examples: validation examples scored per evaluation (None = all) [20000]
     """
 
     model: CandidateConfig = field(default_factory=CandidateConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: CandidateTrainConfig = field(default_factory=CandidateTrainConfig)
     valid_k: int = 100
     valid_examples: int | None = 20_000
 
@@ -79,7 +129,6 @@ def fit_candidates(
     examples, and only rank 0 writes checkpoints and the artifact. None: one process.
     """
     import itertools
-    import math
 
     from funnelrec.candidates.metrics import (
         ModelScorer,
@@ -103,19 +152,25 @@ def fit_candidates(
             f"{ckpt} is left from an interrupted run: pass --resume to continue it "
             "or --force to start over"
         )
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    # what trains: the config's values, with those it leaves to the data chosen from it
+    tcfg = (
+        cfg.train.resolved(feats.num_examples("candidates", "train"))
+        if isinstance(cfg.train, CandidateTrainConfig)
+        else cfg.train
+    )
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
     inputs = CandidateInputs.from_features(feats)
     counts = torch.as_tensor(np.array(feats.item_label_counts(), dtype=np.float64))
-    seed_everything(cfg.train.seed)
+    seed_everything(tcfg.seed)
     model = CandidateModel(cfg.model, inputs, label_counts=counts)
     loader = candidate_loader(
         feats,
         "train",
-        batch_size=local_batch_size(cfg.train.batch_size, dist),
+        batch_size=local_batch_size(tcfg.batch_size, dist),
         shuffle=True,
-        seed=cfg.train.seed,
-        num_workers=cfg.train.num_workers,
+        seed=tcfg.seed,
+        num_workers=tcfg.num_workers,
         rank=dist.rank,
         world_size=dist.world_size,
     )
@@ -134,7 +189,7 @@ def fit_candidates(
         first = min(n_batches, dist.rank * share)
         last = min(n_batches, first + share)
         valid = candidate_loader(feats, "valid", batch_size=vbs)
-        device = torch.device(cfg.train.device)
+        device = torch.device(tcfg.device)
         num_items = len(feats.vocab("item")) - 1
 
         class OnDevice(ModelScorer):
@@ -168,7 +223,7 @@ def fit_candidates(
     result = train(
         model,
         loader_epochs(loader),
-        cfg.train,
+        tcfg,
         steps_per_epoch=len(loader),
         checkpoint=ckpt,
         resume=resume,
@@ -180,7 +235,7 @@ def fit_candidates(
     )
     meta = {
         **fmeta,
-        "train": asdict(cfg.train),
+        "train": asdict(tcfg),
         "valid_k": cfg.valid_k,
         "valid_examples": cfg.valid_examples,
         "training": {

@@ -336,6 +336,46 @@ def test_training_beats_popularity_on_the_tiny_worlds_next_watches(
     assert res.exit_code != 0 and "already exists" in str(res.exception)
 
 
+def test_the_default_config_trains_until_validation_stops_improving_and_beats_popularity(
+    tiny_features: Path, tmp_path: Path
+) -> None:
+    """A first run with no config: the batch size is chosen from the data, training stops
+    on validation Recall@100, and the model beats popularity there (validation only)."""
+    from funnelrec.candidates.metrics import PopularityScorer, evaluate_split
+    from funnelrec.candidates.training import auto_batch_size
+    from funnelrec.features import Features
+
+    cfg = load_training_config(None, ["threads=1"])
+    assert cfg.train.batch_size is None and cfg.train.patience > 0
+    result = fit_candidates(tiny_features, tmp_path / "art", cfg, progress=False)
+    feats = Features.open(tiny_features)
+    meta = json.loads((tmp_path / "art" / "config.json").read_text())
+    chosen = auto_batch_size(feats.num_examples("candidates", "train"))
+    assert meta["train"]["batch_size"] == chosen < 1024  # recorded as the value used
+    assert result.stopped_early and result.epochs < cfg.train.epochs
+    report = evaluate_split(
+        {
+            "model": ModelScorer(load_candidate_model(tmp_path / "art")),
+            "popularity": PopularityScorer(feats.item_counts()),
+        },
+        feats,
+        "valid",
+        ks=(100,),
+    )
+    model, pop = report.metrics["model"]["recall@100"], report.metrics["popularity"]["recall@100"]
+    assert model > 1.1 * pop
+
+
+def test_auto_batch_size_suits_the_number_of_examples() -> None:
+    from funnelrec.candidates.training import auto_batch_size
+
+    assert [auto_batch_size(n) for n in (0, 500, 8_000, 30_000, 10**7)] == [64, 64, 256, 1024, 1024]
+    cfg = load_training_config(None, ["batch_size=96"])
+    assert cfg.train.resolved(8_000).batch_size == 96  # a value given is kept
+    with pytest.raises(FunnelrecError, match="batch_size"):
+        load_training_config(None, ["batch_size=0"])
+
+
 def test_interrupted_training_resumes_to_the_same_artifact(
     tiny_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

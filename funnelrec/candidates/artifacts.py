@@ -24,6 +24,7 @@ from funnelrec.candidates.model import CandidateConfig, CandidateInputs, Candida
 from funnelrec.data.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features.batch import CandidateBatch
+from funnelrec.training.loop import check_finite
 
 if TYPE_CHECKING:
     from funnelrec.features import Features
@@ -115,6 +116,7 @@ def load_candidate_model(art: Path | str, device: str | torch.device = "cpu") ->
         raise ArtifactError(
             f"{art / WEIGHTS_FILE}: weights do not fit the config ({first})"
         ) from None
+    check_finite(model, art / WEIGHTS_FILE)
     return model.to(device).eval()
 
 
@@ -126,6 +128,8 @@ def load_item_embeddings(art: Path | str) -> tuple[Tensor, Tensor]:
         t = load_file(str(art / ITEM_EMBEDDINGS_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise ArtifactError(f"{art / ITEM_EMBEDDINGS_FILE}: cannot read ({e})") from None
+    if not t["embeddings"].isfinite().all():
+        raise ArtifactError(f"{art / ITEM_EMBEDDINGS_FILE}: embeddings hold NaN or infinite values")
     return t["embeddings"], t["item_ids"]
 
 

@@ -93,6 +93,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's content, read in chunks."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_artifact_meta(
     art: Path | str, file_name: str, kind: str, version: int, what: str
 ) -> dict[str, Any]:

@@ -76,6 +76,7 @@ from funnelrec.data.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features.batch import RankingBatch
 from funnelrec.kernels.bags import mean_bag
+from funnelrec.training.loop import check_finite
 
 # 2: config.json carries "calibration". Version 1 artifacts still load, uncalibrated (c = 1).
 FORMAT_VERSION = 2
@@ -639,6 +640,7 @@ def load_ranker(art: Path | str, device: str | torch.device = "cpu") -> RankingM
         raise ArtifactError(
             f"{art / WEIGHTS_FILE}: weights do not fit the config ({first})"
         ) from None
+    check_finite(model, art / WEIGHTS_FILE)
     return model.to(device).eval()
 
 

@@ -28,7 +28,6 @@ then renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,7 @@ from funnelrec.candidates import (
     split_user_vectors,
 )
 from funnelrec.config import load_config
-from funnelrec.data.dataset import AtomicDirectory, Dataset, write_json_atomic
+from funnelrec.data.dataset import AtomicDirectory, Dataset, file_sha256, write_json_atomic
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 from funnelrec.features import MANIFEST as FEATURES_MANIFEST
 from funnelrec.features import Features
@@ -73,6 +72,7 @@ from funnelrec.serving.recommender import (
     USERS_FILE,
     Recommender,
     ServingConfig,
+    artifact_fingerprint,
 )
 from funnelrec.serving.state import _last_n_per_user
 
@@ -215,12 +215,13 @@ def package(
             done(6)
 
             files = _files(root)
+            hashes = {rel: file_sha256(root / rel) for rel in files}
             manifest = {
                 "format_version": ARTIFACT_FORMAT_VERSION,
                 "kind": ARTIFACT_KIND,
                 "funnelrec_version": __version__,
                 "created_by": f"funnelrec {__version__}",
-                "fingerprint": _fingerprint(root, files, fp),
+                "fingerprint": artifact_fingerprint(hashes, fp),
                 "data": {
                     "fingerprint": fp,
                     "path": str(ds.path),
@@ -242,6 +243,7 @@ def package(
                 "package_config": asdict(cfg),
                 "counts": counts,
                 "files": files,
+                "sha256": hashes,
             }
             write_json_atomic(root / MANIFEST, manifest)
             Recommender.load(root)  # the final check: every part loads and agrees
@@ -412,13 +414,3 @@ def _files(root: Path) -> dict[str, int]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-
-
-def _fingerprint(root: Path, files: dict[str, int], data_fingerprint: str) -> str:
-    """A short hash of every file's content and the data fingerprint: the artifact's id."""
-    h = hashlib.sha256(data_fingerprint.encode())
-    for rel in sorted(files):
-        h.update(rel.encode())
-        with (root / rel).open("rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()[:16]

@@ -53,6 +53,7 @@ when loading, a mismatch raises ArtifactError):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -77,6 +78,7 @@ from funnelrec.candidates import (
     read_candidate_config,
 )
 from funnelrec.config import from_dict
+from funnelrec.data.dataset import file_sha256
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Demographics, Features
 from funnelrec.features.config import COWATCH_SOURCE, DEEP_SOURCE, FRESH_SOURCE
@@ -563,7 +565,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{file}: artifact format version {manifest.get('format_version')}, this "
             f"funnelrec {__version__} reads {ARTIFACT_FORMAT_VERSION}"
         )
-    for rel, size in dict(manifest.get("files", {})).items():
+    files = dict(manifest.get("files", {}))
+    for rel, size in files.items():
         p = path / rel
         if not p.is_file():
             raise ArtifactError(f"{path}: {rel} is missing")
@@ -572,4 +575,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 f"{path}: {rel} has {p.stat().st_size} bytes, the manifest says {size} "
                 "(a part was replaced after packaging)"
             )
+    # Sizes miss a part damaged or replaced in place; the content hashes do not. An artifact
+    # packaged before the manifest listed them is checked against its fingerprint, a hash
+    # of the same hashes (it cannot name the file).
+    hashes = dict(manifest.get("sha256", {}))
+    if not hashes and files:
+        found = {rel: file_sha256(path / rel) for rel in files}
+        data_fp = str(manifest.get("data", {}).get("fingerprint"))
+        if artifact_fingerprint(found, data_fp) != manifest.get("fingerprint"):
+            raise ArtifactError(
+                f"{path}: its files do not match the manifest's fingerprint (a part was "
+                "damaged or replaced after packaging)"
+            )
+        return manifest
+    if set(hashes) != set(files):
+        raise ArtifactError(f"{file}: the content hashes do not list the same files as sizes")
+    for rel in sorted(files):
+        if file_sha256(path / rel) != hashes[rel]:
+            raise ArtifactError(
+                f"{path}: {rel} does not match its content hash in the manifest "
+                "(damaged or replaced after packaging)"
+            )
     return manifest
+
+
+def artifact_fingerprint(hashes: dict[str, str], data_fingerprint: str) -> str:
+    """A short hash of every file's content hash and the data fingerprint: the artifact's
+    id. hashes: relative path -> hex SHA-256."""
+    h = hashlib.sha256(data_fingerprint.encode())
+    for rel in sorted(hashes):
+        h.update(rel.encode())
+        h.update(bytes.fromhex(hashes[rel]))
+    return h.hexdigest()[:16]

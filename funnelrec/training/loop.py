@@ -285,6 +285,17 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
         raise
 
 
+def check_finite(model: nn.Module, where: Path) -> None:
+    """Refuse weights read from `where` that a damaged file made non-finite: every parameter
+    finite, no buffer NaN (buffers may hold -inf: the log of a zero probability)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ArtifactError(f"{where}: parameter '{name}' holds NaN or infinite values")
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and bool(torch.isnan(b).any()):
+            raise ArtifactError(f"{where}: buffer '{name}' holds NaN values")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by `train`, read with weights_only=True (no pickle code)."""
     try:

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import typer
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from funnelrec.ann.index import ItemIndex
 from funnelrec.baselines import CoWatch, Popularity, load_baseline
 from funnelrec.candidates import load_item_embeddings
 from funnelrec.cli.package import package_command
-from funnelrec.data.dataset import Dataset
+from funnelrec.data.dataset import Dataset, file_sha256
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features
 from funnelrec.pipeline import build_tiny_artifact
@@ -132,14 +134,20 @@ def test_load_refuses_a_tampered_artifact(root: Path, tmp_path: Path) -> None:
     _edit_json(config, {"data.fingerprint": "0000000000000000"})
     with pytest.raises(ArtifactError, match=r"ranker/config.json has .* bytes"):
         Recommender.load(art)
-    # even with the manifest's sizes made to match, the parts must agree
+    # with the manifest's size made to match, the content hash still tells
     m = json.loads((art / MANIFEST).read_text())
     m["files"]["ranker/config.json"] = config.stat().st_size
+    (art / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"ranker/config\.json does not match its content hash"):
+        Recommender.load(art)
+    # and with the hash made to match too, the parts must agree
+    m["sha256"]["ranker/config.json"] = file_sha256(config)
     (art / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="ranker was trained on data 0000000000000000"):
         Recommender.load(art)
     shutil.copy2(root / "art" / "ranker" / "config.json", config)
     m["files"]["ranker/config.json"] = config.stat().st_size
+    m["sha256"]["ranker/config.json"] = file_sha256(config)
     m["data"]["fingerprint"] = "1111111111111111"
     (art / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match=r"features of data .*, the artifact is of data 1111"):
@@ -152,6 +160,35 @@ def test_load_refuses_a_tampered_artifact(root: Path, tmp_path: Path) -> None:
         Recommender.load(root / "cand")
     with pytest.raises(ArtifactError, match="no such artifact directory"):
         Recommender.load(tmp_path / "nowhere")
+
+
+def test_load_refuses_weights_damaged_in_place(root: Path, tmp_path: Path) -> None:
+    """Weights overwritten with NaN, the file's size unchanged: the content hash refuses
+    the artifact, and the weights' own check refuses NaN even where the hash was redone."""
+    art = tmp_path / "art"
+    shutil.copytree(root / "art", art)
+    weights = art / "ranker" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # safetensors: header size, header, data
+    assert all(v.dtype == torch.float32 for v in load_file(str(weights)).values())
+    nan = np.float32("nan").tobytes()
+    raw[start:] = nan * ((len(raw) - start) // 4)
+    weights.write_bytes(bytes(raw))
+    m = json.loads((art / MANIFEST).read_text())
+    assert weights.stat().st_size == m["files"]["ranker/model.safetensors"]
+    with pytest.raises(ArtifactError, match=r"model\.safetensors does not match its content hash"):
+        Recommender.load(art)
+    m["sha256"]["ranker/model.safetensors"] = file_sha256(weights)
+    (art / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="holds NaN or infinite values"):
+        Recommender.load(art)
+    # a manifest without the hashes (packaged before they were listed): its fingerprint
+    del m["sha256"]
+    (art / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="do not match the manifest's fingerprint"):
+        Recommender.load(art)
+    shutil.copy2(root / "art" / "ranker" / "model.safetensors", weights)
+    assert Recommender.load(art).fingerprint == m["fingerprint"]
 
 
 def test_an_index_in_the_candidate_artifact_is_checked_and_kept(root: Path, tmp_path: Path) -> None:

@@ -21,11 +21,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     state: Path | None = STATE,
+    artifacts_root: Path | None = typer.Option(
+        None,
+        "--artifacts-root",
+        help="The only directory /admin/reload may load artifacts from (default: ART's).",
+    ),
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); SIGHUP reloads the artifact."""
     from funnelrec.serving.http import run_server
 
-    run_server(art, host=host, port=port, state_path=state)
+    run_server(art, host=host, port=port, state_path=state, artifacts_root=artifacts_root)
 
 
 def recommend(

@@ -203,12 +203,17 @@ def create_app(
     state_path: Path | str | None = None,
     admin_token: str | None = None,
     serving: ServingConfig | None = None,
+    artifacts_root: Path | str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `artifact` (an artifact directory).
 
     serving: candidate counts per source (default: those packaged in the artifact).
+    artifacts_root: the only directory whose artifacts /admin/reload may load (default: the
+        directory holding `artifact`): a reload names a path, and without a bound any
+        directory of the machine the process can read would be loaded.
     """
     artifact = Path(artifact)
+    root = Path(artifacts_root if artifacts_root is not None else artifact.parent).resolve()
     store = UserStateStore(Path(state_path) if state_path else artifact / "state.db")
     service = ServiceState(artifact, store, serving)
     metrics = _Metrics()
@@ -313,6 +318,8 @@ def create_app(
         elif client not in ("127.0.0.1", "::1", "localhost", "testclient"):
             raise HTTPException(403, "reload is allowed from loopback only (or set a token)")
         path = Path(body.path) if body is not None and body.path else None
+        if path is not None and not path.resolve().is_relative_to(root):
+            raise HTTPException(403, f"reload may only load artifacts inside {root}")
         try:
             fingerprint = service.reload(path)
         except FunnelrecError as e:
@@ -342,10 +349,12 @@ def run_server(
     port: int = 8000,
     state_path: Path | None = None,
     torch_threads: int | None = None,
+    artifacts_root: Path | None = None,
 ) -> None:
-    """Serve `artifact` with uvicorn until interrupted (see `run_app` for torch_threads)."""
+    """Serve `artifact` with uvicorn until interrupted (see `run_app` for torch_threads,
+    `create_app` for artifacts_root)."""
     run_app(
-        create_app(artifact, state_path=state_path),
+        create_app(artifact, state_path=state_path, artifacts_root=artifacts_root),
         host=host,
         port=port,
         torch_threads=torch_threads,

@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/funnelrec demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check funnelrec tests benchmarks
-	$(VENV)/bin/ruff format --check funnelrec tests benchmarks
+	$(VENV)/bin/ruff check funnelrec tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check funnelrec tests benchmarks setup.py
 	$(VENV)/bin/mypy funnelrec
 	# The architecture's rules (pyproject.toml, [tool.importlinter]; docs/architecture.md).
 	$(VENV)/bin/lint-imports

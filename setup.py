@@ -26,6 +26,10 @@ setup(
             extra_compile_args=FLAGS,
             optional=True,
         )
-        for package, name in (("ann", "_fastscan"), ("kernels", "_rowsoftmax"), ("kernels", "_rowsum"))
+        for package, name in (
+            ("ann", "_fastscan"),
+            ("kernels", "_rowsoftmax"),
+            ("kernels", "_rowsum"),
+        )
     ]
 )

@@ -14,11 +14,9 @@ validation item. Exclusion is the same in both.
 
 Data: MovieLens-100k is fetched with `funnelrec.data.fetch` into --ml100k when that directory
 does not exist (GroupLens, else the recbole 1.2.1 wheel from the package index); Beauty is
-imported from amazon-beauty/beauty.txt of the shared data folder (--beauty) into --work. The
-shared data folder is `../shared/data/` beside the checkout (its README says what is there
-and where it comes from); the nearest `shared/data` at or above the checkout, or above the
-repository a worktree or local clone was made from, is used. A data set that cannot be had
-is not run, with a line naming the path looked for and how to get it, repeated at the end.
+imported from amazon-beauty/beauty.txt of the shared data folder, `../shared/data/` beside
+the checkout (or --beauty), into --work. A data set that cannot be had is not run, with a
+line naming the path looked for and how to get it, repeated at the end.
 Writes benchmarks/results/real_data.json and prints a table beside the peers' numbers.
 
 It says what it does as it goes: the data set, each model's fit, and the progress of
@@ -40,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -448,44 +445,9 @@ class MissingData(FunnelrecError):
     """A data set's files are not where they were looked for."""
 
 
-def _git_roots() -> list[Path]:
-    """The checkout a worktree was added to, or a local clone was made from: the shared
-    data folder sits beside that one too."""
-    roots = []
-    for args in (
-        ["rev-parse", "--path-format=absolute", "--git-common-dir"],
-        ["config", "--get", "remote.origin.url"],
-    ):
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if out and Path(out).is_absolute() and Path(out).exists():
-            roots.append(Path(out).parent if out.endswith(".git") else Path(out))
-    return roots
-
-
-def shared_data_dirs() -> list[Path]:
-    """Where the shared data folder may be, nearest first: `shared/data` at or above the
-    checkout (as the user reached it and with links resolved), the working directory, and
-    the checkout a worktree or clone came from."""
-    roots = [Path(os.path.abspath(__file__)).parent.parent, REPO, Path.cwd(), *_git_roots()]
-    dirs: list[Path] = []
-    for root in roots:
-        for d in (root, *root.parents):
-            if d / "shared" / "data" not in dirs:
-                dirs.append(d / "shared" / "data")
-    return dirs
-
-
 def shared_data(relative: str) -> Path:
-    """`relative` in the nearest shared data folder that has it; where none has, the
-    documented place (`../shared/data/` beside the checkout), for the message."""
-    for d in shared_data_dirs():
-        if (d / relative).exists():
-            return d / relative
+    """`relative` in the shared data folder, `../shared/data/` beside the checkout (its
+    README says what is there and where it comes from)."""
     return REPO.parent / "shared" / "data" / relative
 
 

@@ -258,6 +258,7 @@ class _BlockedBuild:
             "t1": fit["bounds"][0] if fit["bounds"] else None,
             "t2": fit["bounds"][1] if fit["bounds"] else None,
             "min_watches": self.cfg.min_watches if self.split_kind == "last" else None,
+            "valid_n": self.cfg.valid_n if self.split_kind == "last" else None,
             "held_out_users": fit["held_out_users"] if self.split_kind == "last" else None,
         }
         timing = {

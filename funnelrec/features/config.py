@@ -64,6 +64,8 @@ class FeaturesConfig:
     labels:         "next" (predict the next watch, the paper) or "random" (ablation)
     seed:           sampling of capped examples and the shuffle of training rows
     min_watches:    leave-last-out: users with fewer watches hold nothing out
+    valid_n:        leave-last-out: validation watches per user before the test one (at
+                    least one training watch is kept)
     valid_frac, test_frac: time split: share of watches after t1 / t2 when t1, t2 unset
     t1, t2:         time split boundaries (timestamps); None = from the fractions
     max_items, max_tokens, max_rank_items: vocabulary truncation (top N; None = all seen)
@@ -90,6 +92,7 @@ class FeaturesConfig:
     labels: Literal["next", "random"] = "next"
     seed: int = 0
     min_watches: int = 3
+    valid_n: int = 1
     valid_frac: float = 0.1
     test_frac: float = 0.1
     t1: int | None = None
@@ -112,6 +115,7 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         for name in (
+            "valid_n",
             "history_n",
             "search_n",
             "chunk_rows",

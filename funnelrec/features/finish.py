@@ -192,5 +192,6 @@ def _split_meta(kind: str, cfg: FeaturesConfig, sp: Split, held_out_users: int) 
         "t1": sp.t1,
         "t2": sp.t2,
         "min_watches": cfg.min_watches if kind == "last" else None,
+        "valid_n": cfg.valid_n if kind == "last" else None,
         "held_out_users": held_out_users if kind == "last" else None,
     }

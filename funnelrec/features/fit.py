@@ -40,7 +40,9 @@ def _split(
 ) -> Split:
     """The split of one block's watches; `bounds` are the time split's global (t1, t2)."""
     if kind == "last":
-        return leave_last_out(log.w_start, log.w_ts, min_watches=cfg.min_watches)
+        return leave_last_out(
+            log.w_start, log.w_ts, min_watches=cfg.min_watches, valid_n=cfg.valid_n
+        )
     assert bounds is not None
     return time_split(log.w_start, log.w_ts, bounds[0], bounds[1], require_train=whole)
 

@@ -7,9 +7,12 @@ Both splits work on watches sorted by (user, ts), ties in the table's row order,
 each user's watches as three consecutive runs of positions: training first, then
 validation, then test. Training is therefore always a prefix of a user's history.
 
-- `leave_last_out`: a user's last watch is the test target, the one before it validation,
-  the rest training. Users with fewer than `min_watches` watches have no held-out watch:
-  all of theirs are training (they still teach the model, they are just not scored).
+- `leave_last_out`: a user's last watch is the test target, the one before it validation
+  (or the `valid_n` before it, never leaving fewer than one training watch), the rest
+  training. Users with fewer than `min_watches` watches have no held-out watch: all of
+  theirs are training (they still teach the model, they are just not scored). More than
+  one validation watch per user is for what learns from held-out moments, such as a
+  ranker staged on the candidate sources' pages (`funnelrec.ranking.sequence`).
 - `time_split`: one global clock; training ts < t1 <= validation ts < t2 <= test ts.
   `time_boundaries` picks t1 and t2 as quantiles of the watch times.
 
@@ -91,14 +94,19 @@ def user_offsets(user_sorted: np.ndarray, n_users: int | None = None) -> np.ndar
     return np.searchsorted(user_sorted, np.arange(n + 2), side="left").astype(np.int64)
 
 
-def leave_last_out(user_start: np.ndarray, ts_sorted: np.ndarray, *, min_watches: int = 3) -> Split:
-    """Hold out each user's last watch (test) and the one before (validation)."""
+def leave_last_out(
+    user_start: np.ndarray, ts_sorted: np.ndarray, *, min_watches: int = 3, valid_n: int = 1
+) -> Split:
+    """Hold out each user's last watch (test) and the `valid_n` before it (validation),
+    keeping at least one training watch."""
     if min_watches < 2:
         raise FunnelrecError(f"leave-last-out needs min_watches >= 2, got {min_watches}")
+    if valid_n < 1:
+        raise FunnelrecError(f"leave-last-out needs valid_n >= 1, got {valid_n}")
     start, end = user_start[:-1], user_start[1:]
     n = end - start
     held = n >= min_watches
-    train_end = np.where(held, end - 2, end)
+    train_end = np.where(held, np.maximum(end - 1 - valid_n, start + 1), end)
     valid_end = np.where(held, end - 1, end)
     valid_from = np.full(len(start), NEVER, dtype=np.int64)
     test_from = np.full(len(start), NEVER, dtype=np.int64)

@@ -303,7 +303,9 @@ def training_watches(ds: Dataset, feats: Features) -> pa.Table:
     start = user_offsets(user)
     split = feats.manifest["split"]
     if split["kind"] == "last":
-        sp = leave_last_out(start, ts, min_watches=int(split["min_watches"]))
+        # features written before valid_n existed held out one validation watch
+        valid_n = int(split.get("valid_n") or 1)
+        sp = leave_last_out(start, ts, min_watches=int(split["min_watches"]), valid_n=valid_n)
     else:
         sp = time_split(start, ts, int(split["t1"]), int(split["t2"]))
     keep = sp.part_of_watches(len(ts)) == TRAIN

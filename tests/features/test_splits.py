@@ -41,6 +41,17 @@ def test_leave_last_out_holds_out_last_two() -> None:
         leave_last_out(user_offsets(USER), TS, min_watches=1)
 
 
+def test_leave_last_out_holds_out_more_validation_watches() -> None:
+    sp = leave_last_out(user_offsets(USER), TS, min_watches=3, valid_n=2)
+    part = sp.part_of_watches(len(TS))
+    # user 1 (4 watches): 1 train, 2 valid, 1 test; users 3 and 4 (3 watches) keep one
+    # training watch, so only one is validation; user 2 (2 watches) keeps all
+    assert part.tolist() == [0, 1, 1, 2, 0, 0, 0, 1, 2, 0, 1, 2]
+    assert sp.valid_from[1] == 2 and sp.test_from[1] == 5
+    with pytest.raises(FunnelrecError, match="valid_n"):
+        leave_last_out(user_offsets(USER), TS, valid_n=0)
+
+
 def test_min_watches_keeps_light_users_in_training() -> None:
     sp = leave_last_out(user_offsets(USER), TS, min_watches=4)
     part = sp.part_of_watches(len(TS))

@@ -26,6 +26,23 @@ A session's last watch may continue into "related" watches: the next episode of 
 far more often than the previous one, otherwise an item of the same topic, leaning to
 the less popular (popular -> niche).
 
+Each slot of a home slate draws its item from one of the logging policy's sources, and
+the impression logs which one as `cand_source` (names in `POLICY_SOURCES`) and that
+source's score as `cand_score`: the probability that one draw of the source picks the
+item for this user at that time (every draw is random, so this is what it picks by):
+  popular   share policy_popular of the slots: an item by its popularity w_i(t) = appeal
+            x freshness among all items; score w_i(t) / sum of all w(t);
+  fresh     share policy_fresh: uniformly among the items uploaded in the last
+            fresh_window_hours; score 1 / the number of those items;
+  topic     the rest, personalised: a topic from the user's interests (uniformly with
+            probability policy_noise, policy_noise_logged_out for logged-out users),
+            then an item by popularity within it; score ((1 - noise) x interest in the
+            item's topic + noise / T) x w_i(t) / the topic's sum of w(t).
+A fresh or topic slot that finds no item (none uploaded yet) takes a popular draw and is
+logged as popular. These are the truth's terms of `World.watch_rate`. The names are the
+logging policy's, not the Recommender's candidate sources ("deep", "cowatch", "fresh"):
+a ranker trained on them knows only "fresh" among the served names (docs/simulator.md).
+
 Generation streams over blocks of users (each block runs the whole window, so a user's
 history is complete in one place and "times shown" is exact), so memory depends on
 `block_user_days` and not on the number of events. Each block has its own random stream
@@ -62,6 +79,10 @@ from funnelrec.simulate.events import (
     DIURNAL,
     EXTERNAL,
     HOME,
+    POLICY_FRESH,
+    POLICY_POPULAR,
+    POLICY_SOURCES,
+    POLICY_TOPIC,
     RELATED,
     SEARCH,
     SOURCES,
@@ -90,6 +111,10 @@ __all__ = [
     "EXTERNAL",
     "GENDERS",
     "HOME",
+    "POLICY_FRESH",
+    "POLICY_POPULAR",
+    "POLICY_SOURCES",
+    "POLICY_TOPIC",
     "PRESETS",
     "REGIONS",
     "REGION_P",
@@ -194,6 +219,11 @@ def generate(
                             "position": im["position"].astype(np.int32),
                             "clicked": im["clicked"],
                             "watch_time_s": im["watch_time"],
+                            # the logging policy's nominating source and its score
+                            "cand_source": pa.DictionaryArray.from_arrays(
+                                pa.array(im["source"]), pa.array(POLICY_SOURCES)
+                            ).cast(pa.string()),
+                            "cand_score": pa.array(im["score"], type=pa.float64()),
                         }
                     ),
                 )

@@ -1,4 +1,10 @@
-"""The block simulator: every session of a block of users over the window, as events."""
+"""The block simulator: every session of a block of users over the window, as events.
+
+Home slates log, per impression, the logging policy's source that nominated the item and
+that source's score (the `cand_source` and `cand_score` impression columns): the names
+`POLICY_SOURCES` by code, and the score is the probability that one draw of that source
+picks the item for this user at this time (`_policy_scores`, the truth's formulas).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from funnelrec.simulate.config import SimConfig
-from funnelrec.simulate.truth import DAY_S, MAX_SEARCH_WATCHES, World, order_by
+from funnelrec.simulate.truth import DAY_S, MAX_SEARCH_WATCHES, World, _Pairs, order_by
 from funnelrec.simulate.world import F64, I64, _cumcount
 
 # Sessions by hour of day (UTC): quiet at night, peak in the evening.
@@ -20,6 +26,10 @@ DIURNAL = np.array(
 DIURNAL = DIURNAL / DIURNAL.sum()
 HOME, SEARCH, EXTERNAL, RELATED = 0, 1, 2, 3
 SOURCES = ("home", "search", "external", "related")  # watch source by code
+# The sources of the home page's logging policy, by code: each slot draws from one of
+# them (policy_popular, policy_fresh, the rest personalised); logged as `cand_source`.
+POLICY_POPULAR, POLICY_FRESH, POLICY_TOPIC = 0, 1, 2
+POLICY_SOURCES = ("popular", "fresh", "topic")
 
 
 @dataclass
@@ -105,6 +115,27 @@ class _BlockSimulator:
         j = lo + np.floor(self.rng.random(ts.size) * (hi - lo)).astype(np.int64)
         return np.where(hi > lo, idx[np.minimum(j, idx.size - 1)], -1)
 
+    def _policy_scores(self, src: NDArray[Any], u: I64, i: I64, ts: I64) -> F64:
+        """[N] the probability that one draw of the slot's source picks its item at ts.
+
+        popular: the item's share of all items' popularity w_i(ts) (appeal x freshness);
+        fresh: 1 / the number of items uploaded in the last fresh_window_hours (the draw
+        is uniform over them); topic: the probability of the item's topic under the
+        user's noisy interests x the item's share of that topic's popularity. The same
+        formulas as the truth's `watch_rate` (`World._policy_fresh_of`, ...). No draws.
+        """
+        w = self.w
+        out = np.empty(src.size, dtype=np.float64)
+        for code, score in (
+            (POLICY_POPULAR, lambda p: p.global_share),
+            (POLICY_FRESH, w._policy_fresh_of),
+            (POLICY_TOPIC, w._policy_personal_of),
+        ):
+            sel = src == code
+            if sel.any():
+                out[sel] = score(_Pairs(w, u[sel], i[sel], ts[sel]))
+        return out
+
     # sessions -------------------------------------------------------------------------
 
     def run(self, lo: int, hi: int) -> dict[str, Any]:
@@ -153,26 +184,28 @@ class _BlockSimulator:
         pers = max(0.0, 1.0 - c.policy_popular - c.policy_fresh)
         src = rng.choice(3, size=req.size, p=[c.policy_popular, c.policy_fresh, pers])
         item = np.full(req.size, -1, dtype=np.int64)
-        sel = src == 1
+        sel = src == POLICY_FRESH
         item[sel] = self._recent(it[sel])
-        sel = src == 2
+        sel = src == POLICY_TOPIC
         noise = w._policy_noise[iu[sel]]  # more noise for logged-out users
         item[sel] = w.popularity.draw(rng, it[sel], self._topics(iu[sel], noise))
         sel = item < 0  # popular slots, and fallbacks where a slot found nothing
         item[sel] = w.popularity.draw(rng, it[sel], self.T)
+        src[sel] = POLICY_POPULAR  # a fallback is the popular draw's nomination
         # Drop duplicates within a slate, shuffle, keep the first slate_size.
         ok = item >= 0
-        req, iu, it, item = req[ok], iu[ok], it[ok], item[ok]
+        req, iu, it, item, src = req[ok], iu[ok], it[ok], item[ok], src[ok]
         o = order_by(req, item)
         first = np.ones(o.size, dtype=bool)
         first[1:] = (req[o][1:] != req[o][:-1]) | (item[o][1:] != item[o][:-1])
         o = np.sort(o[first])
-        req, iu, it, item = req[o], iu[o], it[o], item[o]
+        req, iu, it, item, src = req[o], iu[o], it[o], item[o], src[o]
         o = order_by(req, rng.integers(0, 1 << 16, req.size))
-        req, iu, it, item = req[o], iu[o], it[o], item[o]
+        req, iu, it, item, src = req[o], iu[o], it[o], item[o], src[o]
         pos = _cumcount(req)
         keep = pos < c.slate_size
         req, iu, it, item, pos = req[keep], iu[keep], it[keep], item[keep], pos[keep]
+        src = src[keep]
         # How often this item was already shown to this user (earlier requests).
         # Rows are in time order per user, so ties in (user, item) keep time order.
         o = order_by(iu, item)
@@ -180,7 +213,9 @@ class _BlockSimulator:
         shown[o] = _cumcount(iu[o] * w.n_items + item[o])
         clicked, wt = w._respond(rng, iu, item, it, shown)
         impressions = {"req": req, "user": iu, "item": item, "ts": it, "position": pos,
-                       "clicked": clicked, "watch_time": wt, "n_requests": n_req}  # fmt: skip
+                       "clicked": clicked, "watch_time": wt, "n_requests": n_req,
+                       "source": src.astype(np.int8),
+                       "score": self._policy_scores(src, iu, item, it)}  # fmt: skip
         # Clicked items are watched one after another, in slate order.
         cr = req[clicked]
         watches = {

@@ -335,6 +335,23 @@ class World:
         tilt = m * f / (f + (m - 1) * p.user(self._taste_norm))
         return p.interest * p.share * tilt
 
+    # One draw of each source of the home page's logging policy: the probability that it
+    # picks the item (a popular draw's is `_Pairs.global_share`). The generator logs the
+    # nominating source's as `cand_score`.
+
+    def _policy_fresh_of(self, p: _Pairs) -> NDArray[Any]:
+        """P(a fresh draw is the item): uniform over the items uploaded in the last
+        fresh_window_hours before ts (0 outside that window)."""
+        window = int(self.meta["config"]["fresh_window_hours"]) * 3600
+        return np.where((p.age >= 0) & (p.age < window), 1.0 / p.n_recent(window), 0.0)
+
+    def _policy_personal_of(self, p: _Pairs) -> NDArray[Any]:
+        """P(a personalised draw is the item): its topic drawn from the user's interests
+        (uniformly with probability policy_noise, more for logged-out users), then the
+        item by its share of that topic's popularity."""
+        noise = p.user(self._policy_noise)
+        return ((1 - noise) * p.interest + noise / len(self.topics)) * p.share
+
     def _watch_rate_of(self, p: _Pairs) -> NDArray[Any]:
         """Expected watches of the item in one session at ts (before continuations).
 
@@ -342,10 +359,8 @@ class World:
         search (watches per search x own choice) and external (global popularity share).
         """
         c = self.meta["config"]
-        window = int(c["fresh_window_hours"]) * 3600
-        p_fresh = np.where((p.age >= 0) & (p.age < window), 1.0 / p.n_recent(window), 0.0)
-        noise = p.user(self._policy_noise)
-        personal = ((1 - noise) * p.interest + noise / len(self.topics)) * p.share
+        p_fresh = self._policy_fresh_of(p)
+        personal = self._policy_personal_of(p)
         p_pers = 1.0 - c["policy_popular"] - c["policy_fresh"]
         shown = c["policy_popular"] * p.global_share + c["policy_fresh"] * p_fresh
         home = c["slate_size"] * (shown + p_pers * personal) * self._click(p, 0)

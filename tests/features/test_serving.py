@@ -14,7 +14,7 @@ from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.loader import read_examples, read_requests
 from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
-from funnelrec.simulate import generate, preset_config
+from funnelrec.simulate import POLICY_SOURCES, generate, preset_config
 
 SOURCES = ("deep", "fresh", "cowatch")
 
@@ -30,24 +30,40 @@ def _score(item: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Dataset, Features]]:
-    """Features of one small world, plain and with candidate source and score columns on
-    the impressions (which then become ranking features)."""
+    """Features of one small world: "sim" as simulated (the impressions carry the logging
+    policy's source and score, which become ranking features), "plain" without those two
+    columns, "cand" with made-up ones in their place."""
     root = tmp_path_factory.mktemp("serving_features")
     generate(
         preset_config("tiny", ["n_users=200", "days=14"]), seed=3, out=root / "data", progress=False
     )
     ds = Dataset.open(root / "data")
     cfg = FeaturesConfig(n_quantiles=100)
-    build_features(ds, root / "plain", split="time", config=cfg, progress=False)
-    imp = ds.table("impressions")
+    build_features(ds, root / "sim", split="time", config=cfg, progress=False)
+    imp = ds.table("impressions").drop_columns(["cand_source", "cand_score"])
+    build_features(ds, root / "plain", split="time", config=cfg, progress=False, impressions=imp)
     item = np.asarray(imp["item_id"].to_numpy())
     imp = imp.append_column("cand_score", pa.array(_score(item)))
     imp = imp.append_column("cand_source", pa.array(_source(item)))
     build_features(ds, root / "cand", split="time", config=cfg, progress=False, impressions=imp)
-    return {
-        "plain": (ds, Features.open(root / "plain")),
-        "cand": (ds, Features.open(root / "cand")),
+    return {kind: (ds, Features.open(root / kind)) for kind in ("plain", "cand", "sim")}
+
+
+def _logged(ds: Dataset, rows: pa.Table) -> tuple[list[str], np.ndarray]:
+    """The simulator's logged source and score of each example row (by request and item)."""
+    imp = ds.table("impressions", ["request_id", "item_id", "cand_source", "cand_score"])
+    row_of = {
+        (r, i): n
+        for n, (r, i) in enumerate(
+            zip(imp["request_id"].to_pylist(), imp["item_id"].to_pylist(), strict=True)
+        )
     }
+    at = [
+        row_of[key]
+        for key in zip(rows["request_id"].to_pylist(), rows["item_id"].to_pylist(), strict=True)
+    ]
+    source = imp["cand_source"].take(pa.array(at, pa.int64())).to_pylist()
+    return source, np.asarray(imp["cand_score"].take(pa.array(at, pa.int64())).to_numpy())
 
 
 def _before(table: pa.Table, user: int, ts: int) -> pa.Table:
@@ -56,7 +72,8 @@ def _before(table: pa.Table, user: int, ts: int) -> pa.Table:
 
 
 @pytest.mark.parametrize(
-    ("kind", "split"), [("plain", "valid"), ("plain", "test"), ("cand", "test")]
+    ("kind", "split"),
+    [("plain", "valid"), ("plain", "test"), ("cand", "test"), ("sim", "test")],
 )
 def test_features_of_a_request_equal_the_training_examples(
     world: dict[str, tuple[Dataset, Features]], kind: str, split: str
@@ -100,14 +117,15 @@ def test_features_of_a_request_equal_the_training_examples(
         )
         me = users.filter(pc.equal(users["user_id"], user))
         cand = np.asarray(rows["item_id"].to_numpy())
+        sources, scores = _logged(ds, rows) if kind == "sim" else (_source(cand), _score(cand))
         batch = featurizer.batch(
             events,
             cand,
             ts,
             region=int(region.lookup(me["region"])[0]),
             device=int(device.lookup(me["device"])[0]),
-            sources=_source(cand),
-            scores=_score(cand),
+            sources=sources,
+            scores=scores,
         )
         for name in featurizer.categorical:
             assert batch.categorical[name].tolist() == rows[name].to_pylist(), name
@@ -120,8 +138,11 @@ def test_features_of_a_request_equal_the_training_examples(
             assert ids[: len(req[name])].tolist() == req[name], name
         checked += 1
     assert checked >= 20
-    if kind == "cand":  # the candidate source and score are ranking features here
+    if kind != "plain":  # the candidate source and score are ranking features here
         assert "source" in featurizer.categorical and "cand_score" in featurizer.raw
+        names = set(SOURCES) if kind == "cand" else set(POLICY_SOURCES)
+        assert set(feats.vocab("source").values.tolist()) == names
+        assert "cand_score" in feats.manifest["ranking"]["raw_continuous"]
     else:
         assert "source" not in featurizer.categorical and "cand_score" not in featurizer.raw
     # the churn feature is exercised: some impressions had been shown before

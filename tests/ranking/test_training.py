@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from funnelrec.features.build import build_features
 from funnelrec.features.loader import ranking_loader
 from funnelrec.ranking import training as rank
 from funnelrec.ranking.model import load_ranker
-from funnelrec.simulate import generate, preset_config
+from funnelrec.simulate import POLICY_SOURCES, generate, preset_config
 
 FAST = ["model.tower=32", "train.batch_size=256", "train.epochs=2"]
 
@@ -65,6 +66,27 @@ def test_trained_ranker_beats_random_order_on_the_simulated_world(
     written = json.loads((trained / "metrics.json").read_text())
     assert written["model"]["weighted_per_user_loss"] == model["weighted_per_user_loss"]
     assert written["protocol"]["split"] == "test" and written["protocol"]["tower"] == "32"
+
+
+def test_ranker_reads_the_logging_policys_candidate_source_and_score(
+    world: tuple[Path, Path], trained: Path
+) -> None:
+    """The simulator logs which policy source nominated each impression and its score:
+    the features make them the `source` vocabulary and the `cand_score` column, and the
+    trained ranker takes both as inputs."""
+    feats = Features.open(world[1])
+    assert set(feats.vocab("source").values.tolist()) == set(POLICY_SOURCES)
+    assert "cand_score" in feats.manifest["ranking"]["raw_continuous"]
+    model = load_ranker(trained)
+    assert ("source", "source") in model.spec.categorical
+    assert {"cand_score", "cand_score^2", "sqrt(cand_score)"} <= set(model.spec.dense_columns)
+    batch = next(iter(ranking_loader(world[1], "valid", batch_size=256)))
+    source = batch.categorical["source"]
+    assert source.min() >= 1  # every logged impression's source is in the vocabulary
+    # ... and the ranker's output depends on it
+    other = dict(batch.categorical, source=source % len(POLICY_SOURCES) + 1)
+    with torch.no_grad():
+        assert not torch.equal(model(batch), model(replace(batch, categorical=other)))
 
 
 def test_artifact_reloads_to_the_same_scores(world: tuple[Path, Path], trained: Path) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,6 +25,7 @@ from funnelrec.serving.recommender import (
     ServingConfig,
 )
 from funnelrec.serving.state import ImpressionEvent, UserStateStore, WatchEvent
+from funnelrec.simulate import POLICY_SOURCES
 
 STAGES = {
     "context",
@@ -83,6 +85,44 @@ def test_known_user_gets_k_ranked_items_from_every_source(
     # the same pool (deep_k >= k) ranked deeper: the top 10 are the same items
     deeper = rec.recommend(RecommendRequest(user_id=u, k=300), ctx)
     assert [it.item_id for it in deeper.items[:10]] == [it.item_id for it in resp.items]
+
+
+def test_each_candidates_source_and_score_reach_the_ranker(
+    rec: Recommender, store: UserStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny world's ranker learned the simulator's logging-policy sources as a feature;
+    served, every candidate's primary source and score go to the featurizer. Of the served
+    names only "fresh" is in that vocabulary: "deep" and "cowatch" get the out-of-vocabulary
+    id 0 (an embedding row fixed at zero), as docs/simulator.md says."""
+    featurizer = rec.featurizer
+    assert featurizer.source is not None and featurizer.uses_score
+    assert set(featurizer.source.values.tolist()) == set(POLICY_SOURCES)
+    assert ("source", "source") in rec.ranker.spec.categorical
+    assert "cand_score" in rec.ranker.spec.dense_columns
+    calls = []
+    batch_of = featurizer.batch
+
+    def spy(*args, **kwargs):
+        batch = batch_of(*args, **kwargs)
+        calls.append((kwargs["sources"], np.asarray(kwargs["scores"]), batch))
+        return batch
+
+    monkeypatch.setattr(featurizer, "batch", spy)
+    u = _user_with_history(store, 10)
+    resp = rec.recommend(RecommendRequest(user_id=u, k=10), store.context(u))
+    ((sources, scores, batch),) = calls
+    src = np.asarray(sources)
+    assert set(src.tolist()) == {DEEP, COWATCH, FRESH} and len(src) == len(batch)
+    assert np.isfinite(scores).all()
+    ids = batch.categorical["source"].numpy()
+    fresh = int(featurizer.source.lookup(pa.array([FRESH]))[0])
+    assert fresh > 0 and (ids[src == FRESH] == fresh).all()
+    assert (ids[src != FRESH] == 0).all()
+    # the score handed over is the primary (first in SOURCES order) nomination's own
+    primary = {(s, float(x)) for s, x in zip(sources, scores, strict=True)}
+    for it in resp.items:
+        first = next(s for s in (DEEP, COWATCH, FRESH) if s in it.sources)
+        assert (first, it.sources[first]) in primary
 
 
 def test_response_ranks_by_expected_watch_time(rec: Recommender, store: UserStateStore) -> None:

@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import typer
@@ -16,7 +17,14 @@ from funnelrec.cli.simulate import simulate
 from funnelrec.data.dataset import Dataset
 from funnelrec.data.schema import TABLE_NAMES, validate_table
 from funnelrec.errors import FunnelrecError
-from funnelrec.simulate import PRESETS, SimConfig, apply_overrides, generate, preset_config
+from funnelrec.simulate import (
+    POLICY_SOURCES,
+    PRESETS,
+    SimConfig,
+    apply_overrides,
+    generate,
+    preset_config,
+)
 from funnelrec.simulate.truth import UserModel, World
 
 SEED = 7
@@ -95,6 +103,86 @@ def test_tables_pass_validation_and_are_consistent(tiny: Path) -> None:
     queries = ds.table("searches")["query"]
     n_tokens = pc.list_value_length(pc.split_pattern(queries, " ")).to_numpy()
     assert n_tokens.min() >= 1 and n_tokens.max() <= 3
+
+
+def _policy_log(path: Path) -> dict[str, np.ndarray]:
+    imp = Dataset.open(path).table("impressions")
+    assert imp.schema.field("cand_source").type == pa.string()
+    assert imp.schema.field("cand_score").type == pa.float64()
+    assert imp["cand_source"].null_count == 0 and imp["cand_score"].null_count == 0
+    return {
+        "user": imp["user_id"].to_numpy() - 1,
+        "item": imp["item_id"].to_numpy() - 1,
+        "ts": imp["ts"].to_numpy(),
+        "clicked": imp["clicked"].to_numpy(zero_copy_only=False),
+        "source": np.asarray(imp["cand_source"].to_pylist()),
+        "score": imp["cand_score"].to_numpy(),
+    }
+
+
+def _shares(source: np.ndarray) -> dict[str, float]:
+    return {s: float((source == s).mean()) for s in POLICY_SOURCES}
+
+
+def test_impressions_log_the_policy_source_and_its_score(tiny: Path) -> None:
+    """cand_source names the policy's source of each slot, cand_score its draw probability."""
+    log = _policy_log(tiny)
+    assert POLICY_SOURCES == ("popular", "fresh", "topic")
+    assert set(np.unique(log["source"])) == set(POLICY_SOURCES)
+    score = log["score"]
+    assert np.isfinite(score).all() and (score > 0).all() and (score <= 1).all()
+
+    # Each score, recomputed from the truth: the probability that one draw of the source
+    # picks the item for this user at this time.
+    world = World.load(tiny)
+    config = PRESETS["tiny"]
+    pop, n_topics = world.popularity, len(world.topics)
+    u, i, ts, src = log["user"], log["item"], log["ts"], log["source"]
+    weight = pop.weight(i, ts)
+    assert (weight > 0).all()  # nothing is shown before its upload
+    expected = np.full(score.size, np.nan)
+    m = src == "popular"
+    expected[m] = weight[m] / pop.mass(n_topics, ts[m])
+    m = src == "fresh"
+    window = config.fresh_window_hours * 3600
+    assert (ts[m] - world.upload_ts[i[m]] < window).all()  # fresh items are recent
+    uploads = np.sort(world.upload_ts)
+    n_recent = np.searchsorted(uploads, ts[m], "right") - np.searchsorted(
+        uploads, ts[m] - window, "right"
+    )
+    expected[m] = 1.0 / n_recent
+    m = np.flatnonzero(src == "topic")
+    topic = world.topic[i[m]]
+    logged_in = np.asarray(world.users["logged_in"], dtype=bool)[u[m]]
+    noise = np.where(logged_in, config.policy_noise, config.policy_noise_logged_out)
+    p_topic = (1 - noise) * world.interest[u[m], topic] + noise / n_topics
+    topic_mass = np.zeros(m.size)
+    for t in np.unique(topic):
+        topic_mass[topic == t] = pop.mass(int(t), ts[m][topic == t])
+    expected[m] = p_topic * weight[m] / topic_mass
+    np.testing.assert_allclose(score, expected, rtol=1e-6)
+
+    # Personalised slots are clicked far more often than popular ones.
+    ctr = {s: log["clicked"][src == s].mean() for s in POLICY_SOURCES}
+    assert ctr["topic"] > 1.5 * ctr["popular"]
+
+
+@pytest.mark.parametrize("popular, fresh", [(0.3, 0.2), (0.1, 0.5)])
+def test_policy_sources_follow_the_configured_shares(
+    tiny: Path, tmp_path: Path, popular: float, fresh: float
+) -> None:
+    """Each source's share of the slots is the config's; fallbacks add to popular (the tiny
+    world has empty topics), duplicates dropped within a slate take a little from each."""
+    if (popular, fresh) == (PRESETS["tiny"].policy_popular, PRESETS["tiny"].policy_fresh):
+        path = tiny
+    else:
+        overrides = [f"policy_popular={popular}", f"policy_fresh={fresh}", "n_users=200"]
+        config = preset_config("tiny", [*overrides, "days=7"])
+        path = generate(config, SEED, tmp_path / "policy", progress=False).path
+    shares = _shares(_policy_log(path)["source"])
+    assert shares["fresh"] == pytest.approx(fresh, abs=0.04)
+    assert popular - 0.02 < shares["popular"] < popular + 0.1
+    assert 1 - popular - fresh - 0.1 < shares["topic"] < 1 - popular - fresh + 0.02
 
 
 def test_same_seed_gives_identical_tables(tiny: Path, tmp_path: Path) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize.py"
+from tests.scripts import load_script
+
 README = """# proj
 
 Intro.
@@ -26,16 +24,7 @@ old text
 """
 
 
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("summarize_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
-
-
-summarize = load()
+summarize = load_script("summarize")
 
 
 def ann() -> dict[str, Any]:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from rich.console import Console
@@ -129,6 +130,7 @@ class Split:
     history:      setting -> Jagged [Q] rows: 'train' items, '+val' items, oldest first
     seen:         Jagged [Q] training + validation items (excluded from the ranking)
     target:       [Q] test item; target_ts [Q] its timestamp
+    train_rows:   rows of the dataset's watches table that are training interactions
     """
 
     name: str
@@ -141,6 +143,8 @@ class Split:
     target: np.ndarray
     target_ts: np.ndarray
     synthetic_timestamps: bool
+    train_rows: np.ndarray  # rows of the dataset's watches table in `train`
+    valid_ts: np.ndarray  # [Q] time of the validation item
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,6 +169,7 @@ def load_split(name: str, path: Path) -> Split:
     counts = np.bincount(user)
     keep = counts[user] >= MIN_INTERACTIONS
     user, item, ts = user[keep], item[keep], ts[keep]
+    table_row = order[keep]
     num_items = int(pq.read_metadata(path / "items.parquet").num_rows)
     num_items = max(num_items, int(item.max()))
 
@@ -174,6 +179,7 @@ def load_split(name: str, path: Path) -> Split:
     lo, tr_end, va_end = sp.user_start[users], sp.train_end[users], sp.valid_end[users]
     part = sp.part_of_watches(user.size)
     train = Interactions(user[part == 0], item[part == 0], ts[part == 0])
+    train_rows = table_row[part == 0]
     target = item[va_end]
     in_train = np.zeros(num_items + 1, dtype=bool)
     in_train[train.item] = True
@@ -199,6 +205,8 @@ def load_split(name: str, path: Path) -> Split:
         target=target,
         target_ts=ts[va_end],
         synthetic_timestamps=bool(ds.manifest.synthetic_timestamps),
+        train_rows=train_rows,
+        valid_ts=ts[tr_end],
         stats=stats,
     )
 
@@ -222,6 +230,7 @@ class ModelRun:
     fit_seconds: float
     scores: dict[str, ScoreFn]
     note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # more to record in the results
 
 
 def evaluate(
@@ -320,13 +329,13 @@ def itemknn(data: Split) -> ModelRun:
 
 
 def bpr(data: Split) -> ModelRun:
-    m = BPR(factors=64, threads=1, seed=SEED).fit(data.train, data.num_items)
+    m = BPR(factors=64, threads=1, seed=TRAIN_SEED).fit(data.train, data.num_items)
     # BPR has no fold-in: only the learned vectors of training users ('train' history).
     return ModelRun("bpr", m.fit_seconds, {"train": lambda u, h: m.score(h, users=u)})
 
 
 def als(data: Split) -> ModelRun:
-    m = ALS(factors=64, threads=2, seed=SEED).fit(data.train, data.num_items)
+    m = ALS(factors=64, threads=2, seed=TRAIN_SEED).fit(data.train, data.num_items)
     return ModelRun(
         "als",
         m.fit_seconds,
@@ -344,7 +353,13 @@ FUNNELREC_OVERRIDES: list[str] = []
 FUNNELREC_FEATURE_OVERRIDES: list[str] = []
 WORK = Path("/tmp/funnelrec-bench")
 PROGRESS = True  # funnelrec's feature build and training show their progress
-AGE_AT_REQUEST = True
+# Example age of the request: 0 as served (Covington et al. 2016, section 3.3), unless
+# --age-at-target scores at the target's own time (an advantage no peer gets).
+AGE_AT_REQUEST = False
+# The training seed of the models that have one (--seeds runs each of them per seed; the
+# evaluation's tie-break stays SEED).
+TRAIN_SEED = SEED
+SEEDED = ("bpr", "als", "funnelrec", "funnel", "sasrec")
 
 
 def funnelrec(data: Split) -> ModelRun:
@@ -362,7 +377,8 @@ def funnelrec(data: Split) -> ModelRun:
     build_features(data.path, feat_dir, split="last", config=fcfg, force=True, progress=PROGRESS)
     feats = Features.open(feat_dir)
     config = load_training_config(
-        REPO / "configs" / FUNNELREC_CONFIGS[data.name], FUNNELREC_OVERRIDES
+        REPO / "configs" / FUNNELREC_CONFIGS[data.name],
+        [f"train.seed={TRAIN_SEED}", *FUNNELREC_OVERRIDES],
     )
     # torch imports its compiler stack the first time an optimizer is built (seconds:
     # docs/candidates.md, "Real data"): a library import, not training, so it happens
@@ -425,6 +441,232 @@ def load_item_embeddings_of(art: Path) -> tuple[torch.Tensor, np.ndarray]:
     return emb, ids.numpy()
 
 
+# The whole funnel (funnelrec.ranking.sequence): the deep candidate model, co-watch and
+# popularity nominate, the ranking network orders. Its ranker learns from pages staged at
+# each user's last training moments, with every source fitted on the training
+# interactions before them (the deep model on features of a dataset of the training
+# interactions only, whose own leave-last-out cut holds those moments out), so no source has
+# seen a page's next item; validation (the epoch) and test requests are served by co-watch
+# and popularity refitted on all training interactions (FUNNEL_REFIT) and the same deep
+# model. Scored at example age 0, as served.
+FUNNEL_REFIT = True
+FUNNEL_OVERRIDES: list[str] = []
+# The pages' moments per user: the inner features' leave-last-out cut holds out the last
+# PAGE_VALID_N + 1 training interactions (fewer for short histories: one stays training).
+PAGE_VALID_N = 1
+
+
+def _inner_dataset(data: Split, out: Path) -> Path:
+    """A funnelrec dataset of `data`'s training interactions only (users, items, id maps
+    and the training rows of the watches table)."""
+    from funnelrec.data.dataset import DatasetWriter
+
+    ds = Dataset.open(data.path)
+    rows = np.sort(data.train_rows)
+    with DatasetWriter(
+        out, source=f"{ds.manifest.source}+training-part", force=True,
+        synthetic_timestamps=bool(ds.manifest.synthetic_timestamps),
+    ) as w:  # fmt: skip
+        for name in ("users", "items"):
+            if ds.has(name):
+                w.write(name, ds.table(name))
+        w.write("watches", ds.table("watches").take(pa.array(rows)))
+        for space in ds.manifest.id_maps:
+            w.add_id_map(space, ds.id_map(space).sort_by("id").column("raw_id"))
+    return out
+
+
+def _deep_source(feat_dir: Path, art: Path, num_items: int) -> tuple[Any, np.ndarray]:
+    """The candidate model of `art` as the funnel's deep source: (user vectors at example
+    age 0 from a history, item vectors [N + 1, d])."""
+    from funnelrec.candidates import load_candidate_model
+    from funnelrec.features import Features
+
+    feats = Features.open(feat_dir)
+    model = load_candidate_model(art)
+    emb, ids = load_item_embeddings_of(art)
+    items = np.zeros((num_items + 1, emb.shape[1]), dtype=np.float32)
+    items[ids] = emb.numpy()
+
+    def users(u: np.ndarray, h: Jagged) -> np.ndarray:
+        hist = [h.values[h.offsets[i] : h.offsets[i + 1]].tolist() for i in range(u.size)]
+        with torch.no_grad():
+            return model(feats.candidate_batch(hist)).float().numpy()
+
+    return users, items
+
+
+def stage_funnel(data: Split, cfg: Any) -> tuple[Any, Any]:
+    """The funnel's sources fitted and its pages and validation pools staged
+    (`SequenceFunnel.stage`): (the funnel, the staged data)."""
+    from funnelrec.baselines import CoWatch
+    from funnelrec.candidates import fit_candidates, load_training_config
+    from funnelrec.config import load_config
+    from funnelrec.features import FeaturesConfig
+    from funnelrec.features.build import build_features
+    from funnelrec.ranking.sequence import Requests, SequenceFunnel, Sources
+
+    work = WORK / f"{data.name}-funnel-{os.getpid()}"
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    inner = _inner_dataset(data, work / "data")
+    fcfg = load_config(
+        FeaturesConfig,
+        None,
+        ["cap=none", f"valid_n={PAGE_VALID_N}", f"min_watches={MIN_INTERACTIONS}",
+         *FUNNELREC_FEATURE_OVERRIDES],
+    )  # fmt: skip
+    build_features(inner, work / "features", split="last", config=fcfg, force=True,
+                   progress=PROGRESS)  # fmt: skip
+    config = load_training_config(
+        REPO / "configs" / FUNNELREC_CONFIGS[data.name],
+        [f"train.seed={TRAIN_SEED}", *FUNNELREC_OVERRIDES],
+    )
+    from funnelrec.features import Features
+
+    fit_candidates(Features.open(work / "features"), work / "candidates", config, force=True,
+                   progress=PROGRESS)  # fmt: skip
+    deep_users, deep_items = _deep_source(work / "features", work / "candidates", data.num_items)
+
+    # the pages' moments: the training interactions the inner features' cut holds out
+    # (users with at least MIN_INTERACTIONS of them; the last PAGE_VALID_N + 1, keeping one)
+    tr = data.train
+    start = user_offsets(tr.user)
+    n_user = np.diff(start)[tr.user]
+    back = np.arange(tr.user.size) - start[tr.user] - n_user + 1  # 0 = the last
+    held = np.minimum(PAGE_VALID_N, n_user - 2) + 1
+    moment = (n_user >= MIN_INTERACTIONS) & (back > -held)
+    before = Interactions(tr.user[~moment], tr.item[~moment], tr.ts[~moment])
+    pos = np.flatnonzero(moment)
+    lo = start[tr.user[pos]]
+    page_req = Requests(
+        tr.user[pos], _jagged_ranges(tr.item, lo, pos),
+        None if data.synthetic_timestamps else (tr.ts[pos] - tr.ts[pos - 1]).astype(float),
+    )  # fmt: skip
+
+    def sources(train: Interactions) -> Sources:
+        co = CoWatch(next_n=5, neighbours=100, last_n=5).fit(train, data.num_items)
+        pop = np.bincount(train.item, minlength=data.num_items + 1).astype(float)
+        return Sources(data.num_items, co, pop, deep_users, deep_items)
+
+    page_sources = sources(before)
+    serve_sources = sources(tr) if FUNNEL_REFIT else page_sources
+
+    def requests(setting: str, users: np.ndarray, now_ts: np.ndarray | None) -> Requests:
+        h = data.history[setting]
+        rows = np.searchsorted(data.users, users)
+        hh = _rows_at(h, rows)
+        since = None
+        if not data.synthetic_timestamps and now_ts is not None:
+            last = _last_ts(data, setting)[rows]
+            since = (now_ts - last).astype(float)
+        return Requests(users, hh, since)
+
+    valid_ts = _last_ts(data, "+val")
+    valid_req = requests("train", data.users, valid_ts)
+    valid_next = data.history["+val"].values[data.history["+val"].offsets[1:] - 1]
+    f = SequenceFunnel(page_sources, cfg)
+    staged = f.stage(page_req, tr.item[pos], valid_req, valid_next,
+                     valid_sources=serve_sources, progress=PROGRESS)  # fmt: skip
+    return f, staged
+
+
+def _print_epoch(name: str) -> Callable[[dict[str, Any]], None]:
+    return lambda r: print(
+        f"{name}: funnel epoch {r['epoch']}: loss {r['loss']:.4f} valid "
+        f"HR@10 {r['valid hr@10']:.4f} NDCG@10 {r['valid ndcg@10']:.4f} "
+        f"pool {r['valid pool_hit']:.3f} ({r['seconds']:.1f} s)",
+        flush=True,
+    )
+
+
+def funnel(data: Split) -> ModelRun:
+    from funnelrec.config import load_config
+    from funnelrec.ranking.sequence import Requests, SequenceFunnelConfig
+
+    cfg = load_config(SequenceFunnelConfig, None, [f"seed={TRAIN_SEED}", *FUNNEL_OVERRIDES])
+    started, cpu = time.perf_counter(), time.process_time()
+    f, staged = stage_funnel(data, cfg)
+    f.fit_staged(staged, on_epoch=_print_epoch(data.name), started=started)
+    fit_s, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
+
+    def score(u: np.ndarray, h: Jagged) -> np.ndarray:
+        since = None
+        if not data.synthetic_timestamps:
+            rows = np.searchsorted(data.users, u)
+            since = (data.target_ts[rows] - _last_ts(data, "+val")[rows]).astype(float)
+        ids, _ = f.recommend(Requests(u, h, since), max(KS))
+        out = np.full((u.size, data.num_items + 1), -1e30, dtype=np.float32)
+        r = np.repeat(np.arange(u.size), ids.shape[1])
+        ok = ids.ravel() > 0
+        # the served order as scores: K - place, above every item not served
+        out[r[ok], ids.ravel()[ok]] = (ids.shape[1] - np.tile(np.arange(ids.shape[1]), u.size))[ok]
+        return out
+
+    d = f.describe()
+    return ModelRun(
+        "funnelrec funnel",
+        fit_s,
+        {"+val": score},
+        note=f"deep model {FUNNELREC_CONFIGS[data.name]}; sources "
+        f"deep {cfg.deep_k} + co-watch {cfg.cowatch_k} + popular {cfg.popular_k}; pages "
+        f"{d['pages']} of {d['requests']} moments; ranker best epoch {d['best_epoch']} of "
+        f"{d['epochs']}; refit {FUNNEL_REFIT}; fit {fit_cpu:.1f} s CPU",
+        extra={"funnel": {k: v for k, v in d.items() if k != "history"},
+               "funnel_epochs": d["history"]},
+    )  # fmt: skip
+
+
+# SASRec with full cross-entropy (benchmarks/sasrec.py): the sequential peer, trained here
+# on the same split, machine and evaluator. SASREC_MAX_SECONDS bounds its training (it
+# then keeps its best epoch so far and says it stopped on time).
+SASREC_MAX_SECONDS: float | None = None
+
+
+def sasrec(data: Split) -> ModelRun:
+    from sasrec import SASRecConfig, fit_sasrec
+
+    va = data.history["+val"]
+    valid_target = va.values[va.offsets[1:] - 1]
+    run = fit_sasrec(
+        data.history["train"],
+        data.num_items,
+        data.history["train"],
+        valid_target,
+        SASRecConfig(max_seconds=SASREC_MAX_SECONDS, seed=TRAIN_SEED),
+        on_epoch=lambda r: print(
+            f"{data.name}: sasrec epoch {r['epoch']}: loss {r['loss']:.4f} valid NDCG@10 "
+            f"{r['valid ndcg@10']:.4f} HR@10 {r['valid hr@10']:.4f} ({r['seconds']:.1f} s)",
+            flush=True,
+        ),
+    )
+
+    def score(u: np.ndarray, h: Jagged) -> np.ndarray:
+        return run.score(h)
+
+    stop = "stopped on time" if run.stopped_on_time else "stopped by validation"
+    return ModelRun(
+        "sasrec (full cross-entropy)",
+        run.fit_seconds,
+        {"train": score, "+val": score},
+        note=f"best epoch {run.best_epoch} of {run.epochs_run}, {stop}",
+        extra={"sasrec_epochs": run.history, "stopped_on_time": run.stopped_on_time},
+    )
+
+
+def _rows_at(j: Jagged, rows: np.ndarray) -> Jagged:
+    return _jagged_ranges(j.values, j.offsets[rows], j.offsets[rows + 1])
+
+
+def _last_ts(data: Split, setting: str) -> np.ndarray:
+    """[Q] time of each evaluated user's last item of history `setting`."""
+    tr = data.train
+    start = user_offsets(tr.user)
+    last_train = tr.ts[start[data.users + 1] - 1]
+    if setting == "train":
+        return last_train
+    return data.valid_ts
+
+
 MODELS: dict[str, Callable[[Split], ModelRun]] = {
     "most-popular": most_popular,
     "recent-popular": recent_popular,
@@ -434,6 +676,8 @@ MODELS: dict[str, Callable[[Split], ModelRun]] = {
     "bpr": bpr,
     "als": als,
     "funnelrec": funnelrec,
+    "funnel": funnel,
+    "sasrec": sasrec,
 }
 
 
@@ -490,34 +734,75 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def run_dataset(data: Split, models: list[str], console: Console) -> dict[str, dict[str, Any]]:
+def run_model(data: Split, key: str, console: Console) -> dict[str, Any]:
+    """Fit one model (at TRAIN_SEED) and evaluate it in every history setting it has."""
+    run = MODELS[key](data)
+    console.print(
+        f"{data.name}: {key}: fitted in {run.fit_seconds:.1f} s; evaluating "
+        f"{', '.join(s for s in SETTINGS if s in run.scores)} on {data.users.size:,} users"
+    )
+    res: dict[str, Any] = {"name": run.name, "fit_s": round(run.fit_seconds, 3)}
+    if run.note:
+        res["note"] = run.note
+    res.update(run.extra)
+    with progress_bar("users", enabled=PROGRESS, console=console, transient=True) as bar:
+        for setting in SETTINGS:
+            if setting in run.scores:
+                t0 = time.perf_counter()
+                res[setting] = evaluate(run.scores[setting], data, setting, bar, run.name)
+                res[f"{setting} eval_s"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def over_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One model's runs at several seeds: the mean of every figure, its standard
+    deviation ('<setting> std'), min and max, and each seed's run under 'seeds'."""
+    out = {k: v for k, v in runs[0].items() if k not in SETTINGS}
+    out["fit_s"] = round(float(np.mean([r["fit_s"] for r in runs])), 3)
+    for setting in SETTINGS:
+        if setting not in runs[0]:
+            continue
+        keys = runs[0][setting].keys()
+        vals = {k: np.array([r[setting][k] for r in runs]) for k in keys}
+        out[setting] = {k: float(v.mean()) for k, v in vals.items()}
+        out[f"{setting} std"] = {k: float(v.std(ddof=1)) for k, v in vals.items()}
+        out[f"{setting} min"] = {k: float(v.min()) for k, v in vals.items()}
+        out[f"{setting} max"] = {k: float(v.max()) for k, v in vals.items()}
+    out["seeds"] = {str(s): r for s, r in zip(seeds, runs, strict=True)}
+    return out
+
+
+def run_dataset(
+    data: Split, models: list[str], console: Console, seeds: list[int] | None = None
+) -> dict[str, dict[str, Any]]:
+    global TRAIN_SEED
+    seeds = seeds or [SEED]
     out: dict[str, dict[str, Any]] = {}
     for i, key in enumerate(models, 1):
-        console.print(f"{data.name}: model {i}/{len(models)}: {key}: fitting")
+        runs = []
+        todo = seeds if key in SEEDED else seeds[:1]
         try:
-            run = MODELS[key](data)
+            for seed in todo:
+                TRAIN_SEED = seed
+                at = f" (seed {seed})" if len(todo) > 1 else ""
+                console.print(f"{data.name}: model {i}/{len(models)}: {key}{at}: fitting")
+                runs.append(run_model(data, key, console))
         except FunnelrecError as e:
             console.print(f"[yellow]{data.name}: {key} skipped: {escape(str(e))}")
             out[key] = {"skipped": str(e)}
             continue
-        console.print(
-            f"{data.name}: {key}: fitted in {run.fit_seconds:.1f} s; evaluating "
-            f"{', '.join(s for s in SETTINGS if s in run.scores)} on {data.users.size:,} users"
-        )
-        res: dict[str, Any] = {"name": run.name, "fit_s": round(run.fit_seconds, 3)}
-        if run.note:
-            res["note"] = run.note
-        with progress_bar("users", enabled=PROGRESS, console=console, transient=True) as bar:
-            for setting in SETTINGS:
-                if setting in run.scores:
-                    t0 = time.perf_counter()
-                    res[setting] = evaluate(run.scores[setting], data, setting, bar, run.name)
-                    res[f"{setting} eval_s"] = round(time.perf_counter() - t0, 2)
+        finally:
+            TRAIN_SEED = SEED
+        res = runs[0] if len(runs) == 1 else over_seeds(runs, todo)
         out[key] = res
         tr, va = res.get("train", {}), res.get("+val", {})
+        spread = ""
+        if "+val std" in res:
+            std = res["+val std"]["hr@10"]
+            spread = f" (+val over seeds {', '.join(map(str, todo))}: std {std:.4f})"
         console.print(
-            f"{data.name}: {run.name}: HR@10 {_fmt(tr.get('hr@10'))} / {_fmt(va.get('hr@10'))} "
-            f"(train / +val), fit {run.fit_seconds:.1f} s"
+            f"{data.name}: {res['name']}: HR@10 {_fmt(tr.get('hr@10'))} / {_fmt(va.get('hr@10'))} "
+            f"(train / +val){spread}, fit {res['fit_s']:.1f} s"
         )
     return out
 
@@ -586,6 +871,41 @@ def main(argv: list[str] | None = None) -> int:
         "--funnelrec-overrides", default="", help="space-separated key=value for its training"
     )
     p.add_argument(
+        "--funnel-overrides", default="", help="space-separated key=value for the funnel"
+    )
+    p.add_argument(
+        "--funnel-valid-n",
+        type=int,
+        default=1,
+        help="the funnel's pages: training interactions per user held out from its "
+        "sources, minus one",
+    )
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated training seeds: each model with a seed ("
+        + ", ".join(SEEDED)
+        + ") runs once per seed and reports the mean, standard deviation, min and max",
+    )
+    p.add_argument(
+        "--age-at-target",
+        action="store_true",
+        help="score funnelrec's candidate model at example age (t_max - target time), "
+        "not 0 as served",
+    )
+    p.add_argument(
+        "--sasrec-max-seconds",
+        type=float,
+        default=None,
+        help="bound SASRec's training (it keeps its best epoch so far); default: none",
+    )
+    p.add_argument(
+        "--no-funnel-refit",
+        action="store_true",
+        help="serve the funnel with the pages' co-watch and popularity, not ones refitted "
+        "on all training interactions",
+    )
+    p.add_argument(
         "--feature-overrides", default="", help="space-separated key=value for its features"
     )
     p.add_argument(
@@ -597,11 +917,17 @@ def main(argv: list[str] | None = None) -> int:
         help="no progress of the feature build, training and evaluation (the lines per model stay)",
     )
     args = p.parse_args(argv)
-    global WORK, PROGRESS
+    global WORK, PROGRESS, FUNNEL_REFIT, PAGE_VALID_N, SASREC_MAX_SECONDS, AGE_AT_REQUEST
     WORK = args.work
     PROGRESS = not args.no_progress
     FUNNELREC_OVERRIDES.extend(args.funnelrec_overrides.split())
     FUNNELREC_FEATURE_OVERRIDES.extend(args.feature_overrides.split())
+    FUNNEL_OVERRIDES.extend(args.funnel_overrides.split())
+    FUNNEL_REFIT = not args.no_funnel_refit
+    PAGE_VALID_N = args.funnel_valid_n
+    SASREC_MAX_SECONDS = args.sasrec_max_seconds
+    AGE_AT_REQUEST = args.age_at_target
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     console = Console(width=None if sys.stdout.isatty() else 150)
     torch.set_num_threads(2)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -615,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "real_data",
         "protocol": PROTOCOL,
         "seed": SEED,
+        "train_seeds": seeds,
         "ks": list(KS),
         "funnelrec_version": __version__,
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
@@ -645,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{name}: reading {escape(str(path))}")
         data = load_split(name, path)
         console.print(f"{name}: {data.stats}")
-        results = run_dataset(data, models, console)
+        results = run_dataset(data, models, console, seeds)
         report["datasets"][name] = {
             "path": str(path),
             "stats": data.stats,

@@ -192,7 +192,8 @@ def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
         write_json_atomic(stamp_file, {"key": key, "seconds": seconds})
 
     stage("data", asdict(cfg.data), [], lambda t: _data(cfg, t))
-    stage("features", asdict(cfg.features), ["data"], lambda t: _features(cfg, out, t))
+    features = {**asdict(cfg.features), "overrides": _features_overrides(cfg)}
+    stage("features", features, ["data"], lambda t: _features(cfg, out, t))
     stage("candidates", _settings(cfg.candidates), ["features"], lambda t: _candidates(cfg, out, t))
     # The index lives inside the candidate artifact (as `funnelrec index build` puts it).
     stage(
@@ -244,9 +245,18 @@ def _data(cfg: RunConfig, target: Path) -> None:
     importers[d.format](Path(d.src), target, force=True)
 
 
+def _features_overrides(cfg: RunConfig) -> list[str]:
+    """The FeaturesConfig overrides of the run: the stage's own, after the simulated
+    world's default."""
+    # The simulator logs its logging policy's candidate sources, not the ones the
+    # Recommender serves: as features they cost served watch time (docs/simulator.md).
+    world = ["candidate_columns=false"] if cfg.data.source == "simulate" else []
+    return [*world, *cfg.features.overrides]
+
+
 def _features(cfg: RunConfig, out: Path, target: Path) -> None:
 
-    fc = load_config(FeaturesConfig, None, list(cfg.features.overrides))
+    fc = load_config(FeaturesConfig, None, _features_overrides(cfg))
     build_features(
         out / "data", target, split=cfg.features.split, config=fc, force=True, progress=cfg.progress
     )
@@ -350,7 +360,8 @@ def build_tiny_artifact(
         root / "data",
         root / "feat",
         split="last",
-        config=FeaturesConfig(n_quantiles=100, seed=seed),
+        # The logging policy's sources are not the served ones (docs/simulator.md).
+        config=FeaturesConfig(n_quantiles=100, seed=seed, candidate_columns=False),
         progress=False,
     )
     cand_cfg = load_training_config(

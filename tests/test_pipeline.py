@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from funnelrec.config import apply_overrides
+from funnelrec.config import apply_overrides, load_config
 from funnelrec.errors import FunnelrecError
-from funnelrec.pipeline import DataStage, RunConfig, StageSettings, load_run_config, run
+from funnelrec.features import Features, FeaturesConfig
+from funnelrec.pipeline import (
+    DataStage,
+    FeatureStage,
+    RunConfig,
+    StageSettings,
+    _features_overrides,
+    load_run_config,
+    run,
+)
 from funnelrec.serving.recommender import Recommender
 
 STAGES = ["data", "features", "candidates", "index", "ranker", "evaluation", "artifact"]
@@ -36,6 +46,11 @@ def test_run_all_stages_then_skip_what_is_up_to_date(tmp_path: Path) -> None:
     assert first.ran == STAGES and first.skipped == []
     assert {"model", "popularity"} <= set(first.metrics["candidates"])
     assert Recommender.load(first.artifact).has_item(1)
+    # simulated world: the logged candidate sources are not the served ones, so not features
+    feats = Features.open(first.out / "features")
+    assert feats.config.candidate_columns is False
+    assert "source" not in feats.manifest["vocabularies"]
+    assert "cand_score" not in feats.manifest["ranking"]["raw_continuous"]
 
     again = run(cfg, console=quiet)
     assert again.ran == [] and again.skipped == STAGES
@@ -56,3 +71,17 @@ def test_run_config_file_and_errors(tmp_path: Path) -> None:
     bad = RunConfig(out=str(tmp_path / "r"), data=DataStage(source="import", format="csv"))
     with pytest.raises(FunnelrecError, match=r"data\.format 'csv'"):
         run(bad, console=Console(quiet=True))
+
+
+def test_simulated_runs_build_features_without_candidate_columns() -> None:
+    """The run turns `candidate_columns` off for a simulated world (its logged sources are
+    the logging policy's, not the served ones), not for imported data; the stage's own
+    overrides come after and win."""
+    sim = RunConfig(data=DataStage(source="simulate"))
+    assert _features_overrides(sim) == ["candidate_columns=false"]
+    imported = RunConfig(data=DataStage(source="import", format="kuairand", src="x"))
+    assert _features_overrides(imported) == []
+    forced = replace(sim, features=FeatureStage(overrides=("candidate_columns=true", "cap=5")))
+    cfg = load_config(FeaturesConfig, None, _features_overrides(forced))
+    assert cfg.candidate_columns is True and cfg.cap == 5
+    assert load_config(FeaturesConfig, None, _features_overrides(sim)).candidate_columns is False

@@ -238,9 +238,13 @@ class Harness:
         }
 
     def features(self, split: Literal["last", "time"], overrides: Sequence[str] = ()) -> Features:
-        """Features of the world with `split` and FeaturesConfig overrides (built once)."""
+        """Features of the world with `split` and FeaturesConfig overrides (built once).
+        The impressions' candidate source and score are not features unless an override
+        says `candidate_columns=true`."""
         data = self.data()
-        cfg = apply_overrides(FeaturesConfig(), list(overrides))
+        # The simulator logs its logging policy's sources, not the ones the Recommender
+        # serves: as features they cost served watch time (docs/simulator.md).
+        cfg = apply_overrides(FeaturesConfig(candidate_columns=False), list(overrides))
         key = stable_hash({"data": str(data), "split": split, "config": asdict(cfg)})
         path = self.shared / f"features-{split}-{key}"
         if not (path / "features.json").exists():

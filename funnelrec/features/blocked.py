@@ -82,7 +82,12 @@ def _job_inputs(job: _BlockJob) -> tuple[_Users, _Items]:
 
 def _job_log(job: _BlockJob) -> _Log:
     users, items = _job_inputs(job)
-    return _read_log(BlockTables(job.blocks, job.block), users=users, items=items)
+    return _read_log(
+        BlockTables(job.blocks, job.block),
+        users=users,
+        items=items,
+        candidate_columns=job.cfg.candidate_columns,
+    )
 
 
 def _count_block_job(job: _BlockJob) -> _Counts:

@@ -95,7 +95,7 @@ def _build_in_memory(
 ) -> dict[str, Any]:
     """The whole dataset as one block."""
     t_start = time.perf_counter()
-    log = _read_log(ds, impressions)
+    log = _read_log(ds, impressions, candidate_columns=cfg.candidate_columns)
     bounds = _time_bounds(log.w_ts, cfg) if split_kind == "time" else None
     sp = _split(log, split_kind, cfg, bounds, whole=True)
     if not (sp.part_of_watches(len(log.w_ts)) == TRAIN).any():

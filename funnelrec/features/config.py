@@ -73,6 +73,9 @@ class FeaturesConfig:
     n_quantiles:    knots of the quantile normalisers [~1,000]
     quantile_sample: normalisers are fitted on at most this many training values
     ranking:        build ranking examples when the data has impressions
+    candidate_columns: use the impressions' cand_source / cand_score as ranking features
+                    when they carry them; false: ignore them, e.g. when the logging
+                    policy's sources are not the ones served
     emb_scale, emb_min, emb_max: embedding width rule (see `vocab.embedding_dim`)
     dims:           per-vocabulary width overrides, e.g. "item=64,topic=8"
     chunk_rows:     examples built at once (bounds memory)
@@ -104,6 +107,7 @@ class FeaturesConfig:
     n_quantiles: int = 1000
     quantile_sample: int = 1_000_000
     ranking: bool = True
+    candidate_columns: bool = True
     emb_scale: float = 1.6
     emb_min: int = 4
     emb_max: int = 64

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from funnelrec.data.dataset import Dataset
 from funnelrec.data.schema import validate_table
 from funnelrec.errors import DataError
+from funnelrec.features.config import CANDIDATE_SCORE, CANDIDATE_SOURCE
 from funnelrec.features.partition import EventTables
 from funnelrec.features.splits import user_offsets
 from funnelrec.features.tokenize import tokenize_array
@@ -145,10 +146,13 @@ def _read_log(
     *,
     users: _Users | None = None,
     items: _Items | None = None,
+    candidate_columns: bool = True,
 ) -> _Log:
     """The events of `ds` sorted by (user, ts). `users` and `items`, when given, are used
     as they are (one block of a larger dataset: sized for all its ids); otherwise they are
-    read from `ds` (a Dataset), sized for the largest id of its tables and events."""
+    read from `ds` (a Dataset), sized for the largest id of its tables and events. Without
+    `candidate_columns` the impressions' cand_source / cand_score are dropped, as if they
+    did not carry them (`FeaturesConfig.candidate_columns`)."""
     w = ds.table("watches", columns=["user_id", "item_id", "ts"])
     if w.num_rows == 0 and users is None:
         raise DataError(f"{ds.path}: the watches table is empty")
@@ -175,6 +179,10 @@ def _read_log(
         imp = _check_impressions(impressions) if impressions.num_rows else None
     elif ds.has("impressions") and ds.num_rows("impressions") > 0:
         imp = ds.table("impressions")
+    if imp is not None and not candidate_columns:
+        imp = imp.drop_columns(
+            [c for c in (CANDIDATE_SOURCE, CANDIDATE_SCORE) if c in imp.column_names]
+        )
     if imp is not None:
         order = np.lexsort(
             (

@@ -275,3 +275,31 @@ def test_rank_cap_keeps_whole_pages_of_a_few_requests_per_user(
     for part in ("valid", "test"):
         assert ff.manifest["counts"]["ranking"][part] == fc.manifest["counts"]["ranking"][part]
     assert fc.manifest["counts"]["ranking"]["train"] == b.num_rows
+
+
+def test_blocks_honour_candidate_columns_off(world: Dataset, tmp_path: Path) -> None:
+    """The blocked build ignores the impressions' cand_source / cand_score under
+    `candidate_columns=false` as the whole-data build does; on (the default) both are
+    ranking features."""
+    n = _events(world)
+    whole, blocked, on = tmp_path / "whole", tmp_path / "blocked", tmp_path / "on"
+    off = _config(candidate_columns=False)
+    build_features(world, whole, split="time", config=off, progress=False)
+    cfg = _config(candidate_columns=False, block_events=n // 3)
+    build_features(world, blocked, split="time", config=cfg, progress=False)
+    build_features(world, on, split="time", config=_config(block_events=n // 3), progress=False)
+    fw, fb, fo = Features.open(whole), Features.open(blocked), Features.open(on)
+    assert fb.manifest["timing"]["blocks"] >= 3 and fo.manifest["timing"]["blocks"] >= 3
+    assert "source" in fo.manifest["vocabularies"]
+    assert "cand_score" in fo.manifest["ranking"]["raw_continuous"]
+    assert fo.manifest["config"]["candidate_columns"] is True
+    assert fb.manifest["config"]["candidate_columns"] is False
+    assert "source" not in fb.manifest["vocabularies"]
+    assert "cand_score" not in fb.manifest["ranking"]["raw_continuous"]
+    assert ["source", "source"] not in fb.ranking_spec["categorical"]
+    for key in ("counts", "vocabularies", "ranking"):
+        assert fw.manifest[key] == fb.manifest[key], key
+    for part in ("train", "valid", "test"):
+        a, b = read_examples(fw, "ranking", part), read_examples(fb, "ranking", part)
+        assert not {"source", "cand_score"} & set(b.column_names)
+        _same_rows(a, b, ["user_id", "request_id", "position"], skip=("request_index",))

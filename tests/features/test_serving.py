@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from funnelrec.data.dataset import Dataset
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.loader import read_examples, read_requests
 from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
+from funnelrec.ranking.model import RankingFeatureSpec
 from funnelrec.simulate import POLICY_SOURCES, generate, preset_config
 
 SOURCES = ("deep", "fresh", "cowatch")
@@ -32,7 +35,8 @@ def _score(item: np.ndarray) -> np.ndarray:
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Dataset, Features]]:
     """Features of one small world: "sim" as simulated (the impressions carry the logging
     policy's source and score, which become ranking features), "plain" without those two
-    columns, "cand" with made-up ones in their place."""
+    columns, "cand" with made-up ones in their place; "off" and "off_given" with
+    `candidate_columns=false`, of the simulated impressions and of the "cand" ones given."""
     root = tmp_path_factory.mktemp("serving_features")
     generate(
         preset_config("tiny", ["n_users=200", "days=14"]), seed=3, out=root / "data", progress=False
@@ -46,7 +50,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Dataset, 
     imp = imp.append_column("cand_score", pa.array(_score(item)))
     imp = imp.append_column("cand_source", pa.array(_source(item)))
     build_features(ds, root / "cand", split="time", config=cfg, progress=False, impressions=imp)
-    return {kind: (ds, Features.open(root / kind)) for kind in ("plain", "cand", "sim")}
+    off = replace(cfg, candidate_columns=False)
+    build_features(ds, root / "off", split="time", config=off, progress=False)
+    build_features(
+        ds, root / "off_given", split="time", config=off, progress=False, impressions=imp
+    )
+    return {
+        kind: (ds, Features.open(root / kind))
+        for kind in ("plain", "cand", "sim", "off", "off_given")
+    }
 
 
 def _logged(ds: Dataset, rows: pa.Table) -> tuple[list[str], np.ndarray]:
@@ -73,7 +85,7 @@ def _before(table: pa.Table, user: int, ts: int) -> pa.Table:
 
 @pytest.mark.parametrize(
     ("kind", "split"),
-    [("plain", "valid"), ("plain", "test"), ("cand", "test"), ("sim", "test")],
+    [("plain", "valid"), ("plain", "test"), ("cand", "test"), ("sim", "test"), ("off", "test")],
 )
 def test_features_of_a_request_equal_the_training_examples(
     world: dict[str, tuple[Dataset, Features]], kind: str, split: str
@@ -117,7 +129,8 @@ def test_features_of_a_request_equal_the_training_examples(
         )
         me = users.filter(pc.equal(users["user_id"], user))
         cand = np.asarray(rows["item_id"].to_numpy())
-        sources, scores = _logged(ds, rows) if kind == "sim" else (_source(cand), _score(cand))
+        logged = kind in ("sim", "off")  # "off": passed, and ignored
+        sources, scores = _logged(ds, rows) if logged else (_source(cand), _score(cand))
         batch = featurizer.batch(
             events,
             cand,
@@ -138,7 +151,7 @@ def test_features_of_a_request_equal_the_training_examples(
             assert ids[: len(req[name])].tolist() == req[name], name
         checked += 1
     assert checked >= 20
-    if kind != "plain":  # the candidate source and score are ranking features here
+    if kind in ("cand", "sim"):  # the candidate source and score are ranking features here
         assert "source" in featurizer.categorical and "cand_score" in featurizer.raw
         names = set(SOURCES) if kind == "cand" else set(POLICY_SOURCES)
         assert set(feats.vocab("source").values.tolist()) == names
@@ -147,6 +160,77 @@ def test_features_of_a_request_equal_the_training_examples(
         assert "source" not in featurizer.categorical and "cand_score" not in featurizer.raw
     # the churn feature is exercised: some impressions had been shown before
     assert (np.asarray(examples["item_shown_before"].to_numpy()) > 0).any()
+
+
+@pytest.mark.parametrize("kind", ["off", "off_given"])
+def test_candidate_columns_off_builds_the_features_of_impressions_without_them(
+    world: dict[str, tuple[Dataset, Features]], kind: str
+) -> None:
+    """`candidate_columns=false` ignores the impressions' cand_source / cand_score, from
+    the dataset or given: the features are those of impressions without the two columns
+    ("plain"), and the manifest records the setting."""
+    feats, plain, sim = world[kind][1], world["plain"][1], world["sim"][1]
+    assert feats.config.candidate_columns is False and sim.config.candidate_columns is True
+    assert feats.manifest["config"]["candidate_columns"] is False
+    assert "source" in sim.manifest["vocabularies"]
+    assert "source" not in feats.manifest["vocabularies"]
+    assert "cand_score" not in feats.manifest["ranking"]["raw_continuous"]
+    spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
+    assert "source" not in {f for f, _ in spec.categorical}
+    assert "source" not in {s.name for s in spec.id_spaces}
+    assert not [c for c in spec.dense_columns if "cand_score" in c]
+    assert feats.ranking_spec == plain.ranking_spec
+    for key in ("counts", "vocabularies", "ranking"):
+        # "ranking" says where the impressions came from: the dataset or given
+        a, b = (
+            {k: v for k, v in f.manifest[key].items() if k != "impressions"} for f in (feats, plain)
+        )
+        assert a == b, key
+    for split in ("train", "valid", "test"):
+        examples = read_examples(feats, "ranking", split)
+        assert not {"source", "cand_score"} & set(examples.column_names)
+        want = read_examples(plain, "ranking", split)
+        assert examples.column_names == want.column_names and examples.num_rows > 0
+        for name in examples.column_names:  # NaN (missing) equal to NaN
+            a, b = examples[name].to_numpy(), want[name].to_numpy()
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), (split, name)
+        assert read_requests(feats, split).equals(read_requests(plain, split)), split
+
+
+def test_featurizer_of_features_without_candidate_columns_ignores_sources_and_scores(
+    world: dict[str, tuple[Dataset, Features]],
+) -> None:
+    ds, feats = world["off"]
+    featurizer = RankingFeaturizer(feats, ServingItems.from_table(ds.table("items")))
+    assert featurizer.source is None and not featurizer.uses_score
+    watches = ds.table("watches", ["user_id", "item_id", "ts"]).slice(0, 40)
+    user = int(watches["user_id"][0].as_py())
+    w = watches.filter(pc.equal(watches["user_id"], user))
+    ts = int(pc.max(w["ts"]).as_py()) + 1
+    events = UserEvents(history=w["item_id"].to_pylist(), history_ts=w["ts"].to_pylist())
+    cand = np.arange(1, 21)
+    batches = [
+        featurizer.batch(events, cand, ts, sources=sources, scores=scores)
+        for sources, scores in [
+            (None, None),
+            (_source(cand), _score(cand)),
+            (list(POLICY_SOURCES[:1]) * len(cand), np.full(len(cand), 0.5)),
+            ([None] * len(cand), np.full(len(cand), np.nan)),
+        ]
+    ]
+    first = batches[0]
+    assert set(first.categorical) == set(featurizer.categorical)
+    assert "source" not in first.categorical
+    assert first.dense.shape[1] == len(feats.ranking_spec["dense_columns"])
+    for batch in batches[1:]:
+        assert set(batch.categorical) == set(first.categorical)
+        for name, ids in first.categorical.items():
+            assert torch.equal(batch.categorical[name], ids), name
+        assert torch.equal(batch.dense, first.dense)
+        for name, (ids, offsets) in first.bags.items():
+            assert torch.equal(batch.bags[name][0], ids) and torch.equal(
+                batch.bags[name][1], offsets
+            ), name
 
 
 def test_items_from_table_index_by_item_id(tmp_path: Path) -> None:

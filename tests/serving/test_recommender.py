@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError, FunnelrecError
@@ -25,7 +25,6 @@ from funnelrec.serving.recommender import (
     ServingConfig,
 )
 from funnelrec.serving.state import ImpressionEvent, UserStateStore, WatchEvent
-from funnelrec.simulate import POLICY_SOURCES
 
 STAGES = {
     "context",
@@ -87,42 +86,48 @@ def test_known_user_gets_k_ranked_items_from_every_source(
     assert [it.item_id for it in deeper.items[:10]] == [it.item_id for it in resp.items]
 
 
-def test_each_candidates_source_and_score_reach_the_ranker(
+def test_each_candidates_source_and_score_reach_the_featurizer_which_ignores_them(
     rec: Recommender, store: UserStateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tiny world's ranker learned the simulator's logging-policy sources as a feature;
-    served, every candidate's primary source and score go to the featurizer. Of the served
-    names only "fresh" is in that vocabulary: "deep" and "cowatch" get the out-of-vocabulary
-    id 0 (an embedding row fixed at zero), as docs/simulator.md says."""
+    """Served, every candidate's primary source and score go to the featurizer. The tiny
+    world's features are built with `candidate_columns=false` (the simulator logs its
+    logging policy's sources, not the served ones: docs/simulator.md), so the ranker has
+    neither as an input and the batch is the one without them."""
+    features = rec.featurizer.features
+    assert features.config.candidate_columns is False
+    assert "source" not in features.manifest["vocabularies"]
     featurizer = rec.featurizer
-    assert featurizer.source is not None and featurizer.uses_score
-    assert set(featurizer.source.values.tolist()) == set(POLICY_SOURCES)
-    assert ("source", "source") in rec.ranker.spec.categorical
-    assert "cand_score" in rec.ranker.spec.dense_columns
+    assert featurizer.source is None and not featurizer.uses_score
+    assert "source" not in dict(rec.ranker.spec.categorical)
+    assert not [c for c in rec.ranker.spec.dense_columns if "cand_score" in c]
     calls = []
     batch_of = featurizer.batch
 
     def spy(*args, **kwargs):
         batch = batch_of(*args, **kwargs)
-        calls.append((kwargs["sources"], np.asarray(kwargs["scores"]), batch))
+        calls.append((args, kwargs, batch))
         return batch
 
     monkeypatch.setattr(featurizer, "batch", spy)
     u = _user_with_history(store, 10)
     resp = rec.recommend(RecommendRequest(user_id=u, k=10), store.context(u))
-    ((sources, scores, batch),) = calls
+    ((args, kwargs, batch),) = calls
+    sources, scores = kwargs["sources"], np.asarray(kwargs["scores"])
     src = np.asarray(sources)
     assert set(src.tolist()) == {DEEP, COWATCH, FRESH} and len(src) == len(batch)
     assert np.isfinite(scores).all()
-    ids = batch.categorical["source"].numpy()
-    fresh = int(featurizer.source.lookup(pa.array([FRESH]))[0])
-    assert fresh > 0 and (ids[src == FRESH] == fresh).all()
-    assert (ids[src != FRESH] == 0).all()
     # the score handed over is the primary (first in SOURCES order) nomination's own
     primary = {(s, float(x)) for s, x in zip(sources, scores, strict=True)}
     for it in resp.items:
         first = next(s for s in (DEEP, COWATCH, FRESH) if s in it.sources)
         assert (first, it.sources[first]) in primary
+    # ... and the batch is the same without them
+    bare = batch_of(*args, **{**kwargs, "sources": None, "scores": None})
+    assert "source" not in batch.categorical
+    assert set(bare.categorical) == set(batch.categorical)
+    for name, ids in batch.categorical.items():
+        assert torch.equal(bare.categorical[name], ids), name
+    assert torch.equal(bare.dense, batch.dense)
 
 
 def test_response_ranks_by_expected_watch_time(rec: Recommender, store: UserStateStore) -> None:

@@ -55,8 +55,11 @@ def test_run_all_stages_then_skip_what_is_up_to_date(tmp_path: Path) -> None:
     again = run(cfg, console=quiet)
     assert again.ran == [] and again.skipped == STAGES
 
-    # A new ranker setting redoes the ranker and what reads it, nothing upstream.
-    changed = apply_overrides(cfg, ["ranker.overrides=model.tower=16"])
+    # A new ranker setting redoes the ranker and what reads it, nothing upstream. (The
+    # overrides are replaced whole: keep the step budget, not the default's 20 epochs.)
+    changed = apply_overrides(
+        cfg, ["ranker.overrides=model.tower=16,train.max_steps=40,train.batch_size=512"]
+    )
     third = run(changed, console=quiet)
     assert third.ran == ["ranker", "evaluation", "artifact"]
 

@@ -143,7 +143,12 @@ def train_command(
     valid = summary["valid"]
     console.print(
         f"ranker {tower_name(cfg.model.tower)} ({cfg.model.objective}) -> {out}: "
-        f"{summary['steps']:,} steps"
+        f"{summary['steps']:,} steps, {summary['epochs']} epoch(s)"
+        + (
+            f" (stopped early; the best, kept: step {summary['best_step']:,})"
+            if summary["stopped_early"]
+            else ""
+        )
         + (f" on {summary['processes']} processes" if summary["processes"] > 1 else "")
         + f", {summary['examples_per_s']:,.0f} ex/s"
         + (

@@ -8,8 +8,9 @@ Training reads the ranking examples of FEAT, starts the output bias at the best 
 (`model.base_log_odds` over the training impressions), trains with the shared loop
 (`funnelrec.training.loop.train`: progress, checkpoints to ART.checkpoint.pt, resume,
 determinism), keeps the epoch with the lowest weighted per-user loss on the validation
-split, fits the calibration factor on the validation split (`model.fit_calibration`), and
-writes the artifact atomically.
+split (by default stopping `patience` epochs after it: `RANKER_TRAIN_DEFAULTS`), fits the
+calibration factor on the validation split (`model.fit_calibration`), and writes the
+artifact atomically.
 
 Evaluation scores a split and writes metrics.json: the model's weighted per-user loss,
 AUC, GAUC, log losses and calibration, raw and calibrated (`metrics.ranking_metrics`), a
@@ -69,16 +70,37 @@ CLICKBAIT_QUANTILE = 0.9
 RANDOM_DRAWS = 10
 
 
+# The [train] section of a ranker run that sets nothing (RankerTrainConfig says why these).
+RANKER_TRAIN_DEFAULTS = TrainConfig(
+    grad_clip=0.0, batch_size=1024, lr=1e-3, epochs=20, patience=2, restore_best=True
+)
+
+
 @dataclass(frozen=True)
 class RankerTrainConfig:
     """Everything `funnelrec train ranker` reads from --config and key=value overrides.
 
     model:           the network and objective ([model] section; see RankingConfig)
-    train:           the shared loop's settings ([train] section; see TrainConfig). The
-                     ranker's defaults differ from TrainConfig's in one place: grad_clip = 0,
-                     because with positives weighted by watch time in seconds every batch's
-                     gradient norm is far above any fixed threshold, and clipping would
-                     re-weight batches by how much watch time they happen to hold.
+    train:           the shared loop's settings ([train] section; see TrainConfig), with the
+                     ranker's defaults (`RANKER_TRAIN_DEFAULTS`), chosen so that a run with
+                     no config trains until validation stops improving:
+                     - epochs = 20, patience = 2: up to 20 passes, stopping after two epochs
+                       without a better validation loss, the best epoch's weights kept
+                       (restore_best). The maximum is a bound, not a plan: early stopping
+                       ends a run well before it (the default tower overfits a small world
+                       within a few epochs), and on a world whose epoch takes hours
+                       `train.max_steps` bounds a run better. A patience of one would stop
+                       at the first noisy epoch of a small validation split; each further
+                       epoch of patience costs one more pass after the best.
+                     - batch_size = 1024, lr = 1e-3, whatever the data's size: smaller
+                       batches did not rank better on small worlds and cost more time per
+                       impression on the CPU (docs/ranking.md has the figures), so the
+                       batch is not chosen from the data as the candidate stage's is.
+                     - grad_clip = 0: with positives weighted by watch time in seconds
+                       every batch's gradient norm is far above any fixed threshold, and
+                       clipping would re-weight batches by how much watch time they hold.
+                     Without validation (validate = false, or no validation impressions)
+                     nothing stops the run early: it trains the whole `epochs`.
     eval_batch_size: impressions per batch when scoring the validation split
     validate:        score the validation split after every epoch (weighted per-user loss)
                      and keep the best epoch (train.patience > 0 also stops early)
@@ -92,9 +114,7 @@ class RankerTrainConfig:
     """
 
     model: RankingConfig = field(default_factory=RankingConfig)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(grad_clip=0.0, batch_size=1024, epochs=2)
-    )
+    train: TrainConfig = field(default_factory=lambda: RANKER_TRAIN_DEFAULTS)
     eval_batch_size: int = 8192
     validate: bool = True
     init_bias: bool = True
@@ -113,7 +133,8 @@ def load_ranker_train_config(
 ) -> RankerTrainConfig:
     """Defaults, then the TOML file, then `key=value` overrides, by `config.load_config`'s
     rules (`model.tower=1024-512-256`, `train.epochs=3`). A [train] section that sets lr
-    alone keeps RankerTrainConfig's own train defaults (grad_clip = 0)."""
+    alone keeps RankerTrainConfig's own train defaults (grad_clip = 0, up to 20 epochs
+    with patience 2: `RANKER_TRAIN_DEFAULTS`)."""
     return load_config(RankerTrainConfig, path, overrides)
 
 
@@ -285,14 +306,18 @@ def train_ranker(
                 limit=cfg.valid_impressions,
             )
 
+        validated: list[float] = []  # this call's validation losses, for the progress lines
+
         def validation(m: torch.nn.Module) -> float:
             assert isinstance(m, RankingModel)
             # Data-parallel: rank 0 alone scores the split (the per-user metric needs whole
             # pages, and `valid_impressions` cuts at a user boundary of the whole split) and
             # the all-reduce hands its figure to the other ranks, which the loop requires to
             # agree; they wait in it meanwhile. The split is small next to training.
-            value = -validation_loss(score_valid(m)) if dist.is_main else 0.0  # maximised
-            return dist.all_reduce_sums([value])[0]
+            loss = validation_loss(score_valid(m)) if dist.is_main else 0.0
+            if progress and dist.is_main:
+                _report_validation(validated, loss, metric_name, cfg.train.patience)
+            return dist.all_reduce_sums([-loss])[0]  # maximised
 
         meta = {
             "model": model.metadata(),
@@ -364,6 +389,22 @@ def train_ranker(
     summary = dist.all_gather_objects(summary)[0]
     assert summary is not None
     return summary
+
+
+def _report_validation(losses: list[float], loss: float, metric: str, patience: int) -> None:
+    """One line per validation, beside the training bar's (in a log as well): the loss, the
+    best so far and how many validations since it count toward `patience` (the loop's rule:
+    a loss counts as better only when strictly lower)."""
+    best = min(losses, default=math.inf)
+    losses.append(loss)
+    line = f"validation {len(losses)}: {metric.replace('_', ' ')} {loss:.4f}"
+    if loss < best:
+        line += " (best so far)"
+    else:
+        at = losses.index(best) + 1
+        line += f" (best {best:.4f} at validation {at}; {len(losses) - at} since then"
+        line += f", patience {patience})" if patience else ")"
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _truth_items(data: Path) -> tuple[np.ndarray, np.ndarray] | None:

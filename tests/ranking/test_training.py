@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from typer.testing import CliRunner
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
-from funnelrec.features.loader import ranking_loader
+from funnelrec.features.loader import ranking_loader, read_examples
+from funnelrec.ranking import metrics as rank_metrics
 from funnelrec.ranking import training as rank
 from funnelrec.ranking.model import load_ranker
 from funnelrec.simulate import POLICY_SOURCES, generate, preset_config
@@ -66,6 +69,51 @@ def test_trained_ranker_beats_random_order_on_the_simulated_world(
     written = json.loads((trained / "metrics.json").read_text())
     assert written["model"]["weighted_per_user_loss"] == model["weighted_per_user_loss"]
     assert written["protocol"]["split"] == "test" and written["protocol"]["tower"] == "32"
+
+
+def _item_orders(feats: Features, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Scores of `split`'s impressions, in shard order, by two item orders fitted on the
+    training impressions: popularity (training clicks) and the item's click rate (smoothed
+    toward the mean); and the impressions' user ids, to align them with `score_split`."""
+    cols = ["item_id", "label", "user_id"]
+    train, rows = (
+        {c: np.asarray(read_examples(feats, "ranking", s, cols).column(c).to_numpy()) for c in cols}
+        for s in ("train", split)
+    )
+    n = int(max(train["item_id"].max(), rows["item_id"].max())) + 1
+    clicks = np.bincount(train["item_id"], weights=train["label"], minlength=n)
+    shown = np.bincount(train["item_id"], minlength=n)
+    rate = (clicks + 20 * clicks.sum() / shown.sum()) / (shown + 20)
+    item = rows["item_id"]
+    return {"popularity": clicks[item], "click rate": rate[item]}, rows["user_id"]
+
+
+def test_the_default_config_trains_until_validation_stops_and_beats_item_orders(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A first run with no config, not even the model's tower: training stops because
+    validation stopped improving, before the maximum of epochs, keeps the best epoch, and
+    that ranks the test pages well ahead of ordering them by the items' popularity or
+    click rate. (The former default, two epochs, fails the AUC margin on this world.)"""
+    cfg = rank.load_ranker_train_config(None, [])
+    assert cfg == rank.RankerTrainConfig() and cfg.train == rank.RANKER_TRAIN_DEFAULTS
+    assert cfg.train.patience > 0 and cfg.train.restore_best
+    summary = rank.train_ranker(world[1], tmp_path / "art", cfg, progress=False)
+    assert summary["stopped_early"] and summary["epochs"] < cfg.train.epochs
+    best_epoch = summary["best_step"] * summary["epochs"] // summary["steps"]
+    assert summary["epochs"] == best_epoch + cfg.train.patience
+    assert summary["valid"] == pytest.approx(min(loss for _, loss in summary["history"]))
+
+    model = rank.evaluate_ranker(tmp_path / "art", world[1], show=False)["model"]
+    orders, user_id = _item_orders(Features.open(world[1]), "test")
+    p = rank.score_split(load_ranker(tmp_path / "art"), Features.open(world[1]), "test", show=False)
+    assert np.array_equal(p.user_id, user_id)
+    for name, score in orders.items():
+        loss = rank_metrics.weighted_per_user_loss(
+            score, p.label, p.watch_time, p.user_id, p.request_id
+        )
+        assert model["weighted_per_user_loss"] < loss - 0.15, name
+        assert model["auc"] > rank_metrics.auc(score, p.label) + 0.03, name
 
 
 def test_ranker_reads_the_logging_policys_candidate_source_and_score(
@@ -259,6 +307,34 @@ def test_typer_commands_train_and_evaluate(world: tuple[Path, Path], tmp_path: P
     metrics = json.loads((art / "metrics.json").read_text())
     assert metrics["protocol"]["split"] == "valid"
     assert not math.isnan(metrics["model"]["weighted_per_user_loss"])
+
+
+def test_train_ranker_shows_progress_and_each_validation_in_a_log(
+    world: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where stdout is no terminal (CliRunner's, like a log or a pipe) `train ranker`
+    prints plain lines: steps done of the most, rate and ETA while it trains, and every
+    validation's loss beside the best so far. (A line at every update here: every=0.)"""
+    from funnelrec import progress
+    from funnelrec.cli import rank as rank_cli
+    from funnelrec.training import loop
+
+    monkeypatch.setattr(loop, "progress_bar", functools.partial(progress.progress_bar, every=0.0))
+    app = typer.Typer()
+    app.command("train")(rank_cli.train_command)
+    app.command("evaluate")(rank_cli.evaluate_command)  # two commands: `train` is named
+    out = tmp_path / "art"
+    res = CliRunner().invoke(app, ["train", "--features", str(world[1]), "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == "ranker 32 watch_time: 0/70 · started"  # 2 epochs of 8,819 / 256
+    training = [line for line in lines if re.search(r": \d+/70 steps .* ex/s .* ETA \d", line)]
+    assert len(training) > 10 and any("· 50% ·" in line for line in training)
+    validations = [line for line in lines if line.startswith("validation ")]
+    assert len(validations) == 2
+    first = r"validation 1: weighted per user loss 0\.\d{4} \(best so far\)"
+    assert re.fullmatch(first, validations[0])
+    assert "70 steps, 2 epoch(s)" in " ".join(res.output.split())  # the summary, unwrapped
 
 
 def test_features_spec_builds_the_model(world: tuple[Path, Path]) -> None:

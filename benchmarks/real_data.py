@@ -97,6 +97,10 @@ PEERS: dict[str, dict[str, dict[str, float]]] = {
             "train hr@10": 0.1718, "train ndcg@10": 0.0906, "train hr@50": 0.4093,
             "+val hr@10": 0.1707, "+val ndcg@10": 0.0891,
         },
+        # another implementation on this protocol and kind of machine (763 s of training)
+        "sasrec full cross-entropy (measured elsewhere)": {
+            "+val hr@10": 0.2238, "+val ndcg@10": 0.1139,
+        },
     },
     "beauty": {
         "most-popular": {"train hr@10": 0.0078, "train ndcg@10": 0.0035, "train hr@50": 0.0215},
@@ -113,6 +117,9 @@ PEERS: dict[str, dict[str, dict[str, float]]] = {
             "train hr@10": 0.0248, "train ndcg@10": 0.0125, "train hr@50": 0.0635,
             "+val hr@10": 0.0242, "+val ndcg@10": 0.0120,
         },
+        # Klenitskiy & Vasilev, RecSys 2023: this file, full ranking, seen items filtered,
+        # GPU-trained
+        "sasrec full cross-entropy (published)": {"+val hr@10": 0.0533, "+val ndcg@10": 0.0327},
     },
 }  # fmt: skip
 
@@ -446,10 +453,11 @@ def load_item_embeddings_of(art: Path) -> tuple[torch.Tensor, np.ndarray]:
 # each user's last training moments, with every source fitted on the training
 # interactions before them (the deep model on features of a dataset of the training
 # interactions only, whose own leave-last-out cut holds those moments out), so no source has
-# seen a page's next item; validation (the epoch) and test requests are served by co-watch
-# and popularity refitted on all training interactions (FUNNEL_REFIT) and the same deep
-# model. Scored at example age 0, as served.
+# seen a page's next item; validation (the epoch) and test requests are served by co-watch,
+# popularity and the deep model refitted on all training interactions (FUNNEL_REFIT), as
+# the product retrains its sources on the latest data. Scored at example age 0, as served.
 FUNNEL_REFIT = True
+FUNNEL_REFIT_DEEP = True  # and the deep model retrained on them (--no-funnel-refit-deep)
 FUNNEL_OVERRIDES: list[str] = []
 # The pages' moments per user: the inner features' leave-last-out cut holds out the last
 # PAGE_VALID_N + 1 training interactions (fewer for short histories: one stays training).
@@ -543,13 +551,27 @@ def stage_funnel(data: Split, cfg: Any) -> tuple[Any, Any]:
         None if data.synthetic_timestamps else (tr.ts[pos] - tr.ts[pos - 1]).astype(float),
     )  # fmt: skip
 
-    def sources(train: Interactions) -> Sources:
+    topic = _item_topics(data)
+
+    def sources(train: Interactions, deep: tuple[Any, np.ndarray]) -> Sources:
         co = CoWatch(next_n=5, neighbours=100, last_n=5).fit(train, data.num_items)
         pop = np.bincount(train.item, minlength=data.num_items + 1).astype(float)
-        return Sources(data.num_items, co, pop, deep_users, deep_items)
+        return Sources(data.num_items, co, pop, *deep, topic=topic)
 
-    page_sources = sources(before)
-    serve_sources = sources(tr) if FUNNEL_REFIT else page_sources
+    page_sources = sources(before, (deep_users, deep_items))
+    serve_deep = (deep_users, deep_items)
+    if FUNNEL_REFIT_DEEP:
+        # the deep model retrained on every training interaction (the epoch chosen on
+        # validation), as the product retrains its sources on the latest data
+        full = work / "features-all"
+        build_features(data.path, full, split="last",
+                       config=load_config(FeaturesConfig, None, ["cap=none",
+                                                                 *FUNNELREC_FEATURE_OVERRIDES]),
+                       force=True, progress=PROGRESS)  # fmt: skip
+        fit_candidates(Features.open(full), work / "candidates-all", config, force=True,
+                       progress=PROGRESS)  # fmt: skip
+        serve_deep = _deep_source(full, work / "candidates-all", data.num_items)
+    serve_sources = sources(tr, serve_deep) if FUNNEL_REFIT else page_sources
 
     def requests(setting: str, users: np.ndarray, now_ts: np.ndarray | None) -> Requests:
         h = data.history[setting]
@@ -568,6 +590,21 @@ def stage_funnel(data: Split, cfg: Any) -> tuple[Any, Any]:
     staged = f.stage(page_req, tr.item[pos], valid_req, valid_next,
                      valid_sources=serve_sources, progress=PROGRESS)  # fmt: skip
     return f, staged
+
+
+def _item_topics(data: Split) -> np.ndarray | None:
+    """[N + 1] a code per item's category (MovieLens: its genre; 0: none), or None when the
+    items have no `topic` column."""
+    ds = Dataset.open(data.path)
+    if "topic" not in ds.columns("items"):
+        return None
+    t = ds.table("items", ["item_id", "topic"])
+    names = t.column("topic").to_pylist()
+    uniq = sorted({x for x in names if x})
+    code = {x: i + 1 for i, x in enumerate(uniq)}
+    out = np.zeros(data.num_items + 1, dtype=np.int64)
+    out[t.column("item_id").to_numpy()] = [code.get(x, 0) if x else 0 for x in names]
+    return out
 
 
 def _print_epoch(name: str) -> Callable[[dict[str, Any]], None]:
@@ -610,7 +647,8 @@ def funnel(data: Split) -> ModelRun:
         note=f"deep model {FUNNELREC_CONFIGS[data.name]}; sources "
         f"deep {cfg.deep_k} + co-watch {cfg.cowatch_k} + popular {cfg.popular_k}; pages "
         f"{d['pages']} of {d['requests']} moments; ranker best epoch {d['best_epoch']} of "
-        f"{d['epochs']}; refit {FUNNEL_REFIT}; fit {fit_cpu:.1f} s CPU",
+        f"{d['epochs']}; served by sources refitted on all training interactions: "
+        f"{FUNNEL_REFIT} (deep model: {FUNNEL_REFIT_DEEP}); fit {fit_cpu:.1f} s CPU",
         extra={"funnel": {k: v for k, v in d.items() if k != "history"},
                "funnel_epochs": d["history"]},
     )  # fmt: skip
@@ -773,8 +811,14 @@ def over_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
 
 
 def run_dataset(
-    data: Split, models: list[str], console: Console, seeds: list[int] | None = None
+    data: Split,
+    models: list[str],
+    console: Console,
+    seeds: list[int] | None = None,
+    on_model: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Every model of `models` on `data` (per seed where it has one); `on_model` gets the
+    results so far after each model (a long run keeps what it finished)."""
     global TRAIN_SEED
     seeds = seeds or [SEED]
     out: dict[str, dict[str, Any]] = {}
@@ -795,6 +839,8 @@ def run_dataset(
             TRAIN_SEED = SEED
         res = runs[0] if len(runs) == 1 else over_seeds(runs, todo)
         out[key] = res
+        if on_model is not None:
+            on_model(out)
         tr, va = res.get("train", {}), res.get("+val", {})
         spread = ""
         if "+val std" in res:
@@ -900,6 +946,12 @@ def main(argv: list[str] | None = None) -> int:
         help="bound SASRec's training (it keeps its best epoch so far); default: none",
     )
     p.add_argument(
+        "--no-funnel-refit-deep",
+        action="store_true",
+        help="serve the funnel with the pages' deep model, not one retrained on all "
+        "training interactions",
+    )
+    p.add_argument(
         "--no-funnel-refit",
         action="store_true",
         help="serve the funnel with the pages' co-watch and popularity, not ones refitted "
@@ -917,13 +969,15 @@ def main(argv: list[str] | None = None) -> int:
         help="no progress of the feature build, training and evaluation (the lines per model stay)",
     )
     args = p.parse_args(argv)
-    global WORK, PROGRESS, FUNNEL_REFIT, PAGE_VALID_N, SASREC_MAX_SECONDS, AGE_AT_REQUEST
+    global WORK, PROGRESS, FUNNEL_REFIT, FUNNEL_REFIT_DEEP, PAGE_VALID_N, SASREC_MAX_SECONDS
+    global AGE_AT_REQUEST
     WORK = args.work
     PROGRESS = not args.no_progress
     FUNNELREC_OVERRIDES.extend(args.funnelrec_overrides.split())
     FUNNELREC_FEATURE_OVERRIDES.extend(args.feature_overrides.split())
     FUNNEL_OVERRIDES.extend(args.funnel_overrides.split())
     FUNNEL_REFIT = not args.no_funnel_refit
+    FUNNEL_REFIT_DEEP = FUNNEL_REFIT and not args.no_funnel_refit_deep
     PAGE_VALID_N = args.funnel_valid_n
     SASREC_MAX_SECONDS = args.sasrec_max_seconds
     AGE_AT_REQUEST = args.age_at_target
@@ -942,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": PROTOCOL,
         "seed": SEED,
         "train_seeds": seeds,
+        "date": time.strftime("%Y-%m-%d"),
         "ks": list(KS),
         "funnelrec_version": __version__,
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
@@ -972,7 +1027,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{name}: reading {escape(str(path))}")
         data = load_split(name, path)
         console.print(f"{name}: {data.stats}")
-        results = run_dataset(data, models, console, seeds)
+        partial = args.out.with_suffix(".partial.json")
+
+        def keep(results: dict[str, Any], name: str = name, to: Path = partial) -> None:
+            write_json_atomic(to, {**report, "datasets": {name: {"models": results}}})
+
+        results = run_dataset(data, models, console, seeds, on_model=keep)
         report["datasets"][name] = {
             "path": str(path),
             "stats": data.stats,
@@ -983,11 +1043,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and args.out.exists():
         # keep the other data sets' results of an earlier run (one data set re-run)
         # and, within a data set, the models not re-run
-        earlier = json.loads(args.out.read_text()).get("datasets", {})
+        before = json.loads(args.out.read_text())
+        earlier = before.get("datasets", {})
+        # the date of the run that measured them (files of before dates had none)
+        version = before.get("date", "an earlier run")
         for name, res in report["datasets"].items():
             old = earlier.get(name, {})
             if "models" in res and "models" in old:
-                res["models"] = {**old["models"], **res["models"]}
+                kept = {
+                    k: {**m, "earlier_run": m.get("earlier_run", version)}
+                    for k, m in old["models"].items()
+                    if k not in res["models"]
+                }
+                res["models"] = {**kept, **res["models"]}
         report["datasets"] = {**earlier, **report["datasets"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)

@@ -19,8 +19,9 @@ interaction with the item itself and other similar items" (section 4.1):
   it (the deep dot product and the co-watch score exist for every item), and how many
   sources nominated it: scores that are not comparable across sources become inputs of
   one model that makes them comparable (section 2)
-- co-occurrence of the candidate with each of the last `last_n` items separately
-  (`CoWatch`'s normalised counts S[h_m, c]), the most recent first
+- co-occurrence of the candidate with each of the last `last_n` items separately, the
+  most recent first: `CoWatch`'s normalised counts S[h_m, c] (the candidate taken after
+  the item) and S[c, h_m] (taken before it: items bought together come in either order)
 - its popularity, the history's length and, where the data has real times, the seconds
   since the user's last interaction
 - categorical: the candidate and the last item, read from ONE shared item table but each
@@ -76,8 +77,10 @@ class SequenceFunnelConfig:
     deep_k, cowatch_k, popular_k: candidates nominated by each source (0 = source off)
     last_n:      co-occurrence features with each of the last `last_n` items, and the size
                  of the recent-items bag
-    item_dim:    width of the shared item embedding (0: the ranker sees no item ids, only
-                 the features above)
+    item_dim:    width of the shared item embedding of the candidate, the last item and
+                 the recent items (0, the default: the ranker sees no item ids, only the
+                 features above; on the real data sets measured, item ids let the ranker
+                 memorise its pages' positives and validation got no better: docs/evaluation.md)
     tower:       the ranking network's hidden ReLU widths
     lr, batch_size: Adam's learning rate; rows (candidates) per step, whole pages
     loss:        "logistic": each candidate a positive or a negative, weight 1 (section 4.2
@@ -86,6 +89,10 @@ class SequenceFunnelConfig:
                  positive, and only the order within a page is served)
     max_epochs, patience: training stops when validation NDCG@10 has not improved for
                  `patience` epochs, keeping the best epoch's weights
+    valid_max:   validation requests scored after each epoch: a seeded sample of this
+                 many when there are more (None: all); NDCG@10 over ten thousand requests
+                 is precise enough to pick an epoch, and scoring them all each epoch
+                 costs more than the epoch's training
     chunk:       requests whose candidates are built at once (bounds memory: a few dense
                  [chunk, N] score matrices)
     seed:        initialisation and row shuffling
@@ -95,13 +102,14 @@ class SequenceFunnelConfig:
     cowatch_k: int = 100
     popular_k: int = 50
     last_n: int = 5
-    item_dim: int = 32
+    item_dim: int = 0
     tower: tuple[int, ...] = (256,)
     lr: float = 1e-3
     batch_size: int = 4096
     loss: Literal["logistic", "softmax"] = "logistic"
-    max_epochs: int = 50
-    patience: int = 3
+    max_epochs: int = 30
+    patience: int = 2
+    valid_max: int | None = 10_000
     chunk: int = 256
     seed: int = 0
 
@@ -113,6 +121,8 @@ class SequenceFunnelConfig:
             raise FunnelrecError("sequence funnel: every source is off (all depths 0)")
         if self.item_dim < 0:
             raise FunnelrecError("sequence funnel: item_dim must be >= 0 (0: no item ids)")
+        if self.valid_max is not None and self.valid_max < 1:
+            raise FunnelrecError("sequence funnel: valid_max must be >= 1 (or none)")
         for name in ("last_n", "batch_size", "max_epochs", "patience", "chunk"):
             if getattr(self, name) < 1:
                 raise FunnelrecError(f"sequence funnel: {name} must be >= 1")
@@ -134,6 +144,7 @@ class Sources:
     deep_users:   (users, histories) -> user vectors [b, d]; None: no deep source
     deep_items:   [N + 1, d] item vectors (rows of items the model does not know are 0)
     deep_known:   [N + 1] whether the deep model knows each item (others never nominated)
+    topic:        [N + 1] each item's category code (0: none), where the data has them
     """
 
     num_items: int
@@ -142,9 +153,17 @@ class Sources:
     deep_users: UserVectors | None = None
     deep_items: np.ndarray | None = None
     deep_known: np.ndarray | None = None
+    topic: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n1 = self.num_items + 1
+        if self.topic is not None:
+            self.topic = np.asarray(self.topic, dtype=np.int64)
+            if self.topic.shape != (n1,) or (self.topic < 0).any():
+                raise FunnelrecError(
+                    f"sequence funnel: topic must be [{n1}] codes >= 0 (0: none), got shape "
+                    f"{self.topic.shape}"
+                )
         if self.cowatch.num_items != self.num_items:
             raise FunnelrecError(
                 f"sequence funnel: co-watch knows {self.cowatch.num_items} items, the "
@@ -189,6 +208,16 @@ class Requests:
 
     def __len__(self) -> int:
         return int(self.users.size)
+
+    def subset(self, idx: np.ndarray) -> Requests:
+        """The requests `idx` (indices), in that order."""
+        lo, hi = self.history.offsets[idx], self.history.offsets[idx + 1]
+        n = hi - lo
+        offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(n, out=offsets[1:])
+        at = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - lo, n)
+        since = None if self.since_last is None else self.since_last[idx]
+        return Requests(self.users[idx], Jagged(self.history.values[at], offsets), since)
 
     def rows(self, lo: int, hi: int) -> Requests:
         a, b = int(self.history.offsets[lo]), int(self.history.offsets[hi])
@@ -301,7 +330,10 @@ class SequenceFunnel:
     def feature_names(self) -> list[str]:
         names = ["deep_score", "deep_rank", "cowatch_score", "cowatch_rank", "popular_rank"]
         names += [f"cooc_{m}" for m in range(1, self.config.last_n + 1)]
+        names += [f"cooc_before_{m}" for m in range(1, self.config.last_n + 1)]
         names += ["popularity", "sources", "history_len"]
+        if self.sources.topic is not None:
+            names.append("topic_share")
         return names + (["since_last_s"] if self.times else [])
 
     def pool(self, req: Requests, *, progress: str = "") -> Pool:
@@ -368,10 +400,14 @@ class SequenceFunnel:
         for m in range(1, cfg.last_n + 1):
             hm = recent[query, m - 1]
             raw[f"cooc_{m}"] = np.where(hm > 0, self._cooc(hm, item), NAN)
+            # and the other way: the candidate taken before that item
+            raw[f"cooc_before_{m}"] = np.where(hm > 0, self._cooc(item, hm), NAN)
         raw["popularity"] = src.popularity[item]
         raw["sources"] = nominated
         lens = np.diff(h.offsets).astype(np.float64)
         raw["history_len"] = lens[query]
+        if src.topic is not None:
+            raw["topic_share"] = _topic_share(src.topic, h, rows, query, item, lens)
         if self.times:
             since = req.since_last if req.since_last is not None else np.full(b, NAN)
             raw["since_last_s"] = np.asarray(since, dtype=np.float64)[query]
@@ -526,6 +562,11 @@ class SequenceFunnel:
         dense = self._dense(pool)
         if valid_sources is not None:
             self.sources = valid_sources
+        if cfg.valid_max is not None and len(valid) > cfg.valid_max:
+            keep = np.sort(
+                np.random.default_rng(cfg.seed).choice(len(valid), cfg.valid_max, replace=False)
+            )
+            valid, valid_next = valid.subset(keep), valid_next[keep]
         vpool = self.pool(valid, progress="validation requests" if progress else "")
         return Staged(
             pool, label, dense, vpool, self._dense(vpool), valid_next, len(train),
@@ -662,6 +703,27 @@ class SequenceFunnel:
 
     def describe(self) -> dict[str, Any]:
         return {"config": asdict(self.config), **self.summary}
+
+
+def _topic_share(
+    topic: np.ndarray,
+    h: Jagged,
+    rows: np.ndarray,
+    query: np.ndarray,
+    item: np.ndarray,
+    lens: np.ndarray,
+) -> np.ndarray:
+    """The share of each request's history in its candidate's category (NaN for a
+    candidate without one or an empty history): "the user's past interaction with ...
+    similar items" (section 4.1)."""
+    if h.values.size == 0:
+        return np.full(item.size, NAN)
+    t1 = int(topic.max()) + 1
+    key, count = np.unique(rows * t1 + topic[h.values], return_counts=True)
+    want = query * t1 + topic[item]
+    pos = np.minimum(np.searchsorted(key, want), key.size - 1)
+    share = np.where(key[pos] == want, count[pos], 0) / np.maximum(lens[query], 1)
+    return np.where((topic[item] > 0) & (lens[query] > 0), share, NAN)
 
 
 def _page_rows(

@@ -106,6 +106,21 @@ def test_pool_holds_every_source_list_without_the_history() -> None:
     assert (pool.raw["sources"] >= 1).all()
 
 
+def test_topic_share_is_the_history_share_of_the_candidates_category() -> None:
+    seqs = _world(60, 6)
+    src = _sources(seqs)
+    src.topic = np.arange(N + 1) % 3  # category 0 (no category) for every third item
+    f = SequenceFunnel(src, SequenceFunnelConfig(cowatch_k=10, popular_k=10))
+    req, _ = _requests(seqs[:10])
+    pool = f.pool(req)
+    assert "topic_share" in f.feature_names()
+    for r in range(0, len(pool), 7):
+        q, c = pool.query[r], pool.item[r]
+        hist = _row_list(req.history)[q]
+        want = np.nan if c % 3 == 0 else np.mean(hist % 3 == c % 3)
+        assert np.isclose(pool.raw["topic_share"][r], want, equal_nan=True)
+
+
 def test_ranker_orders_the_pool_better_than_each_source() -> None:
     seqs = _world(600, 0)
     train_seqs, valid_seqs, test_seqs = seqs[:400], seqs[400:500], seqs[500:]
@@ -153,6 +168,20 @@ def test_fit_is_deterministic() -> None:
     a = SequenceFunnel(sources, cfg).fit(tr, tr_next, va, va_next).recommend(va, 5)
     b = SequenceFunnel(sources, cfg).fit(tr, tr_next, va, va_next).recommend(va, 5)
     assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
+
+
+def test_requests_subset_and_a_sampled_validation() -> None:
+    seqs = _world(40, 7)
+    req, nxt = _requests(seqs)
+    sub = req.subset(np.array([5, 2, 30]))
+    rows = _row_list(req.history)
+    assert [r.tolist() for r in _row_list(sub.history)] == [rows[i].tolist() for i in (5, 2, 30)]
+    assert sub.users.tolist() == [6, 3, 31]
+    cfg = SequenceFunnelConfig(cowatch_k=8, popular_k=5, tower=(8,), max_epochs=2, valid_max=10)
+    f = SequenceFunnel(_sources([s[:-1] for s in seqs]), cfg).fit(req, nxt, req, nxt)
+    assert f.summary["mean_candidates_valid"] > 0
+    with pytest.raises(FunnelrecError, match="valid_max"):
+        SequenceFunnelConfig(valid_max=0)
 
 
 def test_pages_need_a_nominated_next_item() -> None:

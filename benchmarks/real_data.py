@@ -1,7 +1,10 @@
-"""Baselines on real data (MovieLens-100k, Amazon Beauty) beside the peers' figures.
+"""The whole funnel, each source it mixes, the baselines and SASRec on real data
+(MovieLens-100k, Amazon Beauty), beside the peers' figures.
 
     .venv/bin/python benchmarks/real_data.py                      # both data sets, all models
-    .venv/bin/python benchmarks/real_data.py --datasets ml-100k --models itemknn,als
+    .venv/bin/python benchmarks/real_data.py --datasets ml-100k --seeds 0,1,2 --merge
+    .venv/bin/python benchmarks/real_data.py --datasets beauty \
+        --models funnel,funnelrec,cowatch-last5 --seeds 0,1,2 --merge
 
 Protocol (the one the peers' figures in PEERS were measured with): each user's interactions
 in time order (ties in file order); users with fewer than 3 dropped; the last interaction is
@@ -18,6 +21,14 @@ imported from amazon-beauty/beauty.txt of the shared data folder, `../shared/dat
 the checkout (or --beauty), into --work. A data set that cannot be had is not run, with a
 line naming the path looked for and how to get it, repeated at the end.
 Writes benchmarks/results/real_data.json and prints a table beside the peers' numbers.
+
+Models: the funnel (`funnel`: deep, co-watch and popular candidates ranked by the ranking
+network, `funnelrec.ranking.sequence`; docs/evaluation.md, "The funnel on sequence data"),
+its deep candidate model alone (`funnelrec`, scored at example age 0 as served), co-watch,
+popularity, ItemKNN, BPR, ALS and SASRec with full cross-entropy (`sasrec`,
+benchmarks/sasrec.py). `--seeds 0,1,2` runs every model with a training seed once per
+seed and records the mean, standard deviation, min and max; `--merge` keeps the models of
+an earlier run that this one does not re-run, each marked with that run's date.
 
 It says what it does as it goes: the data set, each model's fit, and the progress of
 funnelrec's own feature build and training and of every evaluation (`funnelrec.progress`:

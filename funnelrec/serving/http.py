@@ -9,7 +9,14 @@ A recommendation's `timings_ms` are the `Recommender`'s stages plus "state" (rea
 user's live state), which "total" includes. Model calls run on `torch_threads` threads
 (`run_app`; 1 by default, as requests already run concurrently in uvicorn's thread pool).
 
-Bad requests get a 4xx whose message names the field; they never reach the model. A
+Requests are strictly typed and bounded (the `*Body` models; README, "Serving"): no "1"
+or true for an integer, no "yes" for a boolean, no NaN or infinity; ids are 1..2^63-1,
+times Unix seconds up to the year 2200 (MAX_TS), watch times 0..one day. Bad requests get
+a 4xx whose message names the field and its allowed range; they never reach the model.
+Every error, 4xx or 5xx, has one JSON shape, ErrorBody: {"error": message, "code": kind,
+"field": path or null}, declared per route in /openapi.json. Bodies are limited to
+MAX_BODY_BYTES whether they give a Content-Length or come chunked (413), and an unexpected
+exception is logged and answered with a 500 that closes the connection. A
 reload (POST /admin/reload or SIGHUP) loads the new artifact beside the old one and swaps
 a single reference: requests in flight finish on the model they started with, and an
 artifact that fails to load is refused while the old model keeps serving.
@@ -18,19 +25,24 @@ artifact that fails to load is refused while the old model keeps serving.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import re
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from funnelrec.errors import FunnelrecError
@@ -41,25 +53,55 @@ MAX_BODY_BYTES = 1 << 20
 ADMIN_TOKEN_ENV = "FUNNELREC_ADMIN_TOKEN"
 TORCH_THREADS_ENV = "FUNNELREC_TORCH_THREADS"
 
+# Bounds of every number a request may carry (docs: README, "Serving"). Ids are SQLite's
+# and NumPy's int64; times are Unix seconds up to 2200-01-01T00:00:00Z, far enough for any
+# real log and far from int64's end (the request time is the latest event's plus one).
+MAX_ID = (1 << 63) - 1  # declared as `lt=1 << 63`: a float in the OpenAPI document, exact
+MAX_TS = 7_258_118_400
+MAX_WATCH_TIME_S = 86_400.0  # one day: no single watch of one video lasts longer
+MAX_TEXT = 200  # characters of a query or a demographic value
+
+_log = logging.getLogger(__name__)
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    """Strictly typed: no "1" or true for an int, no "yes" for a bool, no NaN or infinity
+    for a float (an int is a valid float); unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+UserId = Annotated[int, Field(ge=1, lt=MAX_ID + 1, description=f"1..{MAX_ID}")]
+ItemId = Annotated[int, Field(ge=1, lt=MAX_ID + 1, description=f"1..{MAX_ID}")]
+Ts = Annotated[
+    int, Field(ge=0, le=MAX_TS, description=f"Unix seconds, 0..{MAX_TS} (up to the year 2200)")
+]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+
+# The allowed range of each bounded field, named in the message of a 422 about it.
+_RANGES = {
+    "user_id": f"an integer in 1..{MAX_ID}",
+    "item_id": f"an integer in 1..{MAX_ID}",
+    "history": f"item ids, integers in 1..{MAX_ID}",
+    "ts": f"an integer in 0..{MAX_TS}, Unix seconds up to the year 2200",
+    "k": "an integer in 1..1000",
+    "watch_time_s": f"a finite number in 0..{MAX_WATCH_TIME_S:g}, seconds",
+    "age": "a finite number in 0..150",
+}
 
 
 class DemographicsBody(_Strict):
     age: Annotated[float, Field(ge=0, le=150)] | None = None
-    gender: str | None = None
-    region: str | None = None
-    device: str | None = None
+    gender: Text | None = None
+    region: Text | None = None
+    device: Text | None = None
     logged_in: bool | None = None
 
 
 class RecommendBody(_Strict):
-    user_id: Annotated[int, Field(ge=1)] | None = None
-    history: Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=1000)] | None = None
-    queries: (
-        Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=100)] | None
-    ) = None
+    user_id: UserId | None = None
+    history: Annotated[list[ItemId], Field(max_length=1000)] | None = None
+    queries: Annotated[list[Text], Field(max_length=100)] | None = None
     demographics: DemographicsBody | None = None
     k: Annotated[int, Field(ge=1, le=1000)] = 10
     exclude_watched: bool = True
@@ -67,24 +109,26 @@ class RecommendBody(_Strict):
 
 class WatchBody(_Strict):
     type: Literal["watch"]
-    user_id: Annotated[int, Field(ge=1)]
-    item_id: Annotated[int, Field(ge=1)]
-    ts: int
-    watch_time_s: Annotated[float, Field(ge=0)] | None = None
+    user_id: UserId
+    item_id: ItemId
+    ts: Ts
+    watch_time_s: (
+        Annotated[float, Field(ge=0, le=MAX_WATCH_TIME_S, description="seconds, 0..86400")] | None
+    ) = None
 
 
 class SearchBody(_Strict):
     type: Literal["search"]
-    user_id: Annotated[int, Field(ge=1)]
-    ts: int
-    query: Annotated[str, Field(min_length=1, max_length=200)]
+    user_id: UserId
+    ts: Ts
+    query: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
 class ImpressionBody(_Strict):
     type: Literal["impression"]
-    user_id: Annotated[int, Field(ge=1)]
-    item_id: Annotated[int, Field(ge=1)]
-    ts: int
+    user_id: UserId
+    item_id: ItemId
+    ts: Ts
 
 
 EventBody = Annotated[WatchBody | SearchBody | ImpressionBody, Field(discriminator="type")]
@@ -95,7 +139,106 @@ class EventsBody(_Strict):
 
 
 class ReloadBody(_Strict):
-    path: str | None = None
+    path: Annotated[str, Field(max_length=4096)] | None = None
+
+
+# ---------------------------------------------------------------- responses (documented)
+
+ErrorCode = Literal[
+    "malformed_body",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "body_too_large",
+    "invalid_request",
+    "internal_error",
+    "http_error",
+]
+_CODES: dict[int, ErrorCode] = {
+    400: "malformed_body",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    422: "invalid_request",
+    500: "internal_error",
+}
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response (4xx and 5xx)."""
+
+    error: str = Field(description="what was wrong, starting with the field when there is one")
+    code: ErrorCode = Field(description="the kind of error, one per status code")
+    field: str | None = Field(
+        description='the offending field as a path ("events[0].ts"), null when none'
+    )
+
+
+class RecommendedItemBody(BaseModel):
+    item_id: int
+    expected_watch_time: float | None
+    score: float | None
+    sources: dict[str, float | None]
+
+
+class RecommendResponseBody(BaseModel):
+    """The answer of POST /v1/recommend (documentation: the handler builds it directly)."""
+
+    items: list[RecommendedItemBody]
+    timings_ms: dict[str, float]
+    user_id: int | None
+    known_user: bool
+    history: int
+    queries: int
+    demographics: Literal["request", "stored", "request+stored", "none"]
+    request_ts: int
+    candidates: dict[str, int]
+    ranked: int
+
+
+class EventsResponseBody(BaseModel):
+    accepted: int
+
+
+_DESCRIPTIONS = {
+    400: "Malformed body: not JSON, not UTF-8, or nested too deeply",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict: the new artifact was refused, the old model keeps serving",
+    413: f"Body larger than {MAX_BODY_BYTES} bytes",
+    422: "Invalid request: the field is named in `field` and in the message",
+    500: "Internal error (the connection is closed after it)",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a route: each status with the ErrorBody schema."""
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+class ApiError(HTTPException):
+    """An HTTPException naming the offending field (None: none)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status_code, message, headers=headers)
+        self.field = field
+
+
+def error_response(
+    status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The JSON error response of the service (the ErrorBody shape)."""
+    body = {"error": message, "code": _CODES.get(status, "http_error"), "field": field}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class _Metrics:
@@ -146,9 +289,17 @@ class ServiceState:
 
 
 class _LimitAndCount:
-    """ASGI middleware: refuse bodies over MAX_BODY_BYTES (by content-length), count
-    requests and errors per route. Plain ASGI, as Starlette's `BaseHTTPMiddleware`
-    costs about a millisecond per request on this machine."""
+    """ASGI middleware: refuse bodies over MAX_BODY_BYTES, answer unexpected exceptions,
+    count requests and errors per route. Plain ASGI, as Starlette's `BaseHTTPMiddleware`
+    costs about a millisecond per request on this machine.
+
+    The body limit holds whether or not the request says its length: a Content-Length
+    over it is refused before reading, and a body without one (chunked) is counted as it
+    is read and refused at the first byte past the limit. Both 413s close the connection,
+    as the rest of the body is left unread. An exception a route did not turn into a
+    response is logged and answered with a 500 in the error shape that closes the
+    connection too (`Connection: close`).
+    """
 
     def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -158,27 +309,43 @@ class _LimitAndCount:
             await self.app(scope, receive, send)
             return
         status = 500
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            status = 413
-            response = JSONResponse(
-                {"error": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413
-            )
-            await response(scope, receive, send)
-        else:
+        started = False
 
-            async def send_status(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = int(message["status"])
-                await send(message)
+        async def send_status(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = int(message["status"]), True
+            await send(message)
 
-            try:
-                await self.app(scope, receive, send_status)
-            finally:
-                self._count(scope, status)
-            return
-        self._count(scope, status)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    # FastAPI's body reading passes an HTTPException through as it is.
+                    raise _too_large()
+            return message
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and not length.isdigit():
+                response = error_response(400, "invalid Content-Length header", None, _CLOSE)
+                await response(scope, receive, send_status)
+            elif length is not None and int(length) > MAX_BODY_BYTES:
+                await error_response(413, _TOO_LARGE, None, _CLOSE)(scope, receive, send_status)
+            else:
+                try:
+                    await self.app(scope, limited_receive, send_status)
+                except Exception:
+                    if started:  # too late for an error response: the server closes
+                        raise
+                    _log_unexpected(scope)
+                    await _internal_error()(scope, receive, send_status)
+        finally:
+            self._count(scope, status)
 
     def _count(self, scope: Scope, status: int) -> None:
         # The route's template (/v1/items/{item_id}), not the path: one series per route.
@@ -189,12 +356,44 @@ class _LimitAndCount:
             self.metrics.errors.labels(endpoint).inc()
 
 
+_CLOSE = {"connection": "close"}
+# A FunnelrecError message that starts with the field it is about: "k: must be ...".
+_NAMED_MESSAGE = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+_TOO_LARGE = f"request body larger than {MAX_BODY_BYTES} bytes"
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, _TOO_LARGE, None, headers=_CLOSE)
+
+
+def _internal_error() -> JSONResponse:
+    return error_response(500, "internal server error", None, _CLOSE)
+
+
+def _log_unexpected(scope: Scope) -> None:
+    """Log the exception being handled, with the request's method and path."""
+    _log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    # "body" / "path" / "query": where the value came from, not part of the field's name.
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "path", "query", "header"):
+        parts = parts[1:]
     name = ""
     for p in parts:
         name += f"[{p}]" if p.isdigit() else (f".{p}" if name else p)
     return name or "body"
+
+
+def _validation_message(err: dict[str, Any], field: str) -> str:
+    """The 422 message of a pydantic error: the field, what was wrong, the allowed range."""
+    message = f"{field}: {err.get('msg', 'invalid value')}"
+    names = [p for p in err.get("loc", ()) if isinstance(p, str)]
+    allowed = _RANGES.get(names[-1]) if names else None
+    if allowed is not None and err.get("type") not in ("missing", "extra_forbidden"):
+        message += f" (allowed: {allowed})"
+    return message
 
 
 def create_app(
@@ -226,26 +425,47 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(422, "malformed JSON body", "body")
         field = _field_name(tuple(first.get("loc", ())))
-        message = (
-            "malformed JSON body"
-            if first.get("type") == "json_invalid"
-            else f"{field}: {first.get('msg', 'invalid value')}"
-        )
-        return JSONResponse({"error": message, "field": field}, status_code=422)
+        return error_response(422, _validation_message(first, field), field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's words for a body json.loads refused other than as bad JSON.
+            message = "malformed body: not UTF-8 JSON, or nested too deeply"
+        field = exc.field if isinstance(exc, ApiError) else None
+        return error_response(exc.status_code, message, field, exc.headers)
 
     @app.exception_handler(FunnelrecError)
     async def funnelrec_error(request: Request, exc: FunnelrecError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=422)
+        message = str(exc)
+        named = _NAMED_MESSAGE.match(message)
+        return error_response(422, message, named.group(1) if named else None)
 
-    @app.post("/v1/recommend", response_model=None)
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # _LimitAndCount answers a route's exceptions; this is Starlette's last resort.
+        _log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _internal_error()
+
+    @app.post(
+        "/v1/recommend",
+        response_model=None,
+        responses={
+            200: {"model": RecommendResponseBody, "description": "Items, best first"},
+            **_errors(400, 413, 422, 500),
+        },
+    )
     def recommend(body: RecommendBody) -> JSONResponse:
         rec = service.recommender  # one reference for the whole request
         if body.history is not None:
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
             if unknown:
                 i, x = unknown[0]
-                raise HTTPException(422, f"history[{i}]: unknown item id {x}")
+                raise ApiError(422, f"history[{i}]: unknown item id {x}", f"history[{i}]")
         demo = (
             Demographics(**body.demographics.model_dump())
             if body.demographics is not None
@@ -269,18 +489,19 @@ def create_app(
         for stage, ms in timings.items():
             metrics.latency.labels(stage).observe(ms / 1000)
         # A plain JSON answer: FastAPI's response-model pass over this dict costs more
-        # than the rest of the HTTP layer and checks nothing (the type is dict[str, Any]).
+        # than the rest of the HTTP layer; RecommendResponseBody documents it.
         return JSONResponse(
             {**resp.to_dict(), "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
         )
 
-    @app.post("/v1/events")
-    def events(body: EventsBody) -> dict[str, Any]:
+    @app.post("/v1/events", responses=_errors(400, 413, 422, 500))
+    def events(body: EventsBody) -> EventsResponseBody:
         rec = service.recommender
         out: list[WatchEvent | SearchEvent | ImpressionEvent] = []
         for i, ev in enumerate(body.events):
             if isinstance(ev, WatchBody | ImpressionBody) and not rec.has_item(ev.item_id):
-                raise HTTPException(422, f"events[{i}].item_id: unknown item id {ev.item_id}")
+                field = f"events[{i}].item_id"
+                raise ApiError(422, f"{field}: unknown item id {ev.item_id}", field)
             if isinstance(ev, WatchBody):
                 out.append(WatchEvent(ev.user_id, ev.item_id, ev.ts, ev.watch_time_s))
             elif isinstance(ev, SearchBody):
@@ -288,42 +509,44 @@ def create_app(
             else:
                 out.append(ImpressionEvent(ev.user_id, ev.item_id, ev.ts))
         accepted = service.store.append(out)  # returns after the commit
-        return {"accepted": accepted}
+        return EventsResponseBody(accepted=accepted)
 
-    @app.get("/v1/items/{item_id}")
-    def item(item_id: int) -> dict[str, Any]:
+    @app.get("/v1/items/{item_id}", responses=_errors(404, 422, 500))
+    def item(item_id: Annotated[int, PathParam(ge=1, lt=MAX_ID + 1)]) -> dict[str, Any]:
         meta = service.recommender.item_metadata(item_id)
         if meta is None:
-            raise HTTPException(404, f"item_id: unknown item id {item_id}")
+            raise ApiError(404, f"item_id: unknown item id {item_id}", "item_id")
         return meta
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=_errors(500))
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_errors(500))
     def readyz() -> dict[str, str]:
         return {"status": "ready", "model": service.recommender.fingerprint}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_errors(500))
     def prometheus() -> Response:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses=_errors(400, 403, 409, 413, 422, 500))
     def reload(request: Request, body: ReloadBody | None = None) -> dict[str, str]:
         client = request.client.host if request.client else ""
         if token:
             if request.headers.get("authorization") != f"Bearer {token}":
-                raise HTTPException(403, "admin token missing or wrong")
+                raise ApiError(403, "admin token missing or wrong")
         elif client not in ("127.0.0.1", "::1", "localhost", "testclient"):
-            raise HTTPException(403, "reload is allowed from loopback only (or set a token)")
+            raise ApiError(403, "reload is allowed from loopback only (or set a token)")
+        if body is not None and body.path and "\x00" in body.path:
+            raise ApiError(422, "path: contains a NUL character", "path")
         path = Path(body.path) if body is not None and body.path else None
         if path is not None and not path.resolve().is_relative_to(root):
-            raise HTTPException(403, f"reload may only load artifacts inside {root}")
+            raise ApiError(403, f"path: reload may only load artifacts inside {root}", "path")
         try:
             fingerprint = service.reload(path)
         except FunnelrecError as e:
-            raise HTTPException(409, f"reload refused, still serving the old model: {e}") from None
+            raise ApiError(409, f"reload refused, still serving the old model: {e}") from None
         return {"status": "reloaded", "model": fingerprint}
 
     return app

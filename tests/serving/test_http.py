@@ -157,7 +157,7 @@ def test_reload_good_and_broken_artifacts(client: TestClient, art: Path, tmp_pat
     shutil.copytree(art, broken)
     (broken / "manifest.json").write_text("{")
     r = client.post("/admin/reload", json={"path": str(broken)})
-    assert r.status_code == 409 and "old model" in r.json()["detail"]
+    assert r.status_code == 409 and "old model" in r.json()["error"]
     assert client.post("/v1/recommend", json={"user_id": 1, "k": 3}).status_code == 200
     assert client.get("/readyz").json()["model"] == model
     # a directory outside the artifacts root is never loaded, even a good artifact
@@ -165,7 +165,7 @@ def test_reload_good_and_broken_artifacts(client: TestClient, art: Path, tmp_pat
     shutil.copytree(art, outside)
     for path in (outside, art.parent / ".." / "elsewhere", Path("/etc")):
         r = client.post("/admin/reload", json={"path": str(path)})
-        assert r.status_code == 403 and "inside" in r.json()["detail"], path
+        assert r.status_code == 403 and "inside" in r.json()["error"], path
     assert client.get("/readyz").json()["model"] == model
     shutil.rmtree(broken)
 

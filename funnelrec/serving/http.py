@@ -41,7 +41,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,6 +78,16 @@ Ts = Annotated[
     int, Field(ge=0, le=MAX_TS, description=f"Unix seconds, 0..{MAX_TS} (up to the year 2200)")
 ]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
+
+
+def _decimal_digits(value: Any) -> Any:
+    """A path's integer as decimal digits only: pydantic also reads "+7", "07", "7_0",
+    "7.0" and "7 " as 7, none of which is how the document's integer is written."""
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "Input should be an integer in decimal digits")
+    return value
+
 
 # The allowed range of each bounded field, named in the message of a 422 about it.
 _RANGES = {
@@ -512,7 +523,11 @@ def create_app(
         return EventsResponseBody(accepted=accepted)
 
     @app.get("/v1/items/{item_id}", responses=_errors(404, 422, 500))
-    def item(item_id: Annotated[int, PathParam(ge=1, lt=MAX_ID + 1)]) -> dict[str, Any]:
+    def item(
+        # The validator after PathParam: before it, FastAPI writes the bounds into the
+        # document as "ge"/"lt" instead of "minimum"/"exclusiveMaximum".
+        item_id: Annotated[int, PathParam(ge=1, lt=MAX_ID + 1), BeforeValidator(_decimal_digits)],
+    ) -> dict[str, Any]:
         meta = service.recommender.item_metadata(item_id)
         if meta is None:
             raise ApiError(404, f"item_id: unknown item id {item_id}", "item_id")
@@ -526,7 +541,17 @@ def create_app(
     def readyz() -> dict[str, str]:
         return {"status": "ready", "model": service.recommender.fingerprint}
 
-    @app.get("/metrics", responses=_errors(500))
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format",
+            },
+            **_errors(500),
+        },
+    )
     def prometheus() -> Response:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

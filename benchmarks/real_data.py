@@ -1067,7 +1067,18 @@ def main(argv: list[str] | None = None) -> int:
                     if k not in res["models"]
                 }
                 res["models"] = {**kept, **res["models"]}
-        report["datasets"] = {**earlier, **report["datasets"]}
+        carried = {
+            name: {
+                **ds,
+                "models": {
+                    k: {**m, "earlier_run": m.get("earlier_run", version)}
+                    for k, m in ds.get("models", {}).items()
+                },
+            }
+            for name, ds in earlier.items()
+            if name not in report["datasets"]
+        }
+        report["datasets"] = {**carried, **report["datasets"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)
     console.print(f"wrote {escape(str(args.out))}")

@@ -625,6 +625,9 @@ def render_real_data(d: dict[str, Any], ctx: Context) -> Section:
             note = str(m.get("note", ""))
             if _stopped_on_time(m):
                 note = f"{NOT_CONVERGED}; {note}" if note else NOT_CONVERGED
+            if m.get("earlier_run"):  # kept by --merge from a run that measured it then
+                was = f"from an earlier run ({m['earlier_run']})"
+                note = f"{was}; {note}" if note else was
             entries.append((str(m.get("name", mkey)), m, str(_seeds(m)), num(m.get("fit_s")), note))
         for pname, p in peers.items():
             note = "published (PEERS in real_data.py)"

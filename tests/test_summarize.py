@@ -372,7 +372,8 @@ def real_data_seeded() -> dict[str, Any]:
         "sasrec": seeded("sasrec (full cross-entropy)", 763.0, figs(0.2238, 0.1139),
                          figs(0.005, 0.002, 0.006), note="best epoch 71 of 81",
                          stopped_on_time=False),
-        "bpr": {"name": "bpr", "fit_s": 40.0, "train": figs(0.1357, 0.07)},
+        "bpr": {"name": "bpr", "fit_s": 40.0, "train": figs(0.1357, 0.07),
+                "earlier_run": "2026-11-22"},
     }  # fmt: skip
     beauty = {
         "funnel": seeded("funnelrec funnel", 90.0, figs(0.0552, 0.033, 0.1),
@@ -423,6 +424,7 @@ def test_real_data_seeded_headline_names_the_strongest_model_of_its_table(
     assert "| 3 | 300 | training cut by its time budget: did not converge; best epoch 9" in index
     assert "| peer: sasrec (published) | - | - | - | 0.0533 | 0.0327 | - |" in index
     assert "valid_by_source" not in index + readme
+    assert "| 1 | 40.0 | from an earlier run (2026-11-22) |" in index  # kept by --merge
 
     # ML-100k: the funnel ahead of every model; the strongest other one is SASRec run here
     assert "funnel HR@10 0.2290 ± 0.0040 / NDCG@10 0.1190 ± 0.0020 (+val, 3 seeds)" in ml

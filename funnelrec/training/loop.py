@@ -12,7 +12,8 @@ parameters a model lists in `sparse_parameters()` (large embedding tables with s
 gradients) get lazy Adam (`sparse_adam.RowSparseAdam`: SparseAdam's update, faster; see
 docs/candidates.md), which only touches the rows a batch used.
 
-Checkpoints (every `checkpoint_every` steps, and on Ctrl-C after the step in flight)
+Checkpoints (every `checkpoint_every` steps or `checkpoint_every_s` seconds, and on Ctrl-C
+after the step in flight)
 hold the model and optimizer state dicts, every RNG state, the position in the data
 (epoch, batch) and the early-stopping state, written atomically with `torch.save` and
 read with `weights_only=True`. `resume=True` restores all of it, so the run continues to
@@ -70,7 +71,15 @@ CHECKPOINT_FORMAT = 1
 # Config fields that may change between an interrupted run and its resumption: they
 # do not change what a step computes (more epochs or steps extend the same run).
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "max_steps", "checkpoint_every", "threads", "num_workers", "progress_every"}
+    {
+        "epochs",
+        "max_steps",
+        "checkpoint_every",
+        "checkpoint_every_s",
+        "threads",
+        "num_workers",
+        "progress_every",
+    }
 )
 
 
@@ -90,6 +99,10 @@ class TrainConfig:
     threads:          torch intra-op threads (None = torch's default)
     device:           "cpu" or "cuda" (under torchrun: each process's own GPU)
     checkpoint_every: steps between checkpoints (0 = only on Ctrl-C)
+    checkpoint_every_s: also checkpoint when this many seconds have passed since the last
+                     one (0 = by steps only), so that a run killed after its first minutes
+                     resumes whatever its epoch length; one process only (ranks of a
+                     distributed run would have to agree on the moment: they go by steps)
     eval_every:       steps between evaluations (0 = at the end of each epoch)
     patience:         evaluations without improvement before stopping (0 = never stop)
     restore_best:     load the best evaluated weights at the end
@@ -108,6 +121,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "cpu"
     checkpoint_every: int = 1000
+    checkpoint_every_s: float = 300.0
     eval_every: int = 0
     patience: int = 0
     restore_best: bool = True
@@ -120,6 +134,10 @@ class TrainConfig:
             raise FunnelrecError("train config: batch_size and epochs must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise FunnelrecError(f"train config: max_steps must be >= 1, got {self.max_steps}")
+        if not self.checkpoint_every_s >= 0:
+            raise FunnelrecError(
+                f"train config: checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}"
+            )
         if self.grad_clip < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise FunnelrecError("train config: grad_clip, checkpoint_every, eval_every >= 0")
         if self.patience < 0:
@@ -461,6 +479,7 @@ class _Run:
     best_state: dict[str, Tensor] | None = None
     comm_bytes: int = 0
     comm_s: float = 0.0
+    saved_at: float = field(default_factory=time.monotonic)  # the last checkpoint (or start)
 
     def at_max_steps(self) -> bool:
         return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
@@ -633,7 +652,14 @@ def _train_epoch(
         if config.eval_every and pos.step % config.eval_every == 0 and _evaluate(run):
             pos.stopped_early = True
             return "done"
-        if config.checkpoint_every and pos.step % config.checkpoint_every == 0:
+        by_steps = config.checkpoint_every and pos.step % config.checkpoint_every == 0
+        by_time = (
+            config.checkpoint_every_s > 0
+            and not run.dist.enabled
+            and run.checkpoint is not None
+            and time.monotonic() - run.saved_at >= config.checkpoint_every_s
+        )
+        if by_steps or by_time:
             _save(run)
 
 
@@ -725,6 +751,7 @@ def _save(run: _Run) -> None:
     # a rank that left early (an exception after Ctrl-C) would make torchrun kill
     # rank 0 mid-write
     run.dist.barrier()
+    run.saved_at = time.monotonic()
 
 
 def _checkpoint_and_stop(run: _Run) -> NoReturn:

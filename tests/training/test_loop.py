@@ -141,6 +141,28 @@ def test_resume_after_a_crash_continues_from_the_last_periodic_checkpoint(
     assert_same(weights(full), weights(resumed))
 
 
+def test_checkpoints_by_time_leave_a_killed_run_something_to_resume(tmp_path: Path) -> None:
+    full = make_model()
+    train(full, epochs(), cfg(), progress=False)
+    ckpt = tmp_path / "run.pt"
+    # no step-based checkpoint ever falls due; a tiny time interval makes every step due
+    timed = cfg(checkpoint_every=0, checkpoint_every_s=1e-9)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(make_model(), epochs(crash_at=(2, 2)), timed, checkpoint=ckpt, progress=False)
+    assert load_checkpoint(ckpt)["position"]["step"] == 2 * STEPS_PER_EPOCH + 2
+    resumed = make_model(seed=7)
+    train(resumed, epochs(), timed, checkpoint=ckpt, resume=True, progress=False)
+    assert_same(weights(full), weights(resumed))
+    # a long interval and no step interval: nothing written before the crash
+    other = tmp_path / "other.pt"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(make_model(), epochs(crash_at=(1, 1)), cfg(checkpoint_every=0), checkpoint=other,
+              progress=False)  # fmt: skip
+    assert not other.exists()
+    with pytest.raises(FunnelrecError, match="checkpoint_every_s"):
+        cfg(checkpoint_every_s=-1.0)
+
+
 def test_resume_refuses_another_config_or_a_missing_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "run.pt"
     train(make_model(), epochs(), cfg(max_steps=3), checkpoint=ckpt, meta={"m": 1},

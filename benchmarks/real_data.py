@@ -108,7 +108,7 @@ PEERS: dict[str, dict[str, dict[str, float]]] = {
             "train hr@10": 0.1718, "train ndcg@10": 0.0906, "train hr@50": 0.4093,
             "+val hr@10": 0.1707, "+val ndcg@10": 0.0891,
         },
-        # another implementation on this protocol and kind of machine (763 s of training)
+        # another implementation on this protocol and kind of machine (../shared/BENCHMARKS.md)
         "sasrec full cross-entropy (measured elsewhere)": {
             "+val hr@10": 0.2238, "+val ndcg@10": 0.1139,
         },

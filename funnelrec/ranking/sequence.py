@@ -287,12 +287,14 @@ def _rank_of(pool_key: np.ndarray, ids: np.ndarray, n1: int) -> np.ndarray:
     rank = np.tile(np.arange(k, dtype=np.float64), b)
     ok = ids.ravel() > 0
     key, rank = key[ok], rank[ok]
-    order = np.argsort(key, kind="stable")
-    key, rank = key[order], rank[order]
-    pos = np.searchsorted(key, pool_key)
-    pos_c = np.minimum(pos, max(key.size - 1, 0))
-    found = (pos < key.size) & (key[pos_c] == pool_key) if key.size else np.zeros_like(pos, bool)
-    return np.where(found, rank[pos_c] if key.size else 0.0, np.nan)
+    out = np.full(pool_key.size, np.nan)
+    if key.size:
+        order = np.argsort(key, kind="stable")
+        key, rank = key[order], rank[order]
+        pos = np.minimum(np.searchsorted(key, pool_key), key.size - 1)
+        found = key[pos] == pool_key
+        out[found] = rank[pos[found]]
+    return out
 
 
 @dataclass
@@ -322,8 +324,6 @@ class SequenceFunnel:
         self.model: RankingModel | None = None
         self.times = False  # whether the requests carry since_last
         self.summary: dict[str, Any] = {}
-        self._cooc_keys: tuple[np.ndarray, np.ndarray, int] | None = None
-        self._cooc_of: CoWatch | None = None
 
     # -- candidates and their features -------------------------------------------------
 
@@ -414,23 +414,8 @@ class SequenceFunnel:
         return Pool(query, item, raw, recent[:, 0].copy(), recent)
 
     def _cooc(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Co-watch's S[rows, cols] elementwise (0 where absent), by binary search over
-        its entries' (row, col) keys: the pool touches few entries of a large matrix."""
-        co = self.sources.cowatch
-        if self._cooc_keys is None or self._cooc_of is not co:
-            sim = co.sim.tocsr()
-            n1 = sim.shape[1]
-            key = np.repeat(np.arange(sim.shape[0], dtype=np.int64), np.diff(sim.indptr))
-            key = key * n1 + sim.indices
-            order = np.argsort(key, kind="stable")
-            self._cooc_keys = (key[order], np.asarray(sim.data, np.float64)[order], n1)
-            self._cooc_of = co
-        keys, vals, n1 = self._cooc_keys
-        want = rows.astype(np.int64) * n1 + cols
-        pos = np.minimum(np.searchsorted(keys, want), max(keys.size - 1, 0))
-        if not keys.size:
-            return np.zeros(want.size)
-        return np.where(keys[pos] == want, vals[pos], 0.0)
+        """Co-watch's S[rows, cols] elementwise (0 where absent)."""
+        return np.asarray(self.sources.cowatch.sim[rows, cols], dtype=np.float64).ravel()
 
     # -- the ranking network -----------------------------------------------------------
 
@@ -667,7 +652,7 @@ class SequenceFunnel:
             tz = logits[hit]
             # rank = candidates of the same request scored higher than the target
             higher = np.bincount(
-                pool.query, weights=(logits > tz_by(pool.query, tq, tz, q)), minlength=q
+                pool.query, weights=(logits > _target_logit(pool.query, tq, tz, q)), minlength=q
             )
             rank[tq] = higher[tq]
         in10 = rank < 10
@@ -758,7 +743,7 @@ def page_softmax_loss(logit: torch.Tensor, label: torch.Tensor, page: torch.Tens
     return (lse[idx[pos]] - logit[pos]).mean()
 
 
-def tz_by(query: np.ndarray, tq: np.ndarray, tz: np.ndarray, q: int) -> np.ndarray:
+def _target_logit(query: np.ndarray, tq: np.ndarray, tz: np.ndarray, q: int) -> np.ndarray:
     """Each row's request's target logit (-inf where the request has no target)."""
     per = np.full(q, np.inf)
     per[tq] = tz

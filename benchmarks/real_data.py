@@ -57,8 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -66,12 +64,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from funnelrec import __version__
-from funnelrec.baselines import ALS, BPR, CoWatch, Interactions, ItemKNN, Jagged, Popularity
+from funnelrec.baselines import ALS, BPR, CoWatch, ItemKNN, Jagged, Popularity
 from funnelrec.candidates.metrics import RetrievalMetrics, exclusion_mask, target_ranks, tie_keys
 from funnelrec.data.dataset import Dataset, write_json_atomic
 from funnelrec.errors import FunnelrecError
-from funnelrec.features.splits import leave_last_out, user_offsets
 from funnelrec.progress import progress_bar
+from funnelrec.ranking.sequence_fit import SequenceSplit, read_sequence_split
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -139,94 +137,14 @@ PEERS: dict[str, dict[str, dict[str, float]]] = {
 # The split
 
 
-@dataclass
-class Split:
-    """One data set cut by the protocol. Q evaluated users, N items (ids 1..N).
-
-    train:        training interactions of every kept user (sorted by user, ts)
-    users:        [Q] dataset user ids evaluated
-    history:      setting -> Jagged [Q] rows: 'train' items, '+val' items, oldest first
-    seen:         Jagged [Q] training + validation items (excluded from the ranking)
-    target:       [Q] test item; target_ts [Q] its timestamp
-    train_rows:   rows of the dataset's watches table that are training interactions
-    """
-
-    name: str
-    path: Path
-    num_items: int
-    train: Interactions
-    users: np.ndarray
-    history: dict[str, Jagged]
-    seen: Jagged
-    target: np.ndarray
-    target_ts: np.ndarray
-    synthetic_timestamps: bool
-    train_rows: np.ndarray  # rows of the dataset's watches table in `train`
-    valid_ts: np.ndarray  # [Q] time of the validation item
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _jagged_ranges(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Jagged:
-    """Rows values[lo[q]:hi[q]] as a Jagged, without a Python loop."""
-    lengths = hi - lo
-    offsets = np.zeros(lo.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    idx = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1] - lo, lengths)
-    return Jagged(values[idx], offsets)
+# The protocol's cut is the product's own (`funnelrec.ranking.sequence_fit`): the funnel
+# model and every other model see the same training, validation and test watches.
+Split = SequenceSplit
 
 
 def load_split(name: str, path: Path) -> Split:
     """Read a funnelrec dataset's watches and cut them by the protocol."""
-    ds = Dataset.open(path)
-    t = ds.table("watches", columns=["user_id", "item_id", "ts"])
-    user = t.column("user_id").to_numpy().astype(np.int64)
-    item = t.column("item_id").to_numpy().astype(np.int64)
-    ts = t.column("ts").to_numpy().astype(np.int64)
-    order = np.lexsort((ts, user))  # stable: ties keep the table's (= file) order
-    user, item, ts = user[order], item[order], ts[order]
-    counts = np.bincount(user)
-    keep = counts[user] >= MIN_INTERACTIONS
-    user, item, ts = user[keep], item[keep], ts[keep]
-    table_row = order[keep]
-    num_items = int(pq.read_metadata(path / "items.parquet").num_rows)
-    num_items = max(num_items, int(item.max()))
-
-    start = user_offsets(user)
-    sp = leave_last_out(start, ts, min_watches=MIN_INTERACTIONS)
-    users = np.flatnonzero(sp.valid_end > sp.train_end)  # users with a held-out watch
-    lo, tr_end, va_end = sp.user_start[users], sp.train_end[users], sp.valid_end[users]
-    part = sp.part_of_watches(user.size)
-    train = Interactions(user[part == 0], item[part == 0], ts[part == 0])
-    train_rows = table_row[part == 0]
-    target = item[va_end]
-    in_train = np.zeros(num_items + 1, dtype=bool)
-    in_train[train.item] = True
-    stats = {
-        "users": int(users.size),
-        "items": num_items,
-        "interactions": int(user.size),
-        "train_interactions": len(train),
-        "targets_never_in_training": int((~in_train[target]).sum()),
-        "dropped_users": int(((counts > 0) & (counts < MIN_INTERACTIONS)).sum()),
-    }
-    return Split(
-        name=name,
-        path=path,
-        num_items=num_items,
-        train=train,
-        users=users.astype(np.int64),
-        history={
-            "train": _jagged_ranges(item, lo, tr_end),
-            "+val": _jagged_ranges(item, lo, va_end),
-        },
-        seen=_jagged_ranges(item, lo, va_end),
-        target=target,
-        target_ts=ts[va_end],
-        synthetic_timestamps=bool(ds.manifest.synthetic_timestamps),
-        train_rows=train_rows,
-        valid_ts=ts[tr_end],
-        stats=stats,
-    )
+    return read_sequence_split(path, name=name, min_interactions=MIN_INTERACTIONS)
 
 
 def _rows(j: Jagged, lo: int, hi: int) -> Jagged:
@@ -459,163 +377,13 @@ def load_item_embeddings_of(art: Path) -> tuple[torch.Tensor, np.ndarray]:
     return emb, ids.numpy()
 
 
-# The whole funnel (funnelrec.ranking.sequence): the deep candidate model, co-watch and
-# popularity nominate, the ranking network orders. Its ranker learns from pages staged at
-# each user's last training moments, with every source fitted on the training
-# interactions before them (the deep model on features of a dataset of the training
-# interactions only, whose own leave-last-out cut holds those moments out), so no source has
-# seen a page's next item; validation (the epoch) and test requests are served by co-watch,
-# popularity and the deep model refitted on all training interactions (FUNNEL_REFIT), as
-# the product retrains its sources on the latest data. Scored at example age 0, as served.
-FUNNEL_REFIT = True
-FUNNEL_REFIT_DEEP = True  # and the deep model retrained on them (--no-funnel-refit-deep)
+# The whole funnel, fitted by the product (`funnelrec.ranking.sequence_fit`, the code of
+# `funnelrec train funnel`): the deep candidate model, co-watch and popularity nominate,
+# the ranking network orders; its pages are staged at each user's last training moments
+# with every source fitted on the training watches before them (docs/evaluation.md).
+# Scored at example age 0, as served, through the funnel loaded back from its artifact.
+FUNNEL_FIT: dict[str, Any] = {}  # SequenceFitConfig fields set on the command line
 FUNNEL_OVERRIDES: list[str] = []
-# The pages' moments per user: the inner features' leave-last-out cut holds out the last
-# PAGE_VALID_N + 1 training interactions (fewer for short histories: one stays training).
-PAGE_VALID_N = 1
-
-
-def _inner_dataset(data: Split, out: Path) -> Path:
-    """A funnelrec dataset of `data`'s training interactions only (users, items, id maps
-    and the training rows of the watches table)."""
-    from funnelrec.data.dataset import DatasetWriter
-
-    ds = Dataset.open(data.path)
-    rows = np.sort(data.train_rows)
-    with DatasetWriter(
-        out, source=f"{ds.manifest.source}+training-part", force=True,
-        synthetic_timestamps=bool(ds.manifest.synthetic_timestamps),
-    ) as w:  # fmt: skip
-        for name in ("users", "items"):
-            if ds.has(name):
-                w.write(name, ds.table(name))
-        w.write("watches", ds.table("watches").take(pa.array(rows)))
-        for space in ds.manifest.id_maps:
-            w.add_id_map(space, ds.id_map(space).sort_by("id").column("raw_id"))
-    return out
-
-
-def _deep_source(feat_dir: Path, art: Path, num_items: int) -> tuple[Any, np.ndarray]:
-    """The candidate model of `art` as the funnel's deep source: (user vectors at example
-    age 0 from a history, item vectors [N + 1, d])."""
-    from funnelrec.candidates import load_candidate_model
-    from funnelrec.features import Features
-
-    feats = Features.open(feat_dir)
-    model = load_candidate_model(art)
-    emb, ids = load_item_embeddings_of(art)
-    items = np.zeros((num_items + 1, emb.shape[1]), dtype=np.float32)
-    items[ids] = emb.numpy()
-
-    def users(u: np.ndarray, h: Jagged) -> np.ndarray:
-        hist = [h.values[h.offsets[i] : h.offsets[i + 1]].tolist() for i in range(u.size)]
-        with torch.no_grad():
-            return model(feats.candidate_batch(hist)).float().numpy()
-
-    return users, items
-
-
-def stage_funnel(data: Split, cfg: Any) -> tuple[Any, Any]:
-    """The funnel's sources fitted and its pages and validation pools staged
-    (`SequenceFunnel.stage`): (the funnel, the staged data)."""
-    from funnelrec.baselines import CoWatch
-    from funnelrec.candidates import fit_candidates, load_training_config
-    from funnelrec.config import load_config
-    from funnelrec.features import FeaturesConfig
-    from funnelrec.features.build import build_features
-    from funnelrec.ranking.sequence import Requests, SequenceFunnel, Sources
-
-    work = WORK / f"{data.name}-funnel-{os.getpid()}"
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
-    inner = _inner_dataset(data, work / "data")
-    fcfg = load_config(
-        FeaturesConfig,
-        None,
-        ["cap=none", f"valid_n={PAGE_VALID_N}", f"min_watches={MIN_INTERACTIONS}",
-         *FUNNELREC_FEATURE_OVERRIDES],
-    )  # fmt: skip
-    build_features(inner, work / "features", split="last", config=fcfg, force=True,
-                   progress=PROGRESS)  # fmt: skip
-    config = load_training_config(
-        REPO / "configs" / FUNNELREC_CONFIGS[data.name],
-        [f"train.seed={TRAIN_SEED}", *FUNNELREC_OVERRIDES],
-    )
-    from funnelrec.features import Features
-
-    fit_candidates(Features.open(work / "features"), work / "candidates", config, force=True,
-                   progress=PROGRESS)  # fmt: skip
-    deep_users, deep_items = _deep_source(work / "features", work / "candidates", data.num_items)
-
-    # the pages' moments: the training interactions the inner features' cut holds out
-    # (users with at least MIN_INTERACTIONS of them; the last PAGE_VALID_N + 1, keeping one)
-    tr = data.train
-    start = user_offsets(tr.user)
-    n_user = np.diff(start)[tr.user]
-    back = np.arange(tr.user.size) - start[tr.user] - n_user + 1  # 0 = the last
-    held = np.minimum(PAGE_VALID_N, n_user - 2) + 1
-    moment = (n_user >= MIN_INTERACTIONS) & (back > -held)
-    before = Interactions(tr.user[~moment], tr.item[~moment], tr.ts[~moment])
-    pos = np.flatnonzero(moment)
-    lo = start[tr.user[pos]]
-    page_req = Requests(
-        tr.user[pos], _jagged_ranges(tr.item, lo, pos),
-        None if data.synthetic_timestamps else (tr.ts[pos] - tr.ts[pos - 1]).astype(float),
-    )  # fmt: skip
-
-    topic = _item_topics(data)
-
-    def sources(train: Interactions, deep: tuple[Any, np.ndarray]) -> Sources:
-        co = CoWatch(next_n=5, neighbours=100, last_n=5).fit(train, data.num_items)
-        pop = np.bincount(train.item, minlength=data.num_items + 1).astype(float)
-        return Sources(data.num_items, co, pop, *deep, topic=topic)
-
-    page_sources = sources(before, (deep_users, deep_items))
-    serve_deep = (deep_users, deep_items)
-    if FUNNEL_REFIT_DEEP:
-        # the deep model retrained on every training interaction (the epoch chosen on
-        # validation), as the product retrains its sources on the latest data
-        full = work / "features-all"
-        build_features(data.path, full, split="last",
-                       config=load_config(FeaturesConfig, None, ["cap=none",
-                                                                 *FUNNELREC_FEATURE_OVERRIDES]),
-                       force=True, progress=PROGRESS)  # fmt: skip
-        fit_candidates(Features.open(full), work / "candidates-all", config, force=True,
-                       progress=PROGRESS)  # fmt: skip
-        serve_deep = _deep_source(full, work / "candidates-all", data.num_items)
-    serve_sources = sources(tr, serve_deep) if FUNNEL_REFIT else page_sources
-
-    def requests(setting: str, users: np.ndarray, now_ts: np.ndarray | None) -> Requests:
-        h = data.history[setting]
-        rows = np.searchsorted(data.users, users)
-        hh = _rows_at(h, rows)
-        since = None
-        if not data.synthetic_timestamps and now_ts is not None:
-            last = _last_ts(data, setting)[rows]
-            since = (now_ts - last).astype(float)
-        return Requests(users, hh, since)
-
-    valid_ts = _last_ts(data, "+val")
-    valid_req = requests("train", data.users, valid_ts)
-    valid_next = data.history["+val"].values[data.history["+val"].offsets[1:] - 1]
-    f = SequenceFunnel(page_sources, cfg)
-    staged = f.stage(page_req, tr.item[pos], valid_req, valid_next,
-                     valid_sources=serve_sources, progress=PROGRESS)  # fmt: skip
-    return f, staged
-
-
-def _item_topics(data: Split) -> np.ndarray | None:
-    """[N + 1] a code per item's category (MovieLens: its genre; 0: none), or None when the
-    items have no `topic` column."""
-    ds = Dataset.open(data.path)
-    if "topic" not in ds.columns("items"):
-        return None
-    t = ds.table("items", ["item_id", "topic"])
-    names = t.column("topic").to_pylist()
-    uniq = sorted({x for x in names if x})
-    code = {x: i + 1 for i, x in enumerate(uniq)}
-    out = np.zeros(data.num_items + 1, dtype=np.int64)
-    out[t.column("item_id").to_numpy()] = [code.get(x, 0) if x else 0 for x in names]
-    return out
 
 
 def _print_epoch(name: str) -> Callable[[dict[str, Any]], None]:
@@ -628,20 +396,32 @@ def _print_epoch(name: str) -> Callable[[dict[str, Any]], None]:
 
 
 def funnel(data: Split) -> ModelRun:
+    from funnelrec.candidates import load_training_config
     from funnelrec.config import load_config
     from funnelrec.ranking.sequence import Requests, SequenceFunnelConfig
+    from funnelrec.ranking.sequence_fit import SequenceFitConfig, fit_sequence_funnel
 
     cfg = load_config(SequenceFunnelConfig, None, [f"seed={TRAIN_SEED}", *FUNNEL_OVERRIDES])
+    fit_cfg = SequenceFitConfig(**FUNNEL_FIT)
+    deep = load_training_config(
+        REPO / "configs" / FUNNELREC_CONFIGS[data.name],
+        [f"train.seed={TRAIN_SEED}", *FUNNELREC_OVERRIDES],
+    )
+    art = WORK / f"{data.name}-funnel-{os.getpid()}"
+    atexit.register(shutil.rmtree, art, ignore_errors=True)
     started, cpu = time.perf_counter(), time.process_time()
-    f, staged = stage_funnel(data, cfg)
-    f.fit_staged(staged, on_epoch=_print_epoch(data.name), started=started)
+    f = fit_sequence_funnel(
+        data, art, funnel=cfg, deep=deep, fit=fit_cfg,
+        feature_overrides=FUNNELREC_FEATURE_OVERRIDES, force=True, progress=PROGRESS,
+        on_epoch=_print_epoch(data.name),
+    )  # fmt: skip
     fit_s, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
 
     def score(u: np.ndarray, h: Jagged) -> np.ndarray:
         since = None
         if not data.synthetic_timestamps:
             rows = np.searchsorted(data.users, u)
-            since = (data.target_ts[rows] - _last_ts(data, "+val")[rows]).astype(float)
+            since = (data.target_ts[rows] - data.valid_ts[rows]).astype(float)
         ids, _ = f.recommend(Requests(u, h, since), max(KS))
         out = np.full((u.size, data.num_items + 1), -1e30, dtype=np.float32)
         r = np.repeat(np.arange(u.size), ids.shape[1])
@@ -658,8 +438,7 @@ def funnel(data: Split) -> ModelRun:
         note=f"deep model {FUNNELREC_CONFIGS[data.name]}; sources "
         f"deep {cfg.deep_k} + co-watch {cfg.cowatch_k} + popular {cfg.popular_k}; pages "
         f"{d['pages']} of {d['requests']} moments; ranker best epoch {d['best_epoch']} of "
-        f"{d['epochs']}; served by sources refitted on all training interactions: "
-        f"{FUNNEL_REFIT} (deep model: {FUNNEL_REFIT_DEEP}); fit {fit_cpu:.1f} s CPU",
+        f"{d['epochs']}; {fit_cfg}; fit {fit_cpu:.1f} s CPU",
         extra={"funnel": {k: v for k, v in d.items() if k != "history"},
                "funnel_epochs": d["history"]},
     )  # fmt: skip
@@ -700,20 +479,6 @@ def sasrec(data: Split) -> ModelRun:
         note=f"best epoch {run.best_epoch} of {run.epochs_run}, {stop}",
         extra={"sasrec_epochs": run.history, "stopped_on_time": run.stopped_on_time},
     )
-
-
-def _rows_at(j: Jagged, rows: np.ndarray) -> Jagged:
-    return _jagged_ranges(j.values, j.offsets[rows], j.offsets[rows + 1])
-
-
-def _last_ts(data: Split, setting: str) -> np.ndarray:
-    """[Q] time of each evaluated user's last item of history `setting`."""
-    tr = data.train
-    start = user_offsets(tr.user)
-    last_train = tr.ts[start[data.users + 1] - 1]
-    if setting == "train":
-        return last_train
-    return data.valid_ts
 
 
 MODELS: dict[str, Callable[[Split], ModelRun]] = {
@@ -957,10 +722,10 @@ def main(argv: list[str] | None = None) -> int:
         help="bound SASRec's training (it keeps its best epoch so far); default: none",
     )
     p.add_argument(
-        "--no-funnel-refit-deep",
+        "--funnel-refit-deep",
         action="store_true",
-        help="serve the funnel with the pages' deep model, not one retrained on all "
-        "training interactions",
+        help="serve the funnel with a deep model retrained on all training interactions, "
+        "not the pages' one",
     )
     p.add_argument(
         "--no-funnel-refit",
@@ -980,16 +745,18 @@ def main(argv: list[str] | None = None) -> int:
         help="no progress of the feature build, training and evaluation (the lines per model stay)",
     )
     args = p.parse_args(argv)
-    global WORK, PROGRESS, FUNNEL_REFIT, FUNNEL_REFIT_DEEP, PAGE_VALID_N, SASREC_MAX_SECONDS
+    global WORK, PROGRESS, SASREC_MAX_SECONDS
     global AGE_AT_REQUEST
     WORK = args.work
     PROGRESS = not args.no_progress
     FUNNELREC_OVERRIDES.extend(args.funnelrec_overrides.split())
     FUNNELREC_FEATURE_OVERRIDES.extend(args.feature_overrides.split())
     FUNNEL_OVERRIDES.extend(args.funnel_overrides.split())
-    FUNNEL_REFIT = not args.no_funnel_refit
-    FUNNEL_REFIT_DEEP = FUNNEL_REFIT and not args.no_funnel_refit_deep
-    PAGE_VALID_N = args.funnel_valid_n
+    FUNNEL_FIT.update(
+        page_moments=args.funnel_valid_n + 1,
+        refit=not args.no_funnel_refit,
+        refit_deep=args.funnel_refit_deep,
+    )
     SASREC_MAX_SECONDS = args.sasrec_max_seconds
     AGE_AT_REQUEST = args.age_at_target
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

@@ -13,7 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec.cli import sequence
 from funnelrec.cli.evaluate import _ks
+from funnelrec.ranking.sequence_fit import is_sequence_funnel
 from funnelrec.serving.evaluation import FunnelReport, evaluate_funnel
 
 console = Console()
@@ -44,7 +46,11 @@ def evaluate_command(
     """The whole funnel as served (sources, then the ranker) on held-out next watches.
 
     HR, NDCG, recall at K and MRR, beside each candidate source's own top K
-    (docs/evaluation.md)."""
+    (docs/evaluation.md). A sequence funnel (`funnelrec train funnel`) is scored on its
+    dataset's held-out last watches (`--data`: another dataset of the same ids)."""
+    if is_sequence_funnel(art):
+        sequence.evaluate_command(art, split, _ks(k), limit, data, out)
+        return
     report = evaluate_funnel(
         art, split, ks=_ks(k), limit=limit, features=features, data=data, progress=True
     )

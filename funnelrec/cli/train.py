@@ -5,6 +5,7 @@ funnelrec train candidates --features F --out A --config configs/candidates-smal
 funnelrec train candidates --features F --out A --resume      # after Ctrl-C or a crash
 funnelrec train candidates --features F --out A --device cuda
 funnelrec train candidates --features F --out A --nproc 2     # data-parallel, via torchrun
+funnelrec train funnel --data D --out A       # the whole funnel on a dataset of watches
 torchrun --standalone --nproc-per-node 2 -m funnelrec.cli.worker candidates --features F --out A
 """
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from funnelrec.candidates import checkpoint_path, fit_candidates, load_training_config
-from funnelrec.cli import rank
+from funnelrec.cli import rank, sequence
 from funnelrec.training import distributed
 
 app = typer.Typer(
@@ -89,3 +90,4 @@ def candidates(
 
 
 app.command("ranker")(rank.train_command)
+app.command("funnel")(sequence.train_command)

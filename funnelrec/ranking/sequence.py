@@ -37,9 +37,9 @@ all equal), with the epoch chosen by the funnel's NDCG@10 on validation requests
 What the pages' sources are fitted on is the caller's choice and matters: a source fitted
 on the very watches that become the pages' positives has seen each (history, next item)
 pair, and a ranker trained on such pages learns to trust it far more than it deserves on
-new requests. `benchmarks/real_data.py` fits the sources on each user's history but the
-last two training items and stages the pages at those two moments (docs/evaluation.md,
-"The funnel on sequence data").
+new requests. `funnelrec.ranking.sequence_fit` (`funnelrec train funnel`) fits the sources
+on each user's history but the last two training items and stages the pages at those two
+moments (docs/evaluation.md, "The funnel on sequence data").
 
     funnel = SequenceFunnel(sources, SequenceFunnelConfig())
     funnel.fit(train_requests, train_next, valid_requests, valid_next, progress=True)

@@ -4,6 +4,7 @@
   columns, types, rules;
 - `dataset.py`: a dataset directory (`DatasetWriter`, `Dataset`, manifest, id maps) and the
   atomic writes every later stage uses;
+- `checks.py`: what opening and first reading a dataset checks its files and values against;
 - `loaders/`: MovieLens, KuaiRand and sequence files -> canonical tables;
 - `fetch.py`: MovieLens-100k from its publishers;
 - `describe.py`: `funnelrec data describe`.

@@ -40,11 +40,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from funnelrec import __version__
+from funnelrec.data.checks import (
+    IdSet,
+    TableCheck,
+    check_files,
+    iter_batches,
+    read_footer,
+    read_table,
+)
 from funnelrec.data.schema import REQUIRED_TABLES, SPECS, TABLE_NAMES, validate_table
 from funnelrec.errors import ArtifactError, DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Rows per batch when the columns a caller did not ask for are read only to be checked.
+_CHECK_BATCH = 1 << 20
 
 
 @dataclass
@@ -310,18 +320,36 @@ class DatasetWriter:
 
 
 class Dataset:
-    """A dataset directory opened for reading."""
+    """A dataset directory opened for reading.
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    Opening checks every file from its footer, and the first read of each table checks
+    its values (`checks.py`): damaged data is refused with a `DataError` naming the file,
+    the column and the first offending row, before any stage computes from it.
+    """
+
+    def __init__(
+        self, path: Path, manifest: Manifest, schemas: dict[str, pa.Schema] | None = None
+    ) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self._schemas = dict(schemas or {})
+        self._checked: set[str] = set()  # tables whose values have been checked
+        self._id_sets: dict[str, IdSet] = {}
 
     @classmethod
     def open(cls, path: Path | str) -> Dataset:
         path = Path(path)
         if not path.is_dir():
             raise ArtifactError(f"{path}: no such dataset directory")
-        return cls(path, Manifest.from_file(path / MANIFEST))
+        manifest = Manifest.from_file(path / MANIFEST)
+        schemas = check_files(
+            path,
+            manifest.tables,
+            manifest.row_counts,
+            manifest.id_maps,
+            where=path / MANIFEST,
+        )
+        return cls(path, manifest, schemas)
 
     def has(self, name: str) -> bool:
         return name in self.manifest.tables
@@ -331,19 +359,74 @@ class Dataset:
             raise DataError(f"{self.path}: dataset has no '{name}' table")
         return self.path / self.manifest.tables[name]
 
+    def _columns_to_read(self, name: str, columns: Sequence[str] | None) -> list[str] | None:
+        if not columns:
+            return None
+        absent = [c for c in columns if c not in self.columns(name)]
+        if absent:
+            raise DataError(f"no column(s) {', '.join(absent)}", path=self._file(name))
+        return list(columns)
+
     def table(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
         """Read a whole table (or some of its columns)."""
-        return pq.read_table(self._file(name), columns=list(columns) if columns else None)
+        file = self._file(name)
+        table = read_table(file, self._columns_to_read(name, columns))
+        if name not in self._checked:
+            # The columns read are checked as they are; the others are streamed, so that
+            # checking costs no more memory than a batch beyond what the caller asked for.
+            check = self._check(name)
+            check.feed(table, 0)
+            rest = [c for c in self.columns(name) if c not in table.column_names]
+            if rest and not check.failed:
+                offset = 0
+                for batch in iter_batches(file, rest, _CHECK_BATCH):
+                    check.feed(batch, offset)
+                    offset += batch.num_rows
+            check.done()
+            self._checked.add(name)
+        return table
 
     def batches(
         self, name: str, columns: Sequence[str] | None = None, batch_size: int = 1 << 20
     ) -> Iterator[pa.RecordBatch]:
         """Stream a table in record batches, never holding it all in memory."""
-        f = pq.ParquetFile(self._file(name))
-        yield from f.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+        file = self._file(name)
+        wanted = self._columns_to_read(name, columns)
+        if name in self._checked:
+            yield from iter_batches(file, wanted, batch_size)
+            return
+        # The first read of the table: every column is read and checked, and the
+        # caller's are handed on. A batch with an offence is not handed on: the rest of
+        # the table is read to count the rows that break the same rule, then it raises.
+        check = self._check(name)
+        offset = 0
+        stream = iter_batches(file, None, batch_size)
+        for batch in stream:
+            check.feed(batch, offset)
+            offset += batch.num_rows
+            if check.failed:
+                for more in stream:
+                    check.feed(more, offset)
+                    offset += more.num_rows
+                check.done()
+            yield batch if wanted is None else batch.select(wanted)
+        check.done()
+        self._checked.add(name)
+
+    def _check(self, name: str) -> TableCheck:
+        return TableCheck(name, self._file(name), self._id_set)
+
+    def _id_set(self, name: str) -> IdSet:
+        """The ids the users or items table lists (read, and so checked, on first use)."""
+        if name not in self._id_sets:
+            id_column = SPECS[name].required[0].name
+            self._id_sets[name] = IdSet(self.table(name, [id_column]).column(0))
+        return self._id_sets[name]
 
     def columns(self, name: str) -> list[str]:
-        return list(pq.read_schema(self._file(name)).names)
+        if name not in self._schemas:
+            self._schemas[name], _ = read_footer(self._file(name), f"'{name}' table")
+        return list(self._schemas[name].names)
 
     def num_rows(self, name: str) -> int:
         return int(self.manifest.row_counts.get(name, 0))
@@ -352,7 +435,7 @@ class Dataset:
         """raw_id (string) and id (int64) of an id space, e.g. 'user' or 'item'."""
         if space not in self.manifest.id_maps:
             raise DataError(f"{self.path}: dataset has no id map for '{space}'")
-        return pq.read_table(self.path / self.manifest.id_maps[space])
+        return read_table(self.path / self.manifest.id_maps[space], None)
 
     def fingerprint(self) -> str:
         """A short hash of the manifest and table files' sizes: changes when the data does."""

@@ -13,12 +13,16 @@ reads only them. Ids are dense int64 starting at 1 (0 is padding / out of vocabu
 
 `validate_table` checks a table against its spec and returns it with canonical column
 order and types, or raises `DataError` naming the file, column and first offending row.
+The rules of single values (`column_offences`) and of repeated ids (`first_duplicate`) are
+also what `Dataset` checks a table on disk against when it first reads it (`checks.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +43,16 @@ class Column:
     nullable: bool = False
     # For int/float columns: the smallest allowed value (checked on non-null values).
     minimum: float | None = None
+    # For string columns: the only values allowed (checked on non-null values).
+    allowed: tuple[str, ...] | None = None
+    # For id columns of the event tables: the table that lists every id of the space. One
+    # table cannot check this alone; a dataset checks it across its tables (`checks.py`).
+    refers_to: str | None = None
+
+    @property
+    def finite(self) -> bool:
+        """Floating-point values must be finite: NaN or infinity is never a measurement."""
+        return pa.types.is_floating(self.type)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ class TableSpec:
 
 
 _ID = dict(type=pa.int64(), minimum=1)
+_USER = dict(_ID, refers_to="users")
+_ITEM = dict(_ID, refers_to="items")
 
 SPECS: dict[str, TableSpec] = {
     "users": TableSpec(
@@ -92,17 +108,17 @@ SPECS: dict[str, TableSpec] = {
     "watches": TableSpec(
         "watches",
         required=(
-            Column("user_id", **_ID),
-            Column("item_id", **_ID),
+            Column("user_id", **_USER),
+            Column("item_id", **_ITEM),
             Column("ts", pa.int64()),
             Column("watch_time_s", pa.float32(), nullable=True, minimum=0),
-            Column("source", pa.string(), nullable=True),
+            Column("source", pa.string(), nullable=True, allowed=WATCH_SOURCES),
         ),
     ),
     "searches": TableSpec(
         "searches",
         required=(
-            Column("user_id", **_ID),
+            Column("user_id", **_USER),
             Column("ts", pa.int64()),
             Column("query", pa.string()),
         ),
@@ -111,8 +127,8 @@ SPECS: dict[str, TableSpec] = {
         "impressions",
         required=(
             Column("request_id", **_ID),
-            Column("user_id", **_ID),
-            Column("item_id", **_ID),
+            Column("user_id", **_USER),
+            Column("item_id", **_ITEM),
             Column("ts", pa.int64()),
             Column("position", pa.int32(), minimum=0),
             Column("clicked", pa.bool_()),
@@ -126,11 +142,79 @@ SPECS: dict[str, TableSpec] = {
 }
 
 
-def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
-    """Index of the first true value of a boolean array, or None."""
-    arr = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+@dataclass(frozen=True)
+class Offence:
+    """The rows of a column that break one rule: how many, the first, what is wrong with it."""
+
+    rule: str  # "missing", "finite", "minimum" or "allowed"
+    count: int
+    index: int  # the first offending row, 0-based
+    message: str  # about the value in that row
+
+
+Values: TypeAlias = pa.Array | pa.ChunkedArray
+
+
+def true_rows(mask: Values) -> tuple[int, int] | None:
+    """How many values of a boolean array are true, and the index of the first; None if none."""
+    mask = pc.fill_null(mask, False)
+    if not pc.any(mask).as_py():
+        return None
+    arr = np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
     hits = np.flatnonzero(arr)
-    return int(hits[0]) if hits.size else None
+    return int(hits.size), int(hits[0])
+
+
+def column_offences(spec: Column, col: Values) -> list[Offence]:
+    """Every rule of `spec` on single values that `col` (already of `spec.type`) breaks, in
+    the order they are checked: missing value, non-finite number, below the minimum, not
+    an allowed value. Empty when the column keeps them all."""
+    found = []
+
+    def check(rule: str, mask: Values, message: Callable[[Any], str]) -> None:
+        hit = true_rows(mask)
+        if hit is not None:
+            count, index = hit
+            found.append(Offence(rule, count, index, message(col[index].as_py())))
+
+    if not spec.nullable and col.null_count:
+        check("missing", pc.is_null(col), lambda _: "missing value")
+    if spec.finite:
+        check(
+            "finite",
+            pc.invert(pc.is_finite(col)),
+            lambda v: "value is NaN" if math.isnan(v) else f"value {v} is not finite",
+        )
+    if spec.minimum is not None:
+        check(
+            "minimum",
+            pc.less(col, spec.minimum),
+            lambda v: f"value {v} is below the minimum {spec.minimum:g}",
+        )
+    if spec.allowed is not None:
+        allowed = ", ".join(spec.allowed)
+        check(
+            "allowed",
+            pc.and_(
+                pc.is_valid(col),
+                pc.invert(pc.is_in(col, value_set=pa.array(spec.allowed, spec.type))),
+            ),
+            lambda v: f"{spec.name} {v!r} is not one of {allowed}",
+        )
+    return found
+
+
+def first_duplicate(ids: np.ndarray) -> tuple[int, int, int] | None:
+    """The first row whose id an earlier row holds, that earlier row (both 0-based), and how
+    many rows repeat an earlier id; None if every id is distinct."""
+    _, first_index = np.unique(ids, return_index=True)
+    repeated = np.ones(ids.size, dtype=bool)
+    repeated[first_index] = False
+    if not repeated.any():
+        return None
+    row = int(np.flatnonzero(repeated)[0])
+    first = int(np.flatnonzero(ids == ids[row])[0])
+    return row, first, int(repeated.sum())
 
 
 def _cast_column(
@@ -191,57 +275,24 @@ def validate_table(
         if col_spec.name not in present:
             continue
         col = _cast_column(table.column(col_spec.name), col_spec, where, row_offset)
-        if not col_spec.nullable and col.null_count:
-            bad = _first_true(pc.is_null(col))
+        offences = column_offences(col_spec, col)
+        if offences:
+            bad = offences[0]
             raise DataError(
-                "missing value", path=where, column=col_spec.name, row=_row(bad, row_offset)
+                bad.message, path=where, column=col_spec.name, row=row_offset + bad.index + 1
             )
-        if col_spec.minimum is not None and pa.types.is_floating(col.type):
-            bad = _first_true(pc.is_nan(col))
-            if bad is not None:
-                raise DataError(
-                    "value is NaN", path=where, column=col_spec.name, row=_row(bad, row_offset)
-                )
-        if col_spec.minimum is not None:
-            bad = _first_true(pc.less(col, col_spec.minimum))
-            if bad is not None:
-                value = col[bad].as_py()
-                raise DataError(
-                    f"value {value} is below the minimum {col_spec.minimum:g}",
-                    path=where,
-                    column=col_spec.name,
-                    row=_row(bad, row_offset),
-                )
         out_cols.append(col)
         kept.append(col_spec.name)
 
-    if name == "watches":
-        source = out_cols[4]
-        unknown = pc.and_(pc.is_valid(source), pc.invert(pc.is_in(source, pa.array(WATCH_SOURCES))))
-        bad = _first_true(unknown)
-        if bad is not None:
-            raise DataError(
-                f"source {source[bad].as_py()!r} is not one of {', '.join(WATCH_SOURCES)}",
-                path=where,
-                column="source",
-                row=_row(bad, row_offset),
-            )
     if spec.unique is not None:
         ids = np.asarray(out_cols[0].to_numpy())
-        _, first_index = np.unique(ids, return_index=True)
-        repeated = np.ones(ids.size, dtype=bool)
-        repeated[first_index] = False
-        if repeated.any():
-            row = int(np.flatnonzero(repeated)[0])
-            first = int(np.flatnonzero(ids == ids[row])[0])
+        dup = first_duplicate(ids)
+        if dup is not None:
+            row, first, _ = dup
             raise DataError(
                 f"duplicate {spec.unique} {ids[row]} (first seen in row {row_offset + first + 1})",
                 path=where,
                 column=spec.unique,
-                row=_row(row, row_offset),
+                row=row_offset + row + 1,
             )
     return pa.table(out_cols, schema=spec.arrow_schema(kept))
-
-
-def _row(index: int | None, offset: int) -> int | None:
-    return None if index is None else offset + index + 1

@@ -112,7 +112,7 @@ def _candidate_table(
         owner = np.repeat(np.arange(len(pos), dtype=np.int64), np.diff(seen_off))
         vocab_n = ctx.item_vocab_size
         keyed = np.sort(owner * vocab_n + seen)  # distinct (example, item) pairs, sorted
-        keyed = keyed[np.concatenate([[True], keyed[1:] != keyed[:-1]])]
+        keyed = keyed[np.concatenate([[True], keyed[1:] != keyed[:-1]])[: keyed.size]]
         ids = keyed % vocab_n
         own = keyed // vocab_n
         keep = ids != 0

@@ -51,8 +51,9 @@ def _finish(
     counts: dict[str, dict[str, int]] = {"candidates": {}, "ranking": {}}
     for stage in counts:
         for part_name in PART_NAMES:
+            # a block without impressions has no ranking counts: it wrote none
             n = [r.counts[stage].get(part_name) for r in results]
-            if all(x is not None for x in n):
+            if any(x is not None for x in n):
                 counts[stage][part_name] = int(sum(x for x in n if x is not None))
     oov: dict[str, dict[str, dict[str, float]]] = {"candidates": {}, "ranking": {}}
     for part_name in PART_NAMES:

@@ -131,11 +131,14 @@ def _count_block(
     if sp.kind == "last":
         acc.held_out_users += int((sp.valid_from < NEVER).sum())
     imp = log.imp
-    if imp is None:
+    if imp is None or not cfg.ranking:
+        # one entry per block all the same, so that block b's counts stay at index b
+        acc.rank_train_rows.append(0)
+        acc.requests.append([0, 0, 0])
+        if imp is not None:
+            acc.rank_columns = imp.column_names
         return
     acc.rank_columns = imp.column_names
-    if not cfg.ranking:
-        return
     i_user = np.asarray(imp.column("user_id").to_numpy(), dtype=np.int64)
     i_ts = np.asarray(imp.column("ts").to_numpy(), dtype=np.int64)
     i_item = np.asarray(imp.column("item_id").to_numpy(), dtype=np.int64)

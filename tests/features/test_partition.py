@@ -303,3 +303,20 @@ def test_blocks_honour_candidate_columns_off(world: Dataset, tmp_path: Path) -> 
         a, b = read_examples(fw, "ranking", part), read_examples(fb, "ranking", part)
         assert not {"source", "cand_score"} & set(b.column_names)
         _same_rows(a, b, ["user_id", "request_id", "position"], skip=("request_index",))
+
+
+def test_blocks_without_impressions_or_held_out_watches(tmp_path: Path) -> None:
+    # Blocks of a few events: some hold no impression and some no held-out watch, and
+    # each block's counts must still land at its own index.
+    from tests.data.test_damaged import write_world
+
+    data = write_world(tmp_path / "data")
+    whole, small = tmp_path / "whole", tmp_path / "small"
+    build_features(data, whole, config=_config(), progress=False)
+    build_features(data, small, config=_config(block_events=3), progress=False)
+    fw, fs = Features.open(whole), Features.open(small)
+    assert fs.manifest["timing"]["blocks"] > 2
+    assert fw.manifest["counts"] == fs.manifest["counts"]
+    for part in ("train", "valid", "test"):
+        a, b = read_examples(fw, "candidates", part), read_examples(fs, "candidates", part)
+        assert a.num_rows == b.num_rows, part

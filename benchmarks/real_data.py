@@ -550,12 +550,21 @@ def _fmt(x: float | None) -> str:
 
 def run_model(data: Split, key: str, console: Console) -> dict[str, Any]:
     """Fit one model (at TRAIN_SEED) and evaluate it in every history setting it has."""
+    # CPU seconds of the whole process (every thread) beside the wall time: on a shared
+    # machine the wall time of one model swings with what else runs, its CPU time much less
+    cpu = time.process_time()
     run = MODELS[key](data)
+    fit_cpu = time.process_time() - cpu
     console.print(
-        f"{data.name}: {key}: fitted in {run.fit_seconds:.1f} s; evaluating "
-        f"{', '.join(s for s in SETTINGS if s in run.scores)} on {data.users.size:,} users"
+        f"{data.name}: {key}: fitted in {run.fit_seconds:.1f} s ({fit_cpu:.1f} s CPU); "
+        f"evaluating {', '.join(s for s in SETTINGS if s in run.scores)} on "
+        f"{data.users.size:,} users"
     )
-    res: dict[str, Any] = {"name": run.name, "fit_s": round(run.fit_seconds, 3)}
+    res: dict[str, Any] = {
+        "name": run.name,
+        "fit_s": round(run.fit_seconds, 3),
+        "fit_cpu_s": round(fit_cpu, 3),
+    }
     if run.note:
         res["note"] = run.note
     res.update(run.extra)
@@ -573,6 +582,8 @@ def over_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     deviation ('<setting> std'), min and max, and each seed's run under 'seeds'."""
     out = {k: v for k, v in runs[0].items() if k not in SETTINGS}
     out["fit_s"] = round(float(np.mean([r["fit_s"] for r in runs])), 3)
+    if all("fit_cpu_s" in r for r in runs):
+        out["fit_cpu_s"] = round(float(np.mean([r["fit_cpu_s"] for r in runs])), 3)
     for setting in SETTINGS:
         if setting not in runs[0]:
             continue

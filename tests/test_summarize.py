@@ -515,3 +515,16 @@ def test_real_data_without_the_funnel_falls_back_to_the_deep_model() -> None:
         "the funnel and funnelrec's deep candidate model: not in this result; the strongest "
         "model in the table: bpr 0.1357 (train, run here, 1 seed)"
     )
+
+
+def test_real_data_time_goal_counts_cpu_seconds_where_recorded() -> None:
+    ml = real_data_seeded()["datasets"]["ml-100k"]["models"]
+    ml["funnel"]["fit_cpu_s"], ml["sasrec"]["fit_cpu_s"] = 110.0, 1400.0
+    _, figure, goal = headline("ml-100k", ml, {})
+    assert "training 60.0 s vs SASRec's 763 s: 0.08x; CPU 110 s vs 1,400 s: 0.08x" in figure
+    assert goal.endswith("(met)")
+    # a fifth of SASRec's wall time but not of its CPU time: not met
+    ml["funnel"]["fit_cpu_s"] = 400.0
+    _, figure, goal = headline("ml-100k", ml, {})
+    assert "CPU 400 s vs 1,400 s: 0.29x" in figure
+    assert goal.endswith("(not met)")

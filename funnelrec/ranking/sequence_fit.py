@@ -253,6 +253,10 @@ def fit_sequence_funnel(
     funnel is returned as loaded back from `out`, its hashes verified."""
     funnel_cfg = funnel or SequenceFunnelConfig()
     fit_cfg = fit or SequenceFitConfig()
+    # deep_k = 0: co-watch and popularity alone, and no candidate model to train
+    with_deep = funnel_cfg.deep_k > 0
+    if fit_cfg.refit_deep and not with_deep:
+        raise FunnelrecError("sequence funnel: refit_deep with deep_k = 0 (no deep source)")
     out = Path(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -266,28 +270,31 @@ def fit_sequence_funnel(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
         t = time.perf_counter()
-        inner = _training_dataset(split, work / "data")
-        fcfg = load_config(
-            FeaturesConfig,
-            None,
-            ["cap=none", f"valid_n={fit_cfg.page_moments - 1}",
-             f"min_watches={MIN_INTERACTIONS}", *feature_overrides],
-        )  # fmt: skip
-        build_features(inner, work / "features", split="last", config=fcfg, force=True,
-                       progress=progress)  # fmt: skip
-        t = lap("features_s", t)
-        fit_candidates(Features.open(work / "features"), art.tmp / "deep", deep, force=True,
-                       progress=progress)  # fmt: skip
-        _copy_serving_features(work / "features", art.tmp / "deep-features")
-        t = lap("deep_s", t)
-        deep_users, deep_items = _deep_source(
-            art.tmp / "deep-features", art.tmp / "deep", split.num_items
-        )
+        deep_users: Any = None
+        deep_items: np.ndarray | None = None
+        if with_deep:
+            inner = _training_dataset(split, work / "data")
+            fcfg = load_config(
+                FeaturesConfig,
+                None,
+                ["cap=none", f"valid_n={fit_cfg.page_moments - 1}",
+                 f"min_watches={MIN_INTERACTIONS}", *feature_overrides],
+            )  # fmt: skip
+            build_features(inner, work / "features", split="last", config=fcfg, force=True,
+                           progress=progress)  # fmt: skip
+            t = lap("features_s", t)
+            fit_candidates(Features.open(work / "features"), art.tmp / "deep", deep,
+                           force=True, progress=progress)  # fmt: skip
+            _copy_serving_features(work / "features", art.tmp / "deep-features")
+            t = lap("deep_s", t)
+            deep_users, deep_items = _deep_source(
+                art.tmp / "deep-features", art.tmp / "deep", split.num_items
+            )
 
         page_req, page_next, before = _pages(split, fit_cfg.page_moments)
         topic = item_topics(split.path, split.num_items)
 
-        def sources(train: Interactions, users: Any, items: np.ndarray) -> Sources:
+        def sources(train: Interactions, users: Any, items: np.ndarray | None) -> Sources:
             co = CoWatch(next_n=5, neighbours=100, last_n=5).fit(train, split.num_items)
             pop = np.bincount(train.item, minlength=split.num_items + 1).astype(float)
             return Sources(split.num_items, co, pop, users, items, topic=topic)
@@ -422,6 +429,7 @@ def _save(f: SequenceFunnel, root: Path, split: SequenceSplit) -> None:
             "created_by": f"funnelrec {__version__}",
             "config": asdict(f.config),
             "num_items": src.num_items,
+            "deep": src.deep_users is not None,
             "times": f.times,
             "feature_names": f.feature_names(),
             "normalizer": f.normalizer.to_dict(),
@@ -478,7 +486,9 @@ def load_sequence_funnel(path: Path | str) -> SequenceFunnel:
     cowatch = load_baseline(path / "cowatch")
     if not isinstance(cowatch, CoWatch):
         raise ArtifactError(f"{path / 'cowatch'}: not a co-watch model")
-    users, items = _deep_source(path / "deep-features", path / "deep", n)
+    users, items = (
+        _deep_source(path / "deep-features", path / "deep", n) if meta.get("deep") else (None, None)
+    )
     topic = arrays.get("topic")
     sources = Sources(
         n, cowatch, arrays["popularity"].numpy(), users, items,

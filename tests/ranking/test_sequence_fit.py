@@ -143,3 +143,20 @@ def test_command_line_trains_and_evaluates(fitted: dict[str, Path], tmp_path: Pa
     )
     assert res.exit_code == 1 and isinstance(res.exception, FunnelrecError)
     assert "already exists" in str(res.exception)
+
+
+def test_without_the_deep_source_no_candidate_model_is_trained(
+    fitted: dict[str, Path], tmp_path: Path
+) -> None:
+    split = read_sequence_split(fitted["data"])
+    cfg = SequenceFunnelConfig(deep_k=0, cowatch_k=20, popular_k=10, tower=(8,), max_epochs=2)
+    f = fit_sequence_funnel(split, tmp_path / "a", funnel=cfg)
+    assert not (tmp_path / "a" / "deep").exists()
+    assert "deep_s" not in f.describe()["timings"]
+    assert f.sources.deep_users is None
+    rep = evaluate_sequence_funnel(f, split, ks=(10,))
+    assert 0 <= rep.metrics["hr@10"] <= 1
+    with pytest.raises(FunnelrecError, match="refit_deep"):
+        fit_sequence_funnel(
+            split, tmp_path / "b", funnel=cfg, fit=SequenceFitConfig(refit_deep=True)
+        )

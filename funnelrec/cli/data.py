@@ -3,6 +3,8 @@
 funnelrec data import sequence beauty.txt --out /tmp/beauty
 funnelrec data import kuairand kuairand_sample.tsv --out /tmp/kr
 funnelrec data import movielens ml-1m/ --out /tmp/ml1m
+funnelrec data import events mapping.toml --out /tmp/logs [--bad-rows skip]
+funnelrec data append /tmp/logs day2/*.csv impressions=day2/imp.parquet [--allow-late]
 funnelrec data fetch movielens-100k --out /tmp/ml100k
 funnelrec data describe /tmp/ml100k
 """
@@ -24,10 +26,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from funnelrec.data.append import AppendResult, append_events
 from funnelrec.data.describe import describe as describe_dataset
 from funnelrec.data.describe import render
 from funnelrec.data.fetch import fetch_movielens_100k
-from funnelrec.data.loaders import ImportResult, import_kuairand, import_movielens, import_sequence
+from funnelrec.data.loaders import (
+    ImportResult,
+    import_events,
+    import_kuairand,
+    import_movielens,
+    import_sequence,
+)
 
 app = typer.Typer(
     help="Import, fetch and describe datasets (canonical event tables).", no_args_is_help=True
@@ -39,6 +48,20 @@ class Format(StrEnum):
     movielens = "movielens"
     kuairand = "kuairand"
     sequence = "sequence"
+    events = "events"
+
+
+class BadRows(StrEnum):
+    fail = "fail"
+    skip = "skip"
+
+
+BAD_ROWS = typer.Option(
+    BadRows.fail,
+    "--bad-rows",
+    help="fail: stop at the first bad row, naming it; skip: leave bad rows out, write them "
+    "with their reasons to DATASET/rejected/ and count them in the manifest.",
+)
 
 
 class Fetchable(StrEnum):
@@ -73,22 +96,79 @@ def _summary(result: ImportResult) -> None:
 
 @app.command("import")
 def import_(
-    fmt: Format = typer.Argument(..., metavar="FORMAT", help="movielens, kuairand or sequence."),
+    fmt: Format = typer.Argument(
+        ..., metavar="FORMAT", help="movielens, kuairand, sequence or events."
+    ),
     src: Path = typer.Argument(
-        ..., metavar="SRC", help="Input file or directory (movielens: a dir or zip)."
+        ...,
+        metavar="SRC",
+        help="Input file or directory (movielens: a dir or zip; events: the mapping TOML).",
     ),
     out: Path = OUT,
     force: bool = FORCE,
+    bad_rows: BadRows = BAD_ROWS,
 ) -> None:
     """Import raw logs into a canonical dataset directory (built aside, renamed at the end)."""
+    if bad_rows is not BadRows.fail and fmt is not Format.events:
+        raise typer.BadParameter("--bad-rows skip applies to the events format")
     with console.status(f"importing {fmt.value} from {src}"):
         if fmt is Format.movielens:
             result = import_movielens(src, out, force=force)
         elif fmt is Format.kuairand:
             result = import_kuairand(src, out, force=force)
+        elif fmt is Format.events:
+            result = import_events(src, out, force=force, bad_rows=bad_rows.value)
         else:
             result = import_sequence(src, out, force=force)
     _summary(result)
+
+
+@app.command("append")
+def append(
+    dataset: Path = typer.Argument(..., metavar="DIR", help="Dataset directory to append to."),
+    new_logs: list[str] = typer.Argument(
+        None,
+        metavar="[NEW_LOGS]...",
+        help="Files, directories or globs of the new period: PATH (watches) or TABLE=PATH.",
+    ),
+    mapping: Path = typer.Option(
+        None,
+        "--mapping",
+        "-m",
+        help="Mapping TOML (default: the one the dataset was imported with).",
+    ),
+    bad_rows: BadRows = BAD_ROWS,
+    allow_late: bool = typer.Option(
+        False, "--allow-late", help="Accept (and count) events older than the dataset's end."
+    ),
+) -> None:
+    """Append a new period of logs: known ids keep their numbers, new ones follow."""
+    with console.status(f"appending to {dataset}"):
+        result = append_events(
+            dataset,
+            new_logs or None,
+            mapping=mapping,
+            bad_rows=bad_rows.value,
+            allow_late=allow_late,
+        )
+    _append_summary(result)
+
+
+def _append_summary(result: AppendResult) -> None:
+    period = result.period
+    added = ", ".join(f"{n:,} {t}" for t, n in period["rows"].items() if n) or "no rows"
+    new_ids = ", ".join(f"{n:,} {s}s" for s, n in period["new_ids"].items() if n) or "none"
+    console.print(
+        f"[bold]period {period['period']}: {added}[/] -> {result.path} ({result.seconds:.1f} s)"
+    )
+    console.print(f"new ids: {new_ids}")
+    if period["rejected"]:
+        rejected = ", ".join(f"{n:,} {t}" for t, n in period["rejected"].items())
+        console.print(f"rejected: {rejected} (in rejected/period-{period['period']}/)")
+    if period["late"]:
+        console.print(f"late events accepted: {period['late']:,}")
+    totals = ", ".join(f"{n:,} {t}" for t, n in result.row_counts.items())
+    console.print(f"dataset: {totals}")
 
 
 @app.command("fetch")

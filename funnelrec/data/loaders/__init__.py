@@ -3,6 +3,7 @@
     funnelrec data import movielens  DIR|ZIP  --out DATASET   # ml-100k, ml-1m, ml-latest, RecBole
     funnelrec data import kuairand   FILE|DIR --out DATASET   # KuaiRand log rows = impressions
     funnelrec data import sequence   FILE     --out DATASET   # `user item` per line (SASRec)
+    funnelrec data import events     MAP.toml --out DATASET   # your own logs, mapped (TOML)
 
 Every loader reads the whole input first (pyarrow.csv, every column as text), converts and
 checks it column by column with vectorised kernels, maps raw ids to dense ids and only then
@@ -21,7 +22,10 @@ The package, in the order an import runs:
 - `result.py`: `ImportResult`, and the watches and id tables every loader writes;
 - `sequence.py`: `import_sequence`;
 - `kuairand.py`: `import_kuairand`;
-- `movielens.py`: `find_movielens_files`, `import_movielens`.
+- `movielens.py`: `find_movielens_files`, `import_movielens`;
+- `events.py`: `import_events`, streamed through `mapping.py` (the TOML mapping),
+  `sources.py` (CSV, TSV, JSON Lines, Parquet in batches) and `values.py` (conversions
+  and bad rows); `parquet_append.py` appends row groups to a table file (`data append`).
 
 This file only re-exports the public names, so `from funnelrec.data.loaders import
 import_movielens` works as before.
@@ -29,6 +33,7 @@ import_movielens` works as before.
 
 from __future__ import annotations
 
+from funnelrec.data.loaders.events import import_events
 from funnelrec.data.loaders.ids import dense_ids
 from funnelrec.data.loaders.kuairand import (
     KUAIRAND_OPTIONAL,
@@ -57,6 +62,7 @@ __all__ = [
     "RawFile",
     "dense_ids",
     "find_movielens_files",
+    "import_events",
     "import_kuairand",
     "import_movielens",
     "import_sequence",

@@ -48,9 +48,10 @@ def train_command(
         2, "--page-moments", help="The ranker's pages: each user's last N training watches."
     ),
     refit_deep: bool = typer.Option(
-        False,
-        "--refit-deep",
-        help="Serve with a deep model retrained on every training watch (trains it twice).",
+        True,
+        "--refit-deep/--no-refit-deep",
+        help="Serve with a deep model retrained on every training watch (it trains twice), "
+        "or with the pages' deep model.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
     overrides: list[str] = typer.Argument(

@@ -13,8 +13,8 @@ on the training watches before them: the deep candidate model on features of a d
 the training watches whose own leave-last-out cut holds those moments out (its validation
 is the first of them), co-watch and popularity on the same watches. Validation and later
 requests are served by co-watch and popularity refitted on every training watch (`refit`),
-as a product retrains its sources on the latest data; the deep model is retrained on them
-only with `refit_deep` (a second training of the costliest source).
+as a product retrains its sources on the latest data, and by the deep model retrained on
+them (`refit_deep`; a second training of the costliest source).
 
     split = read_sequence_split("data/ml-100k")
     funnel = fit_sequence_funnel(split, "art/funnel", deep=load_training_config(toml))
@@ -219,12 +219,15 @@ class SequenceFitConfig:
                   watches (fewer for short histories: one stays training), and the
                   sources of the pages are fitted on the watches before them
     refit:        serve with co-watch and popularity refitted on every training watch
-    refit_deep:   and with the deep model retrained on them (a second training)
+    refit_deep:   and (with `refit` and a deep source) with the deep model retrained on
+                  them: a second training of the costliest source, worth it where the
+                  pages' moments are a large share of each user's few training watches,
+                  as on Amazon Beauty (docs/evaluation.md)
     """
 
     page_moments: int = 2
     refit: bool = True
-    refit_deep: bool = False
+    refit_deep: bool = True
 
     def __post_init__(self) -> None:
         if self.page_moments < 2:
@@ -232,8 +235,6 @@ class SequenceFitConfig:
                 f"sequence funnel: page_moments must be >= 2 (the first is the deep model's "
                 f"validation), got {self.page_moments}"
             )
-        if self.refit_deep and not self.refit:
-            raise FunnelrecError("sequence funnel: refit_deep needs refit")
 
 
 def fit_sequence_funnel(
@@ -255,8 +256,7 @@ def fit_sequence_funnel(
     fit_cfg = fit or SequenceFitConfig()
     # deep_k = 0: co-watch and popularity alone, and no candidate model to train
     with_deep = funnel_cfg.deep_k > 0
-    if fit_cfg.refit_deep and not with_deep:
-        raise FunnelrecError("sequence funnel: refit_deep with deep_k = 0 (no deep source)")
+    refit_deep = fit_cfg.refit and fit_cfg.refit_deep and with_deep
     out = Path(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -283,12 +283,14 @@ def fit_sequence_funnel(
             build_features(inner, work / "features", split="last", config=fcfg, force=True,
                            progress=progress)  # fmt: skip
             t = lap("features_s", t)
-            fit_candidates(Features.open(work / "features"), art.tmp / "deep", deep,
+            # the pages' deep model is served too unless a retrained one replaces it
+            home = work if refit_deep else art.tmp
+            fit_candidates(Features.open(work / "features"), home / "deep", deep,
                            force=True, progress=progress)  # fmt: skip
-            _copy_serving_features(work / "features", art.tmp / "deep-features")
+            _copy_serving_features(work / "features", home / "deep-features")
             t = lap("deep_s", t)
             deep_users, deep_items = _deep_source(
-                art.tmp / "deep-features", art.tmp / "deep", split.num_items
+                home / "deep-features", home / "deep", split.num_items
             )
 
         page_req, page_next, before = _pages(split, fit_cfg.page_moments)
@@ -301,9 +303,7 @@ def fit_sequence_funnel(
 
         page_sources = sources(before, deep_users, deep_items)
         serve_users, serve_items = deep_users, deep_items
-        if fit_cfg.refit_deep:
-            shutil.rmtree(art.tmp / "deep")
-            shutil.rmtree(art.tmp / "deep-features")
+        if refit_deep:
             full = work / "features-all"
             build_features(split.path, full, split="last",
                            config=load_config(FeaturesConfig, None,

@@ -117,8 +117,6 @@ def test_a_changed_file_is_refused(fitted: dict[str, Path], tmp_path: Path) -> N
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(FunnelrecError, match="page_moments"):
         SequenceFitConfig(page_moments=1)
-    with pytest.raises(FunnelrecError, match="refit_deep"):
-        SequenceFitConfig(refit=False, refit_deep=True)
 
 
 def test_command_line_trains_and_evaluates(fitted: dict[str, Path], tmp_path: Path) -> None:
@@ -156,7 +154,3 @@ def test_without_the_deep_source_no_candidate_model_is_trained(
     assert f.sources.deep_users is None
     rep = evaluate_sequence_funnel(f, split, ks=(10,))
     assert 0 <= rep.metrics["hr@10"] <= 1
-    with pytest.raises(FunnelrecError, match="refit_deep"):
-        fit_sequence_funnel(
-            split, tmp_path / "b", funnel=cfg, fit=SequenceFitConfig(refit_deep=True)
-        )

@@ -129,6 +129,9 @@ BUDGETS: dict[str, Budget] = {
     "small": Budget(cand_steps=400, rank_steps=250),
     "medium": Budget(cand_steps=1000, rank_steps=1000, eval_examples=20_000, ab_users=5000),
 }
+# A "-v2" world (users whose interests drift, docs/simulator.md) is the same size as its
+# base preset, so it gets the same budget.
+BUDGETS.update({f"{name}-v2": budget for name, budget in list(BUDGETS.items())})
 
 
 @dataclass(frozen=True)

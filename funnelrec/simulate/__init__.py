@@ -15,6 +15,11 @@ heavy-tailed appeal and, for a share of them, a series and an episode number. Us
 demographics, an interest mixture over topics drawn around a prior that depends on them,
 a taste vector, and a heavy-tailed activity.
 
+Users can also differ and change (off in the presets, on in their "-v2" variants): a
+focus correlated with activity (focused users keep to fewer topics and binge series),
+interests that drift day by day, and a move from popular to niche items with experience
+(`dynamics`). Every event reads the user as they are at its time, and so does the truth.
+
 Each simulated day a user has Poisson(activity x sessions_per_day) sessions, each one of:
   home      the logging policy shows a slate mixing popular, fresh and noisily
             personalised items; each is clicked with the truth's click probability
@@ -52,6 +57,7 @@ the tables are ordered by user_id, then time.
 The modules:
 - `config.py`: `SimConfig` with its checks, `PRESETS` and `preset_config`;
 - `world.py`: `build_world`, the latent world of a seed, and the demographics it draws;
+- `dynamics.py`: `UserDynamics`, the users' state at a time (drifted interests, niche);
 - `events.py`: the block simulator, one block of users' sessions as watches, searches
   and impressions;
 - `tables.py`: the canonical users and items tables, id and token strings.

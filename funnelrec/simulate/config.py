@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from funnelrec.config import apply_overrides
 from funnelrec.errors import FunnelrecError
@@ -54,6 +55,20 @@ class SimConfig:
     # Activity: log-normal with mean 1 and this sigma multiplies sessions_per_day.
     activity_sigma: float = 1.4
     sessions_per_day: float = 1.1
+    # Users who differ and change (docs/simulator.md, "Users who change"); all off at 0,
+    # on in the "-v2" presets. Focus: a latent f ~ N(0, 1) per user, correlated
+    # activity_taste_corr with log activity; the topic mixture is raised to the power
+    # exp(focus_sd x f) and renormalised (focused users keep to fewer topics), and the
+    # logit of related_next_episode moves by focus_sd x f (they binge series).
+    focus_sd: float = 0.0
+    activity_taste_corr: float = 0.0
+    # Drift: each day the logits of a user's topic mixture take a N(0, drift_sd^2) step.
+    drift_sd: float = 0.0
+    # Popular to niche: within a topic a user weights items by appeal^-nu with
+    # nu = niche_rate x log(1 + expected days active), counted from the user's tenure
+    # before the window (exponential, mean tenure_mean_days).
+    niche_rate: float = 0.0
+    tenure_mean_days: float = 365.0
     # Session kinds (external gets the rest).
     home_share: float = 0.55
     search_share: float = 0.2
@@ -104,9 +119,13 @@ _SHARES = (
     "policy_noise_logged_out", "related_continue", "related_next_episode",
     "related_prev_episode",
 )  # fmt: skip
+_POSITIVE = (
+    "duration_median_s", "interest_concentration", "series_mean_length", "tenure_mean_days",
+)  # fmt: skip
 _NON_NEGATIVE = (
     "duration_topic_sigma", "duration_sigma", "appeal_sigma", "demo_effect",
     "activity_sigma", "sessions_per_day", "search_watches_mean", "related_niche",
+    "focus_sd", "niche_rate",
 )  # fmt: skip
 
 
@@ -124,12 +143,18 @@ def _validate(c: SimConfig) -> None:
         v = getattr(c, key)
         if not 0.0 <= v <= 1.0:
             raise bad(key, f"must be in [0, 1], got {v}")
-    for key in ("duration_median_s", "interest_concentration", "series_mean_length"):
+    for key in _POSITIVE:
         if getattr(c, key) <= 0:
             raise bad(key, f"must be > 0, got {getattr(c, key)}")
     for key in _NON_NEGATIVE:
         if getattr(c, key) < 0:
             raise bad(key, f"must be >= 0, got {getattr(c, key)}")
+    if not -1.0 <= c.activity_taste_corr <= 1.0:
+        raise bad("activity_taste_corr", f"must be in [-1, 1], got {c.activity_taste_corr}")
+    # A walk's spread grows with the window; at a step of 1 a month already turns almost
+    # any mixture into a single topic, which is no longer drift but replacement.
+    if not 0.0 <= c.drift_sd <= 1.0:
+        raise bad("drift_sd", f"must be in [0, 1], got {c.drift_sd}")
     if c.home_share + c.search_share > 1:
         raise bad("home_share + search_share", "must be <= 1")
     if c.policy_popular + c.policy_fresh > 1:
@@ -168,6 +193,21 @@ PRESETS: dict[str, SimConfig] = {
     # scale (one machine, bounded memory; docs/scale.md): >= 100M watches, streamed in blocks
     "large": SimConfig(n_users=1_000_000, n_items=1_000_000, days=56, tokens_per_topic=400),
 }
+
+
+# The "-v2" presets: the same worlds with the users' mechanisms on (docs/simulator.md,
+# "Users who change", gives each strength and where it comes from). The presets without
+# the suffix keep them off and give the worlds they gave before the mechanisms existed.
+USER_DYNAMICS: dict[str, Any] = {
+    "drift_sd": 0.1,
+    "niche_rate": 0.05,
+    "tenure_mean_days": 365.0,
+    "focus_sd": 0.5,
+    "activity_taste_corr": 0.5,
+}
+PRESETS.update(
+    {f"{name}-v2": replace(config, **USER_DYNAMICS) for name, config in list(PRESETS.items())}
+)
 
 
 def preset_config(name: str, overrides: Sequence[str] = ()) -> SimConfig:

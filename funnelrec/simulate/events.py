@@ -62,38 +62,49 @@ class _BlockSimulator:
 
     # item draws ---------------------------------------------------------------------
 
-    def _watch_time(self, u: I64, i: I64) -> NDArray[np.float32]:
-        return self.w._draw_watch_time(self.rng, u, i)
+    def _watch_time(self, u: I64, i: I64, ts: I64) -> NDArray[np.float32]:
+        return self.w._draw_watch_time(self.rng, u, i, ts)
 
-    def _interest_index(self, lo: int, hi: int) -> None:
-        """Cumulative interests of the block's users, row u offset by u: one sorted array."""
-        cum = np.cumsum(self.w.interest[lo:hi].astype(np.float64), axis=1)
-        cum /= cum[:, -1:]
+    def _interest_index(self, lo: int, hi: int, s_user: I64, s_day: I64) -> None:
+        """Cumulative interests for the block's topic draws, row r offset by r: one sorted
+        array. A row per user, or with drift one per user and day with a session."""
         self._lo = lo
-        self._cum = (cum + np.arange(hi - lo)[:, None]).ravel()
+        self._keys: I64 | None = None
+        if not self.w.dynamics.drifts:
+            rows = self.w.interest[lo:hi]
+        else:
+            table = self.w.dynamics.hold(lo, hi)  # [users, days, T]
+            self._keys = np.unique((s_user - lo) * self.c.days + s_day)
+            rows = table[self._keys // self.c.days, self._keys % self.c.days]
+        cum = np.cumsum(rows, axis=1, dtype=np.float64)
+        cum /= cum[:, -1:]
+        self._cum = (cum + np.arange(rows.shape[0])[:, None]).ravel()
 
-    def _topics(self, users: I64, noise: F64 | float) -> I64:
-        """[N] topics drawn from each user's interests, or uniformly with prob. `noise`."""
+    def _topics(self, users: I64, ts: I64, noise: F64 | float) -> I64:
+        """[N] topics drawn from each user's interests at ts, or uniformly with prob. `noise`."""
         n = users.size
-        local = users - self._lo
+        row = users - self._lo
+        if self._keys is not None:
+            day = self.w.dynamics.day(ts, n)
+            row = np.searchsorted(self._keys, row * self.c.days + day)
         r = self.rng.random((2, n))
-        j = np.searchsorted(self._cum, local + r[0], side="right") - local * self.T
+        j = np.searchsorted(self._cum, row + r[0], side="right") - row * self.T
         uniform = self.rng.integers(0, self.T, n)
         return np.where(r[1] < noise, uniform, np.clip(j, 0, self.T - 1))
 
-    def _pick(self, users: I64, cands: I64, extra: F64 | None = None) -> I64:
-        """[N] one of the M candidates [N, M] per user, ~ exp(taste_weight x taste match).
+    def _pick(self, users: I64, ts: I64, cands: I64, extra: F64 | None = None) -> I64:
+        """[N] one of the M candidates [N, M] per user at ts, ~ exp(preference).
 
         Sampling-importance-resampling: candidates come from the topic's popularity, so
-        the pick approximates popularity x exp(taste) (`World._own_choice`).
+        the pick approximates popularity x exp(preference) (`World._own_choice_of`): the
+        taste match, and with the niche mechanism a discount of popular items.
         -1 where no candidate is valid.
         """
         n, m = cands.shape
         logits = np.empty((n, m), dtype=np.float64)
-        beta = self.w.model.taste_weight
         for j in range(m):
             c = np.maximum(cands[:, j], 0)
-            logits[:, j] = beta * self.w._taste(users, c)
+            logits[:, j] = self.w._preference(users, c, ts)
         if extra is not None:
             logits += extra
         logits += self.rng.gumbel(size=(n, m))
@@ -105,7 +116,7 @@ class _BlockSimulator:
     def _own_choice(self, users: I64, ts: I64, topics: I64) -> I64:
         m = self.c.taste_candidates
         cands = self.w.popularity.draw(self.rng, np.repeat(ts, m), np.repeat(topics, m))
-        return self._pick(users, cands.reshape(-1, m))
+        return self._pick(users, ts, cands.reshape(-1, m))
 
     def _recent(self, ts: I64) -> I64:
         """[N] uniform draws among items uploaded in the last fresh_window_hours (-1: none)."""
@@ -153,8 +164,16 @@ class _BlockSimulator:
         kind = rng.choice(3, size=n, p=[c.home_share, c.search_share, ext])
         order = order_by(s_user, s_ts)
         s_user, s_ts, kind = s_user[order], s_ts[order], kind[order]
-        self._interest_index(lo, hi)
+        s_day = s_day[order]
+        draws = kind != EXTERNAL  # only home and search sessions draw topics
+        self._interest_index(lo, hi, s_user[draws], s_day[draws])
+        try:
+            return self._sessions(s_user, s_ts, kind)
+        finally:
+            w.dynamics.release()
 
+    def _sessions(self, s_user: I64, s_ts: I64, kind: NDArray[Any]) -> dict[str, Any]:
+        """Every session of the block (ordered by user, then time) as events."""
         home, impressions = self._home(s_user[kind == HOME], s_ts[kind == HOME])
         search, searches = self._search(s_user[kind == SEARCH], s_ts[kind == SEARCH])
         external = self._external(s_user[kind == EXTERNAL], s_ts[kind == EXTERNAL])
@@ -188,7 +207,7 @@ class _BlockSimulator:
         item[sel] = self._recent(it[sel])
         sel = src == POLICY_TOPIC
         noise = w._policy_noise[iu[sel]]  # more noise for logged-out users
-        item[sel] = w.popularity.draw(rng, it[sel], self._topics(iu[sel], noise))
+        item[sel] = w.popularity.draw(rng, it[sel], self._topics(iu[sel], it[sel], noise))
         sel = item < 0  # popular slots, and fallbacks where a slot found nothing
         item[sel] = w.popularity.draw(rng, it[sel], self.T)
         src[sel] = POLICY_POPULAR  # a fallback is the popular draw's nomination
@@ -232,7 +251,7 @@ class _BlockSimulator:
         """Queries from a topic of interest, then watches of that topic's items."""
         c, rng = self.c, self.rng
         n_q = q_user.size
-        topic = self._topics(q_user, 0.0)
+        topic = self._topics(q_user, q_ts, 0.0)
         length = rng.choice(3, size=n_q, p=[0.35, 0.45, 0.2]) + 1
         V = c.tokens_per_topic
         zipf = 1.0 / np.arange(1, V + 1) ** 0.8
@@ -252,7 +271,7 @@ class _BlockSimulator:
         item = self._own_choice(u, q_ts[sess], topic[sess])
         ok = item >= 0
         sess, u, item = sess[ok], u[ok], item[ok]
-        wt = self._watch_time(u, item)
+        wt = self._watch_time(u, item, q_ts[sess])
         watches = {
             "user": u,
             "item": item,
@@ -272,7 +291,7 @@ class _BlockSimulator:
             "user": u,
             "item": item,
             "ts": t,
-            "watch_time": self._watch_time(u, item),
+            "watch_time": self._watch_time(u, item, t),
             "source": np.full(u.size, EXTERNAL, dtype=np.int8),
             "session": np.flatnonzero(ok).astype(np.int64),
         }
@@ -288,6 +307,7 @@ class _BlockSimulator:
         o = o[last]
         user, item = seeds.user[o], seeds.item[o]
         t = seeds.ts[o] + np.ceil(seeds.watch_time[o]).astype(np.int64) + c.gap_s
+        binge = w.p_next_episode
         out: list[_Watches] = []
         for _ in range(c.max_chain):
             go = (rng.random(user.size) < c.related_continue) & (t < w.window_end)
@@ -296,20 +316,22 @@ class _BlockSimulator:
                 break
             r = rng.random(user.size)
             nxt, prv = w.next_episode[item], w.prev_episode[item]
-            use_next = (nxt >= 0) & (r < c.related_next_episode)
+            # focused users binge: their own chance to go on to the next episode
+            p_next = c.related_next_episode if binge is None else binge[user]
+            use_next = (nxt >= 0) & (r < p_next)
             use_next &= w.upload_ts[np.maximum(nxt, 0)] <= t
-            p_prev_hi = c.related_next_episode + c.related_prev_episode
-            use_prev = ~use_next & (prv >= 0) & (r >= c.related_next_episode) & (r < p_prev_hi)
+            p_prev_hi = p_next + c.related_prev_episode
+            use_prev = ~use_next & (prv >= 0) & (r >= p_next) & (r < p_prev_hi)
             m = c.taste_candidates
             cands = w.popularity.draw(rng, np.repeat(t, m), np.repeat(w.topic[item], m))
             cands = cands.reshape(-1, m)
             cands[cands == item[:, None]] = -1
             niche = -c.related_niche * w.log_appeal[np.maximum(cands, 0)].astype(np.float64)
-            new = self._pick(user, cands, niche)
+            new = self._pick(user, t, cands, niche)
             new = np.where(use_next, nxt, np.where(use_prev, prv, new))
             ok = new >= 0
             user, item, t = user[ok], new[ok], t[ok]
-            wt = self._watch_time(user, item)
+            wt = self._watch_time(user, item, t)
             out.append(_Watches(user, item, t, wt, np.full(user.size, RELATED, dtype=np.int8)))
             t = t + np.ceil(wt).astype(np.int64) + c.gap_s
         if not out:

@@ -10,15 +10,19 @@ experiment funnel-ab`).
 
     DIR/truth/world.json      format version, seed, config, topic names and vocabularies,
                               time window, user-model coefficients
-    DIR/truth/users.parquet   user_id, interest [T], taste [d], activity, true age/gender
+    DIR/truth/users.parquet   user_id, interest [T] (at the window's start), taste [d],
+                              activity, true age/gender, and with the users' mechanisms
+                              on focus and tenure_days
     DIR/truth/items.parquet   item_id, topic, channel_id, upload_ts, duration_s, quality,
                               clickbait, appeal, series_id, episode, style [d]
     DIR/truth/channels.parquet channel_id, primary_topic, secondary_topic
 
 The user model (coefficients in `UserModel`), for user u, item i at time t:
 
-    affinity(u, i)   = log(interest[u, topic i] + floor) - log(1/T + floor)
-                       + taste_weight * taste[u] . style[i]
+    affinity(u, i, t) = log(interest(u, t)[topic i] + floor) - log(1/T + floor)
+                       + preference(u, i, t)
+    preference       = taste_weight * taste[u] . style[i]
+                       - nu(u, t) * (log(appeal[i]) - niche_centre)
     freshness(i, t)  = 1 + fresh_boost * 2^(-(t - upload[i]) / half_life)   (0 before upload)
     popularity(i, t) = appeal[i] * freshness(i, t)
     P(click | shown) = sigmoid(click_bias + click_affinity * affinity + click_clickbait *
@@ -31,6 +35,12 @@ The user model (coefficients in `UserModel`), for user u, item i at time t:
 
 Clickbait raises clicks, never completion (its completion coefficient is <= 0): a clicked
 clickbait item is watched less, the reason the paper ranks by watch time and not by CTR.
+
+interest(u, t) is the mixture drawn for the window's start after a random walk of its
+logits to t's day, and nu(u, t) the user's move from popular to niche items by t
+(`dynamics.UserDynamics`; both constant, nu = 0, when drift_sd and niche_rate are 0).
+niche_centre is the mean log appeal of a popularity draw, so nu reweights items against
+a typical popular one. Functions without a ts read the user at the window's start.
 
 Ids in the public functions are the dataset's dense ids (from 1); arrays broadcast.
 """
@@ -51,8 +61,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from funnelrec.data.dataset import write_json_atomic
 from funnelrec.errors import ArtifactError, DataError
+from funnelrec.simulate.dynamics import UserDynamics
 
-TRUTH_FORMAT_VERSION = 1
+# 2: users may drift and move to niche items (config keys drift_sd, niche_rate, ...; users
+# columns focus, tenure_days). A version-1 truth has none of them and reads as before.
+TRUTH_FORMAT_VERSION = 2
+READABLE_TRUTH_VERSIONS = (1, 2)
 TRUTH_DIR = "truth"
 DAY_S = 86_400
 MAX_SEARCH_WATCHES = 4  # watches after one search: min(Poisson(search_watches_mean), 4)
@@ -281,6 +295,35 @@ class World:
         self._policy_noise = np.where(
             logged_in, c["policy_noise"], c["policy_noise_logged_out"]
         ).astype(np.float64)
+        # Log appeal of a popularity draw: its mean centres the niche term, its variance
+        # sets how much that term's resampling weight varies (`_own_choice_of`).
+        a = self.appeal.astype(np.float64)
+        la = self.log_appeal.astype(np.float64)
+        self._niche_centre = float((a * la).sum() / a.sum())
+        self._niche_var = float((a * (la - self._niche_centre) ** 2).sum() / a.sum())
+        niche_rate = float(c.get("niche_rate", 0.0))
+        if niche_rate > 0 and "tenure_days" not in users:
+            raise ArtifactError("truth: niche_rate > 0 but the users have no tenure_days")
+        self.dynamics = UserDynamics(
+            seed=int(meta["seed"]),
+            interest=self.interest,
+            activity=users["activity"],
+            tenure_days=users.get("tenure_days"),
+            window_start=self.window_start,
+            days=(self.window_end - self.window_start) // DAY_S,
+            drift_sd=float(c.get("drift_sd", 0.0)),
+            niche_rate=niche_rate,
+            sessions_per_day=float(c["sessions_per_day"]),
+        )
+        # The chance that a related watch after an episode is the next one, per user:
+        # focused users binge. None: related_next_episode for everyone.
+        self.p_next_episode: F64 | None = None
+        focus_sd = float(c.get("focus_sd", 0.0))
+        if focus_sd > 0 and "focus" in users:
+            base = min(max(float(c["related_next_episode"]), 1e-6), 1 - 1e-6)
+            logit = math.log(base / (1 - base)) + focus_sd * users["focus"].astype(np.float64)
+            most = 1.0 - float(c["related_prev_episode"])  # next + previous <= 1
+            self.p_next_episode = np.minimum(_sigmoid(logit), most)
 
     @property
     def n_users(self) -> int:
@@ -297,7 +340,7 @@ class World:
 
     def _affinity(self, p: _Pairs) -> NDArray[Any]:
         m = self.model
-        return np.log(p.interest + m.interest_floor) - self._log_floor + m.taste_weight * p.taste
+        return np.log(p.interest + m.interest_floor) - self._log_floor + p.preference
 
     def _click(self, p: _Pairs, shown: ArrayLike) -> NDArray[Any]:
         m = self.model
@@ -323,16 +366,24 @@ class World:
         return _sigmoid(logit.astype(np.float64))
 
     def _own_choice_of(self, p: _Pairs) -> NDArray[Any]:
-        """P(a pick by the user's own choice is the item): interest x share x taste tilt.
+        """P(a pick by the user's own choice is the item): interest x share x tilt.
 
         The generator draws a topic from the interests, `taste_candidates` items of it by
-        popularity, and keeps one with probability proportional to f = exp(taste_weight x
-        taste match); m f / (f + (m - 1) Z) approximates that resampling, with
-        Z = E[f] = exp(taste_weight^2 |taste|^2 / 2d) for Gaussian styles.
+        popularity, and keeps one with probability proportional to f = exp(preference);
+        m f / (f + (m - 1) Z) approximates that resampling, with Z = E[f] =
+        exp(taste_weight^2 |taste|^2 / 2d) for Gaussian styles, times
+        exp(nu^2 var / 2) for the niche term when the log appeal of a popularity draw is
+        taken as normal with the world's variance `var`.
         """
-        f = np.exp(self.model.taste_weight * p.taste.astype(np.float64))
+        pref = self.model.taste_weight * p.taste.astype(np.float64)
+        if self.dynamics.niches:
+            pref = pref - p.niche_term
+        f = np.exp(pref)
         m = int(self.meta["config"]["taste_candidates"])
-        tilt = m * f / (f + (m - 1) * p.user(self._taste_norm))
+        z = p.user(self._taste_norm)
+        if self.dynamics.niches:
+            z = z * np.exp(0.5 * self._niche_var * p.nu**2)
+        tilt = m * f / (f + (m - 1) * z)
         return p.interest * p.share * tilt
 
     # One draw of each source of the home page's logging policy: the probability that it
@@ -373,17 +424,33 @@ class World:
     def _taste(self, u: I64, i: I64) -> F32:
         return np.einsum("nd,nd->n", self.taste[u], self.style[i])
 
+    def _preference(self, u: I64, i: I64, ts: I64) -> NDArray[Any]:
+        """[N] the within-topic preference (taste match and niche term) at ts."""
+        return _Pairs(self, u, i, ts).preference
+
+    def _interest_in(self, u: I64, topic: NDArray[Any], ts: NDArray[Any] | None) -> F32:
+        """[N] each user's interest in a topic at ts (None: the window's start)."""
+        if not self.dynamics.drifts:
+            return self.interest[u, topic]
+        return self.dynamics.gather(u, self.dynamics.day(ts, u.size), topic)
+
+    def _interest_rows(self, u: I64, ts: NDArray[Any] | None) -> F32:
+        """[N, T] each user's topic mixture at ts (None: the window's start)."""
+        if not self.dynamics.drifts:
+            return self.interest[u]
+        return self.dynamics.gather(u, self.dynamics.day(ts, u.size))
+
     def _click_probability(self, u: I64, i: I64, ts: I64, shown: ArrayLike) -> F64:
         return self._click(_Pairs(self, u, i, ts), shown)
 
-    def _completion(self, u: I64, i: I64) -> F64:
-        return self._completion_of(_Pairs(self, u, i, None))
+    def _completion(self, u: I64, i: I64, ts: I64 | None) -> F64:
+        return self._completion_of(_Pairs(self, u, i, ts))
 
-    def _draw_watch_time(self, rng: np.random.Generator, u: I64, i: I64) -> F32:
-        """Realised seconds watched: duration x Beta around the expected completion."""
+    def _draw_watch_time(self, rng: np.random.Generator, u: I64, i: I64, ts: I64) -> F32:
+        """Realised seconds watched: duration x Beta around the expected completion at ts."""
         if u.size == 0:
             return np.zeros(0, dtype=np.float32)
-        mean = np.clip(self._completion(u, i), 1e-4, 1 - 1e-4)
+        mean = np.clip(self._completion(u, i, ts), 1e-4, 1 - 1e-4)
         k = self.model.completion_concentration
         return (self.duration_s[i] * rng.beta(mean * k, (1 - mean) * k)).astype(np.float32)
 
@@ -393,7 +460,7 @@ class World:
         """Clicks on shown items and the seconds watched (0 when not clicked)."""
         clicked = rng.random(u.size) < self._click_probability(u, i, ts, shown)
         watch_time = np.zeros(u.size, dtype=np.float32)
-        watch_time[clicked] = self._draw_watch_time(rng, u[clicked], i[clicked])
+        watch_time[clicked] = self._draw_watch_time(rng, u[clicked], i[clicked], ts[clicked])
         return clicked, watch_time
 
     # -- public API on dataset ids ------------------------------------------------------
@@ -413,8 +480,8 @@ class World:
         u, i, t = self._ids(user_ids, item_ids, ts)
         return _Pairs(self, u, i, t)
 
-    def _shape(self, *arrays: ArrayLike) -> tuple[int, ...]:
-        return np.broadcast_shapes(*(np.shape(a) for a in arrays))
+    def _shape(self, *arrays: ArrayLike | None) -> tuple[int, ...]:
+        return np.broadcast_shapes(*(np.shape(a) for a in arrays if a is not None))
 
     def _shown_pairs(
         self, user_ids: ArrayLike, item_ids: ArrayLike, ts: ArrayLike, times_shown: ArrayLike
@@ -425,10 +492,32 @@ class World:
         shown = np.broadcast_to(np.asarray(times_shown, dtype=np.float64), shape).ravel()
         return self._pairs(u, i, t), shown, shape
 
-    def affinity(self, user_ids: ArrayLike, item_ids: ArrayLike) -> F64:
-        """[N] affinity of users for items (log-interest in the topic + taste match)."""
-        p = self._pairs(user_ids, item_ids, None)
-        return p.affinity.astype(np.float64).reshape(self._shape(user_ids, item_ids))
+    def affinity(
+        self, user_ids: ArrayLike, item_ids: ArrayLike, ts: ArrayLike | None = None
+    ) -> F64:
+        """[N] affinity of users for items at ts (log-interest in the topic + preference).
+
+        Without ts, the users as they were at the window's start.
+        """
+        p = self._pairs(user_ids, item_ids, ts)
+        return p.affinity.astype(np.float64).reshape(self._shape(user_ids, item_ids, ts))
+
+    def interest_at(self, user_ids: ArrayLike, ts: ArrayLike) -> F64:
+        """[..., T] users' topic mixtures at ts (the drifted interests; rows sum to 1)."""
+        shape = self._shape(user_ids, ts)
+        u = np.broadcast_to(np.asarray(user_ids, dtype=np.int64), shape).ravel()
+        t = np.broadcast_to(np.asarray(ts, dtype=np.int64), shape).ravel()
+        _check_range(u, self.n_users, "user_id")
+        rows = self._interest_rows(u - 1, t).astype(np.float64)
+        return rows.reshape((*shape, len(self.topics)))
+
+    def niche(self, user_ids: ArrayLike, ts: ArrayLike) -> F64:
+        """[N] nu: each user's move from popular to niche items by ts (0 when off)."""
+        shape = self._shape(user_ids, ts)
+        u = np.broadcast_to(np.asarray(user_ids, dtype=np.int64), shape).ravel()
+        t = np.broadcast_to(np.asarray(ts, dtype=np.int64), shape).ravel()
+        _check_range(u, self.n_users, "user_id")
+        return self.dynamics.niche(u - 1, t).reshape(shape)
 
     def click_probability(
         self,
@@ -444,16 +533,22 @@ class World:
         p, shown, shape = self._shown_pairs(user_ids, item_ids, ts, times_shown)
         return self._click(p, shown).reshape(shape)
 
-    def completion(self, user_ids: ArrayLike, item_ids: ArrayLike) -> F64:
-        """[N] expected fraction of the item's duration the user watches once clicked."""
-        p = self._pairs(user_ids, item_ids, None)
-        return self._completion_of(p).reshape(self._shape(user_ids, item_ids))
+    def completion(
+        self, user_ids: ArrayLike, item_ids: ArrayLike, ts: ArrayLike | None = None
+    ) -> F64:
+        """[N] expected fraction of the item's duration the user watches once clicked at
+        ts (without ts, at the window's start)."""
+        p = self._pairs(user_ids, item_ids, ts)
+        return self._completion_of(p).reshape(self._shape(user_ids, item_ids, ts))
 
-    def watch_time_if_clicked(self, user_ids: ArrayLike, item_ids: ArrayLike) -> F64:
-        """[N] expected seconds watched given a click: duration x expected completion."""
-        p = self._pairs(user_ids, item_ids, None)
+    def watch_time_if_clicked(
+        self, user_ids: ArrayLike, item_ids: ArrayLike, ts: ArrayLike | None = None
+    ) -> F64:
+        """[N] expected seconds watched given a click at ts: duration x expected completion
+        (without ts, at the window's start)."""
+        p = self._pairs(user_ids, item_ids, ts)
         e = self._completion_of(p) * p.item("duration_s")
-        return e.reshape(self._shape(user_ids, item_ids))
+        return e.reshape(self._shape(user_ids, item_ids, ts))
 
     def expected_watch_time(
         self,
@@ -592,10 +687,11 @@ class World:
             meta = json.loads(meta_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{meta_file}: unreadable ({e})") from None
-        if meta.get("format_version") != TRUTH_FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_TRUTH_VERSIONS:
+            readable = " and ".join(map(str, READABLE_TRUTH_VERSIONS))
             raise ArtifactError(
                 f"{meta_file}: truth format version {meta.get('format_version')}, "
-                f"this funnelrec reads {TRUTH_FORMAT_VERSION}"
+                f"this funnelrec reads {readable}"
             )
         known = {f.name for f in fields(UserModel)}
         model = UserModel(**{k: v for k, v in meta.pop("user_model", {}).items() if k in known})
@@ -660,11 +756,37 @@ class _Pairs:
 
     @property
     def interest(self) -> NDArray[Any]:
-        """Interest of the user in the item's topic."""
+        """Interest of the user in the item's topic at ts (the window's start without)."""
         w = self.w
         if self.i is None:
-            return self._memo("interest", lambda: w.interest[self.u[:, 0]][:, w.topic])
-        return self._memo("interest", lambda: w.interest[self.u, w.topic[self.i]])
+            ts = None if self.ts is None else self.ts[:, 0]
+            return self._memo("interest", lambda: w._interest_rows(self.u[:, 0], ts)[:, w.topic])
+        return self._memo("interest", lambda: w._interest_in(self.u, w.topic[self.i], self.ts))
+
+    @property
+    def nu(self) -> NDArray[Any]:
+        """The user's move from popular to niche items by ts (`UserDynamics.niche`)."""
+        return self._memo("nu", lambda: self.w.dynamics.niche(self.u, self.ts))
+
+    @property
+    def preference(self) -> NDArray[Any]:
+        """Within-topic preference: taste_weight x taste match - nu x (log appeal - centre).
+
+        Without the niche mechanism it is the taste term alone (the same arithmetic).
+        """
+        w = self.w
+
+        def make() -> NDArray[Any]:
+            pref = w.model.taste_weight * self.taste
+            return pref - self.niche_term if w.dynamics.niches else pref
+
+        return self._memo("preference", make)
+
+    @property
+    def niche_term(self) -> NDArray[Any]:
+        """nu x (log appeal - centre): how much the user's niche taste discounts the item."""
+        centre = self.w._niche_centre
+        return self._memo("niche_term", lambda: self.nu * (self.item("log_appeal") - centre))
 
     @property
     def taste(self) -> NDArray[Any]:

@@ -136,6 +136,16 @@ def build_world(config: SimConfig, seed: int, preset: str | None = None) -> Worl
     taste = rng.normal(size=(n_users, d)).astype(np.float32)
     sig = c.activity_sigma
     activity = rng.lognormal(-0.5 * sig * sig, sig, n_users).astype(np.float32)
+    # The users' mechanisms draw from their own streams, and only when on, so turning them
+    # off leaves every other draw (and the world) as it was without them.
+    dynamics: dict[str, NDArray[Any]] = {}
+    if c.focus_sd > 0:
+        focus = _focus(c, seed, activity)
+        _sharpen(interest, np.exp(c.focus_sd * focus))
+        dynamics["focus"] = focus.astype(np.float32)
+    if c.niche_rate > 0:
+        tenure = np.random.default_rng([seed, 3, 1]).exponential(c.tenure_mean_days, n_users)
+        dynamics["tenure_days"] = tenure.astype(np.float32)
 
     meta: dict[str, Any] = {
         "seed": seed,
@@ -162,6 +172,7 @@ def build_world(config: SimConfig, seed: int, preset: str | None = None) -> Worl
             "region": np.asarray(REGIONS)[region],
             "device": np.asarray(DEVICES)[device],
             "logged_in": logged_in,
+            **dynamics,
         },
         items={
             "topic": topic,
@@ -181,6 +192,28 @@ def build_world(config: SimConfig, seed: int, preset: str | None = None) -> Worl
             "style": ch_style.astype(np.float32),
         },
     )
+
+
+def _focus(c: SimConfig, seed: int, activity: NDArray[np.float32]) -> F64:
+    """[U] each user's focus ~ N(0, 1), correlated activity_taste_corr with log activity."""
+    sig = c.activity_sigma
+    z = (np.log(activity.astype(np.float64)) + 0.5 * sig * sig) / sig if sig > 0 else 0.0
+    rho = c.activity_taste_corr
+    noise = np.random.default_rng([seed, 3, 0]).standard_normal(activity.size)
+    return rho * z + math.sqrt(1.0 - rho * rho) * noise
+
+
+def _sharpen(interest: NDArray[np.float32], power: F64) -> None:
+    """Raise each user's mixture to its power and renormalise, in place (chunks of users).
+
+    A power above 1 takes weight from a user's minor topics to their main ones, below 1
+    spreads it: the mixture keeps its order of topics and only its concentration moves.
+    """
+    chunk = 1 << 16
+    for lo in range(0, interest.shape[0], chunk):
+        s = slice(lo, lo + chunk)
+        x = interest[s].astype(np.float64) ** power[s, None]
+        interest[s] = x / x.sum(axis=1, keepdims=True)
 
 
 def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:

@@ -732,11 +732,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="bound SASRec's training (it keeps its best epoch so far); default: none",
     )
-    p.add_argument(
+    refit_deep = p.add_mutually_exclusive_group()
+    refit_deep.add_argument(
+        "--funnel-refit-deep",
+        dest="funnel_refit_deep",
+        action="store_const",
+        const=True,
+        help="serve the funnel with a deep model retrained on all training interactions "
+        "(default: where the pages' moments are more than a tenth of them)",
+    )
+    refit_deep.add_argument(
         "--no-funnel-refit-deep",
-        action="store_true",
-        help="serve the funnel with the pages' deep model, not one retrained on all "
-        "training interactions",
+        dest="funnel_refit_deep",
+        action="store_const",
+        const=False,
+        help="serve the funnel with the pages' deep model",
     )
     p.add_argument(
         "--no-funnel-refit",
@@ -766,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     FUNNEL_FIT.update(
         page_moments=args.funnel_valid_n + 1,
         refit=not args.no_funnel_refit,
-        refit_deep=not args.no_funnel_refit and not args.no_funnel_refit_deep,
+        refit_deep=args.funnel_refit_deep,
     )
     SASREC_MAX_SECONDS = args.sasrec_max_seconds
     AGE_AT_REQUEST = args.age_at_target

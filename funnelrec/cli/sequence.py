@@ -47,11 +47,12 @@ def train_command(
     page_moments: int = typer.Option(
         2, "--page-moments", help="The ranker's pages: each user's last N training watches."
     ),
-    refit_deep: bool = typer.Option(
-        True,
+    refit_deep: bool | None = typer.Option(
+        None,
         "--refit-deep/--no-refit-deep",
         help="Serve with a deep model retrained on every training watch (it trains twice), "
-        "or with the pages' deep model.",
+        "or with the pages' deep model (default: retrain where the pages' moments are more "
+        "than a tenth of the training watches).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
     overrides: list[str] = typer.Argument(

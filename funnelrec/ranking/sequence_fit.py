@@ -14,7 +14,7 @@ the training watches whose own leave-last-out cut holds those moments out (its v
 is the first of them), co-watch and popularity on the same watches. Validation and later
 requests are served by co-watch and popularity refitted on every training watch (`refit`),
 as a product retrains its sources on the latest data, and by the deep model retrained on
-them (`refit_deep`; a second training of the costliest source).
+them where the pages' moments were a good part of the training watches (`refit_deep`).
 
     split = read_sequence_split("data/ml-100k")
     funnel = fit_sequence_funnel(split, "art/funnel", deep=load_training_config(toml))
@@ -220,16 +220,23 @@ class SequenceFitConfig:
                   sources of the pages are fitted on the watches before them
     refit:        serve with co-watch and popularity refitted on every training watch
     refit_deep:   and (with `refit` and a deep source) with the deep model retrained on
-                  them: a second training of the costliest source, worth it where the
-                  pages' moments are a large share of each user's few training watches,
-                  as on Amazon Beauty (docs/evaluation.md)
+                  them, a second training of the costliest source. None (the default):
+                  retrain where the pages' moments hold more than `refit_share` of the
+                  training watches, so that the pages' deep model missed a good part of
+                  the data (Amazon Beauty, a few watches per user), not where it missed
+                  a sliver (MovieLens, a hundred per user); docs/evaluation.md
     """
 
     page_moments: int = 2
     refit: bool = True
-    refit_deep: bool = True
+    refit_deep: bool | None = None
+    refit_share: float = 0.1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.refit_share <= 1:
+            raise FunnelrecError(
+                f"sequence funnel: refit_share must be in [0, 1], got {self.refit_share}"
+            )
         if self.page_moments < 2:
             raise FunnelrecError(
                 f"sequence funnel: page_moments must be >= 2 (the first is the deep model's "
@@ -256,7 +263,12 @@ def fit_sequence_funnel(
     fit_cfg = fit or SequenceFitConfig()
     # deep_k = 0: co-watch and popularity alone, and no candidate model to train
     with_deep = funnel_cfg.deep_k > 0
-    refit_deep = fit_cfg.refit and fit_cfg.refit_deep and with_deep
+    page_req, page_next, before = _pages(split, fit_cfg.page_moments)
+    held_share = len(page_req) / max(len(split.train), 1)
+    wanted = fit_cfg.refit_deep
+    if wanted is None:
+        wanted = held_share > fit_cfg.refit_share
+    refit_deep = fit_cfg.refit and wanted and with_deep
     out = Path(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -293,7 +305,6 @@ def fit_sequence_funnel(
                 home / "deep-features", home / "deep", split.num_items
             )
 
-        page_req, page_next, before = _pages(split, fit_cfg.page_moments)
         topic = item_topics(split.path, split.num_items)
 
         def sources(train: Interactions, users: Any, items: np.ndarray | None) -> Sources:
@@ -326,6 +337,8 @@ def fit_sequence_funnel(
         f.fit_staged(staged, on_epoch=on_epoch)
         lap("ranker_s", t)
         f.summary["fit_config"] = asdict(fit_cfg)
+        f.summary["deep_retrained"] = refit_deep
+        f.summary["page_moment_share"] = round(held_share, 4)
         f.summary["timings"] = {**timings, "total_s": round(time.perf_counter() - started, 3)}
         _save(f, art.tmp, split)
         art.commit()

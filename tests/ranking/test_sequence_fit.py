@@ -154,3 +154,20 @@ def test_without_the_deep_source_no_candidate_model_is_trained(
     assert f.sources.deep_users is None
     rep = evaluate_sequence_funnel(f, split, ks=(10,))
     assert 0 <= rep.metrics["hr@10"] <= 1
+
+
+def test_the_deep_model_is_retrained_where_the_pages_took_a_good_share(
+    fitted: dict[str, Path], tmp_path: Path
+) -> None:
+    split = read_sequence_split(fitted["data"])
+    share = json.loads((fitted["art"] / "funnel.json").read_text())["summary"]
+    # a few watches per user: the pages' two moments are a good part of them
+    assert share["page_moment_share"] > 0.1 and share["deep_retrained"] is True
+    deep = load_training_config(None, DEEP)
+    f = fit_sequence_funnel(
+        split, tmp_path / "a", funnel=FUNNEL, deep=deep, fit=SequenceFitConfig(refit_share=0.9)
+    )
+    assert f.describe()["deep_retrained"] is False
+    assert "deep_refit_s" not in f.describe()["timings"]
+    with pytest.raises(FunnelrecError, match="refit_share"):
+        SequenceFitConfig(refit_share=1.5)

@@ -212,11 +212,37 @@ def features_meta(feats: Features) -> dict[str, Any]:
         "split": feats.split,
         "vocab": {
             "item": {"size": len(item), "digest": vocab_digest(item.values)},
-            "token": {"size": len(feats.vocab("token"))},
-            "region": {"size": len(feats.vocab("region"))},
-            "device": {"size": len(feats.vocab("device"))},
+            **{name: _vocab_meta(feats, name) for name in ("token", "region", "device")},
         },
     }
+
+
+def _vocab_meta(feats: Features, name: str) -> dict[str, Any]:
+    v = feats.vocab(name)
+    return {"size": len(v), "digest": vocab_digest(v.values)}
+
+
+def check_extends(meta: dict[str, Any], feats: Features, art: Path | str) -> None:
+    """Raise ArtifactError unless every vocabulary of `feats` extends the one `art` was
+    trained on: at least as many ids, and its first ones naming the same values (by the
+    digests `features_meta` records; a vocabulary recorded without one is checked by
+    size only). What a warm start needs to keep the old rows where they are."""
+    for name, old in (meta.get("vocab") or {}).items():
+        size = int(old["size"])
+        vocab = feats.vocab(name)
+        if len(vocab) < size:
+            raise ArtifactError(
+                f"{art}: its {name} vocabulary has {size} ids, that of {feats.path} {len(vocab)}"
+                ": a warm start needs features that extend the model's (`funnelrec features "
+                "build --update-from`)"
+            )
+        digest = old.get("digest")
+        if digest is not None and vocab_digest(vocab.values[: size - 1]) != digest:
+            raise ArtifactError(
+                f"{art}: the {name} vocabulary of {feats.path} does not extend the one the "
+                "model was trained on (its ids name other values); build the features with "
+                "`funnelrec features build --update-from` the model's features"
+            )
 
 
 def check_features(meta: dict[str, Any], feats: Features, art: Path | str) -> None:

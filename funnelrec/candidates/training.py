@@ -8,19 +8,32 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from funnelrec.candidates.artifacts import features_meta, save_candidate_artifact
+from funnelrec.candidates.artifacts import (
+    check_extends,
+    features_meta,
+    load_candidate_model,
+    read_candidate_config,
+    save_candidate_artifact,
+)
 from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
 from funnelrec.config import load_config
 from funnelrec.data.dataset import AtomicDirectory
 from funnelrec.errors import FunnelrecError
 from funnelrec.features.batch import CandidateBatch
-from funnelrec.training.loop import TrainConfig, TrainResult, loader_epochs, seed_everything, train
+from funnelrec.training.loop import (
+    TrainConfig,
+    TrainResult,
+    load_grown_state,
+    loader_epochs,
+    seed_everything,
+    train,
+)
 
 if TYPE_CHECKING:
     from funnelrec.features import Features
@@ -85,12 +98,22 @@ class CandidateTrainingConfig:
     valid_k:        K of the validation Recall@K (seen items excluded) that early stopping
                     watches [100]
     valid_examples: validation examples scored per evaluation (None = all) [20000]
+    proposal_memory: a warm start's label frequencies, the base of the sampling proposal
+                    Q and of its logQ correction: 0 recounts them from the new features'
+                    training labels; m > 0 mixes in the previous model's, m x old + (1 - m)
+                    x new, an exponential moving average over updates (the per-update
+                    form of the streaming estimate of Yi et al. 2019) [0]
     """
 
     model: CandidateConfig = field(default_factory=CandidateConfig)
     train: CandidateTrainConfig = field(default_factory=CandidateTrainConfig)
     valid_k: int = 100
     valid_examples: int | None = 20_000
+    proposal_memory: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.proposal_memory < 1.0:
+            raise FunnelrecError(f"proposal_memory must be in [0, 1), got {self.proposal_memory}")
 
 
 def load_training_config(
@@ -117,8 +140,16 @@ def fit_candidates(
     force: bool = False,
     progress: bool = True,
     dist: Distributed | None = None,
+    warm_start: Path | str | None = None,
 ) -> TrainResult:
     """Train a candidate model on a features directory and write artifact `out`.
+
+    warm_start: a previous artifact to start from, trained on features that `feat`
+    extends (`funnelrec features build --update-from`): the model is built with its model
+    config at the new vocabulary sizes, every weight copied from it (tables keep their
+    old rows, new rows are initialised as a fresh model's), and the proposal's label
+    frequencies recounted from `feat` (or mixed: `proposal_memory`). The optimizers start
+    fresh (artifacts hold none). Checkpoints and resume work as for a fresh run.
 
     Checkpoints go to `checkpoint_path(out)` (removed once the artifact is written); with
     `resume`, training continues from there. The artifact is built in a temporary
@@ -162,8 +193,15 @@ def fit_candidates(
         torch.set_num_threads(tcfg.threads)
     inputs = CandidateInputs.from_features(feats)
     counts = torch.as_tensor(np.array(feats.item_label_counts(), dtype=np.float64))
+    model_config, warm = cfg.model, None
+    if warm_start is not None:
+        # read before seeding: building the previous model draws from the RNG
+        warm = _WarmStart.open(warm_start, feats, cfg)
+        model_config = warm.model.config
+        counts = warm.label_counts(counts, cfg.proposal_memory)
     seed_everything(tcfg.seed)
-    model = CandidateModel(cfg.model, inputs, label_counts=counts)
+    model = CandidateModel(model_config, inputs, label_counts=counts)
+    warm_meta = warm.apply(model, cfg.proposal_memory) if warm is not None else None
     loader = candidate_loader(
         feats,
         "train",
@@ -228,7 +266,12 @@ def fit_candidates(
         checkpoint=ckpt,
         resume=resume,
         evaluate=evaluate,
-        meta={"model": asdict(cfg.model), "features": fmeta, "valid_k": cfg.valid_k},
+        meta={
+            "model": asdict(model_config),
+            "features": fmeta,
+            "valid_k": cfg.valid_k,
+            **({"warm_start": warm_meta} if warm_meta is not None else {}),
+        },
         progress=progress,
         description="train candidates",
         dist=dist,
@@ -238,6 +281,7 @@ def fit_candidates(
         "train": asdict(tcfg),
         "valid_k": cfg.valid_k,
         "valid_examples": cfg.valid_examples,
+        **({"warm_start": warm_meta} if warm_meta is not None else {}),
         "training": {
             "steps": result.steps,
             "epochs": result.epochs,
@@ -266,3 +310,56 @@ def fit_candidates(
         ckpt.unlink(missing_ok=True)
     dist.barrier()  # the other ranks return once the artifact is in place
     return result
+
+
+@dataclass(eq=False)
+class _WarmStart:
+    """The previous artifact a warm start continues from, checked against the new
+    features."""
+
+    path: Path
+    meta: dict[str, Any]
+    model: CandidateModel
+
+    @classmethod
+    def open(cls, art: Path | str, feats: Features, cfg: CandidateTrainingConfig) -> _WarmStart:
+        art = Path(art)
+        meta = read_candidate_config(art)
+        check_extends(meta, feats, art)
+        model = load_candidate_model(art)
+        if cfg.model != CandidateConfig() and cfg.model != model.config:
+            old, new = asdict(model.config), asdict(cfg.model)
+            diff = ", ".join(f"{k}={new[k]!r} (was {old[k]!r})" for k in new if new[k] != old[k])
+            raise FunnelrecError(
+                f"a warm start keeps the model config of {art}; this run sets {diff}"
+            )
+        return cls(art, meta, model)
+
+    def label_counts(self, counts: Tensor, memory: float) -> Tensor:
+        """The new training label counts, with the previous model's label frequencies
+        mixed in at weight `memory` (items it did not know count 0 there)."""
+        if memory == 0.0:
+            return counts
+        old = torch.zeros_like(counts, dtype=torch.float64)
+        p_old = self.model.softmax.log_p_label.to(torch.float64).exp()
+        old[: p_old.shape[0]] = p_old
+        total = float(counts.sum())
+        p_new = counts.to(torch.float64) / max(total, 1.0)
+        return total * ((1.0 - memory) * p_new + memory * old)
+
+    def apply(self, model: CandidateModel, memory: float) -> dict[str, Any]:
+        """Copy the previous weights into `model`; what the artifact records about it."""
+        # the sampler's buffers follow the new label counts, built with the model
+        grown = load_grown_state(
+            model,
+            self.model.state_dict(),
+            skip=lambda name: name.startswith("softmax."),
+            where=self.path,
+        )
+        return {
+            "artifact": str(self.path),
+            "data": self.meta.get("data", {}),
+            "vocab": self.meta.get("vocab", {}),
+            "grown": {k: list(v) for k, v in grown.items()},
+            "proposal": "recounted" if memory == 0.0 else f"mixed, memory {memory}",
+        }

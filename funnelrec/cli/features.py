@@ -2,11 +2,13 @@
 
 funnelrec features build --data /tmp/small --split last --out /tmp/small-feat
 funnelrec features build --data /tmp/small --split time --out /tmp/f cap=none labels=random
+funnelrec features build --data /tmp/small --update-from /tmp/small-feat --out /tmp/feat-2
 funnelrec features describe /tmp/small-feat
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from enum import StrEnum
@@ -20,6 +22,7 @@ from rich.table import Table
 from funnelrec.config import load_config
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
+from funnelrec.features.update import FeaturesUpdate
 
 app = typer.Typer(
     help="Fit vocabularies and normalisers, build training examples for both stages.",
@@ -36,8 +39,11 @@ class SplitKind(StrEnum):
 @app.command("build")
 def build(
     data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (canonical tables)."),
-    split: SplitKind = typer.Option(
-        SplitKind.last, "--split", help="last: leave-last-out per user; time: global time split."
+    split: SplitKind | None = typer.Option(
+        None,
+        "--split",
+        help="last: leave-last-out per user; time: global time split (default: last, or "
+        "that of --update-from).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Features directory to create."),
     force: bool = typer.Option(False, "--force", help="Replace an existing features directory."),
@@ -47,14 +53,98 @@ def build(
         help="Processes building blocks of users side by side (data over block_events "
         "events only; each holds one block in memory).",
     ),
+    update_from: Path | None = typer.Option(
+        None,
+        "--update-from",
+        help="Extend these features (of the dataset before its last append) instead of "
+        "fitting anew: old vocabulary ids kept, new ones appended, normalisers kept; their "
+        "config is the default.",
+    ),
+    refit_normalizers: bool = typer.Option(
+        False, "--refit-normalizers", help="With --update-from: refit the quantile normalisers."
+    ),
+    since: int | None = typer.Option(
+        None,
+        "--since",
+        help="With --update-from: training examples from this ts on are new (default: the "
+        "start of the dataset's last period).",
+    ),
+    replay: float = typer.Option(
+        0.1, "--replay", help="With --update-from: share of older training examples kept."
+    ),
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="FeaturesConfig overrides, e.g. cap=none."
     ),
 ) -> None:
     """Fit transforms on the training split and write example shards for both stages."""
     config = load_config(FeaturesConfig, None, overrides or [])
-    build_features(data, out, split=split.value, config=config, force=force, workers=workers)
-    _describe(Features.open(out))
+    update = None
+    if update_from is not None:
+        base = Features.open(update_from)
+        # the base's config, with what the overrides change
+        default = FeaturesConfig()
+        changed = {
+            k: getattr(config, k)
+            for k in FeaturesConfig.__dataclass_fields__
+            if getattr(config, k) != getattr(default, k)
+        }
+        config = dataclasses.replace(base.config, **changed)
+        split = split or SplitKind(base.split)
+        update = FeaturesUpdate(
+            update_from, refit_normalizers=refit_normalizers, since=since, replay=replay
+        )
+    elif refit_normalizers or since is not None:
+        raise typer.BadParameter("--refit-normalizers and --since go with --update-from")
+    build_features(
+        data,
+        out,
+        split=(split or SplitKind.last).value,
+        config=config,
+        force=force,
+        workers=workers,
+        update=update,
+    )
+    feats = Features.open(out)
+    _describe(feats)
+    if update is not None:
+        _describe_update(feats.manifest["update"])
+
+
+def _describe_update(u: dict[str, Any]) -> None:
+    """What a features update kept, added and found drifting."""
+    ext = u["extends"]
+    since = "every example" if u["since"] is None else f"from {_when(u['since'])}"
+    console.print(
+        f"update of {ext['path']} (fingerprint {ext['fingerprint']}): training examples "
+        f"{since}: {u['train_examples']['new']:,} new + {u['train_examples']['replayed']:,} "
+        f"replayed (replay {u['replay']}); normalisers {u['normalizers']}"
+    )
+    growth = Table(title="vocabularies extended (old ids kept)", show_header=True)
+    for col in ("vocabulary", "old size", "new size", "added"):
+        growth.add_column(col, justify="right" if col != "vocabulary" else "left")
+    for name, g in u.get("vocab_growth", {}).items():
+        growth.add_row(name, f"{g['old']:,}", f"{g['new']:,}", f"{g['new'] - g['old']:,}")
+    console.print(growth)
+    drift = Table(title="normaliser drift: new training data on the old maps", show_header=True)
+    for col in ("stage", "column", "KS", "p10", "p50", "p90", "beyond range", "missing"):
+        drift.add_column(col, justify="left" if col in ("stage", "column") else "right")
+    for stage, columns in u.get("drift", {}).items():
+        for name, d in columns.items():
+            beyond = d.get("below_range", 0.0) + d.get("above_range", 0.0)
+            drift.add_row(
+                stage,
+                name,
+                *(_num(d.get(k)) for k in ("ks", "p10", "p50", "p90")),
+                _pct(beyond if "ks" in d and "p50" in d else None),
+                _pct(d.get("missing")),
+            )
+    console.print(drift)
+
+
+def _num(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}"
 
 
 @app.command("describe")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.data.dataset import Dataset
+from funnelrec.errors import FunnelrecError
 from funnelrec.ranking.model import tower_name
 from funnelrec.ranking.pages import impressions_from_candidates
 from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
@@ -104,6 +105,16 @@ def print_metrics(result: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- Typer commands
 
 
+def one_process_warm_start(warm_start: Path | None, nproc: int) -> None:
+    """--warm-start trains in this process: the --nproc launcher forwards the plain
+    training options only."""
+    if warm_start is not None and nproc != 1:
+        raise FunnelrecError(
+            "--warm-start trains in one process here; for several, run torchrun on "
+            "funnelrec.cli.worker with --warm-start"
+        )
+
+
 def train_command(
     features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
@@ -119,6 +130,12 @@ def train_command(
         help="Train data-parallel in N processes on this machine (runs torchrun); "
         "train.batch_size stays the batch of one step over all of them.",
     ),
+    warm_start: Path | None = typer.Option(
+        None,
+        "--warm-start",
+        help="Start from this ranker artifact (features built with --update-from its "
+        "features): its weights, tables grown for the new ids.",
+    ),
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Overrides, e.g. model.tower=512,256 train.epochs=3"
     ),
@@ -126,9 +143,12 @@ def train_command(
     """Train the ranking network (watch-time weighted logistic regression) on FEAT."""
     overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
     cfg = load_ranker_train_config(config, overrides)  # a bad config fails here, once
+    one_process_warm_start(warm_start, nproc)
     summary = distributed.train_here_or_launch(
         "ranker",
-        lambda dist: train_ranker(features, out, cfg, resume=resume, force=force, dist=dist),
+        lambda dist: train_ranker(
+            features, out, cfg, resume=resume, force=force, dist=dist, warm_start=warm_start
+        ),
         device=cfg.train.device,
         features=features,
         out=out,

@@ -5,6 +5,8 @@ funnelrec train candidates --features F --out A --config configs/candidates-smal
 funnelrec train candidates --features F --out A --resume      # after Ctrl-C or a crash
 funnelrec train candidates --features F --out A --device cuda
 funnelrec train candidates --features F --out A --nproc 2     # data-parallel, via torchrun
+funnelrec train candidates --features F2 --out A2 --warm-start A   # F2 extends A's features
+funnelrec train ranker --features F2 --out R2 --warm-start R
 funnelrec train funnel --data D --out A       # the whole funnel on a dataset of watches
 torchrun --standalone --nproc-per-node 2 -m funnelrec.cli.worker candidates --features F --out A
 """
@@ -19,6 +21,7 @@ from rich.markup import escape
 
 from funnelrec.candidates import checkpoint_path, fit_candidates, load_training_config
 from funnelrec.cli import rank, sequence
+from funnelrec.cli.rank import one_process_warm_start
 from funnelrec.training import distributed
 
 app = typer.Typer(
@@ -54,6 +57,12 @@ def candidates(
         help="Train data-parallel in N processes on this machine (runs torchrun); "
         "batch_size stays the batch of one step over all of them.",
     ),
+    warm_start: Path | None = typer.Option(
+        None,
+        "--warm-start",
+        help="Start from this artifact (features built with --update-from its features): "
+        "its weights, tables grown for the new ids.",
+    ),
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. dim=64 lr=0.01 epochs=3."
     ),
@@ -61,9 +70,12 @@ def candidates(
     """Train the candidate-generation network (sampled softmax, logQ correction)."""
     overrides = [*(overrides or []), *([f"device={device}"] if device else [])]
     cfg = load_training_config(config, overrides)  # a bad config fails here, once
+    one_process_warm_start(warm_start, nproc)
     result = distributed.train_here_or_launch(
         "candidates",
-        lambda dist: fit_candidates(features, out, cfg, resume=resume, force=force, dist=dist),
+        lambda dist: fit_candidates(
+            features, out, cfg, resume=resume, force=force, dist=dist, warm_start=warm_start
+        ),
         device=cfg.train.device,
         features=features,
         out=out,

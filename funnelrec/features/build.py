@@ -31,8 +31,15 @@ from funnelrec.features.blocked import _BlockedBuild
 from funnelrec.features.finish import _finish, _split_meta
 from funnelrec.features.fit import _count_block, _Counts, _fit_transforms, _split, _time_bounds
 from funnelrec.features.partition import EVENT_TABLES, CountIndex
+from funnelrec.features.reader import Features
 from funnelrec.features.splits import TRAIN
 from funnelrec.features.tables import _read_log
+from funnelrec.features.update import (
+    FeaturesUpdate,
+    extend_transforms,
+    pinned_config,
+    ranking_normalizer,
+)
 from funnelrec.features.write import _Bars, _BlockOut, _write_block
 from funnelrec.progress import progress_bar
 
@@ -47,6 +54,7 @@ def build_features(
     progress: bool = True,
     impressions: pa.Table | None = None,
     workers: int = 1,
+    update: FeaturesUpdate | None = None,
 ) -> Path:
     """Fit transforms on the training part of `data` and write example shards to `out`.
 
@@ -61,6 +69,11 @@ def build_features(
     `partition.py`), in a folder beside `out` that a later call with the same data and config
     resumes after an interruption. `workers` processes build blocks side by side
     (each holds one block in memory; the examples are the same for any number).
+
+    `update`: extend the features at `update.base` instead of fitting anew, for a model
+    to continue training from them (`update.py`: vocabularies extended, embedding widths
+    pinned, normalisers kept with their drift reported, the new period's examples plus a
+    replay sample of older ones). `config` None: the config of `update.base`.
     """
     cfg = config or FeaturesConfig()
     ds = data if isinstance(data, Dataset) else Dataset.open(data)
@@ -68,6 +81,21 @@ def build_features(
         raise FunnelrecError(f"split must be 'last' or 'time', got '{split}'")
     out = Path(out)
     n_events = sum(ds.num_rows(name) for name in EVENT_TABLES if ds.has(name))
+    base = None
+    if update is not None:
+        base = update.open_base()
+        if Path(update.base).resolve() == out.resolve():
+            raise FunnelrecError(f"{out}: a features update writes a new directory")
+        if base.split != split:
+            raise FunnelrecError(
+                f"{base.path} was built with --split {base.split}; update it with the same"
+            )
+        cfg = pinned_config(config or base.config, base)
+        if impressions is None and n_events > cfg.block_events:
+            raise FunnelrecError(
+                f"{ds.path}: a features update builds in memory, and the data has "
+                f"{n_events:,} events, more than block_events={cfg.block_events:,}"
+            )
     if impressions is None and n_events > cfg.block_events:
         if out.exists() and not force:
             raise DataError(f"{out} already exists (use --force to overwrite)")
@@ -76,7 +104,7 @@ def build_features(
         return _BlockedBuild(ds, out, split, cfg, progress, n_events, workers).run(force=force)
     target = AtomicDirectory(out, force=force)
     try:
-        manifest = _build_in_memory(ds, target.tmp, split, cfg, progress, impressions)
+        manifest = _build_in_memory(ds, target.tmp, split, cfg, progress, impressions, update, base)
         write_json_atomic(target.tmp / MANIFEST, manifest)
         target.commit()
     except BaseException:
@@ -92,6 +120,8 @@ def _build_in_memory(
     cfg: FeaturesConfig,
     progress: bool,
     impressions: pa.Table | None,
+    update: FeaturesUpdate | None = None,
+    base: Features | None = None,
 ) -> dict[str, Any]:
     """The whole dataset as one block."""
     t_start = time.perf_counter()
@@ -103,6 +133,11 @@ def _build_in_memory(
     acc = _Counts()
     _count_block(log, sp, cfg, acc, cfg.seed + 2)
     tf = _fit_transforms(acc, log.users, cfg, ranking=log.imp is not None and cfg.ranking)
+    since = None
+    if update is not None:
+        assert base is not None
+        tf = extend_transforms(tf, acc, log.users, cfg, update, base)
+        since = update.resolve_since(ds)
     by_item = CountIndex.build(log.w_item, log.w_ts)
     with progress_bar("examples", enabled=progress) as bar:
         out = _BlockOut(
@@ -115,6 +150,8 @@ def _build_in_memory(
             rank_seed=cfg.seed + 1,
             cap_seed=cfg.seed + 2,
             progress=_Bars(bar, reuse=False),
+            train_since=since,
+            replay=update.replay if update is not None else 1.0,
         )
         res = _write_block(log, sp, tf, by_item, cfg, out)
     timing = {"total_s": time.perf_counter() - t_start, "blocks": 1}
@@ -128,7 +165,24 @@ def _build_in_memory(
         acc.rank_columns if log.imp is not None else [],
         bool(log.s_user.size),
         timing,
+        ranking_normalizer=(
+            None
+            if update is None or base is None
+            else lambda fresh, data: ranking_normalizer(fresh, data, update, base)
+        ),
     )
     if manifest["ranking"].get("available"):
         manifest["ranking"]["impressions"] = "given" if impressions is not None else "dataset"
+    if update is not None and base is not None:
+        manifest["update"] = {
+            "extends": {"path": str(base.path), "fingerprint": base.fingerprint},
+            "normalizers": "refitted" if update.refit_normalizers else "kept",
+            "since": since,
+            "replay": update.replay,
+            "train_examples": {
+                "new": int(res.sums.get("train_new", manifest["counts"]["candidates"]["train"])),
+                "replayed": int(res.sums.get("train_replayed", 0)),
+            },
+            **update.report,
+        }
     return manifest

@@ -3,6 +3,7 @@ their samples, write the last transforms, and return the manifest."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from funnelrec.features.splits import PART_NAMES, Split
 from funnelrec.features.vocab import Vocabulary
 from funnelrec.features.write import _BlockResult
 
+_NormalizerChoice = Callable[[QuantileNormalizer, dict[str, np.ndarray]], QuantileNormalizer]
+
 
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
@@ -40,8 +43,12 @@ def _finish(
     rank_columns: list[str],
     has_searches: bool,
     timing: dict[str, Any],
+    ranking_normalizer: _NormalizerChoice | None = None,
 ) -> dict[str, Any]:
-    """Sum the blocks' results; write the last transforms; return the manifest."""
+    """Sum the blocks' results; write the last transforms; return the manifest.
+
+    ranking_normalizer: (freshly fitted normaliser, the values it was fitted on) -> the one
+    to use (a features update keeps the previous one)."""
     tdir = root / "transforms"
     tdir.mkdir(exist_ok=True)
     sums: dict[str, float] = {}
@@ -95,7 +102,9 @@ def _finish(
     elif tf.rank is None:
         ranking = {"available": False, "reason": "ranking=false in the features config"}
     else:
-        ranking = _ranking_spec(root, cfg, tf, vocabs, results, rank_columns, has_searches)
+        ranking = _ranking_spec(
+            root, cfg, tf, vocabs, results, rank_columns, has_searches, ranking_normalizer
+        )
         for part_name in PART_NAMES:
             r = f"ranking.{part_name}."
             oov["ranking"][part_name] = {
@@ -135,6 +144,7 @@ def _ranking_spec(
     results: list[_BlockResult],
     rank_columns: list[str],
     has_searches: bool,
+    choose: _NormalizerChoice | None = None,
 ) -> dict[str, Any]:
     """Fit the ranking normaliser on the blocks' samples; the ranking feature spec."""
     assert tf.rank is not None
@@ -155,6 +165,8 @@ def _ranking_spec(
         max_values=cfg.quantile_sample,
         seed=cfg.seed,
     )
+    if choose is not None:
+        normalizer = choose(normalizer, fit_data)
     normalizer.save(root / "transforms" / "ranking_dense.json")
 
     def space(v: Vocabulary) -> dict[str, Any]:

@@ -244,6 +244,46 @@ class Vocabulary:
             kind=fitted.kind,
         )
 
+    def extend(
+        self, seen: Vocabulary, *, max_new: int | None = None, min_count: int = 1
+    ) -> Vocabulary:
+        """This vocabulary with the values of `seen` it lacks appended after its own.
+
+        `seen`: the newer data's counts (a `fit` with no truncation). Every id of `self`
+        keeps its value, so a model's embedding rows stay valid; new values are taken in
+        `seen`'s order (most frequent first), those with count >= `min_count`, at most
+        `max_new` of them: truncation applies to the new values only. Counts are `seen`'s
+        (an old value absent from it counts 0), so a proposal built from them follows the
+        newer data. Ids past the old ones are no longer in decreasing frequency.
+        """
+        if seen.kind != self.kind and len(seen.values) and len(self.values):
+            raise FunnelrecError(
+                f"vocabulary '{self.name}': cannot extend {self.kind} values with {seen.kind}"
+            )
+        old_ids = self.lookup(seen.values) if len(seen.values) else np.zeros(0, np.int32)
+        new = np.flatnonzero((old_ids == 0) & (seen.counts[1:] >= min_count))
+        if max_new is not None:
+            new = new[: max(int(max_new), 0)]
+        values = np.concatenate([self.values, seen.values[new]])
+        values = (
+            np.asarray(values, dtype=np.int64)
+            if self.kind == "int"
+            else np.asarray(values, dtype=object)
+        )
+        counts = np.zeros(len(values) + 1, dtype=seen.counts.dtype)
+        known = old_ids != 0
+        counts[old_ids[known]] = seen.counts[1:][known]
+        counts[len(self) :] = seen.counts[1:][new]
+        counts[0] = seen.counts.sum() - counts[1:].sum()
+        return Vocabulary(name=self.name, values=values, counts=counts, kind=self.kind)
+
+    def extends(self, old: Vocabulary) -> bool:
+        """Whether every id of `old` has the same value here (a grown copy of it)."""
+        n = len(old.values)
+        if n > len(self.values) or (n and old.kind != self.kind):
+            return False
+        return bool(np.array_equal(self.values[:n], old.values))
+
     def lookup(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
         """Dense ids of raw `values`: [n] int32, 0 for nulls and values not in the vocabulary.
 

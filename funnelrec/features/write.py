@@ -35,6 +35,7 @@ from funnelrec.features.ranking_examples import (
 from funnelrec.features.splits import PART_NAMES, TEST, TRAIN, VALID, Split, TimeIndex
 from funnelrec.features.tables import _Log
 from funnelrec.features.transforms import _encode_all_users
+from funnelrec.features.update import replay_keep
 
 
 class _ShardWriter:
@@ -101,6 +102,14 @@ class _BlockOut:
     rank_seed: int | list[int]  # ranking examples' shuffle
     cap_seed: int | list[int]  # ranking requests' sampling (rank_cap; as in the count pass)
     progress: Callable[[str, int], Callable[[int], None]]
+    # a features update (`update.py`): training examples before `train_since` are kept
+    # with probability `replay`
+    train_since: int | None = None
+    replay: float = 1.0
+
+    def replay_rng(self, stage: int) -> np.random.Generator:
+        """The replay sample's own stream, so a fresh build's draws are unchanged."""
+        return np.random.default_rng([*np.atleast_1d(self.seed).tolist(), 0x5EED, stage])
 
 
 @dataclass(eq=False)
@@ -149,6 +158,12 @@ def _write_block(
     labels = item_ids[positions["train"]]
     sums["train_dropped_oov"] = float((labels == 0).sum())
     positions["train"] = positions["train"][labels != 0]
+    if out.train_since is not None:
+        pos = positions["train"]
+        keep = replay_keep(log.w_ts[pos], out.train_since, out.replay, out.replay_rng(0))
+        sums["train_new"] = float((log.w_ts[pos] >= out.train_since).sum())
+        sums["train_replayed"] = float(keep.sum()) - sums["train_new"]
+        positions["train"] = pos[keep]
     positions["train"] = positions["train"][rng.permutation(len(positions["train"]))]
     label_counts = np.bincount(item_ids[positions["train"]], minlength=len(tf.item))
     counts: dict[str, dict[str, int]] = {"candidates": {}, "ranking": {}}
@@ -220,16 +235,21 @@ def _write_ranking_block(
     i_ts = np.asarray(imp.column("ts").to_numpy(), dtype=np.int64)
     part = _ranking_parts(imp, sp, cfg.rank_cap, out.cap_seed)
     ctx = _rank_context(log, rv.item.lookup(log.w_item), cand.token_ids, by_item)
-    rng = np.random.default_rng(out.rank_seed)
-    rows = {
-        "train": rng.permutation(np.flatnonzero(part == TRAIN)),
-        "valid": np.flatnonzero(part == VALID),
-        "test": np.flatnonzero(part == TEST),
-    }
     req_first = _request_starts(imp)
     new_req = np.zeros(len(i_ts), dtype=bool)
     new_req[req_first] = True
     req_of_row = np.cumsum(new_req) - 1
+    train = part == TRAIN
+    if out.train_since is not None:
+        # replayed by whole request: a page's impressions are compared with one another
+        keep = replay_keep(i_ts[req_first], out.train_since, out.replay, out.replay_rng(1))
+        train &= keep[req_of_row]
+    rng = np.random.default_rng(out.rank_seed)
+    rows = {
+        "train": rng.permutation(np.flatnonzero(train)),
+        "valid": np.flatnonzero(part == VALID),
+        "test": np.flatnonzero(part == TEST),
+    }
     counts: dict[str, int] = {}
     samples: dict[str, list[np.ndarray]] = {}
     sampled = 0

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 
+from funnelrec.candidates.artifacts import vocab_digest
 from funnelrec.config import load_config
 from funnelrec.data.dataset import AtomicDirectory, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
@@ -60,7 +61,14 @@ from funnelrec.ranking.model import (
 )
 from funnelrec.simulate.truth import TRUTH_DIR, World
 from funnelrec.training.distributed import Distributed, local_batch_size
-from funnelrec.training.loop import TrainConfig, TrainResult, loader_epochs, seed_everything, train
+from funnelrec.training.loop import (
+    TrainConfig,
+    TrainResult,
+    load_grown_state,
+    loader_epochs,
+    seed_everything,
+    train,
+)
 
 console = Console()
 
@@ -145,11 +153,53 @@ def checkpoint_path(out: Path) -> Path:
 
 def _features_meta(feats: Features) -> dict[str, Any]:
     rank_item = feats.vocab("rank_item")
+    spaces = [s["name"] for s in feats.ranking_spec["id_spaces"]]
     return {
         "data": {"fingerprint": feats.fingerprint, "features": str(feats.path)},
         "split": feats.split,
         "rank_item_vocab": len(rank_item),
+        # which value each id of every table names: what a warm start checks
+        "vocab_digests": {name: vocab_digest(feats.vocab(name).values) for name in spaces},
     }
+
+
+def _warm_start(
+    art: Path, spec: RankingFeatureSpec, feats: Features, config: RankingConfig
+) -> RankingModel:
+    """The previous ranker at `art`, checked to be one the features `feats` (of spec
+    `spec`) extend: the same features and widths, every table at least as large, its
+    first ids naming the same values (where the artifact recorded their digests)."""
+    meta = read_ranker_config(art)
+    old = load_ranker(art)
+    if config != RankingConfig() and config != old.config:
+        raise FunnelrecError(f"a warm start keeps the model config of {art}; leave [model] unset")
+    same = ("categorical", "bags", "dense_columns", "power_columns")
+    for key in same:
+        if getattr(old.spec, key) != getattr(spec, key):
+            raise ArtifactError(
+                f"{art}: its {key.replace('_', ' ')} differ from those of {feats.path}; a warm "
+                "start needs features built with `funnelrec features build --update-from`"
+            )
+    digests = meta.get("vocab_digests") or {}
+    for before in old.spec.id_spaces:
+        try:
+            now = spec.space(before.name)
+        except KeyError:
+            raise ArtifactError(f"{art}: {feats.path} has no id space '{before.name}'") from None
+        if now.dim != before.dim or now.vocab_size < before.vocab_size:
+            raise ArtifactError(
+                f"{art}: id space '{before.name}' is {before.vocab_size} x {before.dim} there, "
+                f"{now.vocab_size} x {now.dim} in {feats.path}; a warm start needs tables that "
+                "only gain rows (`funnelrec features build --update-from`)"
+            )
+        values = feats.vocab(before.name).values[: before.vocab_size - 1]
+        digest = digests.get(before.name)
+        if digest is not None and vocab_digest(values) != digest:
+            raise ArtifactError(
+                f"{art}: the {before.name} vocabulary of {feats.path} does not extend the one "
+                "the ranker was trained on (its ids name other values)"
+            )
+    return old
 
 
 def _check_features(meta: Mapping[str, Any], feats: Features, art: Path) -> None:
@@ -219,8 +269,15 @@ def train_ranker(
     force: bool = False,
     progress: bool = True,
     dist: Distributed | None = None,
+    warm_start: Path | str | None = None,
 ) -> dict[str, Any]:
     """Train a ranker on FEAT's ranking examples and write the artifact `out`.
+
+    warm_start: a previous ranker artifact to start from, trained on features that FEAT
+    extends (`funnelrec features build --update-from`): its model config, every weight
+    (tables keep their old rows; new rows are initialised as a fresh model's) and its
+    output bias (`init_bias` is then not applied); fresh optimizers, and the calibration
+    fitted anew after training.
 
     Returns the summary stored in ART/config.json under "training" (steps, examples/s,
     best validation weighted per-user loss, ...), on every rank.
@@ -241,9 +298,20 @@ def train_ranker(
     target = AtomicDirectory(out, force=force) if dist.is_main else None
     summary: dict[str, Any] | None = None
     try:
+        previous = None
+        if warm_start is not None:
+            # read before seeding: building the previous model draws from the RNG
+            previous = _warm_start(Path(warm_start), spec, feats, cfg.model)
         seed_everything(cfg.train.seed)
-        model = RankingModel(spec, cfg.model)
-        if cfg.init_bias:
+        model = RankingModel(spec, previous.config if previous is not None else cfg.model)
+        warm_meta = None
+        if previous is not None:
+            grown = load_grown_state(model, previous.state_dict(), where=warm_start)
+            warm_meta = {
+                "artifact": str(warm_start),
+                "grown": {k: list(v) for k, v in grown.items()},
+            }
+        elif cfg.init_bias:
             t = read_examples(feats, "ranking", "train", ["label", "watch_time"])
             bias = base_log_odds(
                 torch.from_numpy(np.array(t.column("label").to_numpy(), dtype=np.float32)),
@@ -324,6 +392,7 @@ def train_ranker(
             "features": _features_meta(feats),
             "init_bias": cfg.init_bias,
             "validate": has_valid,
+            **({"warm_start": warm_meta} if warm_meta is not None else {}),
         }
         result: TrainResult = train(
             model,
@@ -374,6 +443,7 @@ def train_ranker(
                     **_features_meta(feats),
                     "train_config": asdict(cfg.train),
                     "eval_batch_size": cfg.eval_batch_size,
+                    **({"warm_start": warm_meta} if warm_meta is not None else {}),
                     "training": summary,
                 },
             )

@@ -330,6 +330,47 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_grown_state(
+    model: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    skip: Callable[[str], bool] = lambda name: False,
+    where: object = "warm start",
+) -> dict[str, tuple[int, int]]:
+    """Copy a smaller model's `state` into `model`, whose tables may have more rows.
+
+    The warm start of a model whose vocabularies grew: a tensor of the same shape is
+    copied whole; one that has more rows in `model` (an embedding table, a per-id buffer)
+    gets the old rows copied into its first rows, and its new rows keep the values the
+    model's own init gave them. Every other difference of shape is refused, as is a
+    tensor that only one side has. `skip(name)`: entries left as the model built them
+    (e.g. what is recomputed from the new data). Returns {name: (old rows, new rows)} of
+    the grown tensors. Optimizer state is not part of it: a warm start begins with fresh
+    optimizers (the loop's checkpoints then hold the grown model's own).
+    """
+    own = model.state_dict()
+    names = {k for k in own if not skip(k)}
+    missing = sorted(names - set(state))
+    extra = sorted(k for k in state if k not in own and not skip(k))
+    if missing or extra:
+        which = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}', the model does not"
+        raise ArtifactError(f"{where}: the previous model {which}")
+    grown: dict[str, tuple[int, int]] = {}
+    with torch.no_grad():
+        for name in sorted(names):
+            new, old = own[name], state[name]
+            same_rest = old.dim() == new.dim() and old.shape[1:] == new.shape[1:]
+            if old.shape != new.shape and not (same_rest and old.shape[0] <= new.shape[0]):
+                raise ArtifactError(
+                    f"{where}: '{name}' has shape {tuple(old.shape)} in the previous model and "
+                    f"{tuple(new.shape)} now; only tables that gain rows can grow"
+                )
+            new[: old.shape[0]].copy_(old.to(new.dtype))
+            if old.shape != new.shape:
+                grown[name] = (int(old.shape[0]), int(new.shape[0]))
+    return grown
+
+
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -1,4 +1,6 @@
-"""The whole funnel in one command: `funnelrec run CONFIG`.
+"""The whole funnel in one command: `funnelrec run CONFIG`; and its daily update,
+`funnelrec update` (`update`: append -> features update -> warm starts -> index -> package,
+docs/freshness.md).
 
     data (simulate or import) -> features -> train candidates -> index -> train ranker
     -> evaluate -> package
@@ -23,7 +25,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +44,13 @@ from funnelrec.candidates import (
 from funnelrec.candidates.metrics import ModelScorer, PopularityScorer, evaluate_split
 from funnelrec.config import load_config
 from funnelrec.data import loaders
-from funnelrec.data.dataset import write_json_atomic
+from funnelrec.data.append import append_events, parse_new_logs
+from funnelrec.data.dataset import MANIFEST, Dataset, write_json_atomic
+from funnelrec.data.loaders.mapping import COLUMN_KEYS
 from funnelrec.errors import FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
+from funnelrec.features.update import FeaturesUpdate
 from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
 from funnelrec.serving.package import PackageConfig, package
 from funnelrec.simulate import generate, preset_config
@@ -162,34 +167,8 @@ def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
     """Run every stage of `cfg` that is not up to date; returns what ran and the metrics."""
     console = console or Console()
     out = Path(cfg.out)
-    (out / "stamps").mkdir(parents=True, exist_ok=True)
     result = RunResult(out=out, ran=[], skipped=[], seconds={}, metrics={})
-    stamps: dict[str, str] = {}
-
-    def stage(
-        name: str,
-        settings: Any,
-        reads: list[str],
-        body: Callable[[Path], None],
-        target: Path | None = None,
-    ) -> None:
-        target = target or out / name
-        key = _hash({"settings": settings, "reads": {r: stamps[r] for r in reads}})
-        stamp_file = out / "stamps" / f"{name}.json"
-        stamps[name] = key
-        current = target.exists() and stamp_file.exists()
-        if current and json.loads(stamp_file.read_text()).get("key") == key:
-            result.skipped.append(name)
-            console.print(f"[dim]{name}: up to date, skipped[/dim]")
-            return
-        console.rule(f"[bold]{name}")
-        t0 = time.perf_counter()
-        stamp_file.unlink(missing_ok=True)  # the output is not current until the stage ends
-        body(target)
-        seconds = time.perf_counter() - t0
-        result.seconds[name] = seconds
-        result.ran.append(name)
-        write_json_atomic(stamp_file, {"key": key, "seconds": seconds})
+    stage = _Stages(out, console, result.ran, result.skipped, result.seconds)
 
     stage("data", asdict(cfg.data), [], lambda t: _data(cfg, t))
     features = {**asdict(cfg.features), "overrides": _features_overrides(cfg)}
@@ -218,6 +197,62 @@ def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
 def _settings(s: StageSettings) -> dict[str, Any]:
     text = Path(s.config).read_text() if s.config else ""
     return {"config": text, "overrides": list(s.overrides)}
+
+
+class _Stages:
+    """Runs the stages of a run directory `out`, each at most once per settings.
+
+    A stage's stamp (`out/stamps/NAME.json`) holds the hash of its settings and of the
+    stamps of the stages it reads, and what its body reported; a stage whose output
+    exists and whose stamp matches is skipped. The stamp is removed before the body runs
+    and written after it, so an interrupted stage runs again.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        console: Console,
+        ran: list[str],
+        skipped: list[str],
+        seconds: dict[str, float],
+    ) -> None:
+        self.out, self.console = out, console
+        self.ran, self.skipped, self.seconds = ran, skipped, seconds
+        self.keys: dict[str, str] = {}
+        # what each stage reported, and its seconds when it ran (also for skipped ones)
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.stamped_seconds: dict[str, float] = {}
+        (out / "stamps").mkdir(parents=True, exist_ok=True)
+
+    def __call__(
+        self,
+        name: str,
+        settings: Any,
+        reads: list[str],
+        body: Callable[[Path], dict[str, Any] | None],
+        target: Path | None = None,
+    ) -> None:
+        target = target or self.out / name
+        key = _hash({"settings": settings, "reads": {r: self.keys[r] for r in reads}})
+        stamp_file = self.out / "stamps" / f"{name}.json"
+        self.keys[name] = key
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}
+        if target.exists() and stamp.get("key") == key:
+            self.skipped.append(name)
+            self.stamped_seconds[name] = float(stamp.get("seconds", 0.0))
+            self.reports[name] = stamp.get("report") or {}
+            self.console.print(f"[dim]{name}: up to date, skipped[/dim]")
+            return
+        self.console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        stamp_file.unlink(missing_ok=True)  # the output is not current until the stage ends
+        report = body(target) or {}
+        seconds = time.perf_counter() - t0
+        self.seconds[name] = self.stamped_seconds[name] = seconds
+        self.ran.append(name)
+        self.reports[name] = report
+        self.console.print(f"{name}: {seconds:.1f} s")
+        write_json_atomic(stamp_file, {"key": key, "seconds": seconds, "report": report})
 
 
 def _hash(obj: Any) -> str:
@@ -270,19 +305,23 @@ def _candidates(cfg: RunConfig, out: Path, target: Path) -> None:
 
 
 def _index(cfg: RunConfig, out: Path, target: Path) -> None:
+    _build_index(out / "candidates", out / "features", cfg.index, target, progress=cfg.progress)
+
+
+def _build_index(
+    candidates: Path, features: Path, settings: IndexStage, target: Path, *, progress: bool
+) -> None:
     """An ANN index over the item embeddings; its recall is measured against exact search
     on real user vectors of the validation split and tuned to the target."""
 
-    emb_t, ids_t = load_item_embeddings(out / "candidates")
+    emb_t, ids_t = load_item_embeddings(candidates)
     emb = np.ascontiguousarray(emb_t.numpy(), dtype=np.float32)
-    queries = split_user_vectors(
-        out / "candidates", out / "features", "valid", limit=2000
-    ).vectors.numpy()
+    queries = split_user_vectors(candidates, features, "valid", limit=2000).vectors.numpy()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    kind = cfg.index.kind or None
-    index = ItemIndex.build(emb, ids_t.numpy(), kind, progress=cfg.progress)  # type: ignore[arg-type]
+    kind = settings.kind or None
+    index = ItemIndex.build(emb, ids_t.numpy(), kind, progress=progress)  # type: ignore[arg-type]
     if len(queries) and index.kind != "exact":
-        index.tune(queries, 100, cfg.index.target_recall, embeddings=emb, query_source="valid")
+        index.tune(queries, 100, settings.target_recall, embeddings=emb, query_source="valid")
     elif len(queries):
         index.recall_vs_exact(queries, 100, embeddings=emb, query_source="valid")
     index.save(target, force=True)
@@ -320,17 +359,308 @@ def _evaluate(out: Path, target: Path, limit: int | None) -> None:
     write_json_atomic(target / "metrics.json", metrics)
 
 
-def _package(out: Path, target: Path) -> None:
+def _package(out: Path, target: Path, *, data: Path | None = None) -> None:
 
     package(
         features=out / "features",
         candidates=out / "candidates",
         ranker=out / "ranker",
-        data=out / "data",
+        data=data or out / "data",
         out=target,
         force=True,
         progress=False,
     )
+
+
+# --------------------------------------------------------------------------- daily update
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """A daily update (`update`): the settings of its steps; every field has a default.
+
+    replay, refit_normalizers, since: the features update's (`FeaturesUpdate`)
+    allow_late: the append's: accept (and count) events older than the dataset's end
+    candidates, ranker: the warm starts' training settings (a TOML file and overrides, as
+        `funnelrec train ... --config`); the model configs are the previous artifacts'
+    index: the index built over the new item embeddings
+    """
+
+    replay: float = 0.1
+    refit_normalizers: bool = False
+    since: int | None = None
+    allow_late: bool = False
+    candidates: StageSettings = field(default_factory=StageSettings)
+    index: IndexStage = field(default_factory=IndexStage)
+    ranker: StageSettings = field(default_factory=StageSettings)
+    progress: bool = True
+
+
+# The steps of an update, in order, and the parts of the previous run it continues from.
+UPDATE_STEPS = ("append", "features", "candidates", "index", "ranker", "artifact")
+PREVIOUS_PARTS = ("features", "candidates", "ranker")
+UPDATE_REPORT = "update.json"
+
+
+def load_update_config(
+    path: Path | str | None, overrides: Sequence[str] | None = None
+) -> UpdateConfig:
+    cfg = load_config(UpdateConfig, path, list(overrides or []))
+    if path is None:
+        return cfg
+    base = Path(path).resolve().parent
+
+    def fix(s: StageSettings) -> StageSettings:
+        if s.config and not Path(s.config).is_absolute():
+            return StageSettings(str(base / s.config), s.overrides)
+        return s
+
+    return replace(cfg, candidates=fix(cfg.candidates), ranker=fix(cfg.ranker))
+
+
+def split_update_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line arguments -> (new logs, config overrides).
+
+    `TABLE=PATH` (TABLE a table of the logs: watches, impressions, ...) and a bare PATH
+    are logs; any other `KEY=VALUE` is an override. A watches file whose name holds "="
+    is given as `watches=PATH`.
+    """
+    logs, overrides = [], []
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        if sep and key not in COLUMN_KEYS:
+            overrides.append(arg)
+        else:
+            logs.append(arg)
+    return logs, overrides
+
+
+@dataclass
+class UpdateResult:
+    """What an update ran and skipped, each step's seconds (a skipped step's from when it
+    ran) and the report written to OUT/update.json."""
+
+    out: Path
+    ran: list[str]
+    skipped: list[str]
+    seconds: dict[str, float]
+    report: dict[str, Any]
+
+    @property
+    def artifact(self) -> Path:
+        return self.out / "artifact"
+
+
+def check_previous(previous: Path | str) -> Path:
+    """The previous day's run (or update) directory, checked to hold what an update
+    continues from."""
+    prev = Path(previous)
+    if not prev.is_dir():
+        raise FunnelrecError(f"{prev}: no such directory (the previous day's run or update)")
+    missing = [p for p in PREVIOUS_PARTS if not (prev / p).is_dir()]
+    if missing:
+        raise FunnelrecError(
+            f"{prev}: no {', '.join(f'{p}/' for p in missing)}: an update continues from a "
+            f"`funnelrec run` or `funnelrec update` directory holding "
+            f"{', '.join(f'{p}/' for p in PREVIOUS_PARTS)}"
+        )
+    return prev
+
+
+def update(
+    dataset: Path | str,
+    previous: Path | str,
+    out: Path | str,
+    new_logs: Sequence[str] | dict[str, list[str]] | None = None,
+    *,
+    mapping: Path | str | None = None,
+    config: UpdateConfig | None = None,
+    console: Console | None = None,
+) -> UpdateResult:
+    """The daily update of a served funnel, every step not yet done:
+
+        append NEW_LOGS to DATASET -> update PREVIOUS/features -> warm-start the candidate
+        model and the ranker from PREVIOUS's -> index -> package OUT/artifact
+
+    `previous` is yesterday's run or update directory, `out` today's (its layout is that
+    of `run`, so tomorrow's update continues from it). No `new_logs` nor `mapping`: the
+    dataset has been appended already. Steps are stamped as `run`'s stages are: re-running
+    an interrupted update does only what is left. The artifact is built aside and renamed
+    into place, so a server reloading it only ever sees a complete one.
+    Writes OUT/update.json: the steps and their seconds, what the append added, how the
+    vocabularies grew, the training examples and the normalisers' drift.
+    """
+    cfg = config or UpdateConfig()
+    console = console or Console()
+    ds_path, prev, out = Path(dataset), check_previous(previous), Path(out)
+    if out.resolve() == prev.resolve():
+        raise FunnelrecError(f"{out}: an update writes a new directory beside {prev}")
+    if not (ds_path / MANIFEST).is_file():
+        raise FunnelrecError(f"{ds_path}: no dataset there ({MANIFEST} missing)")
+    result = UpdateResult(out=out, ran=[], skipped=[], seconds={}, report={})
+    stage = _Stages(out, console, result.ran, result.skipped, result.seconds)
+    logs = parse_new_logs(new_logs) if isinstance(new_logs, Sequence) else new_logs
+
+    if logs or mapping is not None:
+        append = {
+            "logs": logs,
+            "mapping": Path(mapping).read_text() if mapping is not None else None,
+            "allow_late": cfg.allow_late,
+        }
+        stage("append", append, [], lambda t: _append(t, logs, mapping, cfg), target=ds_path)
+    else:
+        stage.keys["append"] = ""
+        console.print("[dim]append: no new logs given, the dataset as it is[/dim]")
+
+    features = {
+        "data": Dataset.open(ds_path).fingerprint(),
+        "base": Features.open(prev / "features").fingerprint,
+        **{k: getattr(cfg, k) for k in ("replay", "refit_normalizers", "since")},
+    }
+    stage("features", features, ["append"], lambda t: _update_features(ds_path, prev, cfg, t))
+    warm = {"previous": str((prev / "candidates").resolve())}
+    stage(
+        "candidates",
+        {**_settings(cfg.candidates), **warm},
+        ["features"],
+        lambda t: _warm_candidates(out, prev, cfg, t),
+    )
+    stage(
+        "index",
+        asdict(cfg.index),
+        ["candidates"],
+        lambda t: _build_index(
+            out / "candidates", out / "features", cfg.index, t, progress=cfg.progress
+        ),
+        target=out / "candidates" / INDEX_DIR,
+    )
+    warm = {"previous": str((prev / "ranker").resolve())}
+    stage(
+        "ranker",
+        {**_settings(cfg.ranker), **warm},
+        ["features"],
+        lambda t: _warm_ranker(out, prev, cfg, t),
+    )
+    stage("artifact", {}, ["index", "ranker"], lambda t: _package(out, t, data=ds_path))
+
+    result.report = _update_report(ds_path, prev, out, stage)
+    write_json_atomic(out / UPDATE_REPORT, result.report)
+    result.seconds = dict(stage.stamped_seconds)
+    return result
+
+
+def _append(
+    target: Path, logs: dict[str, list[str]] | None, mapping: Path | str | None, cfg: UpdateConfig
+) -> dict[str, Any]:
+    appended = append_events(target, logs, mapping=mapping, allow_late=cfg.allow_late)
+    return {"period": appended.period, "row_counts": appended.row_counts}
+
+
+def _update_features(ds: Path, prev: Path, cfg: UpdateConfig, target: Path) -> dict[str, Any]:
+    base = Features.open(prev / "features")
+    data = Dataset.open(ds)
+    if data.fingerprint() == base.fingerprint:
+        raise FunnelrecError(
+            f"{ds} has not changed since {base.path} was built from it: give the new "
+            "period's logs (or append them first with `funnelrec data append`)"
+        )
+    build_features(
+        data,
+        target,
+        split=base.split,  # type: ignore[arg-type]
+        force=True,
+        progress=cfg.progress,
+        update=FeaturesUpdate(
+            base.path, refit_normalizers=cfg.refit_normalizers, since=cfg.since, replay=cfg.replay
+        ),
+    )
+    return dict(Features.open(target).manifest.get("update") or {})
+
+
+def _warm_candidates(out: Path, prev: Path, cfg: UpdateConfig, target: Path) -> None:
+    s = cfg.candidates
+    tc = load_training_config(s.config or None, list(s.overrides))
+    fit_candidates(
+        out / "features",
+        target,
+        tc,
+        force=True,
+        progress=cfg.progress,
+        warm_start=prev / "candidates",
+    )
+
+
+def _warm_ranker(out: Path, prev: Path, cfg: UpdateConfig, target: Path) -> None:
+    s = cfg.ranker
+    rc = load_ranker_train_config(s.config or None, list(s.overrides))
+    train_ranker(
+        out / "features", target, rc, force=True, progress=cfg.progress, warm_start=prev / "ranker"
+    )
+
+
+def _update_report(ds: Path, prev: Path, out: Path, stage: _Stages) -> dict[str, Any]:
+    appended = stage.reports.get("append", {})
+    features = stage.reports.get("features", {})
+    period = appended.get("period", {})
+    return {
+        "dataset": str(ds),
+        "previous": str(prev),
+        "out": str(out),
+        "artifact": str(out / "artifact"),
+        "steps": [
+            {
+                "name": name,
+                "status": "ran" if name in stage.ran else "skipped",
+                "seconds": round(stage.stamped_seconds[name], 3),
+            }
+            for name in UPDATE_STEPS
+            if name in stage.stamped_seconds
+        ],
+        "counts": {
+            "new_rows": period.get("rows", {}),
+            "new_ids": period.get("new_ids", {}),
+            "rejected": period.get("rejected", {}),
+            "vocab_growth": features.get("vocab_growth", {}),
+            "train_examples": features.get("train_examples", {}),
+        },
+        "drift": features.get("drift", {}),
+    }
+
+
+def reload_server(
+    url: str, artifact: Path | str, *, token: str | None = None, timeout: float = 120.0
+) -> dict[str, Any]:
+    """POST /admin/reload to the server at `url`, naming `artifact`; the server's answer.
+
+    The server loads only artifacts inside its `--artifacts-root` (by default the
+    directory of the artifact it started with), from loopback or with its admin token.
+    Raises FunnelrecError when it refuses; it keeps serving the old model then.
+    """
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"path": str(Path(artifact).resolve())}).encode()
+    request = urllib.request.Request(
+        url.rstrip("/") + "/admin/reload",
+        data=body,
+        headers={
+            "content-type": "application/json",
+            **({"authorization": f"Bearer {token}"} if token else {}),
+        },
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", "")
+        except ValueError:
+            message = ""
+        raise FunnelrecError(f"{url}: reload refused ({e.code}): {message or e.reason}") from None
+    except urllib.error.URLError as e:
+        raise FunnelrecError(f"{url}: cannot reach the server: {e.reason}") from None
 
 
 # --------------------------------------------------------------------------- tiny world

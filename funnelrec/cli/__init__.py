@@ -23,6 +23,7 @@ from funnelrec.cli import (
     run,
     serve,
     train,
+    update,
 )
 from funnelrec.cli import simulate as simulate_cli
 from funnelrec.errors import FunnelrecError
@@ -51,6 +52,7 @@ app.command("serve")(serve.serve)
 app.command("recommend")(serve.recommend)
 app.command("report")(report.report_command)
 app.command("experiment")(experiment.experiment_command)
+app.command("update")(update.update_command)
 
 
 def main() -> None:

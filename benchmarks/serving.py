@@ -1,6 +1,7 @@
-"""Serving latency benchmark: end-to-end HTTP against `funnelrec serve`, and a load run.
+"""Serving latency benchmark: end-to-end HTTP against `funnelrec serve`, and load runs
+of one worker process beside several.
 
-    .venv/bin/python benchmarks/serving.py runs/medium/artifact               # latency + load
+    .venv/bin/python benchmarks/serving.py runs/demo/artifact                 # latency + load
     .venv/bin/python benchmarks/serving.py runs/medium/artifact --index-1m    # + 1M-item index
     .venv/bin/python benchmarks/serving.py /tmp/small/art --requests 100 --load-seconds 10
     .venv/bin/python benchmarks/serving.py ART --build-1m-only runs/medium/candidates \
@@ -20,8 +21,18 @@ What it measures, on loopback, with the client on the same machine as the server
    300 candidates ranked (the paper's "a few hundred", Covington et al. 2016, section 2),
    and the packaged 300 + 50 + 50 ranks more than that (the merge drops only repeats;
    "ranked" in the results).
-2. load: `--concurrency` clients (asyncio + httpx) for `--load-seconds`: throughput,
-   p50/p99 and the error count (non-200 answers and failed requests).
+2. load: two servers up at once, `funnelrec serve ART` (one worker process) and
+   `funnelrec serve ART --workers N` (--workers, 2), both on the same state; after a
+   warm-up, each is loaded by C closed-loop clients (--clients, 1, 8 and 32) for
+   --load-seconds, the two servers in turns at each C, so that the ratio of their
+   throughputs (the gain of N workers) is measured in one run under the same machine
+   load. Per run: requests/s, p50/p99 end to end, the error count (non-200 answers and
+   failed requests), CPU per request of the server's processes and of the client, and
+   the cores the rest of the machine kept busy meanwhile (/proc/stat less ours). The
+   clients are asyncio streams speaking plain HTTP/1.1, one keep-alive connection each,
+   requests encoded up front: on a shared 2-core machine a heavier client (httpx) would
+   take the cores it measures. The goal: >= 250 requests/s at 8 clients with p99 <= 50 ms
+   and no errors ("workers.goal" in the results; "load" is that run).
 3. with --index-1m: the same latency run against servers whose deep source searches a
    1M-vector index (`funnelrec.ann.index.ItemIndex`, --index-kind: the package's default above
    50k items, ivfpq_fs, unless told). The medium world has the model's
@@ -39,7 +50,8 @@ What it measures, on loopback, with the client on the same machine as the server
    knob (nprobe, efSearch) is tuned to recall@100 >= 0.95 on the model's user vectors for
    random users, and saved with the index, which the servers load as it is.
 
-The machine's load average is recorded with every figure (other jobs share the 2 cores);
+The machine's load average is recorded with every figure (other jobs share the 2 cores),
+and the busiest other processes at the start and the end;
 when it was above --quiet-load during the latency run, the run is retaken at the end once
 the load has dropped (waiting up to --retake-wait seconds), and both are kept.
 Writes benchmarks/results/serving.json (--out) and prints tables.
@@ -59,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +94,8 @@ STAGES = (
     "total",
 )
 GOAL_P99_MS = 50.0
+# The several-workers goal: requests/s at this many concurrent clients, each within p99.
+GOAL_CLIENTS, GOAL_RPS = 8, 250.0
 console = Console()
 
 
@@ -96,8 +111,11 @@ def _free_port() -> int:
 class Server:
     """A server subprocess on loopback; `with Server(cmd, port) as s:` waits for /readyz."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, cmd: list[str], port: int, log: Path, env: dict[str, str], workers: int = 1
+    ) -> None:
         self.cmd, self.port, self.log, self.env = cmd, port, log, env
+        self.workers = workers
         self.url = f"http://127.0.0.1:{port}"
         self.ready_s = float("nan")
 
@@ -108,13 +126,19 @@ class Server:
             self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env
         )
         deadline = start + 1800
+        seen: set[str] = set()
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self._tail()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    self.ready_s = time.perf_counter() - start
-                    return self
+                # A fresh connection each time: ready when every worker has answered.
+                r = httpx.get(f"{self.url}/readyz", timeout=2)
+                if r.status_code == 200:
+                    seen.add(r.json().get("worker", ""))
+                    if len(seen) >= self.workers:
+                        self.ready_s = time.perf_counter() - start
+                        return self
+                    continue
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
@@ -216,45 +240,146 @@ def latency_run(server: Server, users: list[int], warmup: list[int], k: int) -> 
     }
 
 
-async def _load(url: str, users: list[int], concurrency: int, seconds: float, k: int) -> Any:
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of process `pid` and its children (a server's workers)."""
+    total = _cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return total
+
+
+def _memory_mib(pid: int) -> list[dict[str, float]]:
+    """RSS and PSS (MiB) of process `pid` and of its children: PSS splits each page shared
+    between processes (libraries, page cache) among them, so the PSS add up."""
+    pids = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out = []
+    for p in pids:
+        try:
+            kb = {
+                k: float(v.split()[0])
+                for k, _, v in (
+                    line.partition(":")
+                    for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]
+                )
+            }
+        except (OSError, ValueError):
+            continue
+        out.append(
+            {"pid": p, "rss_mib": kb.get("Rss", 0) / 1024, "pss_mib": kb.get("Pss", 0) / 1024}
+        )
+    return out
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat: all but idle, iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _others(own: set[int], n: int = 6) -> list[str]:
+    """The busiest processes other than this benchmark's (`ps`), as "pid %cpu command"."""
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.splitlines()[1:]  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out:
+        pid, ppid, cpu, *cmd = line.split(maxsplit=3)
+        if int(pid) in own or int(ppid) in own or float(cpu) < 1.0:
+            continue
+        rows.append(f"{pid} {cpu}% {' '.join(cmd)[:100]}")
+    return rows[:n]
+
+
+def _request_bytes(user: int, k: int) -> bytes:
+    body = json.dumps({"user_id": user, "k": k}).encode()
+    head = (
+        "POST /v1/recommend HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _load(port: int, users: list[int], concurrency: int, seconds: float, k: int) -> Any:
+    """`concurrency` closed-loop clients, one keep-alive connection each, for `seconds`.
+
+    Plain HTTP/1.1 over asyncio streams with the requests encoded up front: a client that
+    costs little CPU per request, as it shares the machine's cores with the server."""
+    requests = [_request_bytes(u, k) for u in users]
     lat: list[float] = []
     errors: list[str] = []
     next_user = 0
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal next_user
-        while time.perf_counter() < deadline:
-            user = users[next_user % len(users)]
-            next_user += 1
-            t = time.perf_counter()
-            try:
-                r = await client.post("/v1/recommend", json={"user_id": user, "k": k})
-                if r.status_code != 200:
-                    errors.append(f"HTTP {r.status_code}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                req = requests[next_user % len(requests)]
+                next_user += 1
+                t = time.perf_counter()
+                try:
+                    writer.write(req)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status = int(head[9:12])
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    await reader.readexactly(length)
+                except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+                    errors.append(type(e).__name__)
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
                     continue
-            except httpx.HTTPError as e:
-                errors.append(type(e).__name__)
-                continue
-            lat.append((time.perf_counter() - t) * 1000.0)
+                if status != 200:
+                    errors.append(f"HTTP {status}")
+                    if b"connection: close" in head.lower():
+                        writer.close()
+                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    continue
+                lat.append((time.perf_counter() - t) * 1000.0)
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return lat, errors, elapsed
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return lat, errors, time.perf_counter() - start
 
 
 def load_run(server: Server, users: list[int], concurrency: int, seconds: float, k: int) -> dict:
-    """`concurrency` clients for `seconds`: throughput, latency percentiles, errors."""
+    """`concurrency` clients for `seconds`: throughput, latency percentiles, errors, and
+    where the machine's CPU went (this server, the client, everything else)."""
     load_before = os.getloadavg()
-    cpu = _cpu_seconds(server.proc.pid)
-    lat, errors, elapsed = asyncio.run(_load(server.url, users, concurrency, seconds, k))
-    cpu = _cpu_seconds(server.proc.pid) - cpu
+    cpu, client_cpu = _tree_cpu_seconds(server.proc.pid), time.process_time()
+    busy = _machine_busy_seconds()
+    lat, errors, elapsed = asyncio.run(_load(server.port, users, concurrency, seconds, k))
+    cpu = _tree_cpu_seconds(server.proc.pid) - cpu
+    client_cpu = time.process_time() - client_cpu
+    busy = _machine_busy_seconds() - busy
+    done = max(1, len(lat))
     return {
         "server_cores_busy": cpu / elapsed,
-        "server_cpu_ms_per_request": cpu * 1000.0 / max(1, len(lat)),
+        "server_cpu_ms_per_request": cpu * 1000.0 / done,
+        "client_cpu_ms_per_request": client_cpu * 1000.0 / done,
+        "other_cores_busy": max(0.0, busy - cpu - client_cpu) / elapsed,
         "concurrency": concurrency,
         "seconds": elapsed,
         "completed": len(lat),
@@ -265,6 +390,47 @@ def load_run(server: Server, users: list[int], concurrency: int, seconds: float,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }
+
+
+def workers_runs(
+    servers: dict[int, Server], users: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Load runs of the servers (worker count -> server) at each client count, the
+    servers taken in turns at each count so that a change in the machine's other load
+    falls on both sides of a ratio alike."""
+    clients = [int(c) for c in args.clients.split(",")]
+    runs: list[dict[str, Any]] = []
+    for w, server in servers.items():  # warm up: first requests load caches and pages
+        load_run(server, users, max(clients), args.warmup_seconds, args.k)
+        console.print(f"[dim]{w} worker(s): warmed up[/dim]")
+    for c in clients:
+        for w, server in servers.items():
+            run = {"workers": w, **load_run(server, users, c, args.load_seconds, args.k)}
+            runs.append(run)
+            _print_load(run)
+    by = {(r["workers"], r["concurrency"]): r for r in runs}
+    many = max(servers)
+    goal_run = by.get((many, GOAL_CLIENTS))
+    out: dict[str, Any] = {
+        "workers": sorted(servers),
+        "clients": clients,
+        "seconds_per_run": args.load_seconds,
+        "runs": runs,
+        "gain": {
+            str(c): by[(many, c)]["throughput_rps"] / by[(1, c)]["throughput_rps"]
+            for c in clients
+            if (1, c) in by and (many, c) in by and by[(1, c)]["throughput_rps"] > 0
+        },
+        "goal": {"clients": GOAL_CLIENTS, "throughput_rps": GOAL_RPS, "p99_ms": GOAL_P99_MS},
+    }
+    if goal_run is not None:
+        lm = goal_run["latency_ms"]
+        out["goal"]["met"] = bool(
+            goal_run["throughput_rps"] >= GOAL_RPS
+            and lm.get("p99_ms", float("inf")) <= GOAL_P99_MS
+            and goal_run["errors"] == 0
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- the 1M index
@@ -493,8 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=300, help="latency run requests [300]")
     ap.add_argument("--warmup", type=int, default=30, help="requests before measuring [30]")
     ap.add_argument("--k", type=int, default=10, help="items per response [10]")
-    ap.add_argument("--concurrency", type=int, default=8, help="load run clients [8]")
-    ap.add_argument("--load-seconds", type=float, default=60, help="load run length [60]")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="load runs: this many worker processes beside one [2]")  # fmt: skip
+    ap.add_argument("--clients", default="1,8,32", help="load runs: concurrent clients [1,8,32]")
+    ap.add_argument("--load-seconds", type=float, default=20, help="each load run's length [20]")
+    ap.add_argument("--warmup-seconds", type=float, default=3, help="load before the runs [3]")
     ap.add_argument("--torch-threads", type=int, default=1, help="server model threads [1]")
     ap.add_argument("--state", type=Path, default=None, help="state database (default: fresh)")
     ap.add_argument("--index-1m", action="store_true", help="also measure a 1M-item index")
@@ -560,11 +729,15 @@ def main(argv: list[str] | None = None) -> int:
         "ranker_tower": None,
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu": _cpu_model(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "client": "httpx on the same machine (loopback), keep-alive connections",
+        "client": "httpx on the same machine (loopback), keep-alive connections; load runs: "
+        "asyncio HTTP/1.1 clients, one keep-alive connection each (`_load`)",
         "torch_threads": args.torch_threads,
+        "busiest_other_processes_at_start": _others({os.getpid()}),
+        "load_average_at_start": os.getloadavg(),
     }
     rank_cfg = json.loads((art / "ranker" / "config.json").read_text())
     results["ranker_tower"] = rank_cfg.get("config", {}).get("tower")
@@ -574,23 +747,37 @@ def main(argv: list[str] | None = None) -> int:
     env = _server_env(args.torch_threads)
     funnelrec = str(Path(sys.executable).parent / "funnelrec")
 
-    with tempfile.TemporaryDirectory(prefix="funnelrec-bench-") as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix="funnelrec-bench-") as tmp_dir, ExitStack() as up:
         tmp = Path(tmp_dir)
         state = args.state or tmp / "state.db"
-        port = _free_port()
-        cmd = [funnelrec, "serve", str(art), "--port", str(port), "--state", str(state)]
-        with Server(cmd, port, tmp / "server.log", env) as server:
-            results["server"] = {"command": " ".join(cmd), "ready_s": server.ready_s}
-            console.print(f"server ready in {server.ready_s:.1f} s (includes seeding the state)")
-            lat = latency_run(server, users, warm, args.k)
-            results["latency"] = lat
-            console.print(_latency_table("end-to-end HTTP latency, one client", lat))
-            console.print(_caption(lat))
-            if args.load_seconds > 0:
-                load = load_run(server, load_users, args.concurrency, args.load_seconds, args.k)
-                results["load"] = load
-                _print_load(load)
-            _write(args.out, results)
+        servers: dict[int, Server] = {}
+        for w in sorted({1, args.workers}):  # one after the other: the first seeds the state
+            port = _free_port()
+            cmd = [funnelrec, "serve", str(art), "--port", str(port), "--state", str(state)]
+            cmd += ["--workers", str(w)] if w > 1 else []
+            servers[w] = up.enter_context(Server(cmd, port, tmp / f"server_{w}.log", env, w))
+            key = "server" if w == 1 else "server_workers"
+            results[key] = {"command": " ".join(cmd), "ready_s": servers[w].ready_s}
+            console.print(f"{w} worker(s) ready in {servers[w].ready_s:.1f} s")
+        lat = latency_run(servers[1], users, warm, args.k)
+        results["latency"] = lat
+        console.print(_latency_table("end-to-end HTTP latency, one client", lat))
+        console.print(_caption(lat))
+        _write(args.out, results)
+        if args.load_seconds > 0:
+            scaling = workers_runs(servers, load_users, args)
+            results["workers"] = scaling
+            # "load": the goal's run (the most workers, its clients), as before one run
+            results["load"] = next(
+                r for r in scaling["runs"]
+                if r["workers"] == args.workers and r["concurrency"] == GOAL_CLIENTS
+            )  # fmt: skip
+            _print_workers(scaling)
+        for w, server in servers.items():  # after the runs: what serving paged in counts
+            key = "server" if w == 1 else "server_workers"
+            results[key]["memory_mib"] = _memory_mib(server.proc.pid)  # supervisor first
+        _write(args.out, results)
+        up.close()
 
         if args.deep_k is not None:
             port = _free_port()
@@ -635,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average": os.getloadavg(),
                 }
             _write(args.out, results)
+    results["busiest_other_processes_at_end"] = _others({os.getpid()})
+    results["load_average_at_end"] = os.getloadavg()
+    _write(args.out, results)
     console.print(f"wrote {args.out}")
     return 0
 
@@ -667,8 +857,14 @@ def _retake(
 
 
 def _print_load(load: dict[str, Any]) -> None:
-    t = Table(title=f"load run: {load['concurrency']} clients, {load['seconds']:.0f} s")
-    for col in ("completed", "errors", "req/s", "p50 ms", "p99 ms", "load avg"):
+    workers = load.get("workers", 1)
+    t = Table(
+        title=f"load run: {workers} worker(s), {load['concurrency']} clients, "
+        f"{load['seconds']:.0f} s"
+    )
+    cols = ("completed", "errors", "req/s", "p50 ms", "p99 ms", "server cores", "others' cores",
+            "load avg")  # fmt: skip
+    for col in cols:
         t.add_column(col, justify="right")
     lm = load["latency_ms"]
     t.add_row(
@@ -677,9 +873,45 @@ def _print_load(load: dict[str, Any]) -> None:
         f"{load['throughput_rps']:.1f}",
         f"{lm.get('p50_ms', float('nan')):.1f}",
         f"{lm.get('p99_ms', float('nan')):.1f}",
+        f"{load['server_cores_busy']:.2f}",
+        f"{load['other_cores_busy']:.2f}",
         f"{load['load_average_before'][0]:.2f}",
     )
     console.print(t)
+
+
+def _print_workers(scaling: dict[str, Any]) -> None:
+    t = Table(title="requests/s, p50 / p99 ms, errors by workers and clients")
+    t.add_column("clients", justify="right")
+    for w in scaling["workers"]:
+        t.add_column(f"{w} worker(s)", justify="right")
+    t.add_column("gain", justify="right")
+    by = {(r["workers"], r["concurrency"]): r for r in scaling["runs"]}
+    for c in scaling["clients"]:
+        cells = []
+        for w in scaling["workers"]:
+            r = by[(w, c)]
+            lm = r["latency_ms"]
+            cells.append(
+                f"{r['throughput_rps']:.0f} req/s, {lm.get('p50_ms', float('nan')):.1f} / "
+                f"{lm.get('p99_ms', float('nan')):.1f} ms, {r['errors']} errors"
+            )
+        gain = scaling["gain"].get(str(c))
+        t.add_row(str(c), *cells, f"{gain:.2f}x" if gain else "-")
+    console.print(t)
+    goal = scaling["goal"]
+    met = {True: "met", False: "NOT met"}.get(goal.get("met"), "-")
+    console.print(
+        f"goal: >= {goal['throughput_rps']:.0f} req/s with p99 <= {goal['p99_ms']:.0f} ms and "
+        f"0 errors at {goal['clients']} clients, {max(scaling['workers'])} workers: {met}"
+    )
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def _write(path: Path, results: dict[str, Any]) -> None:

@@ -982,6 +982,40 @@ def _latency_runs(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _workers_intro(w: dict[str, Any]) -> str:
+    return (
+        f"One worker beside {max(w.get('workers') or [2])} (`workers` in the results: the "
+        f"servers in turns at each client count, {num(w.get('seconds_per_run'))} s each, in "
+        "one run):"
+    )
+
+
+def _workers_verdict(w: dict[str, Any]) -> str:
+    gain = w.get("gain") or {}
+    parts = [f"{g:.2f}x at {c} client{'s' if str(c) != '1' else ''}"
+             for c, g in gain.items() if _is_num(g)]  # fmt: skip
+    text = f"More workers over one: {', '.join(parts)}." if parts else ""
+    goal = w.get("goal") or {}
+    if goal:
+        best = max(w.get("workers") or [1])
+        want = (goal.get("clients"), best)
+        at = [r for r in w["runs"] if (r.get("concurrency"), r.get("workers")) == want]
+        got = ""
+        if at:
+            r = at[0]
+            p99 = (r.get("latency_ms") or {}).get("p99_ms")
+            got = (
+                f" ({num(r.get('throughput_rps'))} req/s, p99 {num(p99)} ms, "
+                f"{num(r.get('errors'))} errors)"
+            )
+        text += (
+            f" Goal: >= {num(goal.get('throughput_rps'))} req/s at {num(goal.get('clients'))} "
+            f"clients with p99 <= {num(goal.get('p99_ms'))} ms and 0 errors: "
+            f"{'met' if goal.get('met') else 'not met'}{got}."
+        )
+    return text.strip()
+
+
 def render_serving(d: dict[str, Any], ctx: Context) -> Section:
     runs = _latency_runs(d)
     if not runs:
@@ -1050,6 +1084,22 @@ def render_serving(d: dict[str, Any], ctx: Context) -> Section:
             f"1M-item index: {i1.get('formed_as', '-')}; efSearch {i1.get('ef_search', '-')}, "
             f"recall@100 {fixed(i1.get('recall_at_100'), 3)}.",
         ]
+    workers = d.get("workers")
+    if isinstance(workers, dict) and workers.get("runs"):
+        body += ["", _workers_intro(workers), ""]
+        body += table(
+            ["clients", "workers", "req/s", "p50 ms", "p99 ms", "errors",
+             "server CPU ms/request", "server cores busy", "other jobs' cores busy",
+             "load (1 min)"],
+            [[num(r.get("concurrency")), num(r.get("workers")), num(r.get("throughput_rps")),
+              num((r.get("latency_ms") or {}).get("p50_ms")),
+              num((r.get("latency_ms") or {}).get("p99_ms")), num(r.get("errors")),
+              num(r.get("server_cpu_ms_per_request")), fixed(r.get("server_cores_busy"), 2),
+              fixed(r.get("other_cores_busy"), 2),
+              fixed((r.get("load_average_before") or [None])[0], 2)]
+             for r in sorted(workers["runs"], key=lambda r: (r["concurrency"], r["workers"]))],
+        )  # fmt: skip
+        body += ["", _workers_verdict(workers)]
     s = Section(body)
     main = runs.get("latency") or next(iter(runs.values()))
     e2e = main["stages_ms"]["http_total"]

@@ -528,3 +528,27 @@ def test_real_data_time_goal_counts_cpu_seconds_where_recorded() -> None:
     _, figure, goal = headline("ml-100k", ml, {})
     assert "CPU 400 s vs 1,400 s: 0.29x" in figure
     assert goal.endswith("(not met)")
+
+
+def test_serving_workers_table_and_verdict(tmp_path: Path) -> None:
+    def row(workers: int, clients: int, rps: float, p99: float) -> dict[str, Any]:
+        return {"workers": workers, "concurrency": clients, "throughput_rps": rps,
+                "latency_ms": {"p50_ms": p99 / 2, "p99_ms": p99}, "errors": 0,
+                "server_cpu_ms_per_request": 9.0, "server_cores_busy": 1.0,
+                "other_cores_busy": 0.0, "load_average_before": [1.0, 1.0, 1.0]}  # fmt: skip
+
+    results = serving()
+    results["workers"] = {
+        "workers": [1, 2], "clients": [8], "seconds_per_run": 20,
+        "runs": [row(1, 8, 100.0, 100.0), row(2, 8, 260.0, 40.0)],
+        "gain": {"8": 2.6}, "goal": {"clients": 8, "throughput_rps": 250.0, "p99_ms": 50.0,
+                                     "met": True},
+    }  # fmt: skip
+    root, args = setup(tmp_path, {"serving": results})
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    assert "| 8 | 2 | 260 | 20.0 | 40.0 | 0 |" in index
+    assert "More workers over one: 2.60x at 8 clients." in index
+    assert (
+        "clients with p99 <= 50.0 ms and 0 errors: met (260 req/s, p99 40.0 ms, 0 errors)." in index
+    )

@@ -26,11 +26,37 @@ def serve(
         "--artifacts-root",
         help="The only directory /admin/reload may load artifacts from (default: ART's).",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        help="Worker processes on the port, each on its own core (default 1: one process).",
+    ),
 ) -> None:
-    """Serve recommendations over HTTP (FastAPI + uvicorn); SIGHUP reloads the artifact."""
-    from funnelrec.serving.http import run_server
+    """Serve recommendations over HTTP (FastAPI + uvicorn); SIGHUP reloads the artifact.
 
-    run_server(art, host=host, port=port, state_path=state, artifacts_root=artifacts_root)
+    With --workers N, N processes share the port, the state database and reloads: SIGHUP
+    to the main process or POST /admin/reload to any worker reaches all of them, and
+    /metrics sums over them.
+    """
+    from funnelrec.errors import FunnelrecError
+
+    if workers < 1:
+        raise FunnelrecError(f"--workers must be at least 1, got {workers}")
+    if workers == 1:
+        from funnelrec.serving.http import run_server
+
+        run_server(art, host=host, port=port, state_path=state, artifacts_root=artifacts_root)
+        return
+    from funnelrec.serving.workers import run_workers
+
+    run_workers(
+        art,
+        workers=workers,
+        host=host,
+        port=port,
+        state_path=state,
+        artifacts_root=artifacts_root,
+    )
 
 
 def recommend(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from funnelrec.pipeline import UpdateResult, load_update_config, reload_server, split_update_args
@@ -41,7 +42,7 @@ def update_command(
         None, "--mapping", "-m", help="Mapping TOML for the logs (default: the dataset's)."
     ),
     config: Path | None = typer.Option(
-        None, "--config", "-c", help="UpdateConfig TOML ([candidates], [ranker], [index])."
+        None, "--config", "-c", help=escape("UpdateConfig TOML ([candidates], [ranker], [index]).")
     ),
     replay: float | None = typer.Option(
         None, "--replay", help="Share of older training examples kept [0.1]."

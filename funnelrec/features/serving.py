@@ -26,6 +26,18 @@ What differs from training, by necessity:
   items): the feature code indexes per-item arrays by id, and slicing the corpus' arrays
   down to the few hundred items of a request keeps that cheap (sizing them by the corpus
   would cost a sort of every channel id per request).
+
+Two paths compute the same batch. `RankingFeaturizer.reference_batch` runs the training
+code as described above; building its tables (a local item table, time indexes, Arrow
+tables and their `take`s) is most of its cost, for one user and a few hundred items.
+`RankingFeaturizer.batch`, the one serving calls, computes the same formulas directly over
+the candidate set: every per-item input (vocabulary ids of item, channel and topic, the
+keys the counts group by) is looked up once for the whole corpus when the featurizer is
+made, and a request's counts ("watches of this channel before t") are one sort of the
+user's few watches and a binary search per candidate. The tests hold the two to equal
+batches (tests/features/test_serving.py against the training examples themselves), so a
+change to a formula on one side shows as a failing test, not as training/serving skew.
+A spec with a feature the direct path does not know is served by the reference path.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import CANDIDATE_SCORE, CANDIDATE_SOURCE, Features
 from funnelrec.features.batch import RankingBatch
 from funnelrec.features.candidate_examples import _CandidateContext
+from funnelrec.features.config import RANKING_CONTINUOUS
 from funnelrec.features.ranking_examples import (
     _rank_context,
     _ranking_table,
@@ -231,6 +244,14 @@ class RankingFeaturizer:
         self.rank_item, self.token = rank_item, token
         self.channel, self.topic, self.source = vocab("channel"), vocab("topic"), vocab("source")
         self.uses_score = CANDIDATE_SCORE in self.raw
+        self._columns = _ItemColumns.of(self)
+        self._source_ids: dict[str | None, int] = {}
+
+    @property
+    def vectorised(self) -> bool:
+        """Whether `batch` computes the features directly (False: by the training code,
+        for a spec with a feature the direct path does not know)."""
+        return self._columns is not None
 
     def batch(
         self,
@@ -243,13 +264,166 @@ class RankingFeaturizer:
         sources: Sequence[str | None] | None = None,
         scores: np.ndarray | None = None,
     ) -> RankingBatch:
-        """The ranking batch of `candidates` ([C] dataset item ids) shown at time `ts`.
+        """The ranking batch of `candidates` ([C] distinct dataset item ids) shown at `ts`.
 
         region, device: the user's vocabulary ids (`Features.candidate_batch` makes them).
         sources, scores: [C] the nominating candidate source and its score, used only when
         the ranker was trained with them (`cand_source`, `cand_score` impression columns).
-        Events at or after `ts` are ignored, as in training.
+        Events at or after `ts` are ignored, as in training. Rows are in candidate order;
+        the query-side bags are the request's, repeated on every row.
         """
+        cols = self._columns
+        if cols is None:
+            return self.reference_batch(
+                events, candidates, ts, region=region, device=device, sources=sources, scores=scores
+            )
+        cand = np.asarray(candidates, dtype=np.int64)
+        c = len(cand)
+        t = int(ts)
+        hist = np.asarray(events.history, dtype=np.int64)
+        hist_ts = np.asarray(events.history_ts, dtype=np.int64)
+        if hist.shape != hist_ts.shape:
+            raise FunnelrecError("ranking features: history and history_ts differ in length")
+        q_ts = np.asarray(events.queries_ts, dtype=np.int64)
+        if len(q_ts) != len(events.queries):
+            raise FunnelrecError("ranking features: queries and queries_ts differ in length")
+        for name, given in (("sources", sources), ("scores", scores)):
+            if given is not None and len(given) != c:
+                raise FunnelrecError(f"ranking features: {c} candidates but {len(given)} {name}")
+        self._check_items(cand, hist)
+
+        # The user's watches before t, oldest first (equal times: in the given order), as
+        # the training code sorts them: every user-side feature is a count over these.
+        order = np.argsort(hist_ts, kind="stable")
+        before = int(np.searchsorted(hist_ts[order], t, side="left"))
+        w_item, w_ts = hist[order[:before]], hist_ts[order[:before]]
+        raw = self._raw_features(cols, events, cand, t, w_item, w_ts, scores)
+        # Training stores the raw features as float32 (`_ranking_table`); the normaliser
+        # reads them back as float64, so the served values take the same rounding.
+        dense = self.normalizer.transform(
+            {name: raw[name].astype(np.float32).astype(np.float64) for name in self.raw}
+        )
+
+        # The seed, region and device are the request's: the same on every row.
+        seed = int(cols.rank_id[w_item[-1]]) if before else 0
+        same = {"seed": seed, "region": region, "device": device}
+        categorical: dict[str, torch.Tensor] = {}
+        for name in self.categorical:
+            if name in same:
+                ids = np.full(c, same[name], dtype=np.int64)
+            elif name == "source":
+                ids = self._source_vocab_ids(sources, c)
+            else:
+                ids = cols.per_item(name)[cand]
+            categorical[name] = torch.from_numpy(ids)
+        bag_values = {
+            "history": cols.rank_id[w_item[max(0, before - self.config.history_n) :]],
+            "search": self._search_tokens(events, q_ts, t),
+        }
+        bags: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in self.bags:
+            values = bag_values[name]
+            values = values[values != 0]  # OOV ids are dropped from bags, as in training
+            bags[name] = (
+                torch.from_numpy(np.tile(values, c)),
+                torch.arange(c, dtype=torch.int64) * len(values),
+            )
+        zeros = torch.zeros(c, dtype=torch.float32)
+        return RankingBatch(
+            categorical=categorical,
+            bags=bags,
+            dense=torch.from_numpy(dense),
+            label=zeros,
+            watch_time=zeros.clone(),
+            user_id=torch.full((c,), _USER, dtype=torch.int64),
+            request_id=torch.full((c,), 2, dtype=torch.int64),
+        )
+
+    def _raw_features(
+        self,
+        cols: _ItemColumns,
+        events: UserEvents,
+        cand: np.ndarray,
+        t: int,
+        w_item: np.ndarray,
+        w_ts: np.ndarray,
+        scores: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """Every raw continuous feature of the candidates ([C] float64, NaN = missing),
+        given the user's watches before t (`w_item`, `w_ts`, oldest first): the formulas
+        of `ranking_examples._ranking_raw` for one user at one time."""
+        c, before = len(cand), len(w_item)
+        nan = np.full(c, np.nan)
+        raw: dict[str, np.ndarray] = {
+            "user_prior_watches": np.full(c, float(before)),
+            "user_last_watch_ago_s": np.full(c, float(t - w_ts[-1]) if before else np.nan),
+        }
+        for name, key in (("channel", cols.channel_key), ("topic", cols.topic_key)):
+            if key is None:
+                raw[f"{name}_watches"], raw[f"{name}_last_watch_ago_s"] = nan, nan.copy()
+                continue
+            k = key[cand]
+            count, ago = _counts_before(key[w_item], w_ts, k, t)
+            valid = k > 0  # 0: the item has no channel (topic); its features are missing
+            raw[f"{name}_watches"] = np.where(valid, count, np.nan)
+            raw[f"{name}_last_watch_ago_s"] = np.where(valid, ago, np.nan)
+        raw["item_watched_before"], _ = _counts_before(w_item, w_ts, cand, t)
+        # Churn: the times shown before this request, the last of them no later than t - 1
+        # (missing times: the user's latest event), as `_impressions` lays them out.
+        latest = max([*events.history_ts, *events.queries_ts], default=t - 1)
+        shown = np.maximum(_by_key(events.shown, cand, 0), 0)
+        shown_at = np.minimum(_by_key(events.shown_ts, cand, latest), t - 1)
+        raw["item_shown_before"] = shown.astype(np.float64)
+        raw["item_last_shown_ago_s"] = np.where(shown > 0, (t - shown_at).astype(np.float64), nan)
+        raw["item_prior_watches"] = self.items.watches[cand].astype(np.float64)
+        upload, duration = self.items.upload_ts, self.items.duration
+        raw["item_age_s"] = np.maximum(t - upload[cand], 0.0) if upload is not None else nan
+        raw["duration_s"] = duration[cand] if duration is not None else nan
+        if self.uses_score:
+            raw[CANDIDATE_SCORE] = nan if scores is None else np.asarray(scores, np.float64)
+        return raw
+
+    def _check_items(self, *ids: np.ndarray) -> None:
+        lo = min((int(a.min()) for a in ids if a.size), default=1)
+        hi = max((int(a.max()) for a in ids if a.size), default=1)
+        if lo < 1 or hi > self.items.num_items:
+            bad = lo if lo < 1 else hi
+            raise FunnelrecError(f"ranking features: item id {bad} is not in the corpus")
+
+    def _search_tokens(self, events: UserEvents, q_ts: np.ndarray, t: int) -> np.ndarray:
+        """Token ids of the user's last `search_n` queries before t (oldest first)."""
+        order = np.argsort(q_ts, kind="stable")
+        end = int(np.searchsorted(q_ts[order], t, side="left"))
+        picked = [events.queries[i] for i in order[max(0, end - self.config.search_n) : end]]
+        if not picked:
+            return np.zeros(0, dtype=np.int64)
+        tokens, _ = tokenize_array(pa.array(picked, type=pa.string()))
+        return self.token.lookup(tokens).astype(np.int64)
+
+    def _source_vocab_ids(self, sources: Sequence[str | None] | None, c: int) -> np.ndarray:
+        """Vocabulary ids of the candidates' sources (a handful of distinct names, each
+        looked up once and remembered)."""
+        assert self.source is not None
+        if sources is None:
+            sources = [None] * c
+        known = self._source_ids
+        for s in set(sources) - known.keys():
+            known[s] = int(self.source.lookup(pa.array([s], type=pa.string()))[0])
+        return np.fromiter((known[s] for s in sources), dtype=np.int64, count=c)
+
+    def reference_batch(
+        self,
+        events: UserEvents,
+        candidates: np.ndarray,
+        ts: int,
+        *,
+        region: int = 0,
+        device: int = 0,
+        sources: Sequence[str | None] | None = None,
+        scores: np.ndarray | None = None,
+    ) -> RankingBatch:
+        """`batch` by the training code itself (`_ranking_table`, `_request_table`; see the
+        module doc): slower, and the reference the direct path is tested against."""
         cand = np.asarray(candidates, dtype=np.int64)
         c = len(cand)
         hist = np.asarray(events.history, dtype=np.int64)
@@ -423,3 +597,73 @@ def _by_key(mapping: Mapping[int, int], keys: np.ndarray, default: int) -> np.nd
     k, v = k[order], v[order]
     pos = np.minimum(np.searchsorted(k, keys), len(k) - 1)
     return np.where(k[pos] == keys, v[pos], default).astype(np.int64)
+
+
+def _counts_before(
+    keys: np.ndarray, times: np.ndarray, queries: np.ndarray, t: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: how many events have its key, and t minus the latest of their times (NaN
+    when none), both float64. Events are in time order (`times` ascending)."""
+    order = np.argsort(keys, kind="stable")  # stable: each key's events stay in time order
+    k, ts = keys[order], times[order]
+    hi = np.searchsorted(k, queries, side="right")
+    count = hi - np.searchsorted(k, queries, side="left")
+    if not len(ts):
+        return count.astype(np.float64), np.full(len(queries), np.nan)
+    last = ts[np.maximum(hi - 1, 0)]
+    return count.astype(np.float64), np.where(count > 0, (t - last).astype(np.float64), np.nan)
+
+
+@dataclass(frozen=True, eq=False)
+class _ItemColumns:
+    """Per-item inputs of the direct path, [N + 1] over the corpus (row 0 unused).
+
+    rank_id:     `rank_item` vocabulary id of the item
+    channel_id, topic_id: vocabulary ids of its channel and topic (None: no such feature)
+    channel_key, topic_key: what "watches of this channel (topic)" groups by, 0 = none
+    """
+
+    rank_id: np.ndarray
+    channel_id: np.ndarray | None
+    topic_id: np.ndarray | None
+    channel_key: np.ndarray | None
+    topic_key: np.ndarray | None
+
+    def per_item(self, name: str) -> np.ndarray:
+        """The vocabulary ids of categorical feature `name` ("item", "channel", "topic")."""
+        ids = {"item": self.rank_id, "channel": self.channel_id, "topic": self.topic_id}[name]
+        assert ids is not None  # `of` serves no spec that asks for a missing one
+        return ids
+
+    @classmethod
+    def of(cls, f: RankingFeaturizer) -> _ItemColumns | None:
+        """The columns for featurizer `f`, or None when its spec asks for a feature the
+        direct path does not compute (it is then served by the training code)."""
+        items = f.items
+        channel, topic = items.channel, items.topic
+        needs = set(f.categorical)
+        if (
+            not needs <= {"item", "seed", "region", "device", "channel", "topic", "source"}
+            or not set(f.bags) <= {"history", "search"}
+            or not set(f.raw) <= {*RANKING_CONTINUOUS, CANDIDATE_SCORE}
+            or ("channel" in needs and (f.channel is None or channel is None))
+            or ("topic" in needs and (f.topic is None or topic is None))
+            or ("source" in needs and f.source is None)
+            # The training code codes channels densely from 0 up; a negative channel id
+            # would shift which code means "none", a case left to it.
+            or (channel is not None and bool((channel < 0).any()))
+        ):
+            return None
+        every = np.arange(items.num_items + 1, dtype=np.int64)
+        channel_id = topic_id = None
+        if f.channel is not None and channel is not None:
+            channel_id = f.channel.lookup(pa.array(channel, mask=channel == 0)).astype(np.int64)
+        if f.topic is not None and topic is not None:
+            topic_id = f.topic.lookup(topic).astype(np.int64)
+        return cls(
+            rank_id=f.rank_item.lookup(every).astype(np.int64),
+            channel_id=channel_id,
+            topic_id=topic_id,
+            channel_key=channel,
+            topic_key=items.topic_code,
+        )

@@ -6,8 +6,12 @@ Endpoints: POST /v1/recommend, POST /v1/events, GET /v1/items/{item_id}, GET /he
 GET /readyz, GET /metrics (Prometheus text), POST /admin/reload, and /openapi.json.
 
 A recommendation's `timings_ms` are the `Recommender`'s stages plus "state" (reading the
-user's live state), which "total" includes. Model calls run on `torch_threads` threads
-(`run_app`; 1 by default, as requests already run concurrently in uvicorn's thread pool).
+user's live state), which "total" includes. A process computes `compute_threads` (1)
+recommendations at a time, the others waiting their turn in arrival order, as computing
+more at once under the GIL only adds thread switches; model calls run on `torch_threads`
+threads (`run_app`, 1). The cores are used by worker processes: `funnelrec serve
+--workers N` runs N processes of this app on one port (`serving.workers`: a reload reaches
+every worker, /metrics sums over all of them).
 
 Requests are strictly typed and bounded (the `*Body` models; README, "Serving"): no "1"
 or true for an integer, no "yes" for a boolean, no NaN or infinity; ids are 1..2^63-1,
@@ -33,13 +37,14 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -53,6 +58,8 @@ from funnelrec.serving.state import ImpressionEvent, SearchEvent, UserStateStore
 MAX_BODY_BYTES = 1 << 20
 ADMIN_TOKEN_ENV = "FUNNELREC_ADMIN_TOKEN"
 TORCH_THREADS_ENV = "FUNNELREC_TORCH_THREADS"
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+COMPUTE_THREADS = 1  # recommendations computed at once per process (`create_app`)
 
 # Bounds of every number a request may carry (docs: README, "Serving"). Ids are SQLite's
 # and NumPy's int64; times are Unix seconds up to 2200-01-01T00:00:00Z, far enough for any
@@ -253,8 +260,20 @@ def error_response(
 
 
 class _Metrics:
+    """The service's Prometheus metrics; `exposed` is what /metrics reports.
+
+    Under several worker processes (`serving.workers`) prometheus_client runs in its
+    multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before the workers start): each
+    process writes its values to files there, and /metrics, whichever worker answers it,
+    reports their sums over all the workers, including those already replaced.
+    """
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.exposed = self.registry
+        if os.environ.get(PROMETHEUS_MULTIPROC_ENV):
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)
         self.requests = Counter(
             "funnelrec_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
         )
@@ -273,29 +292,80 @@ class _Metrics:
         )
 
 
+class SharedModel(Protocol):
+    """Which artifact the processes of one server serve: a generation number that every
+    reload increments, and the artifact it loaded (`serving.workers.ModelRecord`)."""
+
+    def publish(self, artifact: Path) -> int:
+        """Record a reload to `artifact` for the other processes; its generation."""
+        ...
+
+    def read(self) -> tuple[int, Path]:
+        """The latest generation and its artifact."""
+        ...
+
+
 class ServiceState:
     """The model being served, swapped whole on reload; the store stays.
 
     serving: candidate counts replacing the artifact's packaged ones (also after reloads).
+    shared: the record this process shares with the other workers of its server (None:
+        the only process), and `generation`, the record's generation of `artifact`.
+    `generation` counts the model's loads: 1 the first, one more with every reload (with
+    `shared`, every reload of any worker: the workers that followed it have the same).
     """
 
     def __init__(
-        self, artifact: Path, store: UserStateStore, serving: ServingConfig | None = None
+        self,
+        artifact: Path,
+        store: UserStateStore,
+        serving: ServingConfig | None = None,
+        *,
+        shared: SharedModel | None = None,
+        generation: int = 1,
     ) -> None:
         self.artifact = Path(artifact)
         self.store = store
         self.serving = serving
+        self.shared = shared
+        self.generation = generation
+        self._seen = generation  # the latest generation of `shared` taken up or refused
         self.recommender = Recommender.load(self.artifact, config=serving)
         self.recommender.seed_state(store)
         self._reload_lock = threading.Lock()
 
     def reload(self, path: Path | None = None) -> str:
-        """Load `path` (default: the current artifact again) and swap it in if it loads."""
+        """Load `path` (default: the current artifact again) and swap it in if it loads.
+
+        With `shared`, the reload is published for the other workers, which `follow` it.
+        """
         target = Path(path) if path is not None else self.artifact
         with self._reload_lock:
             fresh = Recommender.load(target, config=self.serving)  # raises: old model stays
             fresh.check_compatible_state(self.store)
+            if self.shared is not None:
+                self.generation = self._seen = self.shared.publish(target)
+            else:
+                self.generation += 1
             self.recommender, self.artifact = fresh, target
+        return fresh.fingerprint
+
+    def follow(self) -> str | None:
+        """Catch up with a reload another process published: load the shared record's
+        artifact if its generation is newer than this one's. Returns the new model's
+        fingerprint, None when there was nothing new; raises FunnelrecError when the
+        artifact is refused (the old model keeps serving; that generation is not retried).
+        """
+        if self.shared is None or self.shared.read()[0] <= self._seen:
+            return None
+        with self._reload_lock:
+            generation, target = self.shared.read()
+            if generation <= self._seen:
+                return None
+            self._seen = generation
+            fresh = Recommender.load(target, config=self.serving)
+            fresh.check_compatible_state(self.store)
+            self.recommender, self.artifact, self.generation = fresh, target, generation
         return fresh.fingerprint
 
 
@@ -414,6 +484,9 @@ def create_app(
     admin_token: str | None = None,
     serving: ServingConfig | None = None,
     artifacts_root: Path | str | None = None,
+    shared: SharedModel | None = None,
+    generation: int = 1,
+    compute_threads: int = COMPUTE_THREADS,
 ) -> FastAPI:
     """The FastAPI application serving `artifact` (an artifact directory).
 
@@ -421,13 +494,21 @@ def create_app(
     artifacts_root: the only directory whose artifacts /admin/reload may load (default: the
         directory holding `artifact`): a reload names a path, and without a bound any
         directory of the machine the process can read would be loaded.
+    shared, generation: for a worker of several (`serving.workers`), the record its
+        reloads are published to, and the generation of `artifact` in it.
+    compute_threads: recommendations computed at once (the others wait their turn).
     """
     artifact = Path(artifact)
     root = Path(artifacts_root if artifacts_root is not None else artifact.parent).resolve()
     store = UserStateStore(Path(state_path) if state_path else artifact / "state.db")
-    service = ServiceState(artifact, store, serving)
+    service = ServiceState(artifact, store, serving, shared=shared, generation=generation)
     metrics = _Metrics()
     token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
+    # Recommendations compute under the GIL nearly all the time: more of them at once in
+    # one process only take turns at it, and every turn costs a thread switch (measured:
+    # docs/serving.md). They queue here, first come first served, on the event loop;
+    # the other routes keep uvicorn's thread pool.
+    compute = anyio.CapacityLimiter(compute_threads)
     app = FastAPI(title="funnelrec", version=service.recommender.version)
     app.state.service = service
     app.add_middleware(_LimitAndCount, metrics=metrics)
@@ -470,7 +551,10 @@ def create_app(
             **_errors(400, 413, 422, 500),
         },
     )
-    def recommend(body: RecommendBody) -> JSONResponse:
+    async def recommend(body: RecommendBody) -> JSONResponse:
+        return await anyio.to_thread.run_sync(_recommend, body, limiter=compute)
+
+    def _recommend(body: RecommendBody) -> JSONResponse:
         rec = service.recommender  # one reference for the whole request
         if body.history is not None:
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
@@ -539,7 +623,14 @@ def create_app(
 
     @app.get("/readyz", responses=_errors(500))
     def readyz() -> dict[str, str]:
-        return {"status": "ready", "model": service.recommender.fingerprint}
+        # Which process answered (when several serve the port) and how many loads its
+        # model is from the start: a reload shows as the next generation in every worker.
+        return {
+            "status": "ready",
+            "model": service.recommender.fingerprint,
+            "generation": str(service.generation),
+            "worker": str(os.getpid()),
+        }
 
     @app.get(
         "/metrics",
@@ -553,7 +644,7 @@ def create_app(
         },
     )
     def prometheus() -> Response:
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", responses=_errors(400, 403, 409, 413, 422, 500))
     def reload(request: Request, body: ReloadBody | None = None) -> dict[str, str]:
@@ -572,7 +663,9 @@ def create_app(
             fingerprint = service.reload(path)
         except FunnelrecError as e:
             raise ApiError(409, f"reload refused, still serving the old model: {e}") from None
-        return {"status": "reloaded", "model": fingerprint}
+        # With several workers the others follow within a moment: /readyz shows each
+        # worker's generation, this one's as of this reload.
+        return {"status": "reloaded", "model": fingerprint, "generation": str(service.generation)}
 
     return app
 
@@ -581,11 +674,16 @@ def install_sighup_reload(app: FastAPI) -> None:
     """Reload the current artifact on SIGHUP (the main thread's signal handler)."""
     service: ServiceState = app.state.service
 
-    def _handler(signum: int, frame: object) -> None:
+    def _reload() -> None:
         try:
             service.reload()
         except FunnelrecError as e:
             print(f"reload refused, still serving the old model: {e}", flush=True)
+
+    def _handler(signum: int, frame: object) -> None:
+        # The handler runs on the event loop's thread: loading there would hold every
+        # request for the seconds a load takes. The reload lock orders overlapping ones.
+        threading.Thread(target=_reload, name="funnelrec-sighup-reload", daemon=True).start()
 
     signal.signal(signal.SIGHUP, _handler)
 
@@ -615,26 +713,40 @@ def run_app(
     """Serve an app of `create_app` with uvicorn until interrupted; SIGHUP reloads.
 
     torch_threads: intra-op threads of each model call and of the ANN search [env
-    FUNNELREC_TORCH_THREADS, else 1].
-    Requests run in uvicorn's thread pool, so concurrent requests already use the cores;
-    a model call spreading over them too only adds contention (measured on the ranker:
-    docs/ranking.md, "At serving").
+    FUNNELREC_TORCH_THREADS, else 1]. A model call of one request is small: spreading it
+    over more cores only adds contention (measured on the ranker: docs/ranking.md, "At
+    serving"); several worker processes use the cores (`serving.workers`).
     """
+    import uvicorn
+
+    set_model_threads(torch_threads)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    server = uvicorn.Server(config)
+    install_sighup_reload(app)
+    freeze_loaded_objects()
+    server.run()
+
+
+def set_model_threads(torch_threads: int | None = None) -> int:
+    """Set the threads of torch's and FAISS's thread pools in this process (see `run_app`);
+    returns the number."""
     import faiss
     import torch
-    import uvicorn
 
     threads = torch_threads or int(os.environ.get(TORCH_THREADS_ENV, "0") or 0) or 1
     torch.set_num_threads(threads)
     # One query per request: FAISS parallelises over queries, so more threads only add
     # OpenMP start-up and barriers (FAISS keeps its own OpenMP runtime, apart from torch's).
     faiss.omp_set_num_threads(threads)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")
-    server = uvicorn.Server(config)
-    install_sighup_reload(app)
-    # The objects of the loaded libraries and model would be traversed by every full garbage
-    # collection, a pause in some request (docs/ranking.md, "At serving"); they live as long
-    # as the process, so move them out of the collector's sight.
+    return threads
+
+
+def freeze_loaded_objects() -> None:
+    """Move the objects alive now out of the garbage collector's sight.
+
+    The objects of the loaded libraries and model would be traversed by every full garbage
+    collection, a pause in some request (docs/ranking.md, "At serving"); they live as long
+    as the process.
+    """
     gc.collect()
     gc.freeze()
-    server.run()

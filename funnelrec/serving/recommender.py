@@ -26,11 +26,13 @@ candidates_cowatch  "co-watched with the last watch": items watched right after 
 merge       union of the sources' items; each keeps every source that nominated it and
             that source's score (the scores are not comparable across sources: ranking
             is what makes them comparable, paper section 2)
-features    the ranking features of every candidate, by the training code itself
-            (`features.serving`): churn (times already shown), time since the user last
-            watched the topic, the user's watches of the channel, item age, duration, ...
-ranking     the ranker's expected watch time exp(logit) (paper 4.2); best first, already
-            watched items dropped when `exclude_watched`, the top k returned
+features    the ranking features of every candidate, the training code's formulas computed
+            directly over the candidate set and tested equal to it (`features.serving`):
+            churn (times already shown), time since the user last watched the topic, the
+            user's watches of the channel, item age, duration, ...
+ranking     the ranker's expected watch time exp(logit) (paper 4.2), the request's shared
+            inputs computed once (`serving.inference`); best first, already watched items
+            dropped when `exclude_watched`, the top k returned
 total       the whole request
 
 Unknown users never get an error: with demographics the deep model still runs (empty
@@ -84,6 +86,7 @@ from funnelrec.features import Demographics, Features
 from funnelrec.features.config import COWATCH_SOURCE, DEEP_SOURCE, FRESH_SOURCE
 from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
 from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
+from funnelrec.serving.inference import RequestRanker
 from funnelrec.serving.state import UserContext, UserStateStore
 
 __all__ = [
@@ -297,6 +300,7 @@ class Recommender:
         if rank_meta.get("spec") != spec:
             raise ArtifactError(f"{rank_dir}: its feature spec differs from the features'")
         self.ranker = load_ranker(rank_dir)
+        self._request_ranker = RequestRanker(self.ranker)
 
         items = pq.read_table(path / ITEMS_FILE)
         self.items = ServingItems.from_table(items)
@@ -322,7 +326,13 @@ class Recommender:
 
         users = pq.read_table(path / USERS_FILE)
         ids = np.asarray(users.column("user_id").to_numpy(), dtype=np.int64)
-        self._users = users
+        # Whole columns, each one array: a request reads a user's five values from them
+        # (a one-row slice of the table per request was an order of magnitude slower).
+        self._users = {
+            name: users.column(name).combine_chunks()
+            for name in ("age", "gender", "region", "device", "logged_in")
+            if name in users.column_names
+        }
         self._user_row = np.full(int(ids.max()) + 1 if ids.size else 1, -1, dtype=np.int64)
         self._user_row[ids] = np.arange(len(ids))
         self.featurizer = RankingFeaturizer(feats, self.items)
@@ -344,7 +354,8 @@ class Recommender:
         """The user's demographics in the data set (None: an unknown user)."""
         if not 0 < user_id < len(self._user_row) or self._user_row[user_id] < 0:
             return None
-        row = self._users.slice(int(self._user_row[user_id]), 1).to_pylist()[0]
+        at = int(self._user_row[user_id])
+        row = {name: column[at].as_py() for name, column in self._users.items()}
         age = row.get("age")
         return Demographics(
             age=None if age is None or math.isnan(age) else float(age),
@@ -362,18 +373,7 @@ class Recommender:
         A no-op when the store was seeded from the same data; ArtifactError when it holds
         another data set's state.
         """
-        seeded = store.meta("seeded_from")
-        if seeded == self.data_fingerprint:
-            return
-        self.check_compatible_state(store)
-        state = self.path / STATE_DIR
-        tables = {name: pq.read_table(state / f"{name}.parquet") for name in STATE_TABLES}
-        store.seed(
-            tables["watches"],
-            tables["searches"],
-            tables["impressions"],
-            fingerprint=self.data_fingerprint,
-        )
+        seed_store(self.path, self.data_fingerprint, store)
 
     def check_compatible_state(self, store: UserStateStore) -> None:
         """Raise ArtifactError when `store` was seeded from other data than this artifact's."""
@@ -414,7 +414,7 @@ class Recommender:
 
         t = time.perf_counter()
         if user.has_signal and self.config.deep_k > 0:
-            with torch.no_grad():
+            with torch.inference_mode():
                 u = self.candidate_model(cand_batch).float().numpy()
             k_deep = min(max(self.config.deep_k, req.k), self.index.count)
             ids, scores = self.index.search(u[0], k_deep, exclude=watched)
@@ -467,8 +467,7 @@ class Recommender:
 
         t = time.perf_counter()
         if batch is not None:
-            with torch.no_grad():
-                logit = self.ranker(batch).double().numpy()
+            logit = self._request_ranker.logits(batch)
             # calibrated seconds (the ranker's validation factor): the order is exp(logit)'s
             ewt = self.ranker.seconds_from_logits(logit)
             order = np.lexsort((cand, -ewt))[: req.k]  # ties: smaller item id first
@@ -538,6 +537,25 @@ class Recommender:
         shown_ts = dict(ctx.shown_ts) if ctx is not None else {}
         events = UserEvents(history, history_ts, queries, queries_ts, shown, shown_ts)
         return _Context(events, demo, demo_from, known, ts)
+
+
+def seed_store(art: Path, data_fingerprint: str, store: UserStateStore) -> None:
+    """Seed `store` with the state packaged in artifact `art` of data `data_fingerprint`
+    (`Recommender.seed_state`, without loading the models; the manifest has the data's
+    fingerprint: `read_manifest(art)["data"]["fingerprint"]`)."""
+    seeded = store.meta("seeded_from")
+    if seeded == data_fingerprint:
+        return
+    if seeded is not None:
+        raise ArtifactError(
+            f"{store.path}: the live state was seeded from data {seeded}, the artifact "
+            f"{art} is of data {data_fingerprint}"
+        )
+    state = Path(art) / STATE_DIR
+    tables = {name: pq.read_table(state / f"{name}.parquet") for name in STATE_TABLES}
+    store.seed(
+        tables["watches"], tables["searches"], tables["impressions"], fingerprint=data_fingerprint
+    )
 
 
 def _ms(t0: float) -> float:

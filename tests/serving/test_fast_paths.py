@@ -1,0 +1,215 @@
+"""The serving hot path against its references: the direct ranking features against the
+training code's (`RankingFeaturizer.reference_batch`), and the request ranker's logits
+against the model's own forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from funnelrec.errors import FunnelrecError
+from funnelrec.features.batch import RankingBatch
+from funnelrec.features.serving import RankingFeaturizer, UserEvents
+from funnelrec.pipeline import build_tiny_artifact
+from funnelrec.serving.inference import RequestRanker
+from funnelrec.serving.recommender import Recommender, RecommendRequest
+from funnelrec.serving.state import UserStateStore
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory: pytest.TempPathFactory) -> Recommender:
+    return Recommender.load(build_tiny_artifact(tmp_path_factory.mktemp("fast"), steps=50))
+
+
+def _random_request(
+    rng: np.random.Generator, n_items: int, words: list[str]
+) -> tuple[UserEvents, np.ndarray, int]:
+    """Events of a made-up user around time `ts`, some of them at or after it (ignored, as
+    in training), with repeated items, equal times, churn counts with and without a last
+    time, and candidates that the user watched or was shown."""
+    ts = 1_000_000
+    n = int(rng.integers(0, 40))
+    history = rng.integers(1, n_items + 1, n)
+    history_ts = ts - rng.integers(-5, 3_000, n)  # a few at or after ts
+    history_ts[: n // 4] = ts - 100  # equal times: the given order decides
+    q = int(rng.integers(0, 12))
+    queries = [" ".join(rng.choice(words, int(rng.integers(1, 4)))) for _ in range(q)]
+    queries_ts = (ts - rng.integers(-3, 2_000, q)).tolist()
+    cand = rng.choice(np.arange(1, n_items + 1), int(rng.integers(1, 60)), replace=False)
+    cand[: min(len(cand), n) // 2] = np.unique(history)[: min(len(cand), n) // 2]
+    cand = np.unique(cand)
+    rng.shuffle(cand)
+    shown_items = rng.choice(cand, min(len(cand), int(rng.integers(0, 15))), replace=False)
+    shown = {int(i): int(rng.integers(0, 5)) for i in shown_items}
+    shown_ts = {int(i): int(ts - rng.integers(-2, 500)) for i in shown_items[::2]}
+    events = UserEvents(
+        history=history.tolist(),
+        history_ts=history_ts.tolist(),
+        queries=queries,
+        queries_ts=queries_ts,
+        shown=shown,
+        shown_ts=shown_ts,
+    )
+    return events, cand, ts
+
+
+class _Recording:
+    """A normaliser that keeps the raw features it is given (the quantile normaliser maps
+    nearby values to one level, so equal dense inputs alone would hide small errors)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.raw: list[dict[str, np.ndarray]] = []
+
+    def transform(self, data: dict[str, np.ndarray]) -> np.ndarray:
+        self.raw.append({k: np.array(v, dtype=np.float64) for k, v in data.items()})
+        return np.asarray(self.inner.transform(data))
+
+
+def _compare(featurizer: RankingFeaturizer, *args: Any, **kwargs: Any) -> None:
+    """`batch` and `reference_batch` of the same request: equal raw features and batch."""
+    recording = featurizer.normalizer
+    assert isinstance(recording, _Recording)
+    fast = featurizer.batch(*args, **kwargs)
+    ref = featurizer.reference_batch(*args, **kwargs)
+    got, want = recording.raw[-2:]
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    _assert_same(fast, ref)
+
+
+def _assert_same(fast: RankingBatch, ref: RankingBatch) -> None:
+    assert fast.categorical.keys() == ref.categorical.keys()
+    for name, ids in ref.categorical.items():
+        assert torch.equal(fast.categorical[name], ids), name
+    assert fast.bags.keys() == ref.bags.keys()
+    for name, (ids, offsets) in ref.bags.items():
+        assert torch.equal(fast.bags[name][0], ids), name
+        assert torch.equal(fast.bags[name][1], offsets), name
+    # the same float32 bits: NaN-free (the normaliser maps missing to 0 plus a flag)
+    assert torch.equal(fast.dense, ref.dense)
+    for name in ("label", "watch_time", "user_id", "request_id"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+def _words(featurizer: RankingFeaturizer) -> list[str]:
+    """Query words: some in the token vocabulary, some not."""
+    known = [str(v) for v in featurizer.token.values[:30].tolist() if " " not in str(v)]
+    return [*known, "zzunknownzz", "qqq"]
+
+
+def test_direct_features_equal_the_training_codes(
+    rec: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    featurizer = rec.featurizer
+    assert featurizer.vectorised
+    monkeypatch.setattr(featurizer, "normalizer", _Recording(featurizer.normalizer))
+    rng = np.random.default_rng(0)
+    words = _words(featurizer)
+    for _ in range(60):
+        events, cand, ts = _random_request(rng, featurizer.items.num_items, words)
+        region, device = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+        _compare(featurizer, events, cand, ts, region=region, device=device)
+
+
+def test_direct_features_with_unknown_channels_topics_and_times(rec: Recommender) -> None:
+    """Items without a channel, topic, upload time or duration: missing features, as the
+    training code makes them."""
+    items = rec.featurizer.items
+    assert items.channel is not None and items.topic_code is not None
+    assert items.upload_ts is not None and items.duration is not None
+    rng = np.random.default_rng(1)
+    n = items.num_items + 1
+    hole = rng.random(n) < 0.3
+    topic = items.topic.to_pylist()  # type: ignore[union-attr]
+    holed = replace(
+        items,
+        channel=np.where(hole, 0, items.channel),
+        topic=pa.array([None if h else t for h, t in zip(hole, topic, strict=True)], pa.string()),
+        topic_code=np.where(hole, 0, items.topic_code),
+        upload_ts=np.where(rng.random(n) < 0.3, np.nan, items.upload_ts),
+        duration=np.where(rng.random(n) < 0.3, np.nan, items.duration),
+    )
+    featurizer = RankingFeaturizer(rec.featurizer.features, holed)
+    assert featurizer.vectorised
+    featurizer.normalizer = _Recording(featurizer.normalizer)  # type: ignore[assignment]
+    words = _words(featurizer)
+    for _ in range(40):
+        events, cand, ts = _random_request(rng, items.num_items, words)
+        _compare(featurizer, events, cand, ts)
+
+
+def test_direct_features_refuse_what_the_training_code_refuses(rec: Recommender) -> None:
+    featurizer = rec.featurizer
+    n = featurizer.items.num_items
+    good = UserEvents(history=[1, 2], history_ts=[10, 20])
+    bad = [
+        (UserEvents(history=[1, 2], history_ts=[10]), np.array([3]), "differ in length"),
+        (UserEvents(queries=["a"], queries_ts=[]), np.array([3]), "differ in length"),
+        (good, np.array([n + 1]), f"item id {n + 1} is not in the corpus"),
+        (UserEvents(history=[0], history_ts=[5]), np.array([3]), "item id 0 is not"),
+    ]
+    for events, cand, message in bad:
+        for build in (featurizer.batch, featurizer.reference_batch):
+            with pytest.raises(Exception, match=message):
+                build(events, cand, 100)
+
+
+def test_request_ranker_equals_the_model_forward(
+    rec: Recommender, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = UserStateStore(tmp_path / "state.db")
+    rec.seed_state(store)
+    batches: list[RankingBatch] = []
+    batch_of = rec.featurizer.batch
+
+    def keep(*args: object, **kwargs: object) -> RankingBatch:
+        batches.append(batch_of(*args, **kwargs))  # type: ignore[arg-type]
+        return batches[-1]
+
+    monkeypatch.setattr(rec.featurizer, "batch", keep)
+    for user in range(1, 40):
+        rec.recommend(RecommendRequest(user_id=user, k=5), store.context(user))
+    rec.recommend(RecommendRequest(history=[1, 2, 3], queries=["news"], k=5))
+    ranker = RequestRanker(rec.ranker)
+    for batch in batches:
+        with torch.no_grad():
+            want = rec.ranker(batch).double().numpy()
+        np.testing.assert_allclose(ranker.logits(batch), want, rtol=1e-5, atol=1e-5)
+
+    # Two requests in one batch: their bags differ, and the model's forward runs as it is.
+    def history(batch: RankingBatch) -> torch.Tensor:
+        ids, offsets = batch.bags["history"]
+        return ids[: int(offsets[1])] if len(batch) > 1 else ids
+
+    a = batches[0]
+    b = next(x for x in batches[1:] if not torch.equal(history(x), history(a)))
+    both = RankingBatch(
+        categorical={k: torch.cat([a.categorical[k], b.categorical[k]]) for k in a.categorical},
+        bags={
+            k: (torch.cat([ids, b.bags[k][0]]), torch.cat([offs, b.bags[k][1] + ids.numel()]))
+            for k, (ids, offs) in a.bags.items()
+        },
+        dense=torch.cat([a.dense, b.dense]),
+        label=torch.cat([a.label, b.label]),
+        watch_time=torch.cat([a.watch_time, b.watch_time]),
+        user_id=torch.cat([a.user_id, b.user_id]),
+        request_id=torch.cat([a.request_id, b.request_id + 1]),
+    )
+    with torch.no_grad():
+        want = rec.ranker(both).double().numpy()
+    np.testing.assert_array_equal(ranker.logits(both), want)
+    # a batch without an input the model reads: the model's own error
+    first = batches[0]
+    lacking = replace(
+        first, categorical={k: v for k, v in first.categorical.items() if k != "item"}
+    )
+    with pytest.raises(FunnelrecError, match="lacks categorical feature 'item'"):
+        ranker.logits(lacking)

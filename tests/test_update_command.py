@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -14,12 +15,12 @@ from typer.testing import CliRunner
 from funnelrec.candidates import fit_candidates, load_item_embeddings, load_training_config
 from funnelrec.cli import app
 from funnelrec.data.dataset import Dataset
-from funnelrec.errors import FunnelrecError
-from funnelrec.features import FeaturesConfig
+from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.pipeline import UPDATE_STEPS, split_update_args, update
 from funnelrec.ranking.training import load_ranker_train_config, train_ranker
-from funnelrec.serving.recommender import Recommender, RecommendRequest
+from funnelrec.serving.recommender import STATE_DIR, Recommender, RecommendRequest, seed_store
 from funnelrec.serving.state import UserStateStore
 from tests.features.periods import write_periods
 
@@ -88,6 +89,26 @@ def test_update_appends_trains_and_packages_then_resumes(
     rec.seed_state(store)
     response = rec.recommend(RecommendRequest(user_id=new_user, k=5), store.context(new_user))
     assert len(response.items) == 5
+
+    # a server whose live state was seeded from day 1's data takes day 2's artifact
+    day_1_data = Features.open(day_1 / "features").fingerprint
+    assert rec.data_lineage == [day_1_data]
+    live = UserStateStore(tmp_path / "live.db")
+    state = out / "artifact" / STATE_DIR
+    live.seed(
+        *(pq.read_table(state / f"{t}.parquet") for t in ("watches", "searches", "impressions")),
+        fingerprint=day_1_data,
+    )
+    rec.check_compatible_state(live)
+    seed_store(out / "artifact", rec.data_fingerprint, live)  # kept, not seeded again
+    assert live.meta("seeded_from") == day_1_data
+    other = UserStateStore(tmp_path / "other.db")
+    other.seed(
+        *(pq.read_table(state / f"{t}.parquet") for t in ("watches", "searches", "impressions")),
+        fingerprint="0123456789abcdef",
+    )
+    with pytest.raises(ArtifactError, match="seeded from data 0123456789abcdef"):
+        rec.check_compatible_state(other)
 
     # again: every step is up to date
     again = CliRunner().invoke(app, [*args, *logs, "--replay", "0.5", *OVERRIDES])

@@ -162,7 +162,14 @@ def _append_period(
         _link_rest(ds.path, target.tmp, handled | {MANIFEST})
         shutil.rmtree(target.tmp / _STAGING, ignore_errors=True)
 
-        summary = {"period": number, "added_at": _now(), **period.summary()}
+        # the version this period extends: a server whose live state was seeded from it
+        # may take the new version's artifacts (its live events are the new period's)
+        summary = {
+            "period": number,
+            "added_at": _now(),
+            "extends": ds.fingerprint(),
+            **period.summary(),
+        }
         _merge_time_range(manifest, summary["time_range"])
         manifest.extra["periods"] = [*periods, summary]
         rejected = dict(manifest.extra.get("rejected") or {})

@@ -224,6 +224,12 @@ def package(
                 "fingerprint": artifact_fingerprint(hashes, fp),
                 "data": {
                     "fingerprint": fp,
+                    # the data versions this one extends by appended periods, oldest first
+                    "lineage": [
+                        str(p["extends"])
+                        for p in ds.manifest.extra.get("periods") or []
+                        if p.get("extends")
+                    ],
                     "path": str(ds.path),
                     "source": ds.manifest.source,
                     "now": int(now),

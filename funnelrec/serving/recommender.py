@@ -240,6 +240,7 @@ class Recommender:
         self.config = config
         self.fingerprint = str(manifest["fingerprint"])
         self.data_fingerprint = str(manifest["data"]["fingerprint"])
+        self.data_lineage = [str(x) for x in manifest["data"].get("lineage") or []]
         self.version = str(manifest["funnelrec_version"])
         self.now = int(manifest["data"]["now"])
         self._load_parts()
@@ -376,9 +377,11 @@ class Recommender:
         seed_store(self.path, self.data_fingerprint, store)
 
     def check_compatible_state(self, store: UserStateStore) -> None:
-        """Raise ArtifactError when `store` was seeded from other data than this artifact's."""
+        """Raise ArtifactError when `store` was seeded from other data than this artifact's
+        or a version it extends (`funnelrec data append`: the store's live events since
+        then are the appended period's, as the service saw them)."""
         seeded = store.meta("seeded_from")
-        if seeded is not None and seeded != self.data_fingerprint:
+        if seeded is not None and seeded not in (self.data_fingerprint, *self.data_lineage):
             raise ArtifactError(
                 f"{store.path}: the live state was seeded from data {seeded}, the artifact "
                 f"{self.path} is of data {self.data_fingerprint}"
@@ -546,6 +549,9 @@ def seed_store(art: Path, data_fingerprint: str, store: UserStateStore) -> None:
     seeded = store.meta("seeded_from")
     if seeded == data_fingerprint:
         return
+    lineage = json.loads((Path(art) / MANIFEST).read_text())["data"].get("lineage") or []
+    if seeded in lineage:
+        return  # a version this artifact's data extends: its live state carries on
     if seeded is not None:
         raise ArtifactError(
             f"{store.path}: the live state was seeded from data {seeded}, the artifact "

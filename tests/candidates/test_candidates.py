@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -30,6 +28,7 @@ from funnelrec.candidates.metrics import ModelScorer, evaluate_retrieval
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features.batch import CandidateBatch
 from funnelrec.kernels.softmax import full_softmax_loss
+from tests.candidates.interrupt import ctrl_c_at_batch
 
 torch.set_num_threads(1)
 
@@ -379,8 +378,6 @@ def test_auto_batch_size_suits_the_number_of_examples() -> None:
 def test_interrupted_training_resumes_to_the_same_artifact(
     tiny_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-    import signal
 
     import funnelrec.features.loader
     from funnelrec.training.loop import TrainingInterrupted
@@ -391,38 +388,9 @@ def test_interrupted_training_resumes_to_the_same_artifact(
     plain = tmp_path / "plain"
     fit_candidates(tiny_features, plain, cfg, progress=False)
 
-    real_loader = funnelrec.features.loader.candidate_loader
-
-    class CtrlCAtBatch5:
-        """The training loader, pressing Ctrl-C while its 6th batch is trained on."""
-
-        def __init__(self, loader: Any) -> None:
-            self.loader = loader
-
-        def __len__(self) -> int:
-            return len(self.loader)
-
-        def set_epoch(self, epoch: int) -> None:
-            self.loader.set_epoch(epoch)
-
-        def __iter__(self) -> Iterator[CandidateBatch]:
-            inner = iter(self.loader)  # now, as the real loader's iterator is made
-
-            def gen() -> Iterator[CandidateBatch]:
-                for i, b in enumerate(inner):
-                    if i == 5:
-                        os.kill(os.getpid(), signal.SIGINT)
-                    yield b
-
-            return gen()
-
-    def ctrl_c_at_batch_5(*args: Any, **kw: Any) -> Any:
-        loader = real_loader(*args, **kw)
-        return CtrlCAtBatch5(loader) if kw.get("shuffle") else loader  # not validation's
-
     art = tmp_path / "cand"
     with monkeypatch.context() as m:
-        m.setattr(funnelrec.features.loader, "candidate_loader", ctrl_c_at_batch_5)
+        m.setattr(funnelrec.features.loader, "candidate_loader", ctrl_c_at_batch(5))
         with pytest.raises(TrainingInterrupted, match="--resume"):
             fit_candidates(tiny_features, art, cfg, progress=False)
     assert checkpoint_path(art).exists() and not art.exists()

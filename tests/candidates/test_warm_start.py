@@ -3,9 +3,6 @@ for day 2 (data written by the tests: `tests/features/periods.py`)."""
 
 from __future__ import annotations
 
-import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.update import FeaturesUpdate
 from funnelrec.training.loop import TrainingInterrupted
+from tests.candidates.interrupt import ctrl_c_at_batch
 from tests.features.periods import append_day_2, write_periods
 
 OVERRIDES = ["dim=8", "num_negatives=16", "batch_size=16", "threads=1", "epochs=2", "patience=0"]
@@ -90,36 +88,10 @@ def test_an_interrupted_warm_start_resumes_to_the_same_artifact(
     cfg = load_training_config(None, OVERRIDES)
     plain = tmp_path / "plain"
     fit_candidates(trained["f2"], plain, cfg, progress=False, warm_start=trained["a1"])
-    real_loader = funnelrec.features.loader.candidate_loader
-
-    class CtrlCAtBatch3:
-        def __init__(self, loader: Any) -> None:
-            self.loader = loader
-
-        def __len__(self) -> int:
-            return len(self.loader)
-
-        def set_epoch(self, epoch: int) -> None:
-            self.loader.set_epoch(epoch)
-
-        def __iter__(self) -> Iterator[Any]:
-            inner = iter(self.loader)
-
-            def gen() -> Iterator[Any]:
-                for i, b in enumerate(inner):
-                    if i == 3:
-                        os.kill(os.getpid(), signal.SIGINT)
-                    yield b
-
-            return gen()
-
-    def ctrl_c(*args: Any, **kw: Any) -> Any:
-        loader = real_loader(*args, **kw)
-        return CtrlCAtBatch3(loader) if kw.get("shuffle") else loader
 
     art = tmp_path / "cand"
     with monkeypatch.context() as m:
-        m.setattr(funnelrec.features.loader, "candidate_loader", ctrl_c)
+        m.setattr(funnelrec.features.loader, "candidate_loader", ctrl_c_at_batch(3))
         with pytest.raises(TrainingInterrupted, match="--resume"):
             fit_candidates(trained["f2"], art, cfg, progress=False, warm_start=trained["a1"])
     assert checkpoint_path(art).exists()

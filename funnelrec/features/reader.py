@@ -5,6 +5,7 @@ and the serving-time candidate batch built with its transforms.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,14 @@ class Features:
         known = set(FeaturesConfig.__dataclass_fields__)
         config = FeaturesConfig(**{k: v for k, v in manifest["config"].items() if k in known})
         return cls(path=path, manifest=manifest, config=config)
+
+    def copy_serving_part(self, dst: Path | str) -> None:
+        """Copy the manifest and transforms (vocabularies, encoders, quantile maps) to a
+        new directory `dst`: all a served request needs; the example shards stay behind."""
+        dst = Path(dst)
+        dst.mkdir()
+        shutil.copy2(self.path / MANIFEST, dst / MANIFEST)
+        shutil.copytree(self.path / "transforms", dst / "transforms")
 
     @property
     def split(self) -> str:

@@ -68,7 +68,6 @@ FORMAT_VERSION = 1
 KIND = "sequence-funnel"
 META = "funnel.json"
 MIN_INTERACTIONS = 3
-FEATURES_MANIFEST = "features.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +298,7 @@ def fit_sequence_funnel(
             home = work if refit_deep else art.tmp
             fit_candidates(Features.open(work / "features"), home / "deep", deep,
                            force=True, progress=progress)  # fmt: skip
-            _copy_serving_features(work / "features", home / "deep-features")
+            Features.open(work / "features").copy_serving_part(home / "deep-features")
             t = lap("deep_s", t)
             deep_users, deep_items = _deep_source(
                 home / "deep-features", home / "deep", split.num_items
@@ -322,7 +321,7 @@ def fit_sequence_funnel(
                            force=True, progress=progress)  # fmt: skip
             fit_candidates(Features.open(full), art.tmp / "deep", deep, force=True,
                            progress=progress)  # fmt: skip
-            _copy_serving_features(full, art.tmp / "deep-features")
+            Features.open(full).copy_serving_part(art.tmp / "deep-features")
             serve_users, serve_items = _deep_source(
                 art.tmp / "deep-features", art.tmp / "deep", split.num_items
             )
@@ -386,14 +385,6 @@ def _pages(split: SequenceSplit, moments: int) -> tuple[Requests, np.ndarray, In
     since = None if split.synthetic_timestamps else (tr.ts[pos] - tr.ts[pos - 1]).astype(float)
     req = Requests(tr.user[pos], jagged_ranges(tr.item, lo, pos), since)
     return req, tr.item[pos], before
-
-
-def _copy_serving_features(src: Path, dst: Path) -> None:
-    """The features' manifest and transforms (vocabularies, encoders): all a served
-    request needs; the example shards stay behind."""
-    dst.mkdir()
-    shutil.copy2(src / FEATURES_MANIFEST, dst / FEATURES_MANIFEST)
-    shutil.copytree(src / "transforms", dst / "transforms")
 
 
 def _deep_source(feat_dir: Path, art: Path, num_items: int) -> tuple[Any, np.ndarray]:

@@ -52,7 +52,6 @@ from funnelrec.candidates import (
 from funnelrec.config import load_config
 from funnelrec.data.dataset import AtomicDirectory, Dataset, file_sha256, write_json_atomic
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
-from funnelrec.features import MANIFEST as FEATURES_MANIFEST
 from funnelrec.features import Features
 from funnelrec.features.splits import TRAIN, leave_last_out, time_split, user_offsets
 from funnelrec.progress import progress_bar
@@ -190,7 +189,7 @@ def package(
                 step = steps[min(i + 1, len(steps) - 1)]
                 bar.update(task, advance=1, description=f"package: {step}")
 
-            _copy_features(feat_dir, root / FEATURES_DIR)
+            feats.copy_serving_part(root / FEATURES_DIR)
             done(0)
             (root / CANDIDATES_DIR).mkdir()
             for name in CANDIDATE_FILES:
@@ -262,13 +261,6 @@ def package(
 
 
 # --------------------------------------------------------------------------- parts
-
-
-def _copy_features(src: Path, dst: Path) -> None:
-    """features.json and transforms/ only: serving never reads the example shards."""
-    dst.mkdir()
-    shutil.copy2(src / FEATURES_MANIFEST, dst / FEATURES_MANIFEST)
-    shutil.copytree(src / "transforms", dst / "transforms")
 
 
 def _index(cand_dir: Path, feat_dir: Path, dst: Path, cfg: PackageConfig) -> dict[str, Any]:

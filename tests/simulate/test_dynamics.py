@@ -405,34 +405,7 @@ def test_heavy_users_binge_series(off: Path, focus: Path, uncorrelated: Path) ->
     assert World.load(off).p_next_episode is None
 
 
-# -- the truth's closed forms stay right with the mechanisms on ---------------------------
-
-
-def test_watch_rate_adds_up_with_the_mechanisms_on(tmp_path: Path) -> None:
-    """Summed over items, watch_rate is the expected number of non-related watches per
-    session also for a -v2 world (no churn effect, as in test_truth)."""
-    config = preset_config("tiny-v2", ["days=10", "user_model.click_shown=0"])
-    out = generate(config, 11, tmp_path / "v2", progress=False).path
-    world = World.load(out)
-    ds = Dataset.open(out)
-    imp = ds.table("impressions")
-    first = np.r_[True, np.diff(imp["request_id"].to_numpy()) != 0]
-    searches = ds.table("searches")
-    w = ds.table("watches")
-    source = np.asarray(w["source"].to_pylist())
-    external = source == "external"
-    user = np.concatenate(
-        [imp["user_id"].to_numpy()[first], searches["user_id"].to_numpy(),
-         w["user_id"].to_numpy()[external]]
-    )  # fmt: skip
-    ts = np.concatenate(
-        [imp["ts"].to_numpy()[first], searches["ts"].to_numpy(), w["ts"].to_numpy()[external]]
-    )
-    observed = (source != "related").sum() / user.size
-    pick = np.random.default_rng(3).choice(user.size, 300, replace=False)
-    items = np.arange(1, world.n_items + 1)
-    rate = world.watch_rate(user[pick, None], items[None, :], ts[pick, None])
-    assert abs(rate.sum(axis=1).mean() / observed - 1) < 0.1
+# -- the truth with the mechanisms on (its closed forms: test_truth.py, preset tiny-v2) --
 
 
 def test_v2_config_is_recorded_in_the_truth(tmp_path: Path) -> None:

@@ -166,13 +166,16 @@ def test_oracle_predicts_next_watches_better_than_popularity(tiny: Path, world: 
     assert oracle > baseline + 0.1
 
 
-def test_watch_rate_adds_up_to_the_observed_watches_per_session(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v2"])  # -v2: the users' mechanisms on
+def test_watch_rate_adds_up_to_the_observed_watches_per_session(
+    tmp_path: Path, preset: str
+) -> None:
     """Summed over items, watch_rate is the expected number of non-related watches.
 
     watch_rate is for an item never shown to the user before, so the check runs on a
     world without that churn effect.
     """
-    config = preset_config("tiny", ["days=10", "user_model.click_shown=0"])
+    config = preset_config(preset, ["days=10", "user_model.click_shown=0"])
     out = generate(config, SEED, tmp_path / "no_churn", progress=False).path
     world = World.load(out)
     ds = Dataset.open(out)

@@ -20,6 +20,7 @@ from funnelrec.data.loaders.sources import LineCounter, SourceFile
 from funnelrec.errors import DataError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
+from tests.data.test_loaders import assert_clean_failure
 
 runner = CliRunner()
 DAY = 1714521600  # 2024-05-01T00:00:00Z
@@ -70,16 +71,7 @@ def raw_ids(ds: Dataset, space: str) -> list[str]:
 
 
 def fails(tmp_path: Path, mapping: Path, *expected: str) -> str:
-    out = tmp_path / "out"
-    with pytest.raises(DataError) as info:
-        import_events(mapping, out)
-    message = str(info.value)
-    assert "\n" not in message
-    for part in expected:
-        assert part in message, message
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    return message
+    return assert_clean_failure(tmp_path, lambda out: import_events(mapping, out), *expected)
 
 
 # --- what an import gives ---------------------------------------------------------------

@@ -252,7 +252,9 @@ def good_row(kuairand_row: Row) -> str:
     return kuairand_row(1, 2, 1649581149287, 1, 1000, 0)
 
 
-def assert_clean_failure(tmp_path: Path, run: Callable[[Path], object], *expected: str) -> None:
+def assert_clean_failure(tmp_path: Path, run: Callable[[Path], object], *expected: str) -> str:
+    """`run(OUT)` fails with one line naming every `expected` and leaves nothing behind;
+    the message."""
     out = tmp_path / "out"
     with pytest.raises(DataError) as info:
         run(out)
@@ -262,6 +264,7 @@ def assert_clean_failure(tmp_path: Path, run: Callable[[Path], object], *expecte
         assert part in message, message
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    return message
 
 
 def test_missing_column(tmp_path: Path, kuairand_header: str) -> None:

@@ -432,6 +432,10 @@ class SequenceFunnel:
             power_columns=tuple(self.normalizer.power_columns),
         )
 
+    def new_model(self) -> RankingModel:
+        """An untrained ranking network for this funnel's features (fitted normaliser)."""
+        return RankingModel(self._spec(), RankingConfig(tower=self.config.tower, objective="ctr"))
+
     def _dense(self, pool: Pool) -> np.ndarray:
         assert self.normalizer is not None
         return self.normalizer.transform({k: pool.raw[k] for k in self.feature_names()})
@@ -573,7 +577,7 @@ class SequenceFunnel:
         pool, label, dense = staged.pool, staged.label, staged.dense
         vpool, vdense, valid_next = staged.vpool, staged.vdense, staged.valid_next
         self.normalizer, self.sources, self.times = staged.normalizer, staged.sources, staged.times
-        model = RankingModel(self._spec(), RankingConfig(tower=cfg.tower, objective="ctr"))
+        model = self.new_model()
         base = float(label.mean())
         model.set_output_bias(math.log(base / (1 - base)))
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -61,7 +60,6 @@ from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.normalize import QuantileNormalizer
 from funnelrec.features.splits import leave_last_out, user_offsets
-from funnelrec.ranking.model import RankingConfig, RankingModel
 from funnelrec.ranking.sequence import Requests, SequenceFunnel, SequenceFunnelConfig, Sources
 
 FORMAT_VERSION = 1
@@ -153,7 +151,7 @@ def read_sequence_split(
         raise FunnelrecError(f"{path}: no user has {min_interactions} watches or more")
     user, item, ts = user[keep], item[keep], ts[keep]
     table_row = order[keep]
-    num_items = max(int(pq.read_metadata(path / "items.parquet").num_rows), int(item.max()))
+    num_items = max(ds.num_rows("items"), int(item.max()))
 
     start = user_offsets(user)
     sp = leave_last_out(start, ts, min_watches=min_interactions)
@@ -503,7 +501,7 @@ def load_sequence_funnel(path: Path | str) -> SequenceFunnel:
     f.normalizer = QuantileNormalizer.from_dict(meta["normalizer"], where=path / META)
     if f.feature_names() != meta["feature_names"]:
         raise ArtifactError(f"{path / META}: feature names do not match this funnelrec's")
-    model = RankingModel(f._spec(), RankingConfig(tower=config.tower, objective="ctr"))
+    model = f.new_model()
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

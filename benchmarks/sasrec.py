@@ -55,16 +55,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from funnelrec.baselines import Jagged
 from funnelrec.candidates.metrics import RetrievalMetrics, exclusion_mask, target_ranks, tie_keys
 
 # (row, item) logits held at once when scoring and validating, in chunks of rows.
 LOGIT_BUDGET = 1 << 24
-# (target, item) logits of the training loss held at once: above it the loss goes in
-# checkpointed chunks (recomputed in the backward pass), so that a batch of long windows
-# over a large catalogue fits in memory; below it, one pass without the recomputation.
+# (target, item) logits of the training loss held at once: the loss and its gradients are
+# computed in chunks of rows of this many logits, so that a batch of long windows over a
+# large catalogue fits in memory.
 LOSS_BUDGET = 1 << 26
 VALID_K = 10
 
@@ -232,8 +231,51 @@ def training_windows(h: Jagged, max_len: int, windows: str = "last") -> np.ndarr
 # Training
 
 
-def _ce_sum(hidden: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> Any:
-    return F.cross_entropy(hidden @ weights.T, target, reduction="sum")
+class _FullSoftmaxCE(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weights.T` against `target`, with its gradients
+    computed in the forward pass, `rows` rows of logits at a time.
+
+    The full softmax's logits are the whole cost of training on a large catalogue. Autograd
+    would keep them (or, chunked, recompute them) and pass over them again to build the
+    log-softmax and its gradient; here each chunk's logits become softmax minus one-hot in
+    place and go straight into the two gradient products, so memory is bounded by one chunk
+    and each logit is made once. The loss is linear in the chunks, so the backward pass only
+    scales the stored gradients."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, rows: int
+    ) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden)
+        grad_weights = torch.zeros_like(weights)
+        total = hidden.new_zeros(())
+        for lo in range(0, hidden.shape[0], rows):
+            h, t = hidden[lo : lo + rows], target[lo : lo + rows]
+            z = h @ weights.T
+            lse = torch.logsumexp(z, dim=1, keepdim=True)
+            total += (lse.squeeze(1) - z.gather(1, t[:, None]).squeeze(1)).sum()
+            z.sub_(lse).exp_()  # the softmax
+            z[torch.arange(t.numel()), t] -= 1.0
+            grad_hidden[lo : lo + rows] = z @ weights
+            grad_weights.addmm_(z.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weights)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        grad_hidden, grad_weights = ctx.saved_tensors
+        return grad_hidden * grad, grad_weights * grad, None, None
+
+
+def full_softmax_ce(
+    hidden: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, rows: int | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden` [R, D] against classes `target` [R] over the rows of
+    `weights` [N, D], the same value and gradients as
+    `F.cross_entropy(hidden @ weights.T, target, reduction="sum")`."""
+    rows = rows or max(1, LOSS_BUDGET // max(1, weights.shape[0]))
+    out: torch.Tensor = _FullSoftmaxCE.apply(hidden, weights, target, rows)
+    return out
 
 
 def _loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -241,16 +283,8 @@ def _loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> torch.T
     padding never a class)."""
     hidden = model(inputs)
     mask = targets > 0
-    h, t = hidden[mask], targets[mask] - 1
-    w = model.item_weights()
-    rows = max(1, LOSS_BUDGET // w.shape[0])
-    if h.shape[0] <= rows:
-        return _ce_sum(h, w, t) / t.numel()
-    total = h.new_zeros(())
-    for lo in range(0, h.shape[0], rows):
-        part = checkpoint(_ce_sum, h[lo : lo + rows], w, t[lo : lo + rows], use_reentrant=False)
-        total = total + part
-    return total / t.numel()
+    t = targets[mask] - 1
+    return full_softmax_ce(hidden[mask], model.item_weights(), t) / t.numel()
 
 
 @torch.no_grad()

@@ -58,3 +58,22 @@ def test_windows_make_every_transition_a_target_once() -> None:
     np.testing.assert_array_equal(last, [[4, 5, 6, 7], [0, 0, 4, 5]])
     every = sasrec.training_windows(h, 3, "all")
     np.testing.assert_array_equal(every, [[4, 5, 6, 7], [1, 2, 3, 4], [0, 0, 4, 5]])
+
+
+def test_the_chunked_loss_is_cross_entropy_with_its_gradients() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 8, generator=g, requires_grad=True)
+    weights = torch.randn(50, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 50, (37,), generator=g)
+    expected = F.cross_entropy(hidden @ weights.T, target, reduction="sum") * 0.5
+    expected.backward()
+    want = hidden.grad.clone(), weights.grad.clone()  # type: ignore[union-attr]
+    hidden.grad = weights.grad = None
+    got = sasrec.full_softmax_ce(hidden, weights, target, rows=10) * 0.5  # 4 uneven chunks
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(hidden.grad, want[0])
+    torch.testing.assert_close(weights.grad, want[1])

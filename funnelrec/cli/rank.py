@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.data.dataset import Dataset
-from funnelrec.errors import FunnelrecError
 from funnelrec.ranking.model import tower_name
 from funnelrec.ranking.pages import impressions_from_candidates
 from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
@@ -105,16 +104,6 @@ def print_metrics(result: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- Typer commands
 
 
-def one_process_warm_start(warm_start: Path | None, nproc: int) -> None:
-    """--warm-start trains in this process: the --nproc launcher forwards the plain
-    training options only."""
-    if warm_start is not None and nproc != 1:
-        raise FunnelrecError(
-            "--warm-start trains in one process here; for several, run torchrun on "
-            "funnelrec.cli.worker with --warm-start"
-        )
-
-
 def train_command(
     features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
@@ -143,7 +132,6 @@ def train_command(
     """Train the ranking network (watch-time weighted logistic regression) on FEAT."""
     overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
     cfg = load_ranker_train_config(config, overrides)  # a bad config fails here, once
-    one_process_warm_start(warm_start, nproc)
     summary = distributed.train_here_or_launch(
         "ranker",
         lambda dist: train_ranker(
@@ -157,6 +145,7 @@ def train_command(
         nproc=nproc,
         resume=resume,
         force=force,
+        warm_start=warm_start,
     )
     if summary is None:
         return

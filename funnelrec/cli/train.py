@@ -21,7 +21,6 @@ from rich.markup import escape
 
 from funnelrec.candidates import checkpoint_path, fit_candidates, load_training_config
 from funnelrec.cli import rank, sequence
-from funnelrec.cli.rank import one_process_warm_start
 from funnelrec.training import distributed
 
 app = typer.Typer(
@@ -70,7 +69,6 @@ def candidates(
     """Train the candidate-generation network (sampled softmax, logQ correction)."""
     overrides = [*(overrides or []), *([f"device={device}"] if device else [])]
     cfg = load_training_config(config, overrides)  # a bad config fails here, once
-    one_process_warm_start(warm_start, nproc)
     result = distributed.train_here_or_launch(
         "candidates",
         lambda dist: fit_candidates(
@@ -84,6 +82,7 @@ def candidates(
         nproc=nproc,
         resume=resume,
         force=force,
+        warm_start=warm_start,
     )
     if result is None:
         return

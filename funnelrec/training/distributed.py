@@ -370,11 +370,15 @@ def train_here_or_launch(
     nproc: int,
     resume: bool = False,
     force: bool = False,
+    warm_start: Path | None = None,
 ) -> R | None:
     """The body of `funnelrec train COMMAND`: with nproc > 1, the same command in nproc
     processes under torchrun (`launch`; SystemExit with its status when it fails);
     otherwise `fit(dist)` in this process (one rank of torchrun's when it started us).
-    Returns fit's result on the process that reports, None on the others."""
+    Returns fit's result on the process that reports, None on the others. Every option
+    of the command that `fit` reads is forwarded, `--warm-start` included (each rank
+    loads the previous artifact and grows its tables; the loop then broadcasts rank 0's
+    weights, as for any run, so the replicas start equal)."""
     if nproc != 1:
         if under_torchrun():
             raise FunnelrecError("--nproc starts torchrun; under torchrun leave it out")
@@ -382,6 +386,7 @@ def train_here_or_launch(
         args += ["--config", str(config)] if config is not None else []
         args += ["--resume"] if resume else []
         args += ["--force"] if force else []
+        args += ["--warm-start", str(warm_start)] if warm_start is not None else []
         code = launch([*args, *overrides], nproc)
         if code != 0:
             raise SystemExit(code)  # the processes printed their errors

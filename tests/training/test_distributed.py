@@ -421,3 +421,33 @@ def test_two_processes_train_the_ranker_like_one(rank_features: Path, tmp_path: 
     # rank 0 alone wrote: one artifact, no checkpoint, no temporary directories left
     assert {p.name for p in art.iterdir()} >= {"config.json", "model.safetensors"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_a_warm_start_trains_in_two_processes_with_torchrun(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from funnelrec.cli import train as train_cli
+    from funnelrec.features import FeaturesConfig
+    from funnelrec.features.build import build_features
+    from funnelrec.features.update import FeaturesUpdate
+    from tests.features.periods import append_day_2, write_periods
+
+    ds, day2 = write_periods(tmp_path)
+    build_features(
+        ds, tmp_path / "f1", split="time", config=FeaturesConfig(history_n=5), progress=False
+    )
+    small = ["dim=8", "num_negatives=16", "batch_size=16", "threads=1", "epochs=1", "patience=0"]
+    fit_candidates(tmp_path / "f1", tmp_path / "a1", load_training_config(None, small),
+                   progress=False)  # fmt: skip
+    append_day_2(tmp_path, day2)
+    build_features(ds, tmp_path / "f2", split="time", progress=False,
+                   update=FeaturesUpdate(tmp_path / "f1"))  # fmt: skip
+    art = tmp_path / "a2"
+    args = ["candidates", "-f", str(tmp_path / "f2"), "-o", str(art), "--nproc", "2"]
+    res = CliRunner().invoke(train_cli.app, [*args, "--warm-start", str(tmp_path / "a1"), *small])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((art / "config.json").read_text())
+    assert meta["training"]["processes"] == 2
+    warm = meta["warm_start"]
+    assert Path(warm["artifact"]).resolve() == (tmp_path / "a1").resolve()
+    assert warm["grown"]["item_input.weight"][1] > warm["grown"]["item_input.weight"][0]

@@ -241,29 +241,36 @@ def latency_run(server: Server, users: list[int], warmup: list[int], k: int) -> 
 
 
 def _tree_cpu_seconds(pid: int) -> float:
-    """CPU time so far of process `pid` and its children (a server's workers)."""
-    total = _cpu_seconds(pid)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """CPU time so far of process `pid` and its descendants (a server's workers, which
+    the supervisor's forkserver starts)."""
+    total = 0.0
+    for p in _descendants(pid):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += _cpu_seconds(p)
         except (OSError, IndexError, ValueError):
             continue  # a process that ended meanwhile
     return total
 
 
-def _memory_mib(pid: int) -> list[dict[str, float]]:
-    """RSS and PSS (MiB) of process `pid` and of its children: PSS splits each page shared
-    between processes (libraries, page cache) among them, so the PSS add up."""
-    pids = [pid]
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (children, their children, ...)."""
+    parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                pids.append(int(stat.parent.name))
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
+    out, frontier = [pid], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        out += frontier
+    return out
+
+
+def _memory_mib(pid: int) -> list[dict[str, float]]:
+    """RSS and PSS (MiB) of process `pid` and of its descendants: PSS splits each page
+    shared between processes (libraries, page cache) among them, so the PSS add up."""
+    pids = _descendants(pid)
     out = []
     for p in pids:
         try:

@@ -241,10 +241,19 @@ class SearchOptions:
                  MADV_HUGEPAGE, then MADV_COLLAPSE): with 4 KiB pages each such read of a
                  large index misses the TLB (docs/ann.md). Best effort: elsewhere nothing
                  changes.
+    mmap:        `ItemIndex.load` maps the index file's float vectors, codes and graph
+                 links read-only instead of reading them into memory of its own (FAISS
+                 IO_FLAG_MMAP_IFC): processes that load the same file (the workers of
+                 `funnelrec serve --workers N`) then share one copy, the page cache's.
+                 The id map and the scan kernel's layout of ivfpq_fs codes stay a copy
+                 per process. Whether a file's pages are mapped 2 MiB at a time is up to
+                 the kernel and file system (Linux can, with large page-cache folios),
+                 which `huge_pages` only advises; False keeps a private copy instead.
     """
 
     scan_kernel: bool = True
     huge_pages: bool = True
+    mmap: bool = True
 
 
 class ItemIndex:
@@ -461,8 +470,13 @@ class ItemIndex:
         """
         q = np.asarray(queries, dtype=np.float32)
         single = q.ndim == 1
-        if single and exclude is None and 1 <= k <= self.count and q.shape[0] == self.dim:
-            got = self._search_one(q, k)
+        if single and 1 <= k <= self.count and q.shape[0] == self.dim:
+            if exclude is None:
+                got = self._search_one(q, k)
+            elif isinstance(exclude, np.ndarray) and exclude.ndim == 1:
+                got = self._search_one_excluding(q, k, exclude)
+            else:
+                got = None
             if got is not None:
                 return got
         q = _as_matrix(q.reshape(1, -1) if single else q, "queries")
@@ -490,25 +504,52 @@ class ItemIndex:
         general path's checks and copies add would be a sizeable share of it (docs/ann.md,
         "The single-query path").
         """
-        q = np.ascontiguousarray(q)
-        if self._scan is not None:  # one thread, whatever `threads` says; checks q finite
-            p = self.params
-            rows, scores = self._scan.search_one(q, k, p.nprobe, p.rerank)
-        else:
-            if not np.isfinite(q).all():
-                raise FunnelrecError("queries contains NaN or infinite values")
-            if self.threads is not None:
-                faiss.omp_set_num_threads(self.threads)
-            scores = np.empty(k, dtype=np.float32)
-            rows = np.empty(k, dtype=np.int64)
-            self._fast_scan(single=True)
-            params = self._params(k)
-            self._index.search_c(
-                1, faiss.swig_ptr(q), k, faiss.swig_ptr(scores), faiss.swig_ptr(rows), params
-            )
+        rows, scores = self._rows_one(q, k)
         if rows[-1] < 0:  # short: missing results come last
             return None
         return (rows if self._dense else self.item_ids[rows]), scores
+
+    def _search_one_excluding(
+        self, q: np.ndarray, k: int, exclude: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The serving path with the user's watched items excluded: one query [d], k <= N,
+        `exclude` [m] item ids. The general path's over-fetch done without its batch
+        bookkeeping: the same k + m rows from the same one search, the excluded dropped,
+        the first k kept, so the same results. None where that path does more (m beyond
+        OVERFETCH_MAX, or fewer than k rows left: padding or an exhaustive completion)."""
+        positions = self._positions(exclude)  # sorted, unique
+        m = len(positions)
+        if m > OVERFETCH_MAX:
+            return None
+        rows, scores = self._rows_one(q, min(self.count, k + m))
+        if m:
+            at = np.minimum(np.searchsorted(positions, rows), m - 1)
+            keep = positions[at] != rows
+            rows, scores = rows[keep], scores[keep]
+        rows, scores = rows[:k], scores[:k]
+        if len(rows) < k or rows[-1] < 0:
+            return None
+        return (rows if self._dense else self.item_ids[rows]), scores
+
+    def _rows_one(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [k] and scores [k] of one approximate search for q [d], as `_approximate`
+        returns them for a batch of one (-1 / -inf at the end where it runs dry)."""
+        q = np.ascontiguousarray(q)
+        if self._scan is not None:  # one thread, whatever `threads` says; checks q finite
+            p = self.params
+            return self._scan.search_one(q, k, p.nprobe, p.rerank)
+        if not np.isfinite(q).all():
+            raise FunnelrecError("queries contains NaN or infinite values")
+        if self.threads is not None:
+            faiss.omp_set_num_threads(self.threads)
+        scores = np.empty(k, dtype=np.float32)
+        rows = np.empty(k, dtype=np.int64)
+        self._fast_scan(single=True)
+        params = self._params(k)
+        self._index.search_c(
+            1, faiss.swig_ptr(q), k, faiss.swig_ptr(scores), faiss.swig_ptr(rows), params
+        )
+        return rows, scores
 
     def _search_positions(
         self, q: np.ndarray, k: int, excl: list[np.ndarray] | None, complete: bool = True
@@ -855,7 +896,10 @@ class ItemIndex:
         if kind not in KINDS:
             raise ArtifactError(f"{meta_path}: unknown index kind {kind!r}")
         try:
-            idmap = faiss.read_index(str(index_path))
+            # Mapped: the arrays are views of the file's pages, shared by every process
+            # that maps it, and read-only (nothing writes to a loaded index).
+            flags = faiss.IO_FLAG_MMAP_IFC if options.mmap else 0
+            idmap = faiss.read_index(str(index_path), flags)
         except RuntimeError as e:
             raise ArtifactError(f"{index_path}: unreadable FAISS index ({e})") from None
         if not isinstance(idmap, faiss.IndexIDMap):

@@ -7,13 +7,20 @@ requests overlap while they wait, not while they compute. N processes compute on
 
 How it is put together:
 - uvicorn's own supervisor (`uvicorn.supervisors.Multiprocess`) binds the address once and
-  starts N worker processes (fresh interpreters, "spawn"); it restarts a worker that dies
-  and stops the server when one fails to start. On Linux each worker listens on a socket
-  of its own bound to that address with SO_REUSEPORT, and the kernel spreads connections
-  over them (`WorkerLoop`); elsewhere they share the supervisor's socket.
+  starts N worker processes; it restarts a worker that dies and stops the server when one
+  fails to start. On Linux each worker listens on a socket of its own bound to that
+  address with SO_REUSEPORT, and the kernel spreads connections over them (`WorkerLoop`);
+  elsewhere they share the supervisor's socket.
+- Workers are forked from a multiprocessing "forkserver", a fresh interpreter that has
+  imported the serving code and its libraries (torch, FAISS, Arrow, NumPy, FastAPI)
+  once (`serving.preload`): their memory, most of an idle worker's, is then shared by
+  every worker until one writes to it (`_Forkserver`; where there is no forkserver,
+  each worker is a fresh interpreter, "spawn", as uvicorn starts them).
 - Each worker builds the app of `create_app` (`worker_app`, a factory uvicorn imports by
-  name) and loads the artifact itself. The files it maps (the ANN index, the tables) are
-  shared through the OS page cache; the models are a copy per worker.
+  name) and loads the artifact itself. Its large read-only parts are mapped from the
+  artifact's files, not read into memory of the worker's own: the ANN index
+  (`ann.index.SearchOptions.mmap`) and the models' embedding tables
+  (`serving.memory`); every worker reads the one copy in the OS page cache.
 - The live user state is the one SQLite database, which WAL mode lets every worker read
   and write. It is seeded once, by the supervisor, before any worker starts.
 - Reload: the supervisor's control directory holds a record of the artifact to serve and
@@ -36,6 +43,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -43,13 +51,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+import uvicorn._subprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
@@ -64,6 +73,9 @@ __all__ = ["ModelRecord", "WorkerSettings", "run_workers", "worker_app"]
 
 SETTINGS_ENV = "FUNNELREC_SERVE_WORKER"
 WORKER_HEALTHCHECK_S = 30
+# What the forkserver imports before it forks any worker (`serving.preload`: the serving
+# code and its libraries, then frozen out of the garbage collector's sight).
+PRELOAD = ("funnelrec.serving.preload",)
 
 _log = logging.getLogger("uvicorn.error")  # the server's log: uvicorn configures it
 
@@ -247,7 +259,8 @@ def run_workers(
             sock = _bind(host, port)
             supervisor = _Supervisor(config, [sock], record)
             try:
-                supervisor.run()
+                with _forked_workers():
+                    supervisor.run()
             finally:
                 sock.close()
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
@@ -341,6 +354,55 @@ class _Supervisor(Multiprocess):
         _log.info(
             "Received SIGHUP, reloading %s in every worker (generation %d)", current, generation
         )
+
+
+class _Forkserver:
+    """Stands in for the "spawn" multiprocessing context through which uvicorn starts its
+    worker processes (`uvicorn._subprocess.spawn`, the one place it does; it has no
+    setting for it): starts them from the forkserver.
+
+    The forkserver imports `PRELOAD` when it starts, then forks each worker, which shares
+    those modules' pages with it and with the other workers (copy on write). A fork takes
+    the forkserver's environment, that of the process that started it first, so each
+    worker is handed the supervisor's (`env`, as a spawned worker would inherit it) and
+    takes it before anything else.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(PRELOAD))
+        self.env = env
+
+    def Process(  # noqa: N802: the name uvicorn calls
+        self, target: Callable[..., None], kwargs: dict[str, Any]
+    ) -> multiprocessing.process.BaseProcess:
+        return self.context.Process(target=_worker_main, args=(self.env, target), kwargs=kwargs)
+
+
+def _worker_main(env: dict[str, str], start: Callable[..., None], /, **kwargs: Any) -> None:
+    """A worker process from the forkserver: the supervisor's environment, then uvicorn's
+    start of the worker."""
+    os.environ.clear()
+    os.environ.update(env)
+    start(**kwargs)
+
+
+@contextmanager
+def _forked_workers() -> Iterator[None]:
+    """While the supervisor runs, its workers start from a forkserver (`_Forkserver`) with
+    this process's environment; where there is none (not POSIX) or uvicorn starts
+    processes otherwise, as uvicorn does."""
+    if "forkserver" not in multiprocessing.get_all_start_methods() or not hasattr(
+        uvicorn._subprocess, "spawn"
+    ):
+        yield
+        return
+    before = uvicorn._subprocess.spawn
+    uvicorn._subprocess.spawn = _Forkserver(dict(os.environ))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        uvicorn._subprocess.spawn = before
 
 
 @contextmanager

@@ -428,3 +428,54 @@ def test_huge_pages_change_nothing_but_where_the_arrays_live() -> None:
         np.testing.assert_array_equal(small[1], huge[1])
     buf = np.zeros(1 << 20, dtype=np.uint8)  # 1 MiB: no whole 2 MiB page inside
     assert not ann._huge_pages(buf.ctypes.data, buf.nbytes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_query_with_exclusions_gives_what_the_batch_path_gives(
+    kind: str, data: tuple[np.ndarray, np.ndarray, np.ndarray], built: dict[str, ItemIndex]
+) -> None:
+    """The serving path (one query, one id array excluded) against the general one (a batch
+    of one with a list of exclusions): the same ids and scores, in every case the general
+    path handles differently (nothing excluded, unknown ids, the id selector, too few
+    left for k)."""
+    x, ids, q = data
+    index = built[kind]
+    rng = np.random.default_rng(5)
+    top = brute_force(x, ids, q, 40)
+    cases = [
+        np.array([], dtype=np.int64),
+        top[0, :10],
+        np.array([-5, 10**9, top[1, 0]]),  # unknown ids are ignored
+        rng.choice(ids, 60, replace=False),
+        rng.choice(ids, ann.OVERFETCH_MAX + 5, replace=False),  # the id-selector path
+        ids[: N - 10],  # fewer than k left: padded with -1 / -inf
+    ]
+    for r, exclude in enumerate(cases):
+        query = q[r % len(q)]
+        one = index.search(query, 20, exclude=exclude)
+        general = index.search(query[None], 20, exclude=[exclude])
+        np.testing.assert_array_equal(one[0], general[0][0])
+        np.testing.assert_array_equal(one[1], general[1][0])
+        assert not np.isin(one[0], exclude).any()
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq_fs"])
+def test_a_mapped_index_reads_its_file_and_searches_the_same(
+    kind: str,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    built: dict[str, ItemIndex],
+    tmp_path: Path,
+) -> None:
+    """Loaded with `mmap` (the default), the vectors are the file's pages: what processes
+    loading one file share. Without it, a copy of the process's own; the same results."""
+    _, ids, q = data
+    path = built[kind].save(tmp_path / kind)
+    mapped = ItemIndex.load(path, expected_item_ids=ids, options=SearchOptions(mmap=True))
+    copied = ItemIndex.load(path, expected_item_ids=ids, options=SearchOptions(mmap=False))
+    for got, want in zip(mapped.search(q, 10), copied.search(q, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    if Path("/proc/self/maps").exists():
+        maps = Path("/proc/self/maps").read_text()
+        assert str((path / ann.INDEX_FILE).resolve()) in maps
+        del mapped
+        assert str((path / ann.INDEX_FILE).resolve()) not in Path("/proc/self/maps").read_text()

@@ -147,6 +147,44 @@ def test_a_reload_and_sighup_reach_every_worker(server: tuple[int, Any], art: Pa
     assert _call(port, "/v1/recommend", {"user_id": 1, "k": 2})[0] == 200
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_workers_share_the_mapped_artifact_and_recommend_what_one_process_does(
+    server: tuple[int, Any], art: Path, tmp_path: Path
+) -> None:
+    """Every worker is forked from the one forkserver (the libraries it imported shared)
+    and maps the index and both models' weights from the artifact's files (one copy in
+    the page cache for all); the answers are those of the funnel in this process."""
+    from funnelrec.serving.recommender import Recommender, RecommendRequest
+    from funnelrec.serving.state import UserStateStore
+
+    port, proc = server
+    pids: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(pids) < WORKERS and time.monotonic() < deadline:
+        pids.add(int(_call(port, "/readyz")[1]["worker"]))
+    assert len(pids) == WORKERS
+    parents = set()
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        parents.add(int(stat.rsplit(")", 1)[1].split()[1]))
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        for part in ("candidates/index/index.faiss", "candidates/model.safetensors"):
+            assert part in maps, part
+        assert "ranker/model.safetensors" in maps
+    (forkserver,) = parents
+    assert forkserver != proc.pid
+    assert "forkserver" in Path(f"/proc/{forkserver}/cmdline").read_text()
+
+    rec = Recommender.load(art)
+    store = UserStateStore(tmp_path / "state.db")
+    rec.seed_state(store)
+    for user in range(1, 9):
+        status, body = _call(port, "/v1/recommend", {"user_id": user, "k": 5})
+        assert status == 200
+        want = rec.recommend(RecommendRequest(user_id=user, k=5), store.context(user))
+        assert body["items"] == [it.to_dict() for it in want.items]
+
+
 def test_workers_must_be_at_least_one(tmp_path: Path) -> None:
     cmd = _serve(str(tmp_path), "--workers", "0")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

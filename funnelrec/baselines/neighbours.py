@@ -52,9 +52,7 @@ class _Neighbours(Baseline):
             raise FunnelrecError(f"k must be at least 1, got {k}")
         h = Jagged.from_rows([np.asarray(history, dtype=np.int64).reshape(-1)])
         _check_ids(h.values, self.num_items, "history")
-        row = _history_matrix(h, self._weights(h, **kwargs), self.num_items) @ self.sim
-        row = row.tocsr()
-        ids, vals = row.indices.astype(np.int64), row.data.astype(np.float32)
+        ids, vals = self._score_row(h, self._weights(h, **kwargs))
         dense = np.full(self.num_items + 1, -np.inf, dtype=np.float32)
         dense[ids] = vals
         if exclude is not None:
@@ -64,6 +62,21 @@ class _Neighbours(Baseline):
         good = ids[dense[ids] > self.min_candidate_score]
         order = np.lexsort((good, -dense[good]))[:k]
         return good[order], dense[good[order]]
+
+    def _score_row(self, h: Jagged, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One history's scores: (item ids, float32 scores) of its non-zero entries."""
+        keep = (h.values > 0) & (weights != 0)
+        if np.count_nonzero(keep) == 1 and self.sim.dtype == np.float32:
+            # One weighted item (co-watched with the last watch, the default): its row of
+            # S times its weight, the float32 products the sparse product below makes,
+            # without building the sparse matrices (most of a serving call's time).
+            item = int(h.values[keep][0])
+            lo, hi = int(self.sim.indptr[item]), int(self.sim.indptr[item + 1])
+            vals = np.float32(weights[keep][0]) * self.sim.data[lo:hi]
+            nonzero = vals != 0  # the product leaves out sums of 0
+            return self.sim.indices[lo:hi][nonzero].astype(np.int64), vals[nonzero]
+        row = (_history_matrix(h, weights, self.num_items) @ self.sim).tocsr()
+        return row.indices.astype(np.int64), row.data.astype(np.float32)
 
     def neighbours(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         """An item's kept neighbours: (ids, scores), best first."""

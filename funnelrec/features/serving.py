@@ -217,6 +217,76 @@ class _PastCounts:
         return self.counts[np.asarray(group, dtype=np.int64)]
 
 
+@dataclass(frozen=True, eq=False)
+class RequestFeatures:
+    """The ranking inputs of one request's C candidates, with what every row shares once.
+
+    categorical: names of the categorical features, in the batch's order
+    shared:      name -> vocabulary id of a categorical feature the same on every row (the
+                 seed, region and device: the request's, not the candidate's)
+    rows:        name -> [C] int64 vocabulary ids of a per-candidate categorical feature
+    bags:        name -> [L] int64 the request's bag (no OOV ids), the same on every row
+    dense:       [C, F] float32 normalised continuous features
+
+    `batch()` lays them out as the RankingBatch the model reads (each row a copy of what
+    they share), the form training batches have.
+    """
+
+    categorical: tuple[str, ...]
+    shared: dict[str, int]
+    rows: dict[str, np.ndarray]
+    bags: dict[str, np.ndarray]
+    dense: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    def batch(self) -> RankingBatch:
+        """The RankingBatch of the C rows: shared ids and bags repeated on every row."""
+        c = len(self)
+        categorical: dict[str, torch.Tensor] = {}
+        for name in self.categorical:
+            if name in self.shared:
+                categorical[name] = torch.full((c,), self.shared[name], dtype=torch.int64)
+            else:
+                categorical[name] = torch.from_numpy(np.asarray(self.rows[name], dtype=np.int64))
+        bags = {
+            name: (
+                torch.from_numpy(np.tile(values, c)),
+                torch.arange(c, dtype=torch.int64) * len(values),
+            )
+            for name, values in self.bags.items()
+        }
+        zeros = torch.zeros(c, dtype=torch.float32)
+        return RankingBatch(
+            categorical=categorical,
+            bags=bags,
+            dense=torch.from_numpy(self.dense),
+            label=zeros,
+            watch_time=zeros.clone(),
+            user_id=torch.full((c,), _USER, dtype=torch.int64),
+            request_id=torch.full((c,), 2, dtype=torch.int64),
+        )
+
+    @classmethod
+    def of_batch(cls, batch: RankingBatch) -> RequestFeatures:
+        """The request of a batch whose rows are one request's (every row the same bags,
+        as `RankingFeaturizer.reference_batch` makes them): the first row's bags; every
+        categorical feature per row."""
+        c = len(batch)
+        bags = {}
+        for name, (ids, _) in batch.bags.items():
+            values = ids[: ids.numel() // c] if c else ids[:0]
+            bags[name] = values[values != 0].numpy()
+        return cls(
+            categorical=tuple(batch.categorical),
+            shared={},
+            rows={name: ids.numpy() for name, ids in batch.categorical.items()},
+            bags=bags,
+            dense=batch.dense.numpy(),
+        )
+
+
 class RankingFeaturizer:
     """Builds the ranking batch of one request with the training code (see the module doc).
 
@@ -272,10 +342,40 @@ class RankingFeaturizer:
         Events at or after `ts` are ignored, as in training. Rows are in candidate order;
         the query-side bags are the request's, repeated on every row.
         """
-        cols = self._columns
-        if cols is None:
+        if self._columns is None:
             return self.reference_batch(
                 events, candidates, ts, region=region, device=device, sources=sources, scores=scores
+            )
+        return self.request(
+            events, candidates, ts, region=region, device=device, sources=sources, scores=scores
+        ).batch()
+
+    def request(
+        self,
+        events: UserEvents,
+        candidates: np.ndarray,
+        ts: int,
+        *,
+        region: int = 0,
+        device: int = 0,
+        sources: Sequence[str | None] | None = None,
+        scores: np.ndarray | None = None,
+    ) -> RequestFeatures:
+        """`batch` before it is laid out in rows: what every row shares appears once (the
+        form the serving ranker reads, `serving.inference.RequestRanker.request_logits`).
+        The same arguments as `batch`; `request(...).batch()` is `batch(...)`."""
+        cols = self._columns
+        if cols is None:
+            return RequestFeatures.of_batch(
+                self.reference_batch(
+                    events,
+                    candidates,
+                    ts,
+                    region=region,
+                    device=device,
+                    sources=sources,
+                    scores=scores,
+                )
             )
         cand = np.asarray(candidates, dtype=np.int64)
         c = len(cand)
@@ -307,37 +407,24 @@ class RankingFeaturizer:
         # The seed, region and device are the request's: the same on every row.
         seed = int(cols.rank_id[w_item[-1]]) if before else 0
         same = {"seed": seed, "region": region, "device": device}
-        categorical: dict[str, torch.Tensor] = {}
+        shared: dict[str, int] = {}
+        rows: dict[str, np.ndarray] = {}
         for name in self.categorical:
             if name in same:
-                ids = np.full(c, same[name], dtype=np.int64)
+                shared[name] = int(same[name])
             elif name == "source":
-                ids = self._source_vocab_ids(sources, c)
+                rows[name] = self._source_vocab_ids(sources, c)
             else:
-                ids = cols.per_item(name)[cand]
-            categorical[name] = torch.from_numpy(ids)
+                rows[name] = cols.per_item(name)[cand]
         bag_values = {
             "history": cols.rank_id[w_item[max(0, before - self.config.history_n) :]],
             "search": self._search_tokens(events, q_ts, t),
         }
-        bags: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        bags: dict[str, np.ndarray] = {}
         for name in self.bags:
             values = bag_values[name]
-            values = values[values != 0]  # OOV ids are dropped from bags, as in training
-            bags[name] = (
-                torch.from_numpy(np.tile(values, c)),
-                torch.arange(c, dtype=torch.int64) * len(values),
-            )
-        zeros = torch.zeros(c, dtype=torch.float32)
-        return RankingBatch(
-            categorical=categorical,
-            bags=bags,
-            dense=torch.from_numpy(dense),
-            label=zeros,
-            watch_time=zeros.clone(),
-            user_id=torch.full((c,), _USER, dtype=torch.int64),
-            request_id=torch.full((c,), 2, dtype=torch.int64),
-        )
+            bags[name] = values[values != 0]  # OOV ids are dropped from bags, as in training
+        return RequestFeatures(tuple(self.categorical), shared, rows, bags, dense)
 
     def _raw_features(
         self,
@@ -409,7 +496,7 @@ class RankingFeaturizer:
         known = self._source_ids
         for s in set(sources) - known.keys():
             known[s] = int(self.source.lookup(pa.array([s], type=pa.string()))[0])
-        return np.fromiter((known[s] for s in sources), dtype=np.int64, count=c)
+        return np.fromiter(map(known.__getitem__, sources), dtype=np.int64, count=c)
 
     def reference_batch(
         self,

@@ -66,12 +66,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from funnelrec import __version__
 from funnelrec.ann.index import ItemIndex, SearchOptions
 from funnelrec.baselines import CoWatch, Popularity, load_baseline
 from funnelrec.candidates import INDEX_DIR as CANDIDATE_INDEX_DIR
+from funnelrec.candidates import WEIGHTS_FILE as CANDIDATE_WEIGHTS
 from funnelrec.candidates import (
     CandidateInputs,
     check_features,
@@ -85,8 +85,10 @@ from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Demographics, Features
 from funnelrec.features.config import COWATCH_SOURCE, DEEP_SOURCE, FRESH_SOURCE
 from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
+from funnelrec.ranking.model import WEIGHTS_FILE as RANKER_WEIGHTS
 from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
-from funnelrec.serving.inference import RequestRanker
+from funnelrec.serving.inference import RequestRanker, RequestUserTower
+from funnelrec.serving.memory import map_embedding_tables
 from funnelrec.serving.state import UserContext, UserStateStore
 
 __all__ = [
@@ -221,9 +223,10 @@ class _Context:
 
     @property
     def has_signal(self) -> bool:
+        if self.events.history or self.events.queries:
+            return True
         d = self.demographics
-        has_demo = d is not None and any(v is not None for v in asdict(d).values())
-        return bool(self.events.history) or bool(self.events.queries) or has_demo
+        return d is not None and any(v is not None for v in asdict(d).values())
 
 
 class Recommender:
@@ -231,7 +234,9 @@ class Recommender:
 
     Attributes: path, manifest, fingerprint (the artifact's identity: changes with any
     part), data_fingerprint (the training data's), version (funnelrec version that built
-    it), now (the request time: the end of the data's window), config (ServingConfig).
+    it), now (the request time: the end of the data's window), config (ServingConfig),
+    mapped_bytes (the models' embedding tables read from the artifact's files, which the
+    processes serving it share: `serving.memory`).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], config: ServingConfig) -> None:
@@ -282,6 +287,10 @@ class Recommender:
         self.candidate_model = load_candidate_model(cand_dir)
         if self.candidate_model.inputs != CandidateInputs.from_features(feats):
             raise ArtifactError(f"{cand_dir}: its input sizes differ from the features'")
+        # The embedding tables (most of both models' bytes) read from the files' pages,
+        # which every process serving this artifact shares (`serving.memory`).
+        self.mapped_bytes = map_embedding_tables(self.candidate_model, cand_dir / CANDIDATE_WEIGHTS)
+        self._user_tower = RequestUserTower(self.candidate_model)
         emb, item_ids = load_item_embeddings(cand_dir)
         self.index = ItemIndex.load(
             path / INDEX_DIR,
@@ -301,6 +310,7 @@ class Recommender:
         if rank_meta.get("spec") != spec:
             raise ArtifactError(f"{rank_dir}: its feature spec differs from the features'")
         self.ranker = load_ranker(rank_dir)
+        self.mapped_bytes += map_embedding_tables(self.ranker, rank_dir / RANKER_WEIGHTS)
         self._request_ranker = RequestRanker(self.ranker)
 
         items = pq.read_table(path / ITEMS_FILE)
@@ -343,6 +353,11 @@ class Recommender:
     def has_item(self, item_id: int) -> bool:
         """Whether `item_id` (a dataset item id) is in the corpus."""
         return 0 < item_id <= self.items.num_items and bool(self.items.known[item_id])
+
+    def _known_items(self, ids: np.ndarray) -> np.ndarray:
+        """[n] bool `has_item` of each of `ids` [n] int64."""
+        n = self.items.num_items
+        return (ids > 0) & (ids <= n) & self.items.known[np.clip(ids, 0, n)]
 
     def item_metadata(self, item_id: int) -> dict[str, Any] | None:
         """item_id, raw_id, title, topic, channel_id, upload_ts, duration_s ... where known."""
@@ -417,10 +432,9 @@ class Recommender:
 
         t = time.perf_counter()
         if user.has_signal and self.config.deep_k > 0:
-            with torch.inference_mode():
-                u = self.candidate_model(cand_batch).float().numpy()
+            u = self._user_tower.user_vector(cand_batch)
             k_deep = min(max(self.config.deep_k, req.k), self.index.count)
-            ids, scores = self.index.search(u[0], k_deep, exclude=watched)
+            ids, scores = self.index.search(u, k_deep, exclude=watched)
             keep = ids >= 0
             nominated[DEEP] = (ids[keep], scores[keep])
         timings["candidates_deep"] = _ms(t)
@@ -444,20 +458,20 @@ class Recommender:
         )
         all_src = np.repeat(np.arange(len(present)), [len(nominated[s][0]) for s in present])
         if watched is not None:
-            keep = ~np.isin(all_ids, watched)
+            keep = ~_in_sorted(all_ids, watched)
             all_ids, all_scores, all_src = all_ids[keep], all_scores[keep], all_src[keep]
         # First nomination of each item, in SOURCES order: its primary source and score.
         _, first = np.unique(all_ids, return_index=True)
         first = np.sort(first)
         cand = all_ids[first].astype(np.int64)
-        primary = [present[i] for i in all_src[first]]
+        primary = np.asarray(present, dtype=object)[all_src[first]].tolist()
         timings["merge"] = _ms(t)
 
         items: list[RecommendedItem] = []
         t = time.perf_counter()
-        batch = None
+        features = None
         if len(cand):
-            batch = self.featurizer.batch(
+            features = self.featurizer.request(
                 user.events,
                 cand,
                 user.ts,
@@ -469,19 +483,23 @@ class Recommender:
         timings["features"] = _ms(t)
 
         t = time.perf_counter()
-        if batch is not None:
-            logit = self._request_ranker.logits(batch)
+        if features is not None:
+            logit = self._request_ranker.request_logits(features)
             # calibrated seconds (the ranker's validation factor): the order is exp(logit)'s
             ewt = self.ranker.seconds_from_logits(logit)
             order = np.lexsort((cand, -ewt))[: req.k]  # ties: smaller item id first
-            by_source = {
-                s: dict(zip(nominated[s][0].tolist(), nominated[s][1].tolist(), strict=True))
-                for s in present
-            }
-            for i in order:
-                item = int(cand[i])
-                sources = {s: float(by_source[s][item]) for s in present if item in by_source[s]}
-                items.append(RecommendedItem(item, float(ewt[i]), float(logit[i]), sources))
+            top = cand[order]
+            # Every nomination of the returned items, in SOURCES order: their sources' scores.
+            sources: dict[int, dict[str, float]] = {item: {} for item in top.tolist()}
+            hit = np.flatnonzero(_in_sorted(all_ids, np.sort(top)))
+            for item, src, score in zip(
+                all_ids[hit].tolist(), all_src[hit].tolist(), all_scores[hit].tolist(), strict=True
+            ):
+                sources[item][present[src]] = score
+            for item, e, lg in zip(
+                top.tolist(), ewt[order].tolist(), logit[order].tolist(), strict=True
+            ):
+                items.append(RecommendedItem(item, e, lg, sources[item]))
         timings["ranking"] = _ms(t)
         timings["total"] = _ms(t_start)
         info = {
@@ -507,9 +525,15 @@ class Recommender:
         if req.history is None and ctx is not None:
             # Stored events were validated when they arrived; an item the corpus lacks
             # (state of another model) is left out rather than failing the request.
-            pairs = [(i, s) for i, s in zip(ctx.history, ctx.history_ts, strict=True)]
-            pairs = [(i, s) for i, s in pairs if self.has_item(i)]
-            history, history_ts = [i for i, _ in pairs], [s for _, s in pairs]
+            if len(ctx.history) != len(ctx.history_ts):
+                raise ValueError("the live state's history and its times differ in length")
+            ok = self._known_items(np.asarray(ctx.history, dtype=np.int64))
+            if ok.all():
+                history, history_ts = list(ctx.history), list(ctx.history_ts)
+            else:
+                keep = np.flatnonzero(ok).tolist()
+                history = [ctx.history[j] for j in keep]
+                history_ts = [ctx.history_ts[j] for j in keep]
         queries: list[str] = []
         queries_ts: list[int] = []
         if req.queries is None and ctx is not None:
@@ -562,6 +586,15 @@ def seed_store(art: Path, data_fingerprint: str, store: UserStateStore) -> None:
     store.seed(
         tables["watches"], tables["searches"], tables["impressions"], fingerprint=data_fingerprint
     )
+
+
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """[n] bool: which of `values` are in `sorted_set` (sorted ascending): `np.isin` by
+    binary search, cheaper for the few hundred ids of a request."""
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return np.asarray(sorted_set[at] == values)
 
 
 def _ms(t0: float) -> float:

@@ -1,6 +1,7 @@
 """The serving hot path against its references: the direct ranking features against the
-training code's (`RankingFeaturizer.reference_batch`), and the request ranker's logits
-against the model's own forward pass."""
+training code's (`RankingFeaturizer.reference_batch`), the request ranker's logits and the
+user tower's vector against the models' own forward passes, the co-watch source's one-item
+row against its sparse product, and the whole funnel against the path they replaced."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ import pyarrow as pa
 import pytest
 import torch
 
+from funnelrec.baselines.data import Jagged, _history_matrix
 from funnelrec.errors import FunnelrecError
 from funnelrec.features.batch import RankingBatch
-from funnelrec.features.serving import RankingFeaturizer, UserEvents
+from funnelrec.features.serving import RankingFeaturizer, RequestFeatures, UserEvents
 from funnelrec.pipeline import build_tiny_artifact
-from funnelrec.serving.inference import RequestRanker
-from funnelrec.serving.recommender import Recommender, RecommendRequest
-from funnelrec.serving.state import UserStateStore
+from funnelrec.serving.inference import RequestRanker, RequestUserTower
+from funnelrec.serving.recommender import (
+    DEEP,
+    FRESH,
+    SOURCES,
+    Recommender,
+    RecommendRequest,
+)
+from funnelrec.serving.state import UserContext, UserStateStore
 
 
 @pytest.fixture(scope="module")
@@ -167,22 +175,27 @@ def test_request_ranker_equals_the_model_forward(
 ) -> None:
     store = UserStateStore(tmp_path / "state.db")
     rec.seed_state(store)
-    batches: list[RankingBatch] = []
-    batch_of = rec.featurizer.batch
+    requests: list[RequestFeatures] = []
+    request_of = rec.featurizer.request
 
-    def keep(*args: object, **kwargs: object) -> RankingBatch:
-        batches.append(batch_of(*args, **kwargs))  # type: ignore[arg-type]
-        return batches[-1]
+    def keep(*args: object, **kwargs: object) -> RequestFeatures:
+        requests.append(request_of(*args, **kwargs))  # type: ignore[arg-type]
+        return requests[-1]
 
-    monkeypatch.setattr(rec.featurizer, "batch", keep)
+    monkeypatch.setattr(rec.featurizer, "request", keep)
     for user in range(1, 40):
         rec.recommend(RecommendRequest(user_id=user, k=5), store.context(user))
     rec.recommend(RecommendRequest(history=[1, 2, 3], queries=["news"], k=5))
     ranker = RequestRanker(rec.ranker)
-    for batch in batches:
+    batches = [request.batch() for request in requests]
+    for request, batch in zip(requests, batches, strict=True):
         with torch.no_grad():
             want = rec.ranker(batch).double().numpy()
-        np.testing.assert_allclose(ranker.logits(batch), want, rtol=1e-5, atol=1e-5)
+        got = ranker.logits(batch)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        # the request as the featurizer gives it (the serving path): the very same numbers
+        np.testing.assert_array_equal(ranker.request_logits(request), got)
+        np.testing.assert_array_equal(ranker.request_logits(RequestFeatures.of_batch(batch)), got)
 
     # Two requests in one batch: their bags differ, and the model's forward runs as it is.
     def history(batch: RankingBatch) -> torch.Tensor:
@@ -213,3 +226,141 @@ def test_request_ranker_equals_the_model_forward(
     )
     with pytest.raises(FunnelrecError, match="lacks categorical feature 'item'"):
         ranker.logits(lacking)
+
+
+def test_the_user_tower_equals_the_model_forward(rec: Recommender, tmp_path: Path) -> None:
+    store = UserStateStore(tmp_path / "state.db")
+    rec.seed_state(store)
+    tower = RequestUserTower(rec.candidate_model)
+    contexts = [rec._context(RecommendRequest(user_id=u), store.context(u)) for u in range(1, 40)]
+    batches = [
+        rec.features.candidate_batch(
+            [list(c.events.history)], [list(c.events.queries)], [c.demographics]
+        )
+        for c in contexts
+    ]
+    batches.append(rec.features.candidate_batch([[]], [[]], [None]))  # nothing known
+    batches.append(rec.features.candidate_batch([[1, 2, 2]], [["zzunknownzz"]], [None]))
+    for batch in batches:
+        with torch.inference_mode():
+            want = rec.candidate_model(batch).float().numpy()[0]
+        np.testing.assert_array_equal(tower.user_vector(batch), want)
+    # several users at once: the model's own forward
+    two = rec.features.candidate_batch([[1], [2, 3]], [[], ["news"]], [None, None])
+    with torch.inference_mode():
+        want_two = rec.candidate_model(two).float().numpy()
+    np.testing.assert_array_equal(tower.user_vector(two), want_two[0])
+
+
+def test_the_cowatch_row_of_one_item_equals_the_sparse_product(rec: Recommender) -> None:
+    cowatch = rec.cowatch
+    rng = np.random.default_rng(3)
+    n = cowatch.num_items
+    for _ in range(200):
+        history = rng.integers(1, n + 1, int(rng.integers(1, 12)))
+        h = Jagged.from_rows([history])
+        weights = cowatch._weights(h)
+        got = cowatch._score_row(h, weights)
+        row = (_history_matrix(h, weights, n) @ cowatch.sim).tocsr()
+        order = np.argsort(got[0])
+        want_order = np.argsort(row.indices)
+        np.testing.assert_array_equal(got[0][order], row.indices[want_order])
+        np.testing.assert_array_equal(got[1][order], row.data[want_order])
+    # several weighted items (last_n > 1): the sparse product itself
+    got_ids, _ = cowatch.top_k(np.array([1, 2, 3]), 10, last_n=3)
+    assert len(got_ids) > 0
+
+
+Item = tuple[int, float, float, dict[str, float]]
+
+
+def _unoptimised(
+    rec: Recommender, req: RecommendRequest, ctx: UserContext | None
+) -> tuple[list[Item], int]:
+    """`Recommender.recommend` as it was before its serving fast paths: the models' own
+    forward passes on laid-out batches, the index's general search, the co-watch source's
+    sparse product, the merge by `np.isin` and the sources by dictionaries. Returns the
+    items (id, expected watch time, logit, sources) and how many were ranked."""
+    user = rec._context(req, ctx)
+    history = np.asarray(user.events.history, dtype=np.int64)
+    watched = np.unique(history) if req.exclude_watched else None
+    cand_batch = rec.features.candidate_batch(
+        [list(user.events.history)], [list(user.events.queries)], [user.demographics]
+    )
+    nominated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if user.has_signal and rec.config.deep_k > 0:
+        with torch.inference_mode():
+            u = rec.candidate_model(cand_batch).float().numpy()
+        k_deep = min(max(rec.config.deep_k, req.k), rec.index.count)
+        excl = None if watched is None else [watched]
+        ids, scores = rec.index.search(u, k_deep, exclude=excl)
+        keep = ids[0] >= 0
+        nominated[DEEP] = (ids[0][keep], scores[0][keep])
+    k_fresh = rec.config.fresh_k if DEEP in nominated else max(rec.config.fresh_k, req.k)
+    nominated[FRESH] = rec.fresh.top_k(history, k_fresh, exclude=watched)
+    if history.size and rec.config.cowatch_k > 0:
+        h = Jagged.from_rows([history])
+        m = _history_matrix(h, rec.cowatch._weights(h), rec.cowatch.num_items)
+        row = (m @ rec.cowatch.sim).tocsr()
+        dense = np.full(rec.cowatch.num_items + 1, -np.inf, dtype=np.float32)
+        dense[row.indices] = row.data
+        if watched is not None:
+            dense[watched] = -np.inf
+        good = row.indices[dense[row.indices] > rec.cowatch.min_candidate_score]
+        top = good[np.lexsort((good, -dense[good]))[: rec.config.cowatch_k]].astype(np.int64)
+        nominated["cowatch"] = (top, dense[top])
+    present = [s for s in SOURCES if s in nominated]
+    all_ids = np.concatenate([nominated[s][0] for s in present])
+    all_scores = np.concatenate([np.asarray(nominated[s][1], np.float64) for s in present])
+    all_src = np.repeat(np.arange(len(present)), [len(nominated[s][0]) for s in present])
+    if watched is not None:
+        keep = ~np.isin(all_ids, watched)
+        all_ids, all_scores, all_src = all_ids[keep], all_scores[keep], all_src[keep]
+    _, first = np.unique(all_ids, return_index=True)
+    first = np.sort(first)
+    cand = all_ids[first].astype(np.int64)
+    batch = rec.featurizer.batch(
+        user.events,
+        cand,
+        user.ts,
+        region=int(cand_batch.region[0]),
+        device=int(cand_batch.device[0]),
+        sources=[present[i] for i in all_src[first]],
+        scores=all_scores[first],
+    )
+    logit = RequestRanker(rec.ranker).logits(batch)
+    ewt = rec.ranker.seconds_from_logits(logit)
+    order = np.lexsort((cand, -ewt))[: req.k]
+    by_source = {
+        s: dict(zip(nominated[s][0].tolist(), nominated[s][1].tolist(), strict=True))
+        for s in present
+    }
+    items: list[Item] = []
+    for i in order:
+        item = int(cand[i])
+        sources = {s: float(by_source[s][item]) for s in present if item in by_source[s]}
+        items.append((item, float(ewt[i]), float(logit[i]), sources))
+    return items, len(cand)
+
+
+def test_the_funnel_recommends_what_the_unoptimised_path_did(
+    rec: Recommender, tmp_path: Path
+) -> None:
+    """Every fast path together: the same items, scores and sources, to the last bit."""
+    store = UserStateStore(tmp_path / "state.db")
+    rec.seed_state(store)
+    requests: list[tuple[RecommendRequest, UserContext | None]] = [
+        (RecommendRequest(user_id=u, k=10), store.context(u)) for u in range(1, 80)
+    ]
+    requests += [
+        (RecommendRequest(history=[1, 2, 3], queries=["news"], k=7), None),
+        (RecommendRequest(user_id=5, k=10, exclude_watched=False), store.context(5)),
+        (RecommendRequest(k=5), None),  # nothing known: the fresh source alone
+    ]
+    for req, ctx in requests:
+        got = rec.recommend(req, ctx)
+        want, ranked = _unoptimised(rec, req, ctx)
+        assert got.info["ranked"] == ranked
+        assert [
+            (it.item_id, it.expected_watch_time, it.score, it.sources) for it in got.items
+        ] == want

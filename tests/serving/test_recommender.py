@@ -101,14 +101,14 @@ def test_each_candidates_source_and_score_reach_the_featurizer_which_ignores_the
     assert "source" not in dict(rec.ranker.spec.categorical)
     assert not [c for c in rec.ranker.spec.dense_columns if "cand_score" in c]
     calls = []
-    batch_of = featurizer.batch
+    request_of, batch_of = featurizer.request, featurizer.batch
 
     def spy(*args, **kwargs):
-        batch = batch_of(*args, **kwargs)
-        calls.append((args, kwargs, batch))
-        return batch
+        request = request_of(*args, **kwargs)
+        calls.append((args, kwargs, request.batch()))
+        return request
 
-    monkeypatch.setattr(featurizer, "batch", spy)
+    monkeypatch.setattr(featurizer, "request", spy)
     u = _user_with_history(store, 10)
     resp = rec.recommend(RecommendRequest(user_id=u, k=10), store.context(u))
     ((args, kwargs, batch),) = calls

@@ -2,6 +2,7 @@
 
 funnelrec report runs/experiments          # after `funnelrec experiment paper`
 funnelrec report runs/demo --out /tmp/r    # a `funnelrec run` directory
+funnelrec report runs/experiments --doc docs/results.md   # the project's results page
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ def report_command(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Where report.md, report.html and figures go (default RUN_DIR)."
     ),
+    doc: Path | None = typer.Option(
+        None,
+        "--doc",
+        help="Write a project document instead (e.g. docs/results.md; figures in docs/results/).",
+    ),
 ) -> None:
     """Metric tables with their protocol, curves and latency histograms: one Markdown file
     and one self-contained HTML page (figures embedded)."""
-    report = write_report(run_dir, out)
-    console.print(
-        f"{report.sections} sections, {len(report.figures)} figures -> {report.markdown}, "
-        f"{report.html}"
-    )
+    report = write_report(run_dir, out, doc=doc)
+    written = f"{report.markdown}" + (f", {report.html}" if report.html else "")
+    console.print(f"{report.sections} sections, {len(report.figures)} figures -> {written}")
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -2,7 +2,7 @@
 
     from funnelrec.experiments import EXPERIMENTS, run_experiment
     from funnelrec.experiments.harness import ExperimentOptions
-    run_experiment("labels", ExperimentOptions(preset="small", seeds=2))
+    run_experiment("labels", ExperimentOptions(preset="small-v2", seeds=3))
 
 Each experiment is a module with `run(h: Harness) -> dict`: it trains what it needs
 through the shared `harness.Harness` (cached, so re-runs skip what is done), writes

@@ -8,7 +8,8 @@ feature sets:
     all features        + demographics (region, device, gender, logged-in, age)
 
 Tower depths as in the paper, scaled to d: 0 linear to d; 1: d; 2: 2d -> d; 3: 4d -> 2d -> d;
-4: 8d -> 4d -> 2d -> d. Every model gets the same step budget.
+4: 8d -> 4d -> 2d -> d. Every model trains to convergence under the same rule
+(`Harness.convergence`), with every training seed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,21 @@ from typing import Any
 
 import numpy as np
 
-from funnelrec.experiments.common import candidate_arm, pm, rel, seeds_note, time_features
-from funnelrec.experiments.evaluation import mean_sd
+from funnelrec.experiments.common import (
+    ArmSpec,
+    candidate_arm,
+    cell,
+    ci_text,
+    convergence_note,
+    per_seed,
+    seeds_note,
+    time_features,
+    train_arms,
+    yerr,
+)
+from funnelrec.experiments.evaluation import Interval, paired_interval
 from funnelrec.experiments.harness import Harness, Timer
+from funnelrec.experiments.verdict import Check, checks_table, verdict
 from funnelrec.features import Features
 
 NAME = "depth-features"
@@ -31,12 +44,13 @@ FEATURE_SETS: dict[str, list[str]] = {
     "+ example age": ["use_search=true", "use_example_age=true", "use_demographics=false"],
     "all features": ["use_search=true", "use_example_age=true", "use_demographics=true"],
 }
+ALL = "all features"
 
 
 _Grid = dict[str, dict[int, list[dict[str, Any]]]]
 """feature set -> depth -> one trained model per seed."""
-_Stats = dict[str, dict[int, tuple[float, float]]]
-"""feature set -> depth -> (mean, sd) of a metric over seeds."""
+_Cells = dict[str, dict[int, Interval]]
+"""feature set -> depth -> a metric's mean over seeds and examples, with its interval."""
 
 
 def run(h: Harness) -> dict[str, Any]:
@@ -51,98 +65,85 @@ def run(h: Harness) -> dict[str, Any]:
 
 def _grid(h: Harness, feats: Features, depths: list[int]) -> _Grid:
     """Every feature set at every depth, one model per seed."""
-    grid: _Grid = {}
-    total = len(FEATURE_SETS) * len(depths) * len(h.seeds)
-    done = 0
-    for name, overrides in FEATURE_SETS.items():
-        grid[name] = {}
-        for depth in depths:
-            grid[name][depth] = []
-            for seed in h.seeds:
-                done += 1
-                h.console.print(
-                    f"[bold]{NAME}[/] {name}, depth {depth}, seed {seed} [{done}/{total}]"
-                )
-                grid[name][depth].append(
-                    candidate_arm(h, feats, [*overrides, f"depth={depth}"], seed)
-                )
+    specs = {
+        (name, depth): [ArmSpec(feats, [*over, f"depth={depth}"], seed) for seed in h.seeds]
+        for name, over in FEATURE_SETS.items()
+        for depth in depths
+    }
+    h.console.print(f"[bold]{NAME}[/] {len(specs) * len(h.seeds)} models")
+    # the deepest towers first: they take longest
+    train_arms(h, [s for (_, d), ss in sorted(specs.items(), key=lambda kv: -kv[0][1]) for s in ss])
+    grid: _Grid = {name: {} for name in FEATURE_SETS}
+    for (name, depth), ss in specs.items():
+        grid[name][depth] = [candidate_arm(h, s.feats, s.overrides, s.seed) for s in ss]
     return grid
 
 
-def _stats(grid: _Grid, metric: str) -> _Stats:
-    return {
-        name: {d: mean_sd([a["metrics"][metric] for a in arms]) for d, arms in by_depth.items()}
-        for name, by_depth in grid.items()
-    }
+def _cells(grid: _Grid, metric: str) -> _Cells:
+    return {name: {d: cell(arms, metric) for d, arms in by.items()} for name, by in grid.items()}
 
 
-def _verdict(h: Harness, stats: _Stats, depths: list[int]) -> tuple[str, str]:
-    """(holds, text): did the paper's two directions hold? Features: each added group
-    raises MAP (averaged over depths); depth: the best depth of "all features" is deeper
-    than 0 and beats it."""
-    avg = {name: float(np.mean([stats[name][d][0] for d in depths])) for name in FEATURE_SETS}
-    names = list(FEATURE_SETS)
-    steps_up = [avg[b] > avg[a] for a, b in itertools.pairwise(names)]
-    all_by_depth = [stats["all features"][d][0] for d in depths]
-    best_depth = depths[int(np.argmax(all_by_depth))]
-    depth0 = stats["all features"][depths[0]][0]
-    deeper_wins = best_depth != depths[0] and max(all_by_depth) > depth0
-    holds = (
-        "yes"
-        if all(steps_up) and deeper_wins
-        else "partly"
-        if any(steps_up) or deeper_wins
-        else "no"
-    )
-    deepest = stats["all features"][depths[-1]][0]
-    helped = [
-        f"{b} ({rel(avg[b], avg[a])})" for a, b in itertools.pairwise(names) if avg[b] > avg[a]
-    ]
-    not_helped = [
-        f"{b} ({rel(avg[b], avg[a])})" for a, b in itertools.pairwise(names) if avg[b] <= avg[a]
-    ]
-    text = (
-        f"Mean {METRIC} over depths, each feature group against the set before it: "
-        + (f"helps: {', '.join(helped)}" if helped else "none helps")
-        + (f"; does not help: {', '.join(not_helped)}" if not_helped else "")
-        + f". With all features depth {best_depth} is best ({max(all_by_depth):.4f}); depth "
-        f"{depths[0]} gives {depth0:.4f} and depth {depths[-1]} {deepest:.4f} "
-        f"({rel(deepest, depth0)}). "
-        + (
-            "Both directions of Fig. 6 hold."
-            if holds == "yes"
-            else "Fig. 6's feature direction holds only in part"
-            + (", and depth helps." if deeper_wins else ", and depth does not help here.")
-            if holds == "partly"
-            else "Neither direction of Fig. 6 holds here."
+def _over_depths(grid: _Grid, name: str, depths: list[int]) -> np.ndarray:
+    """[seeds, examples]: each example's METRIC averaged over the depths."""
+    return np.mean([per_seed(grid[name][d], METRIC) for d in depths], axis=0)
+
+
+def _checks(grid: _Grid, depths: list[int]) -> list[Check]:
+    """Fig. 6's two directions: each feature group added raises MAP (averaged over the
+    depths), and the deepest tower beats the linear one (depth 0) with all features."""
+    checks = [
+        Check(
+            f"adding {b.removeprefix('+ ')} raises MAP",
+            f"{b} - {a}",
+            ">",
+            paired_interval(_over_depths(grid, b, depths), _over_depths(grid, a, depths)),
+            f"{METRIC}, mean over depths",
         )
-        + f" Why: every model saw the same {h.budget.cand_steps * h.budget.cand_batch:,} "
-        "examples; deeper towers train slower and are far from "
-        "converged at that budget, while the paper trained to convergence on billions of "
-        "examples. The simulated world is also simpler than YouTube's: interests are a "
-        "topic mixture plus a small taste vector, which a linear map of the averaged history "
-        "already captures."
-    )
-    return holds, text
+        for a, b in itertools.pairwise(FEATURE_SETS)
+    ]
+    lo, hi = depths[0], depths[-1]
+    if hi != lo:
+        checks.append(
+            Check(
+                "a deeper tower raises MAP",
+                f"depth {hi} - depth {lo}",
+                ">",
+                paired_interval(per_seed(grid[ALL][hi], METRIC), per_seed(grid[ALL][lo], METRIC)),
+                f"{METRIC}, all features",
+            )
+        )
+    return checks
 
 
 def _document(h: Harness, grid: _Grid, depths: list[int]) -> dict[str, Any]:
-    stats = _stats(grid, METRIC)
-    recall = _stats(grid, "recall@100")
-    rows = []
-    for name in FEATURE_SETS:
-        rows.append([name, *(pm(*stats[name][d]) for d in depths)])
-    rows_recall = [[name, *(pm(*recall[name][d]) for d in depths)] for name in FEATURE_SETS]
+    cells = _cells(grid, METRIC)
+    recall = _cells(grid, "recall@100")
+    by_depth = [
+        [
+            f"depth {d} - depth {depths[0]}",
+            paired_interval(
+                per_seed(grid[ALL][d], METRIC), per_seed(grid[ALL][depths[0]], METRIC)
+            ).text(),
+        ]
+        for d in depths[1:]
+    ]
     series = [
         {
             "label": name,
             "x": depths,
-            "y": [stats[name][d][0] for d in depths],
-            "yerr": [stats[name][d][1] for d in depths],
+            "y": [cells[name][d].mean for d in depths],
+            "yerr": yerr([cells[name][d] for d in depths]),
         }
         for name in FEATURE_SETS
     ]
-    holds, text = _verdict(h, stats, depths)
+    checks = _checks(grid, depths)
+    runs = [a for by in grid.values() for arms in by.values() for a in arms]
+    best = max(depths, key=lambda d: cells[ALL][d].mean)
+    text = (
+        f"With all features, depth {best} has the highest mean {METRIC} "
+        f"({cells[ALL][best].mean:.4f}); depth {depths[0]} gives {cells[ALL][depths[0]].mean:.4f}."
+    )
+    columns = ["features", *(f"depth {d}" for d in depths)]
     return {
         "title": "Depth and features (Fig. 6): held-out MAP vs tower depth",
         "claim": "Holdout MAP rises with tower depth and with each feature group added: "
@@ -150,41 +151,57 @@ def _document(h: Harness, grid: _Grid, depths: list[int]) -> dict[str, Any]:
         "protocol": f"{h.options.preset} world, time split (training before t1, test after "
         f"t2); {h.budget.eval_examples or 'all'} test next watches sampled at random, the same "
         "for every model; full ranking of the training vocabulary, seen items excluded; "
-        f"example age 0 at serving; {seeds_note(h)}. Each model: d = {h.budget.cand_dim}, "
-        f"{h.budget.cand_steps} steps of {h.budget.cand_batch}, "
-        f"{h.budget.cand_negatives} sampled negatives with logQ correction.",
+        f"example age 0 at serving; d = {h.budget.cand_dim}, {h.budget.cand_negatives} sampled "
+        f"negatives with logQ correction; {seeds_note(h)}; {convergence_note(h, runs)}.",
         "tables": [
+            checks_table(checks),
             {
-                "title": f"{METRIC} by depth (columns) and feature set (rows)",
-                "columns": ["features", *(f"depth {d}" for d in depths)],
-                "rows": rows,
+                "title": f"{METRIC} by depth (columns) and feature set (rows), mean over seeds "
+                "[95% CI]",
+                "columns": columns,
+                "rows": [[n, *(ci_text(cells[n][d]) for d in depths)] for n in FEATURE_SETS],
             },
             {
-                "title": "recall@100 by depth and feature set",
-                "columns": ["features", *(f"depth {d}" for d in depths)],
-                "rows": rows_recall,
+                "title": f"{METRIC} with all features: each depth against depth {depths[0]} "
+                "(paired difference [95% CI])",
+                "columns": ["depths", "difference [95% CI]"],
+                "rows": by_depth or [["(one depth)", ""]],
+            },
+            {
+                "title": "recall@100 by depth and feature set [95% CI]",
+                "columns": columns,
+                "rows": [[n, *(ci_text(recall[n][d]) for d in depths)] for n in FEATURE_SETS],
+            },
+            {
+                "title": "training steps to the best validation Recall@100 (median over seeds)",
+                "columns": columns,
+                "rows": [[n, *(_median_best(grid[n][d]) for d in depths)] for n in FEATURE_SETS],
             },
         ],
         "figures": [
             {
                 "name": "depth_features",
                 "kind": "line",
-                "title": f"held-out {METRIC} vs tower depth (Fig. 6)",
+                "title": f"held-out {METRIC} vs tower depth (Fig. 6; 95% CI)",
                 "xlabel": "tower depth",
                 "ylabel": METRIC,
                 "series": series,
             }
         ],
-        "verdict": {"holds": holds, "text": text},
+        "verdict": verdict(checks, text),
         "results": {
-            METRIC: {n: {str(d): v for d, v in s.items()} for n, s in stats.items()},
-            "recall@100": {n: {str(d): v for d, v in s.items()} for n, s in recall.items()},
-            "examples_per_s": {
-                n: {
-                    str(d): float(np.mean([a["examples_per_s"] for a in arms]))
-                    for d, arms in by_depth.items()
-                }
-                for n, by_depth in grid.items()
+            METRIC: {n: {str(d): iv.to_list() for d, iv in c.items()} for n, c in cells.items()},
+            "recall@100": {
+                n: {str(d): iv.to_list() for d, iv in c.items()} for n, c in recall.items()
+            },
+            "best_step": {
+                n: {str(d): [a.get("best_step") for a in arms] for d, arms in by.items()}
+                for n, by in grid.items()
             },
         },
     }
+
+
+def _median_best(arms: list[dict[str, Any]]) -> str:
+    steps = [a["best_step"] for a in arms if a.get("best_step") is not None]
+    return f"{int(np.median(steps)):,}" if steps else "-"

@@ -5,18 +5,25 @@ group, bootstrap intervals and recall curves, so this keeps each example's exact
 
     sample = ExampleSample.draw(feats, "test", n=4000, seed=0)   # the same for all models
     ranks = example_ranks({"model": ModelScorer(m)}, feats, sample)
-    summary(ranks["model"])             # recall@K, ndcg@K, map@K, mrr (metrics.py's rules)
+    summary(ranks.ranks["model"])       # recall@K, ndcg@K, map@K, mrr (metrics.py's rules)
+    paired_interval(hits_a, hits_b)     # [seeds, examples] each: the paired 95% interval
 
 Ranks are computed exactly as `metrics.evaluate_split` does: every item of the training
 vocabulary is scored, the items the user watched before the target are excluded (never
-the target), ties are broken by a fixed random permutation, out-of-vocabulary targets rank
-at infinity (a miss). `BaselineScorer` puts the models of `baselines` behind the same
-`metrics.Scorer` interface.
+the target; `exclude_seen=False` keeps them), ties are broken by a fixed random
+permutation, out-of-vocabulary targets rank at infinity (a miss). `BaselineScorer` puts
+the models of `baselines` behind the same `metrics.Scorer` interface.
+
+Intervals (`paired_interval`, `mean_interval`) resample the training seeds and the
+examples together: every arm of an experiment is trained with the same seeds and scored
+on the same examples, so seed s of one arm is paired with seed s of the other and example
+i with example i, and a draw's difference carries both the spread over seeds and the
+sampling of examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,14 +143,18 @@ def example_ranks(
     *,
     batches: list[tuple[CandidateBatch, Tensor, Tensor]] | None = None,
     seed: int = 0,
+    exclude_seen: bool = True,
 ) -> ExampleRanks:
-    """Exact target rank of every sampled example for every scorer (seen excluded)."""
+    """Exact target rank of every sampled example for every scorer; `exclude_seen`: the
+    items watched before the target (never the target) are left out of the ranking."""
     n1 = len(feats.vocab("item"))
     keys = tie_keys(n1, seed)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
     users, ts, labels = [], [], []
     for batch, seen, seen_off in batches if batches is not None else sample_batches(feats, sample):
         target = batch.label.reshape(-1, 1)
+        if not exclude_seen:
+            seen = seen[:0]
         exclude = exclusion_mask(seen, seen_off, n1)
         for name, scorer in scorers.items():
             s = scorer.scores(scorer.queries(batch)).float()
@@ -199,16 +210,120 @@ def bootstrap_ci(
     return float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
 
 
-def paired_diff_ci(
-    a: np.ndarray, b: np.ndarray, *, draws: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean of a - b over the same examples and its percentile bootstrap interval
-    (examples resampled in pairs, so what both models share cancels out)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+@dataclass(frozen=True)
+class Interval:
+    """A statistic over seeds and examples with its percentile bootstrap interval.
+
+    mean: the statistic on all seeds and examples; lo, hi: the interval at `level`;
+    seeds, units: how many of each it was drawn from."""
+
+    mean: float
+    lo: float
+    hi: float
+    seeds: int
+    units: int
+    level: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        return (self.hi - self.lo) / 2.0
+
+    def excludes_zero(self) -> bool:
+        return self.lo > 0.0 or self.hi < 0.0
+
+    def text(self, digits: int = 4, scale: float = 1.0) -> str:
+        """'+0.0123 [+0.0045, +0.0201]' (values times `scale`)."""
+        f = f"{{:+.{digits}f}}"
+        return (
+            f"{f.format(self.mean * scale)} "
+            f"[{f.format(self.lo * scale)}, {f.format(self.hi * scale)}]"
+        )
+
+    def to_list(self) -> list[float]:
+        return [self.mean, self.lo, self.hi]
+
+
+BOOTSTRAP_DRAWS = 1000
+_DRAW_CHUNK = 100  # draws whose unit weights are held at once ([chunk, units] floats)
+
+
+def _per_seed(values: np.ndarray) -> np.ndarray:
+    """[S, N] float64: per seed (rows), per unit (columns); a 1-D array is one seed."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[None, :]
+    if v.ndim != 2 or v.shape[1] == 0:
+        raise FunnelrecError(f"expected [seeds, units] values, got shape {v.shape}")
+    return v
+
+
+def bootstrap_draws(
+    seeds: int, units: int, *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The resampling of `paired_interval`, in chunks: (unit weights [d, units], how often
+    each unit is drawn, and seed picks [d, seeds], indices drawn with replacement). With
+    one seed there is nothing to resample over seeds: every pick is seed 0."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, draws, _DRAW_CHUNK):
+        d = min(_DRAW_CHUNK, draws - start)
+        weights = rng.multinomial(units, np.full(units, 1.0 / units), size=d).astype(np.float64)
+        picks = rng.integers(0, seeds, size=(d, seeds)) if seeds > 1 else np.zeros((d, 1), int)
+        yield weights, picks
+
+
+def _ratio_draws(num: np.ndarray, den: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[d, S] sum of num / sum of den over each draw's units, per seed."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ num.T) / (weights @ den.T)
+
+
+def paired_interval(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    den_a: np.ndarray | None = None,
+    den_b: np.ndarray | None = None,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """The difference stat(a) - stat(b) and its paired percentile bootstrap interval.
+
+    a, b: [S, N] values per training seed and unit (example, user), the same seeds and
+    units in both (1-D: one seed). stat: the mean over units, averaged over seeds; with
+    den_a / den_b (same shapes) a ratio of sums per seed, sum(a) / sum(den_a), averaged
+    over seeds (e.g. mispredicted over total watch time). Each draw resamples the units
+    (the same ones for both arms and all seeds) and the seeds (the same picks for both
+    arms), so what the two arms share cancels out and the spread over seeds stays in.
+    """
+    a, b = _per_seed(a), _per_seed(b)
     if a.shape != b.shape:
         raise FunnelrecError(f"paired values differ in shape: {a.shape} vs {b.shape}")
-    lo, hi = bootstrap_ci(a - b, draws=draws, seed=seed, level=level)
-    return float((a - b).mean()) if a.size else float("nan"), lo, hi
+    da = np.ones_like(a) if den_a is None else _per_seed(den_a)
+    db = np.ones_like(b) if den_b is None else _per_seed(den_b)
+    if da.shape != a.shape or db.shape != b.shape:
+        raise FunnelrecError("paired_interval: a denominator differs in shape from its values")
+    s, n = a.shape
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = float(np.mean(a.sum(1) / da.sum(1)) - np.mean(b.sum(1) / db.sum(1)))
+    out: list[np.ndarray] = []
+    for weights, picks in bootstrap_draws(s, n, draws=draws, seed=seed):
+        ra, rb = _ratio_draws(a, da, weights), _ratio_draws(b, db, weights)
+        rows = np.arange(len(picks))[:, None]
+        out.append(ra[rows, picks].mean(1) - rb[rows, picks].mean(1))
+    diffs = np.concatenate(out)
+    q = (1.0 - level) / 2.0
+    lo, hi = np.nanquantile(diffs, [q, 1.0 - q])
+    return Interval(mean, float(lo), float(hi), s, n, level)
+
+
+def mean_interval(
+    values: np.ndarray, *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """The mean of `values` [S, N] (seeds x units) and its bootstrap interval, resampled
+    as `paired_interval` does (an interval of one arm, not a comparison)."""
+    v = _per_seed(values)
+    return paired_interval(v, np.zeros_like(v), draws=draws, seed=seed, level=level)
 
 
 def recall_curve(ranks: np.ndarray, ks: Sequence[int] = CURVE_KS) -> list[float]:

@@ -2,9 +2,10 @@
 number of training examples per user against all of them, scored separately for light,
 medium and heavy users.
 
-Both models get the same number of steps; the uncapped features draw most examples from
-heavy users, the capped ones (`FeaturesConfig.cap`, 30 by default) spread them evenly.
-Users are split into terciles by their number of training watches.
+Both models train under the same convergence rule (`Harness.convergence`: the same
+validation examples, evaluation interval and patience); the uncapped features draw most
+examples from heavy users, the capped ones (`FeaturesConfig.cap`, 30 by default) spread
+them evenly. Users are split into terciles by their number of training watches.
 """
 
 from __future__ import annotations
@@ -16,15 +17,27 @@ import numpy as np
 from funnelrec.candidates import load_candidate_model
 from funnelrec.candidates.metrics import ModelScorer
 from funnelrec.data.dataset import Dataset
-from funnelrec.experiments.common import candidate_arm, pm, rel, seeds_note, time_features
+from funnelrec.experiments.common import (
+    ArmSpec,
+    candidate_arm,
+    ci_text,
+    convergence_note,
+    rel,
+    seeds_note,
+    time_features,
+    train_arms,
+    yerr,
+)
 from funnelrec.experiments.evaluation import (
     ExampleSample,
+    Interval,
     example_ranks,
-    mean_sd,
-    paired_diff_ci,
+    mean_interval,
+    paired_interval,
     per_example,
 )
 from funnelrec.experiments.harness import Harness, Timer, stable_hash
+from funnelrec.experiments.verdict import Check, checks_table, verdict
 from funnelrec.features import Features
 from funnelrec.features.loader import read_examples
 from funnelrec.serving.package import training_watches
@@ -45,6 +58,10 @@ def run(h: Harness) -> dict[str, Any]:
     sample, group_of = _stratified_sample(h, capped, n_train, cuts)
     group = group_of[sample.positions]
     arms_def = {f"capped ({cap} per user)": capped, "uncapped (all watches)": uncapped}
+    train_arms(
+        h,
+        [ArmSpec(f, (), seed, eval_feats=capped) for f in arms_def.values() for seed in h.seeds],
+    )
     arms = {
         label: [_arm(h, feats, capped, sample, group, seed) for seed in h.seeds]
         for label, feats in arms_def.items()
@@ -130,57 +147,34 @@ def _arm(
     return {**arm, "groups": by_group, "hits": hits}
 
 
+def _values(
+    runs: list[dict[str, Any]], group: np.ndarray, weight: dict[str, float]
+) -> dict[str, np.ndarray]:
+    """Per group: [seeds, examples of the group] hits; "all": [seeds, examples] hits
+    weighted so that their mean weighs the groups by their shares of all test examples."""
+    hits = np.stack([r["hits"] for r in runs])
+    out = {g: hits[:, group == i] for i, g in enumerate(GROUPS)}
+    w = np.zeros(group.shape, dtype=np.float64)
+    for i, g in enumerate(GROUPS):
+        n = int((group == i).sum())
+        w[group == i] = weight[g] * group.size / max(n, 1)
+    out["all"] = hits * w
+    return out
+
+
 def _table(
     arms: dict[str, list[dict[str, Any]]], group: np.ndarray, weight: dict[str, float]
-) -> tuple[dict[str, Any], dict[str, Any], list[list[str]]]:
-    """Each arm's recall by group over seeds, the paired difference per group (seed 0,
-    capped minus uncapped), and the table's rows of both."""
-    stats = {
-        label: {g: mean_sd([r["groups"][g] for r in runs]) for g in GROUPS}
-        | {"all": mean_sd([sum(weight[g] * r["groups"][g] for g in GROUPS) for r in runs])}
-        for label, runs in arms.items()
-    }
+) -> tuple[dict[str, dict[str, Interval]], dict[str, Interval], list[list[str]]]:
+    """Each arm's recall by group over seeds, the paired difference per group (capped
+    minus uncapped), and the table's rows of both."""
+    values = {label: _values(runs, group, weight) for label, runs in arms.items()}
+    cols = (*GROUPS, "all")
+    stats = {label: {g: mean_interval(v[g]) for g in cols} for label, v in values.items()}
     labels = list(arms)
-    rows = [[label, *(pm(*stats[label][g]) for g in (*GROUPS, "all"))] for label in labels]
-    diffs = {
-        g: paired_diff_ci(arms[labels[0]][0]["hits"][group == i],
-                          arms[labels[1]][0]["hits"][group == i])
-        for i, g in enumerate(GROUPS)
-    }  # fmt: skip
-    rows.append(
-        ["difference (capped - uncapped), 95% CI",
-         *(f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" for d in diffs.values()), ""]
-    )  # fmt: skip
+    rows = [[label, *(ci_text(stats[label][g]) for g in cols)] for label in labels]
+    diffs = {g: paired_interval(values[labels[0]][g], values[labels[1]][g]) for g in cols}
+    rows.append(["difference (capped - uncapped)", *(diffs[g].text() for g in cols)])
     return stats, diffs, rows
-
-
-def _verdict(
-    c: dict[str, tuple[float, float]],
-    u: dict[str, tuple[float, float]],
-    light: tuple[float, float, float],
-) -> tuple[str, str]:
-    """(holds, text) from the capped (`c`) and uncapped (`u`) stats and the light users'
-    paired difference."""
-    light_gain = rel(c["light"][0], u["light"][0])
-    heavy_gain = rel(c["heavy"][0], u["heavy"][0])
-    holds = "yes" if light[1] > 0 else "unclear" if light[2] >= 0 and light[0] >= 0 else "no"
-    text = (
-        f"Capping changes {METRIC} of light users by {light_gain}, heavy users by "
-        f"{heavy_gain}, all users by {rel(c['all'][0], u['all'][0])}. "
-        + (
-            "A fixed number of examples per user keeps heavy users from dominating the "
-            "loss, and light users gain clearly (the paired 95% interval excludes 0), as the "
-            "paper argues."
-            if holds == "yes"
-            else "Light users gain on average, but the paired 95% interval of the difference "
-            "includes 0: no clear effect at this budget."
-            if holds == "unclear"
-            else "Capping does not help light users here."
-        )
-        + " At a fixed number of steps the capped model also sees light users' examples "
-        "more often, which is the mechanism the paper describes."
-    )
-    return holds, text
 
 
 def _document(
@@ -195,23 +189,38 @@ def _document(
     n_per_group = {g: int((group == i).sum()) for i, g in enumerate(GROUPS)}
     labels = list(arms)
     stats, diffs, rows = _table(arms, group, weight)
-    holds, text = _verdict(stats[labels[0]], stats[labels[1]], diffs["light"])
+    checks = [
+        Check(
+            "a fixed number of examples per user helps light users",
+            "capped - uncapped",
+            ">",
+            diffs["light"],
+            f"{METRIC} of light users",
+        )
+    ]
+    c, u = stats[labels[0]], stats[labels[1]]
+    text = (
+        f"Capping changes {METRIC} of light users by {rel(c['light'].mean, u['light'].mean)}, "
+        f"heavy users by {rel(c['heavy'].mean, u['heavy'].mean)}, all users by "
+        f"{rel(c['all'].mean, u['all'].mean)}."
+    )
+    runs = [a for runs in arms.values() for a in runs]
     return {
         "title": "Examples per user: capped vs uncapped, by user activity",
         "claim": "Generating a fixed number of training examples per user weighs users "
         "equally in the loss and keeps a few heavy users from dominating it.",
         "protocol": f"{h.options.preset} world, time split; capped features take {cap} "
-        "training watches per user at random, uncapped ones all; both models get "
-        f"{h.budget.cand_steps} steps of {h.budget.cand_batch}; users are split into "
+        "training watches per user at random, uncapped ones all; users are split into "
         "terciles of their number of training watches; "
         f"test next watches sampled at random within each group (light "
         f"{n_per_group['light']}, medium {n_per_group['medium']}, heavy "
-        f"{n_per_group['heavy']}); 'all' weighs the groups by their shares of all test examples; "
-        f"{METRIC}, seen items excluded; paired bootstrap interval of the difference on the "
-        f"same examples; {seeds_note(h)}.",
+        f"{n_per_group['heavy']}); 'all' weighs the groups by their shares of all test "
+        f"examples; {METRIC}, seen items excluded; {seeds_note(h)}; "
+        f"{convergence_note(h, runs)}.",
         "tables": [
+            checks_table(checks),
             {
-                "title": f"{METRIC} by user activity",
+                "title": f"{METRIC} by user activity, mean over seeds [95% CI]",
                 "columns": ["training examples", *GROUPS, "all"],
                 "rows": rows,
             },
@@ -231,23 +240,23 @@ def _document(
             {
                 "name": "examples_per_user",
                 "kind": "bar",
-                "title": f"held-out {METRIC} by user activity",
+                "title": f"held-out {METRIC} by user activity (95% CI)",
                 "categories": [*GROUPS, "all"],
                 "ylabel": METRIC,
                 "series": [
                     {
                         "label": label,
-                        "y": [stats[label][g][0] for g in (*GROUPS, "all")],
-                        "yerr": [stats[label][g][1] for g in (*GROUPS, "all")],
+                        "y": [stats[label][g].mean for g in (*GROUPS, "all")],
+                        "yerr": yerr([stats[label][g] for g in (*GROUPS, "all")]),
                     }
                     for label in labels
                 ],
             }
         ],
-        "verdict": {"holds": holds, "text": text},
+        "verdict": verdict(checks, text),
         "results": {
-            "stats": stats,
-            "paired_difference": diffs,
+            "stats": {k: {g: iv.to_list() for g, iv in v.items()} for k, v in stats.items()},
+            "paired_difference": {g: iv.to_list() for g, iv in diffs.items()},
             "tercile_cuts": cuts.tolist(),
             "n_per_group": n_per_group,
         },

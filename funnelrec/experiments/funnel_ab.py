@@ -32,13 +32,31 @@ from funnelrec.baselines import Popularity
 from funnelrec.candidates.metrics import PopularityScorer
 from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError
-from funnelrec.experiments.common import candidate_arm, heldout_sample, pm, time_features
-from funnelrec.experiments.evaluation import bootstrap_ci, example_ranks, mean_sd, summary
-from funnelrec.experiments.harness import Harness, Timer, stable_hash
-from funnelrec.experiments.ranking_table import CTR, WLR_BEST
+from funnelrec.experiments.common import (
+    ArmSpec,
+    arm_jobs,
+    candidate_arm,
+    ci_text,
+    heldout_sample,
+    pm,
+    seeds_note,
+    time_features,
+    yerr,
+)
+from funnelrec.experiments.evaluation import (
+    Interval,
+    example_ranks,
+    mean_interval,
+    mean_sd,
+    paired_interval,
+    summary,
+)
+from funnelrec.experiments.harness import Harness, Timer
+from funnelrec.experiments.ranking_table import CTR, WLR_BEST, ranker_jobs
+from funnelrec.experiments.verdict import Check, checks_table, verdict
 from funnelrec.features import Features
 from funnelrec.ranking.model import load_ranker, read_ranker_config
-from funnelrec.serving.package import package, training_watches
+from funnelrec.serving.package import training_watches
 from funnelrec.serving.recommender import Recommender, RecommendRequest
 from funnelrec.serving.state import UserStateStore
 from funnelrec.simulate.truth import World
@@ -53,14 +71,6 @@ POLICIES = (
     "oracle (truth)",
 )
 FUNNELS = ("funnel, WLR ranker", "funnel, CTR ranker")
-
-
-def _artifact(h: Harness, feats_path: Path, cand: str, ranker: str) -> Path:
-    """The packaged funnel of a candidate model and a ranker (built once)."""
-    out = h.shared / "models" / f"funnel-{stable_hash([cand, ranker])}"
-    if not (out / "manifest.json").exists():
-        package(feats_path, cand, ranker, out, data=h.data(), force=True, progress=h.progress)
-    return out
 
 
 def replay(
@@ -129,11 +139,11 @@ def replay(
             "sampled_ctr": np.bincount(rows, clicked.astype(np.float64), len(users)),
         }
         n = np.maximum(np.bincount(rows, minlength=len(users)), 1)
-        res: dict[str, Any] = {"impressions": int(items.size)}
+        res: dict[str, Any] = {"impressions": int(items.size), "per_user": {}}
         for key, total in per_user.items():
             values = total / n  # per impression, per user (users weigh equally)
             res[key] = float(values.mean())
-            res[f"ci_{key}"] = bootstrap_ci(values, seed=seed)
+            res["per_user"][key] = values.tolist()
         res["distinct_items"] = int(np.unique(items).size)
         out["policies"][policy] = res
     return out
@@ -160,7 +170,19 @@ def run(h: Harness) -> dict[str, Any]:
     pop = Popularity().fit(train, num_items=int(ds.manifest.row_counts["items"]))
     pop_offline = _popularity_offline(h, feats)
     users_all = np.unique(np.asarray(train.column("user_id").to_numpy(), dtype=np.int64))
-    per_seed = [_seed_arm(h, feats, pop, pop_offline, users_all, seed) for seed in h.seeds]
+    # the same users for every seed: outcomes are paired by user and seed
+    users = np.sort(
+        np.random.default_rng(0).choice(
+            users_all, min(h.budget.ab_users, users_all.size), replace=False
+        )
+    )
+    h.parallel(
+        [
+            *ranker_jobs(h, feats, [WLR_BEST[1], CTR[1]]),
+            *arm_jobs(h, [ArmSpec(feats, (), seed) for seed in h.seeds]),
+        ]
+    )
+    per_seed = [_seed_arm(h, feats, pop, pop_offline, users, seed) for seed in h.seeds]
     logged = _logged_reference(h, int(feats.manifest["split"]["t2"]))
     n_users = min(h.budget.ab_users, users_all.size)
     doc = _document(h, per_seed, pop_offline, logged, n_users)
@@ -185,21 +207,16 @@ def _seed_arm(
     feats: Features,
     pop: Popularity,
     pop_offline: dict[str, Any],
-    users_all: np.ndarray,
+    users: np.ndarray,
     seed: int,
 ) -> dict[str, Any]:
     """One seed's models (candidate model, WLR and CTR rankers), the replay of every
-    policy to its sample of users (cached), and each policy's offline metric."""
+    policy to the users (cached), and each policy's offline metric."""
     cand = candidate_arm(h, feats, [], seed)
     wlr = h.ranker_run(feats, WLR_BEST[1], seed)
     ctr = h.ranker_run(feats, CTR[1], seed)
-    users = np.sort(
-        np.random.default_rng(seed).choice(
-            users_all, min(h.budget.ab_users, users_all.size), replace=False
-        )
-    )
     result = h.cached(
-        "ab-replay",
+        "ab-replay-paired",
         {
             "cand": cand["artifact"],
             "wlr": wlr["artifact"],
@@ -243,7 +260,7 @@ def _replay_funnels(
 ) -> dict[str, Any]:
     """`replay` with the funnel packaged from `cand` and `wlr`, and its twin ranked by
     `ctr`."""
-    art = _artifact(h, feats.path, cand["artifact"], wlr["artifact"])
+    art = h.funnel(feats, cand["artifact"], wlr["artifact"])
     rec = Recommender.load(art)
     spec = read_ranker_config(ctr["artifact"]).get("spec")
     if spec != read_ranker_config(wlr["artifact"]).get("spec"):
@@ -253,8 +270,13 @@ def _replay_funnels(
     return replay(h, rec, rec_ctr, pop, users, seed)
 
 
-def _stat(per_seed: list[dict[str, Any]], policy: str, key: str) -> tuple[float, float]:
-    return mean_sd([s["replay"]["policies"][policy][key] for s in per_seed])
+def _per_user(per_seed: list[dict[str, Any]], policy: str, key: str) -> np.ndarray:
+    """[seeds, users]: each user's outcome `key` (per impression) under `policy`."""
+    return np.array([s["replay"]["policies"][policy]["per_user"][key] for s in per_seed])
+
+
+def _interval(per_seed: list[dict[str, Any]], policy: str, key: str) -> Interval:
+    return mean_interval(_per_user(per_seed, policy, key))
 
 
 def _table_rows(per_seed: list[dict[str, Any]], logged: dict[str, float]) -> list[list[str]]:
@@ -265,24 +287,21 @@ def _table_rows(per_seed: list[dict[str, Any]], logged: dict[str, float]) -> lis
     for p in POLICIES:
         metric, _value = first["offline"][p]
         vals = [s["offline"][p][1] for s in per_seed if s["offline"][p][1] is not None]
-        off = pm(*mean_sd(vals)) if vals else ""
-        ci = first["replay"]["policies"][p]["ci_expected_watch_s"]
         aucs = [s["ranker_auc"][p] for s in per_seed if p in s["ranker_auc"]]
         rows.append(
             [
                 p,
                 metric,
-                off,
+                pm(*mean_sd(vals)) if vals else "",
                 pm(*mean_sd(aucs)) if aucs else "",
-                pm(*_stat(per_seed, p, "expected_watch_s"), digits=1),
-                f"[{ci[0]:.1f}, {ci[1]:.1f}]",
-                pm(*_stat(per_seed, p, "expected_ctr")),
-                pm(*_stat(per_seed, p, "sampled_watch_s"), digits=1),
-                pm(*_stat(per_seed, p, "sampled_ctr")),
+                ci_text(_interval(per_seed, p, "expected_watch_s"), digits=1),
+                ci_text(_interval(per_seed, p, "expected_ctr")),
+                f"{_interval(per_seed, p, 'sampled_watch_s').mean:.1f}",
+                f"{_interval(per_seed, p, 'sampled_ctr').mean:.4f}",
                 f"{first['replay']['policies'][p]['distinct_items']:,}",
             ]
         )
-    rows.append(["logging policy (observed, test period)", "", "", "", "", "", "",
+    rows.append(["logging policy (observed, test period)", "", "", "", "", "",
                  f"{logged['watch_s']:.1f}", f"{logged['ctr']:.4f}", ""])  # fmt: skip
     return rows
 
@@ -317,64 +336,35 @@ def _disagreements(
     return disagreements
 
 
-def _verdict(w: dict[str, float], c: dict[str, float], disagreements: list[str]) -> tuple[str, str]:
-    """(holds, text) from each policy's expected watch time `w` and CTR `c`."""
-    ranker_gain = w["funnel, WLR ranker"] / max(w["candidate generation only"], 1e-9) - 1
-    wlr_vs_ctr = w["funnel, WLR ranker"] / max(w["funnel, CTR ranker"], 1e-9) - 1
-    ctr_vs_wlr_clicks = c["funnel, CTR ranker"] / max(c["funnel, WLR ranker"], 1e-9) - 1
-    holds = (
-        "yes"
-        if wlr_vs_ctr > 0 and ranker_gain > 0
-        else "partly"
-        if wlr_vs_ctr > 0 or ranker_gain > 0
-        else "no"
-    )
-    text = (
-        f"Expected watch time per impression: funnel with the WLR ranker "
-        f"{w['funnel, WLR ranker']:.1f} s, with the CTR ranker {w['funnel, CTR ranker']:.1f} s "
-        f"(WLR {100 * wlr_vs_ctr:+.1f}%; the CTR ranker's click rate is "
-        f"{100 * ctr_vs_wlr_clicks:+.1f}% relative to WLR), candidate generation alone "
-        f"{w['candidate generation only']:.1f} s (ranking adds {100 * ranker_gain:+.1f}%), "
-        f"most popular {w['most popular']:.1f} s, the truth's oracle "
-        f"{w['oracle (truth)']:.1f} s. "
-        + (
-            "Where offline and online disagree: " + "; ".join(disagreements) + "."
-            if disagreements
-            else "Offline metrics and simulated online outcomes agree on the orderings here."
-        )
-    )
-    return holds, text
+def _checks(per_seed: list[dict[str, Any]]) -> list[Check]:
+    """Ranking by predicted watch time beats ranking by CTR on watch time, and the ranker
+    adds to candidate generation alone (per user and seed)."""
+    key, metric = "expected_watch_s", "expected watch s per impression"
+
+    def diff(a: str, b: str) -> Interval:
+        return paired_interval(_per_user(per_seed, a, key), _per_user(per_seed, b, key))
+
+    return [
+        Check("ranking by predicted watch time beats ranking by CTR", "WLR funnel - CTR funnel",
+              ">", diff("funnel, WLR ranker", "funnel, CTR ranker"), metric, digits=1,
+              unit="s"),
+        Check("the ranker adds to candidate generation", "WLR funnel - candidates alone", ">",
+              diff("funnel, WLR ranker", "candidate generation only"), metric, digits=1,
+              unit="s"),
+    ]  # fmt: skip
 
 
-def _figures(
-    per_seed: list[dict[str, Any]], w: dict[str, float], c: dict[str, float]
-) -> list[dict[str, Any]]:
+def _figures(per_seed: list[dict[str, Any]], c: dict[str, float]) -> list[dict[str, Any]]:
     """Watch time and CTR by policy, and the funnels' request latency."""
-    first = per_seed[0]
-    if len(per_seed) > 1:  # the spread over seeds
-        error_label = f"expected (± sd over {len(per_seed)} seeds)"
-        error_bars: list[Any] = [_stat(per_seed, p, "expected_watch_s")[1] for p in POLICIES]
-    else:  # one seed: the bootstrap interval over users
-        ci = [first["replay"]["policies"][p]["ci_expected_watch_s"] for p in POLICIES]
-        error_label = "expected (95% CI over users)"
-        error_bars = [
-            [max(0.0, w[p] - c[0]) for p, c in zip(POLICIES, ci, strict=True)],
-            [max(0.0, c[1] - w[p]) for p, c in zip(POLICIES, ci, strict=True)],
-        ]
+    watch = [_interval(per_seed, p, "expected_watch_s") for p in POLICIES]
     return [
         {
             "name": "ab_watch_time",
             "kind": "bar",
-            "title": "expected watch time per impression (truth)",
+            "title": "expected watch time per impression (truth; 95% CI over users and seeds)",
             "categories": list(POLICIES),
             "ylabel": "seconds per impression",
-            "series": [
-                {
-                    "label": error_label,
-                    "y": [w[p] for p in POLICIES],
-                    "yerr": error_bars,
-                }
-            ],
+            "series": [{"label": "expected", "y": [iv.mean for iv in watch], "yerr": yerr(watch)}],
         },
         {
             "name": "ab_ctr",
@@ -390,7 +380,9 @@ def _figures(
             "title": "funnel request latency (Recommender.recommend, in process)",
             "xlabel": "milliseconds",
             "ylabel": "requests",
-            "series": [{"label": k, "values": v} for k, v in first["replay"]["request_ms"].items()],
+            "series": [
+                {"label": k, "values": v} for k, v in per_seed[0]["replay"]["request_ms"].items()
+            ],
         },
     ]
 
@@ -402,10 +394,23 @@ def _document(
     logged: dict[str, float],
     n_users: int,
 ) -> dict[str, Any]:
-    w = {p: _stat(per_seed, p, "expected_watch_s")[0] for p in POLICIES}
-    c = {p: _stat(per_seed, p, "expected_ctr")[0] for p in POLICIES}
+    w = {p: _interval(per_seed, p, "expected_watch_s").mean for p in POLICIES}
+    c = {p: _interval(per_seed, p, "expected_ctr").mean for p in POLICIES}
     disagreements = _disagreements(per_seed, pop_offline, w)
-    holds, text = _verdict(w, c, disagreements)
+    checks = _checks(per_seed)
+    ctr_vs_wlr = c["funnel, CTR ranker"] / max(c["funnel, WLR ranker"], 1e-9) - 1
+    text = (
+        f"Expected watch time per impression: funnel with the WLR ranker "
+        f"{w['funnel, WLR ranker']:.1f} s, with the CTR ranker {w['funnel, CTR ranker']:.1f} s "
+        f"(the CTR ranker's click rate is {100 * ctr_vs_wlr:+.1f}% relative to WLR), "
+        f"candidate generation alone {w['candidate generation only']:.1f} s, most popular "
+        f"{w['most popular']:.1f} s, the truth's oracle {w['oracle (truth)']:.1f} s. "
+        + (
+            "Where offline and online disagree: " + "; ".join(disagreements) + "."
+            if disagreements
+            else "Offline metrics and simulated online outcomes agree on the orderings here."
+        )
+    )
     return {
         "title": "Funnel A/B: simulated online outcomes of served slates",
         "claim": "Ranking by predicted watch time (weighted logistic regression) beats ranking "
@@ -413,37 +418,43 @@ def _document(
         "outcome offline metrics do not always predict.",
         "protocol": f"{h.options.preset} world; models trained on the time split's training "
         f"window (the default candidate model; rankers {WLR_BEST[0]} with watch-time weights "
-        f"and with unit weights, {h.budget.rank_steps} steps), packaged with `funnelrec "
-        f"package`; {n_users} users sampled at random, each served k = {h.budget.ab_k} "
-        "items by every policy at the same time (just after the data's window), items they "
-        "watched excluded; outcomes from the simulator's user model: exact expected watch "
-        "time and click probability per impression (position effects are not modelled), "
-        "and one sampled response; per-user means, users weighted equally; 95% bootstrap "
-        "interval over users; the logging policy row is its observed outcome on the test "
-        f"period's own impressions (other users and times: a reference only); "
-        f"{len(h.seeds)} seed(s).",
+        "and with unit weights, each trained to convergence), packaged with `funnelrec "
+        f"package`; {n_users} users sampled at random (the same for every seed), each served "
+        f"k = {h.budget.ab_k} items by every policy at the same time (just after the data's "
+        "window), items they watched excluded; outcomes from the simulator's user model: "
+        "exact expected watch time and click probability per impression (position effects "
+        "are not modelled), and one sampled response; per-user means, users weighted "
+        "equally; the logging policy row is its observed outcome on the test period's own "
+        f"impressions (other users and times: a reference only); {seeds_note(h)}.",
         "tables": [
+            checks_table(checks),
             {
-                "title": "offline metric beside simulated online outcomes (per impression)",
+                "title": "offline metric beside simulated online outcomes (per impression; "
+                "expected outcomes: mean over users and seeds [95% CI])",
                 "columns": [
                     "policy",
                     "offline metric",
                     "offline",
                     "offline click AUC",
                     "expected watch s",
-                    "95% CI",
                     "expected CTR",
                     "sampled watch s",
                     "sampled CTR",
                     "distinct items",
                 ],
                 "rows": _table_rows(per_seed, logged),
-            }
+            },
         ],
-        "figures": _figures(per_seed, w, c),
-        "verdict": {"holds": holds, "text": text},
+        "figures": _figures(per_seed, c),
+        "verdict": verdict(checks, text),
         "results": {
-            "per_seed": per_seed,
+            "policies": {
+                p: {
+                    k: _interval(per_seed, p, k).to_list()
+                    for k in ("expected_watch_s", "expected_ctr")
+                }
+                for p in POLICIES
+            },
             "logged_policy": logged,
             "popularity_offline": pop_offline,
             "disagreements": disagreements,

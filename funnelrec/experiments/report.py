@@ -41,7 +41,7 @@ import math
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -596,9 +596,18 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _decided(v: Mapping[str, Any]) -> str:
+    """The suffix ' (decided)' or ' (not decided: 1 of 3 unclear)' of a verdict with checks."""
+    checks = v.get("checks")
+    if not isinstance(checks, list) or not checks:
+        return ""
+    unclear = sum(c.get("holds") == "unclear" for c in checks)
+    return " (decided)" if not unclear else f" (not decided: {unclear} of {len(checks)} unclear)"
+
+
 def _verdict_line(v: Mapping[str, Any]) -> str:
     holds = str(v.get("holds", "?"))
-    return f"**{holds}**: {v.get('text', '')}"
+    return f"**{holds}**{_decided(v)}: {v.get('text', '')}"
 
 
 def _md_table(t: Mapping[str, Any]) -> list[str]:
@@ -630,15 +639,25 @@ def _header(root: Path, sections: list[Section]) -> dict[str, str]:
     }
 
 
-def render_markdown(root: Path, sections: list[Section], figures: dict[int, str]) -> str:
-    """The report as Markdown; `figures` maps id(spec) to the PNG path relative to root."""
+def render_markdown(
+    root: Path,
+    sections: list[Section],
+    figures: dict[int, str],
+    *,
+    title: str | None = None,
+    preamble: Sequence[str] = (),
+) -> str:
+    """The report as Markdown; `figures` maps id(spec) to the PNG path relative to the
+    Markdown file. title (default "funnelrec report: ROOT") and preamble (lines after the
+    generation line): a document's own, e.g. docs/results.md's."""
     h = _header(root, sections)
     lines = [
-        f"# {h['title']}",
+        f"# {title or h['title']}",
         "",
         f"Generated {h['generated']} by funnelrec {h['version']} (commit {h['report_commit']});"
         f" the numbers come from commit(s) {h['run_commits']}.",
         "",
+        *preamble,
     ]
     for s in sections:
         lines += [f"## {s.title}", "", f"Source: `{s.source}`", ""]
@@ -705,7 +724,8 @@ def render_html(root: Path, sections: list[Section], images: dict[int, bytes]) -
         if s.verdict:
             v = s.verdict
             parts.append(
-                f"<p class='verdict'><b>Verdict: {e(str(v.get('holds', '?')))}</b>. "
+                f"<p class='verdict'><b>Verdict: {e(str(v.get('holds', '?')))}"
+                f"{e(_decided(v))}</b>. "
                 f"{e(str(v.get('text', '')))}</p>"
             )
         if s.protocol:
@@ -744,22 +764,33 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 @dataclass
 class Report:
-    """What `write_report` wrote."""
+    """What `write_report` wrote (html: None for a project document)."""
 
     markdown: Path
-    html: Path
+    html: Path | None
     figures: list[Path]
     sections: int
 
 
-def write_report(run_dir: Path | str, out: Path | str | None = None) -> Report:
+def write_report(
+    run_dir: Path | str, out: Path | str | None = None, *, doc: Path | str | None = None
+) -> Report:
     """Collect the metrics under `run_dir` and write report.md, report.html and figures
-    into `out` (default: run_dir)."""
+    into `out` (default: run_dir).
+
+    doc: write a project document instead (docs/results.md): the Markdown at `doc`, its
+    figures in the directory of the same name without the suffix (docs/results/), under
+    the results' title and the commands that regenerate it; no HTML page."""
     root = Path(run_dir)
     sections = collect(root)
-    dest = Path(out) if out is not None else root
-    dest.mkdir(parents=True, exist_ok=True)
-    figdir = AtomicDirectory(dest / FIGURES_DIR, force=True)
+    if doc is not None:
+        md = Path(doc)
+        fig_target, html_page = md.with_suffix(""), None
+    else:
+        dest = Path(out) if out is not None else root
+        md, fig_target, html_page = dest / REPORT_MD, dest / FIGURES_DIR, dest / REPORT_HTML
+    md.parent.mkdir(parents=True, exist_ok=True)
+    figdir = AtomicDirectory(fig_target, force=True)
     paths: dict[int, str] = {}
     images: dict[int, bytes] = {}
     written: list[Path] = []
@@ -774,13 +805,36 @@ def write_report(run_dir: Path | str, out: Path | str | None = None) -> Report:
                 file = figdir.tmp / f"{name}.png"
                 render_figure(fig, file)
                 images[id(fig)] = file.read_bytes()
-                paths[id(fig)] = f"{FIGURES_DIR}/{name}.png"
-                written.append(dest / FIGURES_DIR / f"{name}.png")
+                paths[id(fig)] = f"{fig_target.name}/{name}.png"
+                written.append(fig_target / f"{name}.png")
         figdir.commit()
     except BaseException:
         figdir.abort()
         raise
-    md, page = dest / REPORT_MD, dest / REPORT_HTML
-    _write_text_atomic(md, render_markdown(root, sections, paths))
-    _write_text_atomic(page, render_html(root, sections, images))
-    return Report(markdown=md, html=page, figures=written, sections=len(sections))
+    if doc is not None:
+        text = render_markdown(root, sections, paths, title=DOC_TITLE, preamble=_doc_preamble(md))
+    else:
+        text = render_markdown(root, sections, paths)
+    _write_text_atomic(md, text)
+    if html_page is not None:
+        _write_text_atomic(html_page, render_html(root, sections, images))
+    return Report(markdown=md, html=html_page, figures=written, sections=len(sections))
+
+
+DOC_TITLE = "Results: the paper's experiments on the simulated world"
+
+
+def _doc_preamble(md: Path) -> list[str]:
+    """What a results document says before the report: how to regenerate it."""
+    return [
+        "Every number below comes from the experiments' own documents, regenerated by:",
+        "",
+        "    funnelrec experiment paper --out runs/experiments   # every experiment, small-v2",
+        f"    funnelrec report runs/experiments --doc {md}",
+        "",
+        "The summary's protocol says how every experiment is run (seeds, the convergence "
+        "rule, the paired intervals and the verdict rule); each experiment's section gives "
+        "the paper's claim, its checks with their intervals, its protocol, tables, figures "
+        "and provenance.",
+        "",
+    ]

@@ -1,7 +1,8 @@
-"""The paper's experiments end to end on the tiny world, with step budgets of a few steps.
+"""The paper's experiments end to end on the tiny world, with budgets of a few steps.
 
 One world, its features and models are shared by all tests of this module (as they are by
-the experiments of one output directory), so each experiment runs once, in seconds.
+the experiments of one output directory), so each experiment runs once, in seconds. Two
+training seeds, so that every comparison is paired over seeds as well as examples.
 """
 
 from __future__ import annotations
@@ -31,31 +32,53 @@ from funnelrec.experiments.harness import ExperimentOptions, Harness, read_doc, 
 from funnelrec.features.batch import CandidateBatch
 
 PNG = b"\x89PNG\r\n\x1a\n"
-# A few steps per model: the tests check the machinery, not the paper's findings.
+# A few steps per model, evaluated every few: the tests check the machinery (the
+# convergence rule, the pairing, the documents), not the paper's findings.
 BUDGET = (
-    "cand_steps=6",
-    "rank_steps=3",
+    "patience=1",
+    "cand_eval_every=3",
+    "cand_max_steps=9",
+    "rank_eval_every=2",
+    "rank_max_steps=4",
+    "valid_examples=100",
+    "valid_impressions=3000",
     "eval_examples=150",
+    "funnel_users=8",
     "ab_users=12",
     "mf_iterations=2",
     "depths=0,1",
     "negatives=8,64",
+    "rank_table=depth",
 )
+SEEDS = 2
 
 
 @pytest.fixture(scope="module")
 def options(tmp_path_factory: pytest.TempPathFactory) -> ExperimentOptions:
     root = tmp_path_factory.mktemp("experiments")
-    return ExperimentOptions(preset="tiny", seeds=1, out=root, budget=BUDGET, progress=False)
+    return ExperimentOptions(preset="tiny-v2", seeds=SEEDS, out=root, budget=BUDGET, progress=False)
 
 
 def _check_doc(root: Path, name: str) -> dict[str, Any]:
     out = root / name
     doc = read_doc(out / "metrics.json")
     assert doc["experiment"] == name
-    assert doc["verdict"]["holds"] in ("yes", "partly", "no", "unclear")
-    assert doc["verdict"]["text"]
+    v = doc["verdict"]
+    assert v["holds"] in ("yes", "partly", "no", "unclear")
+    assert v["text"]
     assert doc["protocol"] and doc["claim"]
+    # every claim is a paired difference over both seeds, decided by its interval
+    assert v["checks"]
+    for c in v["checks"]:
+        mean, lo, hi = c["difference"]
+        assert lo <= mean <= hi and c["seeds"] == SEEDS
+        side = "yes" if (lo > 0) == (c["expect"] == ">") else "no"
+        assert c["holds"] == ("unclear" if lo <= 0 <= hi else side)
+    assert v["decided"] == all(c["holds"] != "unclear" for c in v["checks"])
+    assert doc["tables"][0]["rows"] == [
+        [c["name"], c["compared"], f"{c['expect']} 0", c["metric"], r[4], c["holds"]]
+        for c, r in zip(v["checks"], doc["tables"][0]["rows"], strict=True)
+    ]
     for table in doc["tables"]:
         assert table["rows"]
         assert all(len(row) == len(table["columns"]) for row in table["rows"])
@@ -63,28 +86,45 @@ def _check_doc(root: Path, name: str) -> dict[str, Any]:
     for fig in doc["figures"]:
         assert (out / fig["file"]).read_bytes().startswith(PNG)
     run = json.loads((out / "run.json").read_text())
-    assert run["command"].startswith(f"funnelrec experiment {name} --preset tiny")
+    assert run["command"].startswith(f"funnelrec experiment {name} --preset tiny-v2")
     assert len(run["data"]["fingerprint"]) == 16
     assert run["environment"]["funnelrec"]
-    assert run["settings"]["budget"]["cand_steps"] == 6
+    assert run["settings"]["budget"]["cand_max_steps"] == 9
     return doc
+
+
+def _converged(runs: list[dict[str, Any]], every: int, most: int, patience: int = 1) -> None:
+    """Each run stopped by the rule (`patience` evaluations after its best) or at the
+    maximum, with its best evaluated weights kept."""
+    for r in runs:
+        t = r.get("training", r)
+        assert t["best_step"] is not None and t["best_step"] % every == 0
+        if t["stopped_early"]:
+            assert t["steps"] == t["best_step"] + patience * every
+        else:
+            assert t["steps"] == most
 
 
 def test_baselines(options: ExperimentOptions) -> None:
     doc = run_experiment("baselines", options)
     _check_doc(options.out, "baselines")
-    models = [row[0] for row in doc["tables"][0]["rows"]]
+    assert [c["compared"] for c in doc["verdict"]["checks"]] == ["deep - BPR", "deep - ALS"]
+    models = [row[0] for row in doc["tables"][1]["rows"]]
     assert models[-1] == "funnelrec candidate model" and len(models) == 6
     for m in doc["results"]["models"].values():
-        assert 0.0 <= m["recall@10"] <= m["recall@50"] <= m["recall@100"] <= 1.0
+        assert 0.0 <= m["recall@10"][0] <= m["recall@50"][0] <= m["recall@100"][0] <= 1.0
     # popularity ignores the history: its all-time ranking is the training counts'
-    assert doc["results"]["models"]["most popular (all time)"]["recall@100"] > 0
+    assert doc["results"]["models"]["most popular (all time)"]["recall@100"][0] > 0
+    # the funnel beside each of its sources, on the same requests
+    funnel = doc["tables"][2]
+    assert [r[0] for r in funnel["rows"]] == ["funnel", "deep", "cowatch", "fresh"]
+    assert all(r[-1] in ("yes", "no", "unclear") for r in funnel["rows"][1:])
 
 
 def test_depth_features(options: ExperimentOptions) -> None:
     doc = run_experiment("depth-features", options)
     _check_doc(options.out, "depth-features")
-    table = doc["tables"][0]
+    table = doc["tables"][1]
     assert table["columns"] == ["features", "depth 0", "depth 1"]
     assert [r[0] for r in table["rows"]] == [
         "watches only",
@@ -92,33 +132,70 @@ def test_depth_features(options: ExperimentOptions) -> None:
         "+ example age",
         "all features",
     ]
-    # four feature sets x two depths, each its own model
-    models = list((options.out / "_shared" / "models").glob("cand-*/config.json"))
-    assert len(models) >= 8
+    assert [c["compared"] for c in doc["verdict"]["checks"]][-1] == "depth 1 - depth 0"
+    # four feature sets x two depths x two seeds, each its own model, each converged
+    models = list((options.out / "_shared" / "models").glob("cand-*.json"))
+    assert len(models) >= 16
+    _converged([json.loads(m.read_text()) for m in models], 3, 9)
 
 
 def test_example_age(options: ExperimentOptions) -> None:
     doc = run_experiment("example-age", options)
     _check_doc(options.out, "example-age")
     res = doc["results"]
-    for shares in [res["empirical"]["shares"], *res["arms"]["with example age"]]:
+    for shares in [res["empirical"]["shares"], res["summary"]["with example age"]["shares"]]:
         assert math.isclose(sum(shares), 1.0, abs_tol=1e-6)  # a distribution over age buckets
         assert shares[-1] == 0.0  # nothing recommended or watched before its upload
 
 
-def test_labels(options: ExperimentOptions) -> None:
+def test_labels_reports_metrics_with_and_without_seen_exclusion(
+    options: ExperimentOptions,
+) -> None:
     doc = run_experiment("labels", options)
     _check_doc(options.out, "labels")
-    assert set(doc["results"]["stats"]) == {"next watch (rollback)", "random held-out watch"}
+    checks = doc["verdict"]["checks"]
+    assert [c["metric"] for c in checks] == [
+        "map@100, seen items excluded",
+        "map@100, seen items included",
+    ]
+    rows = doc["tables"][1]["rows"]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("next watch (rollback)", "excluded"),
+        ("random held-out watch", "excluded"),
+        ("next watch (rollback)", "included"),
+        ("random held-out watch", "included"),
+    ]
+    # the same examples either way: seen items only add competitors to the target, so
+    # every metric is at most its value with them excluded
+    cells = doc["results"]["cells"]
+    for label in ("next watch (rollback)", "random held-out watch"):
+        excluded, included = cells[f"{label} | seen excluded"], cells[f"{label} | seen included"]
+        for metric in ("map@100", "recall@100", "mrr"):
+            assert included[metric][0] <= excluded[metric][0] + 1e-12
 
 
 def test_ranking_table(options: ExperimentOptions) -> None:
     doc = run_experiment("ranking-table", options)
     _check_doc(options.out, "ranking-table")
-    rows = doc["tables"][0]["rows"]
-    assert len(rows) == 9 and rows[0][0] == "none"
-    for s in doc["results"]["stats"].values():
-        assert 0.0 <= s["wpul_pct"][0] <= 100.0
+    rows = doc["tables"][1]["rows"]
+    assert [r[0] for r in rows] == [
+        "none",
+        "256",
+        "512->256",
+        "1024->512->256",
+        "1024->512->256, no x^2 / sqrt(x)",
+        "1024->512->256, unit weights (CTR)",
+    ]
+    for mean, lo, hi in doc["results"]["loss_pct"].values():
+        assert 0.0 <= lo <= mean <= hi <= 100.0
+    rankers = [json.loads(m.read_text()) for m in options.out.glob("_shared/models/rank-*.json")]
+    assert len(rankers) >= 6 * SEEDS
+    _converged(rankers, 2, 4)
+    # the users' parts add up to the ranker's own test loss
+    for r in rankers:
+        users = r["test_users"]
+        loss = sum(users["wrong"]) / sum(users["total"])
+        assert loss == pytest.approx(r["test"]["model"]["weighted_per_user_loss"])
 
 
 def test_examples_per_user(options: ExperimentOptions) -> None:
@@ -126,14 +203,14 @@ def test_examples_per_user(options: ExperimentOptions) -> None:
     _check_doc(options.out, "examples-per-user")
     n = doc["results"]["n_per_group"]
     assert sum(n.values()) == 150  # every sampled example in exactly one activity group
-    shares = doc["tables"][1]["rows"]
+    shares = doc["tables"][2]["rows"]
     assert [r[0] for r in shares] == ["light", "medium", "heavy"]
 
 
 def test_negatives(options: ExperimentOptions) -> None:
     doc = run_experiment("negatives", options)
     _check_doc(options.out, "negatives")
-    labels = [(r[0], r[1]) for r in doc["tables"][0]["rows"]]
+    labels = [(r[0], r[1]) for r in doc["tables"][1]["rows"]]
     assert ("sampled, logQ on", "8") in labels and ("sampled, logQ off", "64") in labels
     assert labels[-1][0] == "full softmax"
 
@@ -141,15 +218,13 @@ def test_negatives(options: ExperimentOptions) -> None:
 def test_funnel_ab(options: ExperimentOptions) -> None:
     doc = run_experiment("funnel-ab", options)
     _check_doc(options.out, "funnel-ab")
-    policies = doc["results"]["per_seed"][0]["replay"]["policies"]
+    policies = doc["results"]["policies"]
     assert len(policies) == 6
     for p in policies.values():
-        assert p["impressions"] > 0
-        assert 0.0 <= p["expected_ctr"] <= 1.0 and p["expected_watch_s"] >= 0.0
-        lo, hi = p["ci_expected_watch_s"]
-        assert lo <= p["expected_watch_s"] <= hi
-    latency = doc["results"]["per_seed"][0]["replay"]["request_ms"]
-    assert len(latency["funnel, WLR ranker"]) == 12
+        mean, lo, hi = p["expected_watch_s"]
+        assert 0.0 <= lo <= mean <= hi
+        assert 0.0 <= p["expected_ctr"][0] <= 1.0
+    assert len(doc["figures"][2]["series"][0]["values"]) == 12  # one latency per user
 
 
 def test_paper_reuses_everything_and_writes_the_report(options: ExperimentOptions) -> None:
@@ -157,15 +232,21 @@ def test_paper_reuses_everything_and_writes_the_report(options: ExperimentOption
     doc = run_experiment("paper", options)
     assert sorted((options.out / "_shared" / "models").iterdir()) == models  # all cached
     assert [r[0] for r in doc["tables"][0]["rows"]] == [*EXPERIMENTS, "total"]
+    assert doc["results"]["decided"] == sum(
+        read_doc(options.out / n / "metrics.json")["verdict"]["decided"] for n in EXPERIMENTS
+    )
     md = (options.out / "report.md").read_text()
+    assert "How the experiments are run." in md
     for name in EXPERIMENTS:
         assert f"Source: `{name}/metrics.json`" in md
+    assert "difference [95% CI]" in md and "seen items" in md
     page = (options.out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == md.count("](report_figures/")
 
 
 def test_cli_and_bad_input(options: ExperimentOptions) -> None:
-    args = ["labels", "--preset", "tiny", "--out", str(options.out), "--no-progress", *BUDGET]
+    args = ["labels", "--preset", "tiny-v2", "--seeds", str(SEEDS), "--out", str(options.out),
+            "--no-progress", *BUDGET]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "labels:" in result.output
@@ -174,6 +255,7 @@ def test_cli_and_bad_input(options: ExperimentOptions) -> None:
     assert "unknown experiment 'nope'" in str(bad.exception)
     with pytest.raises(FunnelrecError, match="unknown config key 'cand_stepz'"):
         Harness(ExperimentOptions(preset="tiny", budget=("cand_stepz=3",)))
+    assert ExperimentOptions().preset == "small-v2" and ExperimentOptions().seeds == 3
     with pytest.raises(FunnelrecError, match="unknown preset 'huge'"):
         ExperimentOptions(preset="huge")
     with pytest.raises(FunnelrecError, match="seeds must be >= 1"):

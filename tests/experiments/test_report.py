@@ -198,3 +198,20 @@ def test_cli(tmp_path: Path) -> None:
     missing = CliRunner().invoke(app, [str(tmp_path / "nope")])
     assert isinstance(missing.exception, FunnelrecError)
     assert "no such directory" in str(missing.exception)
+
+
+def test_a_project_document_with_its_figures_beside_it(tmp_path: Path) -> None:
+    _experiment_dir(tmp_path / "run")
+    doc = tmp_path / "docs" / "results.md"
+    rep = write_report(tmp_path / "run", doc=doc)
+    assert rep.markdown == doc and rep.html is None
+    md = doc.read_text()
+    assert md.startswith("# Results: the paper's experiments on the simulated world")
+    assert f"funnelrec report runs/experiments --doc {doc}" in md
+    refs = re.findall(r"\]\((results/[^)]+\.png)\)", md)
+    assert len(refs) == 3
+    for ref in refs:
+        assert (doc.parent / ref).read_bytes().startswith(PNG)
+    result = CliRunner().invoke(app, [str(tmp_path / "run"), "--doc", str(doc)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "run" / "report.html").exists()

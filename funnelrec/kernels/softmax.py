@@ -25,6 +25,13 @@ Example:
     q = Proposal.from_counts(train_label_counts, kind="unigram", alpha=0.75)
     loss_fn = SampledSoftmax(q, num_negatives=4096)
     loss = loss_fn(u, item_table.weight, labels)        # u [B, d], weight [N+1, d], labels [B]
+
+Item vectors that are not the rows of one table (the candidate model's content tower:
+id row + content vector) are computed for the scored ids only and handed over as rows:
+    negatives = loss_fn.sample(4096)
+    ids = torch.cat([labels, negatives])
+    rows = loss_fn.gather_rows(item_table.weight, ids) + content_vectors(ids)   # [B + n, d]
+    loss = loss_fn.rows_loss(u, rows, labels, negatives)
 """
 
 from __future__ import annotations
@@ -200,16 +207,29 @@ class SampledSoftmax(nn.Module):
         sparse: bool = False,
     ) -> Tensor:
         """The sampled loss for given shared negatives [n] (drawn from Q); see the module doc."""
+        # one gather for labels and negatives: one [N + 1, d] gradient to build, not two
+        rows = self.gather_rows(item_weight, torch.cat([labels, negatives]), sparse)
+        return self.rows_loss(u, rows, labels, negatives)
+
+    def gather_rows(self, item_weight: Tensor, ids: Tensor, sparse: bool = False) -> Tensor:
+        """item_weight[ids] [n, d], its gradient going to the table: the rows a sampled
+        loss scores. sparse: a sparse gradient (large tables)."""
+        if sparse or item_weight.device.type != "cpu":
+            # (_GatherRows' index_add_ is not deterministic on a GPU)
+            out: Tensor = F.embedding(ids, item_weight, sparse=sparse)
+            return out
+        rows: Tensor = _GatherRows.apply(item_weight, ids, self.c_row_sums)
+        return rows
+
+    def rows_loss(self, u: Tensor, rows: Tensor, labels: Tensor, negatives: Tensor) -> Tensor:
+        """The sampled loss from the scored rows themselves: rows [B + n, d] are the
+        labels' [B] vectors, then the shared negatives' [n] (negatives: their vocabulary
+        ids, for the logQ correction and the accidental hits). A model whose item vectors
+        are not rows of one table (the content tower's: id row + content) computes the
+        rows of just these ids and passes them here; `sampled_loss` gathers them."""
         b = labels.shape[0]
         n = int(negatives.shape[0])
         m = b - 1 if self.in_batch_negatives else 0
-        # one gather for labels and negatives: one [N + 1, d] gradient to build, not two
-        all_ids = torch.cat([labels, negatives])
-        if sparse or item_weight.device.type != "cpu":
-            # (_GatherRows' index_add_ is not deterministic on a GPU)
-            rows = F.embedding(all_ids, item_weight, sparse=sparse)
-        else:
-            rows = _GatherRows.apply(item_weight, all_ids, self.c_row_sums)
         if self.normalize_items:
             rows = F.normalize(rows, dim=1)
         pos_v = rows[:b]  # [B, d]

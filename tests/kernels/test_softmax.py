@@ -377,3 +377,98 @@ def test_every_instruction_set_of_the_row_pass_agrees() -> None:
         torch.testing.assert_close(logits, e_ref, rtol=3e-7, atol=0)
         torch.testing.assert_close(z, e_ref.sum(1), rtol=2e-6, atol=0)
         assert logits[3, 7] == 0 and logits[50, 300] == 0
+
+
+def _sampled_loss_as_it_was(
+    sm: SampledSoftmax, u: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+    negatives: torch.Tensor, sparse: bool,
+) -> torch.Tensor:  # fmt: skip
+    """`SampledSoftmax.sampled_loss` before it was split into gather_rows + rows_loss."""
+    b, n = labels.shape[0], int(negatives.shape[0])
+    m = b - 1 if sm.in_batch_negatives else 0
+    all_ids = torch.cat([labels, negatives])
+    if sparse:
+        rows = torch.nn.functional.embedding(all_ids, weight, sparse=True)
+    else:
+        rows = softmax_module._GatherRows.apply(weight, all_ids, sm.c_row_sums)
+    if sm.normalize_items:
+        rows = torch.nn.functional.normalize(rows, dim=1)
+    pos_v = rows[:b]
+    ids_parts, v_parts = [], []
+    if n > 0:
+        ids_parts.append(negatives)
+        v_parts.append(rows[b:])
+    if m > 0:
+        ids_parts.append(labels)
+        v_parts.append(pos_v)
+    ids = torch.cat(ids_parts) if len(ids_parts) > 1 else ids_parts[0]
+    cand_v = torch.cat(v_parts) if len(v_parts) > 1 else v_parts[0]
+    terms = []
+    if n > 0:
+        terms.append(sm.log_q[ids] + math.log(n))
+    if m > 0:
+        terms.append(sm.log_p_label[ids] + math.log(m))
+    log_count = terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+    bias = -log_count.to(u.dtype)
+    if m == 0 and n > 0:
+        out: torch.Tensor = softmax_module._FusedSoftmaxCERows.apply(
+            u, rows, bias, labels, ids, sm.c_softmax_rows
+        )
+        return out
+    return softmax_module.softmax_cross_entropy(
+        u, pos_v, cand_v, bias, labels, ids, c_softmax_rows=sm.c_softmax_rows
+    )
+
+
+@pytest.mark.parametrize(
+    ("in_batch", "normalize", "sparse"),
+    [(False, False, False), (True, False, False), (False, True, False), (False, False, True)],
+)
+def test_the_sampled_loss_split_in_two_is_the_one_it_was(
+    in_batch: bool, normalize: bool, sparse: bool
+) -> None:
+    """gather_rows + rows_loss (what the id-only model runs) give the numbers of the
+    single function they were cut from, bit for bit, loss and gradients."""
+    n_items, d = 50, 8
+    q = Proposal.from_counts(zipf_counts(n_items))
+    sm = SampledSoftmax(q, num_negatives=16, in_batch_negatives=in_batch, normalize_items=normalize)
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.randn(6, d, generator=g)
+    w0 = torch.randn(n_items + 1, d, generator=g)
+    labels = torch.randint(1, n_items + 1, (6,), generator=g)
+    negatives = sm.sample(16)
+    grads = []
+    for fn in (sm.sampled_loss, lambda *a: _sampled_loss_as_it_was(sm, *a)):
+        u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(u, w, labels, negatives, sparse)
+        loss.backward()
+        assert u.grad is not None and w.grad is not None
+        wg = w.grad.to_dense() if w.grad.is_sparse else w.grad
+        grads.append((loss.detach(), u.grad, wg))
+    for new, old in zip(grads[0], grads[1], strict=True):
+        assert torch.equal(new, old)
+
+
+def test_rows_loss_scores_rows_that_are_not_one_tables() -> None:
+    """The content tower's rows (an id row plus a content vector, for just the scored
+    ids) give the loss of the table they would form, and its gradient reaches both."""
+    n_items, d = 40, 8
+    sm = SampledSoftmax(Proposal.from_counts(zipf_counts(n_items)), num_negatives=12)
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(5, d, generator=g)
+    ids_w = torch.randn(n_items + 1, d, generator=g).requires_grad_()
+    content = torch.randn(n_items + 1, d, generator=g).requires_grad_()
+    labels = torch.randint(1, n_items + 1, (5,), generator=g)
+    negatives = sm.sample(12)
+    scored = torch.cat([labels, negatives])
+    rows = sm.gather_rows(ids_w, scored) + content[scored]
+    loss = sm.rows_loss(u, rows, labels, negatives)
+    loss.backward()
+    assert ids_w.grad is not None and content.grad is not None
+    torch.testing.assert_close(ids_w.grad, content.grad)  # d loss / d row, either part
+    table = (ids_w + content).detach().requires_grad_()
+    whole = sm.sampled_loss(u, table, labels, negatives)
+    whole.backward()
+    torch.testing.assert_close(loss, whole)
+    assert table.grad is not None
+    torch.testing.assert_close(ids_w.grad, table.grad)

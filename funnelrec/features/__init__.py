@@ -13,6 +13,11 @@ Layout of a features directory (written atomically: built under a temporary name
     FEAT/transforms/candidates_dense.json    quantile normaliser of the user's age
     FEAT/transforms/ranking_dense.json       quantile normaliser of the ranking features
     FEAT/transforms/item_label_counts.parquet  training label count per item vocabulary id
+    FEAT/transforms/item_content.parquet     every catalogue item's content (channel, topic,
+                                             title tokens, duration, age) for the candidate
+                                             model's content tower, with its vocabularies
+                                             content_channel, content_topic, title_token
+                                             (`content.py`; absent in older directories)
     FEAT/candidates/{train,valid,test}/part-NNNNN.parquet
     FEAT/ranking/{train,valid,test}/part-NNNNN.parquet   one row per impression (when the
                                              data has impressions)
@@ -52,12 +57,15 @@ Every feature uses events strictly before the impression's ts, computed with sor
 searchsorted (`splits.TimeIndex`), never a Python loop per impression.
 
 Fitted on the training part only: every vocabulary, both normalisers, the item counts that
-the candidate model's negative sampler uses, and example_age's time range.
+the candidate model's negative sampler uses, and example_age's time range. The item
+content's vocabularies and scaling: on the items known at the training window's end
+(uploaded by then, or watched in it).
 
 The package, in the order the data flows (`build.py` runs it over the data):
 
 - `config.py`: `FeaturesConfig`, the format's version and file names, the feature columns;
 - `vocab.py`, `normalize.py`, `tokenize.py`: the fitted transforms;
+- `content.py`: the item content table (`fit_item_content`, `ContentTable`);
 - `splits.py`: leave-last-out and time splits, and the time index of every feature;
 - `tables.py`: the dataset's users and items by id, the events sorted by (user, ts);
 - `vectorised.py`: bags as flat ids + offsets (`gather_ranges`, `drop_zeros`), sampling;
@@ -67,7 +75,7 @@ The package, in the order the data flows (`build.py` runs it over the data):
 - `build.py`, `fit.py`, `write.py`, `finish.py`: `build_features`; `partition.py` and
   `blocked.py`: large data built in blocks of users, resumably;
 - `reader.py`: `Features`, an opened features directory, and serving-time batches;
-- `batch.py`, `loader.py`: the batch types and shards -> batches;
+- `batch.py`, `loader.py`: the batch types (and `ItemContent`) and shards -> batches;
 - `serving.py`: the ranking features at serving time, from live state.
 
 This file only re-exports the public names.

@@ -90,3 +90,41 @@ class RankingBatch(_Batch):
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+
+@dataclass(frozen=True)
+class ItemContent(_Batch):
+    """R items' content, as the candidate model's content tower reads it
+    (`features.content`: what each column holds and how it is fitted).
+
+    channel, topic:       [R]       content vocabulary ids (0 = unknown)
+    title, title_offsets: [T], [R]  title token ids (unigrams + bigrams), a bag per item
+    dense:                [R, K]    standardised log duration and age, missing flags
+    """
+
+    channel: Tensor
+    topic: Tensor
+    title: Tensor
+    title_offsets: Tensor
+    dense: Tensor
+
+    def __len__(self) -> int:
+        return int(self.channel.shape[0])
+
+    def take(self, rows: Tensor) -> ItemContent:
+        """The content of rows `rows` [n] (any order, repeats allowed)."""
+        ends = torch.cat([self.title_offsets[1:], self.title_offsets.new_tensor([len(self.title)])])
+        starts = self.title_offsets[rows]
+        lengths = ends[rows] - starts
+        offsets = torch.cumsum(lengths, 0) - lengths
+        total = int(lengths.sum())
+        idx = torch.arange(total, device=rows.device) + torch.repeat_interleave(
+            starts - offsets, lengths, output_size=total
+        )
+        return ItemContent(
+            channel=self.channel[rows],
+            topic=self.topic[rows],
+            title=self.title[idx],
+            title_offsets=offsets,
+            dense=self.dense[rows],
+        )

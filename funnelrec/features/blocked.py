@@ -29,6 +29,7 @@ from rich.progress import Progress
 from funnelrec.data.dataset import Dataset, write_json_atomic
 from funnelrec.errors import DataError
 from funnelrec.features import FORMAT_VERSION, MANIFEST, FeaturesConfig
+from funnelrec.features.content import fit_item_content
 from funnelrec.features.finish import _finish
 from funnelrec.features.fit import (
     _count_block,
@@ -283,6 +284,7 @@ class _BlockedBuild:
             fit["rank_columns"],
             self.ds.has("searches") and self.ds.num_rows("searches") > 0,
             timing,
+            content=fit_item_content(self.ds.table("items"), tf.item, tf.t_max, self.cfg),
         )
         if manifest["ranking"].get("available"):
             manifest["ranking"]["impressions"] = "dataset"

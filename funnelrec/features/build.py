@@ -28,6 +28,7 @@ from funnelrec.data.dataset import AtomicDirectory, Dataset, write_json_atomic
 from funnelrec.errors import DataError, FunnelrecError
 from funnelrec.features import MANIFEST, REQUESTS, FeaturesConfig
 from funnelrec.features.blocked import _BlockedBuild
+from funnelrec.features.content import CONTENT_VOCABS, ContentFit, fit_item_content
 from funnelrec.features.finish import _finish, _split_meta
 from funnelrec.features.fit import _count_block, _Counts, _fit_transforms, _split, _time_bounds
 from funnelrec.features.partition import EVENT_TABLES, CountIndex
@@ -154,6 +155,20 @@ def _build_in_memory(
             replay=update.replay if update is not None else 1.0,
         )
         res = _write_block(log, sp, tf, by_item, cfg, out)
+    content = fit_item_content(
+        ds.table("items"),
+        tf.item,
+        tf.t_max,
+        cfg,
+        previous=_previous_content(base),
+        keep_scale=update is not None and not update.refit_normalizers,
+    )
+    if update is not None and base is not None:
+        growth = update.report.setdefault("vocab_growth", {})
+        old_vocabs = base.manifest["vocabularies"]
+        for name, v in content.vocabs.items():
+            if name in old_vocabs:
+                growth[name] = {"old": int(old_vocabs[name]["size"]), "new": len(v)}
     timing = {"total_s": time.perf_counter() - t_start, "blocks": 1}
     manifest = _finish(
         root,
@@ -170,6 +185,7 @@ def _build_in_memory(
             if update is None or base is None
             else lambda fresh, data: ranking_normalizer(fresh, data, update, base)
         ),
+        content=content,
     )
     if manifest["ranking"].get("available"):
         manifest["ranking"]["impressions"] = "given" if impressions is not None else "dataset"
@@ -186,3 +202,11 @@ def _build_in_memory(
             **update.report,
         }
     return manifest
+
+
+def _previous_content(base: Features | None) -> ContentFit | None:
+    """The item content of the features an update extends (None: none, or no update)."""
+    if base is None or not base.has_item_content:
+        return None
+    names = [n for n in CONTENT_VOCABS.values() if n in base.manifest["vocabularies"]]
+    return ContentFit({n: base.vocab(n) for n in names}, base.item_content())

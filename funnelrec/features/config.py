@@ -70,6 +70,9 @@ class FeaturesConfig:
     t1, t2:         time split boundaries (timestamps); None = from the fractions
     max_items, max_tokens, max_rank_items: vocabulary truncation (top N; None = all seen)
     min_count:      drop vocabulary values seen fewer times in training
+    title_min_count, max_title_tokens: the item content's title tokens (`content.py`):
+                    kept when on at least this many known items' titles (a token of one
+                    title would only be another item id) [2], the most frequent N [all]
     n_quantiles:    knots of the quantile normalisers [~1,000]
     quantile_sample: normalisers are fitted on at most this many training values
     ranking:        build ranking examples when the data has impressions
@@ -104,6 +107,8 @@ class FeaturesConfig:
     max_tokens: int | None = None
     max_rank_items: int | None = None
     min_count: int = 1
+    title_min_count: int = 2
+    max_title_tokens: int | None = None
     n_quantiles: int = 1000
     quantile_sample: int = 1_000_000
     ranking: bool = True

@@ -20,6 +20,7 @@ from funnelrec.features import (
     RANKING_CONTINUOUS,
     FeaturesConfig,
 )
+from funnelrec.features.content import CONTENT_FILE, ContentFit, content_spec
 from funnelrec.features.fit import _Transforms
 from funnelrec.features.normalize import QuantileNormalizer
 from funnelrec.features.splits import PART_NAMES, Split
@@ -44,11 +45,13 @@ def _finish(
     has_searches: bool,
     timing: dict[str, Any],
     ranking_normalizer: _NormalizerChoice | None = None,
+    content: ContentFit | None = None,
 ) -> dict[str, Any]:
     """Sum the blocks' results; write the last transforms; return the manifest.
 
     ranking_normalizer: (freshly fitted normaliser, the values it was fitted on) -> the one
-    to use (a features update keeps the previous one)."""
+    to use (a features update keeps the previous one). content: the item content table
+    and its vocabularies (`content.fit_item_content`), written beside the rest."""
     tdir = root / "transforms"
     tdir.mkdir(exist_ok=True)
     sums: dict[str, float] = {}
@@ -111,6 +114,11 @@ def _finish(
                 "item": _ratio(sums[r + "item_oov"], sums[r + "items"]),
                 "history": _ratio(sums[r + "history_oov"], sums[r + "history_ids"]),
             }
+    item_content: dict[str, Any] | None = None
+    if content is not None:
+        vocabs.update(content.vocabs)
+        content.table.save(tdir / CONTENT_FILE)
+        item_content = content_spec(content)
     for name, vocab in vocabs.items():
         vocab.save(tdir / f"{name}.parquet")
     for stage, key in (("candidates", "candidate"), ("ranking", "ranking")):
@@ -132,6 +140,7 @@ def _finish(
         },
         "candidates": candidate_spec,
         "ranking": ranking,
+        **({"item_content": item_content} if item_content is not None else {}),
         "timing": timing,
     }
 

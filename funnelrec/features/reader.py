@@ -20,6 +20,7 @@ from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features.batch import CandidateBatch
 from funnelrec.features.config import FORMAT_VERSION, MANIFEST, FeaturesConfig
+from funnelrec.features.content import ContentTable, encode_items
 from funnelrec.features.normalize import QuantileNormalizer
 from funnelrec.features.splits import PART_NAMES
 from funnelrec.features.tokenize import tokenize_array
@@ -48,6 +49,7 @@ class Features:
     config: FeaturesConfig
     _vocabs: dict[str, Vocabulary] = field(default_factory=dict)
     _norms: dict[str, QuantileNormalizer] = field(default_factory=dict)
+    _content: ContentTable | None = None
 
     @classmethod
     def open(cls, path: Path | str) -> Features:
@@ -141,6 +143,33 @@ class Features:
         if not files:
             raise ArtifactError(f"{folder}: no example shards")
         return files
+
+    @property
+    def has_item_content(self) -> bool:
+        """Whether the build wrote the item content table (features built before it did
+        have none)."""
+        return "item_content" in self.manifest
+
+    def item_content(self) -> ContentTable:
+        """The content of every catalogue item (`content.ContentTable`), read once."""
+        if self._content is None:
+            if not self.has_item_content:
+                raise ArtifactError(
+                    f"{self.path}: no item content table (features built by an older "
+                    "funnelrec): rebuild them with `funnelrec features build`"
+                )
+            self._content = ContentTable.load(self.path / self.manifest["item_content"]["file"])
+        return self._content
+
+    def encode_item_content(self, items: pa.Table) -> ContentTable:
+        """Items given as an items table (item_id and any of upload_ts, duration_s,
+        channel_id, topic, title; rows in any order) encoded as the build encoded the
+        catalogue, with its vocabularies, scaling and t_end: the content of a newly
+        uploaded item, whose vector `CandidateModel.content_embeddings` computes."""
+        table = self.item_content()
+        names = self.manifest["item_content"]["vocabularies"].values()
+        vocabs = {name: self.vocab(name) for name in names}
+        return encode_items(items, vocabs, self.vocab("item"), table.t_end, table.scale)
 
     def item_label_counts(self) -> np.ndarray:
         """[V] how often each item vocabulary id is a training label (id 0: 0)."""

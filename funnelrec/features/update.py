@@ -10,6 +10,8 @@ What differs from a fresh build (`build.py`):
   `min_count` and to the size cap applied to the new values only (`max_items` new items at
   most, and so on). Gender stays as it was: it is a one-hot dense block, and a new value
   would widen the candidate model's input. A fresh build stays the way to re-truncate.
+  The item content's vocabularies are extended the same way, and its table rebuilt over
+  the grown catalogue (`content.py`).
 - Embedding widths are pinned to the previous features' (the log-cardinality rule would
   widen a table that grew past a threshold), through `FeaturesConfig.dims`.
 - Quantile normalisers are kept unless `refit_normalizers`: a kept map keeps the dense

@@ -80,6 +80,14 @@ def embedding_dim(
     return int(min(max(dim, minimum), maximum))
 
 
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Write a fitted transform's table to `path` through a temporary file and a rename,
+    so that a reader never sees half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
 @dataclass(frozen=True, eq=False)
 class Vocabulary:
     """One id space. `values[i - 1]` is the raw value of id i; `counts[i]` its training count.
@@ -376,9 +384,7 @@ class Vocabulary:
         table = pa.table(
             {"id": ids, "value": values, "count": pa.array(self.counts, type=count_type)}
         ).replace_schema_metadata({"funnelrec.vocabulary": json.dumps(meta)})
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(path)
+        write_table_atomic(table, path)
 
     @classmethod
     def load(cls, path: Path | str) -> Vocabulary:

@@ -12,7 +12,10 @@ The network of Covington et al. 2016, section 3.2:
 
 Tower depths as in the paper (d = 256 there): 0: linear to d; 1: d; 2: 2d -> d;
 3: 4d -> 2d -> d; 4: 8d -> 4d -> 2d -> d. Items are scored by v_j . u with an output item
-table v of width d, separate from the input item table unless `tie_embeddings`.
+table v of width d, separate from the input item table unless `tie_embeddings`. With
+`item_content` (not the paper's; off by default), v_j is the table's row plus a vector
+computed from the item's content at upload (`content.py`), and items outside the
+vocabulary get one from their content alone.
 
     model = CandidateModel(CandidateConfig(dim=64, depth=2), CandidateInputs.from_features(f),
                            label_counts=torch.from_numpy(f.item_label_counts()))
@@ -26,10 +29,13 @@ The artifact directory a training run writes (see `save_candidate_artifact`):
                                      config and summary, data fingerprint, vocabulary info
     ART/model.safetensors            the state dict (weights and the sampler's buffers)
     ART/item_embeddings.safetensors  "embeddings" float32 [N, d] (rows of vocabulary ids
-                                     1..N) and "item_ids" int64 [N] (their dataset item ids)
+                                     1..N) and "item_ids" int64 [N] (their dataset item ids);
+                                     with `item_content`, every other catalogue item after
+                                     those (its content vector), as the index must hold
 
 The modules:
 - `model.py`: `CandidateConfig`, `CandidateInputs`, `bag_mean`, `CandidateModel`;
+- `content.py`: the item content tower, `ContentInputs`, `ContentEncoder`, `VocabContent`;
 - `artifacts.py`: the artifact's format and file names, `save_candidate_artifact`,
   `load_candidate_model`, `load_item_embeddings`, `features_meta`, `check_features`,
   `user_vectors`, `split_user_vectors`, `synthetic_batch`;
@@ -61,6 +67,7 @@ from funnelrec.candidates.artifacts import (
     user_vectors,
     vocab_digest,
 )
+from funnelrec.candidates.content import ContentEncoder, ContentInputs
 from funnelrec.candidates.model import (
     SPARSE_AUTO_ROWS,
     CandidateConfig,
@@ -87,6 +94,8 @@ __all__ = [
     "CandidateInputs",
     "CandidateModel",
     "CandidateTrainingConfig",
+    "ContentEncoder",
+    "ContentInputs",
     "UserVectors",
     "bag_mean",
     "check_features",

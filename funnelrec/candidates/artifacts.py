@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from funnelrec import __version__
+from funnelrec.candidates.content import ContentInputs
 from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
 from funnelrec.data.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
-from funnelrec.features.batch import CandidateBatch
+from funnelrec.features.batch import CandidateBatch, ItemContent
 from funnelrec.training.loop import check_finite
 
 if TYPE_CHECKING:
@@ -55,12 +56,16 @@ def save_candidate_artifact(
     *,
     item_ids: np.ndarray,
     meta: dict[str, Any],
+    features: Features | None = None,
 ) -> None:
     """Write weights, exported item embeddings and config.json into directory `out`.
 
     item_ids: [N] dataset item id of vocabulary ids 1..N. meta: extra JSON (training config
-    and summary, data fingerprint, vocabulary info). `out` should be a temporary directory
-    that the caller renames into place (`dataset.AtomicDirectory`).
+    and summary, data fingerprint, vocabulary info). features: with `item_content`, the
+    features the model was trained on: the catalogue items outside the vocabulary are
+    exported too, after the vocabulary's, from their content alone (the id-only model
+    exports its vocabulary). `out` should be a temporary directory that the caller
+    renames into place (`dataset.AtomicDirectory`).
     """
     out = Path(out)
     item_ids = np.asarray(item_ids, dtype=np.int64)
@@ -69,7 +74,20 @@ def save_candidate_artifact(
         raise FunnelrecError(f"item_ids has shape {item_ids.shape}, the model has {n} items")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    emb = model.item_embeddings().detach()[1:].to(torch.float32).cpu().contiguous()
+    with torch.no_grad():
+        emb = model.item_embeddings().detach()[1:].to(torch.float32).cpu().contiguous()
+        extra: dict[str, Any] = {}
+        if model.content is not None:
+            if features is None:
+                raise FunnelrecError("an item-content model's export needs its features")
+            content, outside = features.item_content().outside_vocab()
+            cold = _in_chunks(model.content_embeddings, content)
+            emb = torch.cat([emb, cold.to(torch.float32).cpu()]).contiguous()
+            item_ids = np.concatenate([item_ids, outside])
+            extra = {
+                "content_inputs": asdict(model.content_inputs) if model.content_inputs else None,
+                "exported_items": {"vocabulary": n, "content_only": len(outside)},
+            }
     save_file(
         {"embeddings": emb, "item_ids": torch.from_numpy(item_ids.copy())},
         str(out / ITEM_EMBEDDINGS_FILE),
@@ -83,9 +101,22 @@ def save_candidate_artifact(
         "inputs": asdict(model.inputs),
         "dim": model.config.dim,
         "num_items": n,
+        **extra,
         **meta,
     }
     write_json_atomic(out / CONFIG_FILE, config)
+
+
+# Items whose content vectors are computed at once in an export (bounds the memory).
+EXPORT_CHUNK = 65_536
+
+
+def _in_chunks(encode: Callable[[ItemContent], Tensor], content: ItemContent) -> Tensor:
+    parts = [
+        encode(content.take(torch.arange(lo, min(lo + EXPORT_CHUNK, len(content)))))
+        for lo in range(0, len(content), EXPORT_CHUNK)
+    ]
+    return torch.cat(parts) if parts else encode(content)
 
 
 def read_candidate_config(art: Path | str) -> dict[str, Any]:
@@ -104,7 +135,12 @@ def load_candidate_model(art: Path | str, device: str | torch.device = "cpu") ->
     meta = read_candidate_config(art)
     config = _from_dict(CandidateConfig, meta["model"])
     inputs = _from_dict(CandidateInputs, meta["inputs"])
-    model = CandidateModel(config, inputs)
+    content = meta.get("content_inputs")
+    if config.item_content and not content:
+        raise ArtifactError(f"{art / CONFIG_FILE}: an item-content model without content_inputs")
+    model = CandidateModel(
+        config, inputs, content_inputs=_from_dict(ContentInputs, content) if content else None
+    )
     try:
         state = load_file(str(art / WEIGHTS_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as e:
@@ -121,7 +157,10 @@ def load_candidate_model(art: Path | str, device: str | torch.device = "cpu") ->
 
 
 def load_item_embeddings(art: Path | str) -> tuple[Tensor, Tensor]:
-    """The exported item embeddings of `art`: (embeddings [N, d] float32, item_ids [N] int64)."""
+    """The exported item embeddings of `art`, what an index is built from: (embeddings
+    [M, d] float32, item_ids [M] int64 dataset ids). The first N rows are the vocabulary's
+    (ids 1..N); an item-content model's export adds every other catalogue item after
+    them (M = N otherwise)."""
     art = Path(art)
     read_candidate_config(art)
     try:
@@ -204,15 +243,19 @@ def split_user_vectors(
     return vectors
 
 
-def features_meta(feats: Features) -> dict[str, Any]:
-    """What an artifact records about the features it was trained on."""
+def features_meta(feats: Features, item_content: bool = False) -> dict[str, Any]:
+    """What an artifact records about the features it was trained on (with
+    `item_content`, the content vocabularies too)."""
     item = feats.vocab("item")
+    names = ["token", "region", "device"]
+    if item_content:
+        names += list(ContentInputs.vocabularies(feats).values())
     return {
         "data": {"fingerprint": feats.fingerprint, "features": str(feats.path)},
         "split": feats.split,
         "vocab": {
             "item": {"size": len(item), "digest": vocab_digest(item.values)},
-            **{name: _vocab_meta(feats, name) for name in ("token", "region", "device")},
+            **{name: _vocab_meta(feats, name) for name in names},
         },
     }
 
@@ -257,6 +300,12 @@ def check_features(meta: dict[str, Any], feats: Features, art: Path | str) -> No
     have = {"size": len(item), "digest": vocab_digest(item.values)}
     if meta.get("vocab", {}).get("item") != have:
         raise ArtifactError(f"{art}: its item vocabulary differs from that of {feats.path}")
+    if (meta.get("model") or {}).get("item_content"):
+        for name in ContentInputs.vocabularies(feats).values():
+            if meta.get("vocab", {}).get(name) != _vocab_meta(feats, name):
+                raise ArtifactError(
+                    f"{art}: its {name} vocabulary differs from that of {feats.path}"
+                )
 
 
 def synthetic_batch(

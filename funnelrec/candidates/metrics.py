@@ -114,11 +114,18 @@ class ModelScorer:
 
     def scores(self, queries: Tensor) -> Tensor:
         """[B, N + 1] dot products, computed on the model's device, returned on the CPU."""
+        return (queries.to(self.device) @ self._item_table().T).cpu()
+
+    def num_items(self) -> int:
+        """N, the vocabulary items scored."""
+        return int(self._item_table().shape[0]) - 1
+
+    def _item_table(self) -> Tensor:
         if self._items is None:
             with torch.no_grad():
                 self._items = self.model.item_embeddings().detach()  # type: ignore[operator]
         items: Tensor = self._items
-        return (queries.to(self.device) @ items.T).cpu()
+        return items
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -161,15 +168,17 @@ class IndexRetriever:
     """The top k of an ANN index (`ann.ItemIndex`) over the model's item embeddings.
 
     scorer: gives the user vectors (the model's, as in `ModelScorer.queries`).
-    item_ids: [N] the dataset item id of vocabulary ids 1..N, the artifact's export
-    (`candidates.load_item_embeddings`): the index returns dataset ids, metrics use
-    vocabulary ids.
+    item_ids: the artifact's export (`candidates.load_item_embeddings`), whose first N
+    are the dataset item ids of vocabulary ids 1..N: the index returns dataset ids,
+    metrics use vocabulary ids. The items an item-content model exports after those (the
+    catalogue outside the vocabulary) are retrieved and take their places in the lists,
+    as at serving, but no held-out target is one of them (its label is 0, a miss).
     """
 
     def __init__(self, scorer: ModelScorer, index: ItemIndex, item_ids: np.ndarray) -> None:
         self.scorer = scorer
         self.index = index
-        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)[: scorer.num_items()]
         self._order = np.argsort(self.item_ids, kind="stable")
         self._sorted = self.item_ids[self._order]
 

@@ -1,6 +1,6 @@
 """The candidate-generation network: `CandidateConfig`, `CandidateInputs`, `bag_mean` and
 `CandidateModel` (user tower, output item embeddings, sampled softmax); see the package
-docstring for its inputs and tower."""
+docstring for its inputs and tower, and `content.py` for the item content tower."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funnelrec.candidates.content import ContentEncoder, ContentInputs, VocabContent
 from funnelrec.errors import FunnelrecError
-from funnelrec.features.batch import CandidateBatch
+from funnelrec.features.batch import CandidateBatch, ItemContent
 from funnelrec.kernels.bags import weighted_bag_sum
 from funnelrec.kernels.softmax import Proposal, SampledSoftmax
 
@@ -67,6 +68,18 @@ class CandidateConfig:
                     runs and tests)
     c_softmax_rows: the sampled softmax's element-wise pass in C where it is built (False:
                     torch, likewise)
+    item_content:   the item content tower (`content.py`; Yi et al. 2019, not the paper's):
+                    an item's vector is its id row plus a vector computed from its channel,
+                    topic, title tokens, duration and age, so that items outside the
+                    vocabulary (never watched in the training window) have one too. Needs
+                    features with the item content table. False: the paper's id-only model,
+                    exactly (no content parameters, the same random draws) [False]
+    title_dim:      width of the content tower's title token embeddings; None = the
+                    features' log-cardinality rule
+    id_dropout:     with `item_content`, in training, each scored item row's id part is
+                    left out with this probability: those rows are scored by their content
+                    alone, as items outside the vocabulary are at serving (an option to
+                    lean the content vectors on; never at serving) [0.0]
     """
 
     dim: int = 256
@@ -95,6 +108,9 @@ class CandidateConfig:
     history_dropout: float = 0.0
     c_row_sums: bool = True
     c_softmax_rows: bool = True
+    item_content: bool = False
+    title_dim: int | None = None
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -111,6 +127,10 @@ class CandidateConfig:
         if not 0.0 <= self.history_dropout < 1.0:
             raise FunnelrecError(
                 f"candidate config: history_dropout must be in [0, 1), got {self.history_dropout}"
+            )
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise FunnelrecError(
+                f"candidate config: id_dropout must be in [0, 1), got {self.id_dropout}"
             )
         if not 0.0 < self.history_decay <= 1.0:
             raise FunnelrecError(
@@ -220,6 +240,14 @@ class CandidateModel(nn.Module):
     label_counts: [N + 1] training label count per item vocabulary id: the base of the
         unigram proposal Q and of in-batch negatives' correction. None: uniform (a model
         rebuilt to load a saved state dict, whose buffers then overwrite it).
+    content_inputs: the content tower's sizes (`config.item_content` needs them).
+    content_rows: the content of item vocabulary ids 0..N (`ContentTable.vocab_rows`);
+        None: empty (a model rebuilt to load a saved state dict, which holds them).
+
+    With `item_content` the scored vector of item j is id_j + content_j (`content.py`):
+    in training only the sampled softmax's label and negative rows are computed (the full
+    softmax computes all), with the logQ correction unchanged. The history input stays
+    the id table (with `tie_embeddings` too): a watch is an id the model has seen.
     """
 
     def __init__(
@@ -227,6 +255,9 @@ class CandidateModel(nn.Module):
         config: CandidateConfig,
         inputs: CandidateInputs,
         label_counts: Tensor | None = None,
+        *,
+        content_inputs: ContentInputs | None = None,
+        content_rows: ItemContent | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -297,12 +328,44 @@ class CandidateModel(nn.Module):
             c_row_sums=c.c_row_sums,
             c_softmax_rows=c.c_softmax_rows,
         )
+        # built last, so that the id model's parameters draw what they draw without it
+        self.content: ContentEncoder | None = None
+        self.content_rows: VocabContent | None = None
+        self.content_inputs = content_inputs
+        if c.item_content:
+            if content_inputs is None:
+                raise FunnelrecError("candidate model: item_content needs the content inputs")
+            self.content = ContentEncoder(
+                content_inputs, c.dim, title_dim=c.title_dim, sparse=self.sparse
+            )
+            self.content_rows = VocabContent(
+                content_rows, inputs.item_vocab, content_inputs.num_dense
+            )
 
     def item_embeddings(self) -> Tensor:
         """The item vectors v that score u: [N + 1, d] (row 0 = padding, never a
-        candidate): the output table itself, or its rows L2-normalised (`normalize`)."""
+        candidate): the output table itself, or its rows L2-normalised (`normalize`);
+        with `item_content`, each row plus the item's content vector."""
         table = self._output_table()
+        if self.content is not None:
+            ids = torch.arange(1, table.shape[0], device=table.device)
+            table = torch.cat([table[:1], table[1:] + self._vocab_content(ids)])
         return F.normalize(table, dim=1) if self.config.normalize else table
+
+    def content_embeddings(self, content: ItemContent) -> Tensor:
+        """The vectors [R, d] of items outside the vocabulary, from their content alone
+        (their id row is 0), normalised as `item_embeddings` (`normalize`)."""
+        if self.content is None:
+            raise FunnelrecError("candidate model: no item content tower (item_content=false)")
+        device = self._output_table().device
+        v = self.content(content.to(device))
+        return F.normalize(v, dim=1) if self.config.normalize else v
+
+    def _vocab_content(self, ids: Tensor) -> Tensor:
+        """The content vectors [n, d] of item vocabulary ids [n]."""
+        assert self.content is not None and self.content_rows is not None
+        out: Tensor = self.content(self.content_rows.content().take(ids))
+        return out
 
     def _output_table(self) -> Tensor:
         if self.item_output is not None:
@@ -318,6 +381,8 @@ class CandidateModel(nn.Module):
             out.append(self.token_input.weight)
         if self.item_output is not None:
             out.append(self.item_output.weight)
+        if self.content is not None:
+            out += self.content.tables()
         return out
 
     def user_vector(self, batch: CandidateBatch, example_age: Tensor) -> Tensor:
@@ -370,6 +435,30 @@ class CandidateModel(nn.Module):
             u, labels = u[keep], labels[keep]
         if labels.numel() == 0:
             return u.sum() * 0.0  # keeps the graph: a batch of only unknown labels
+        if self.content is not None:
+            return self._content_loss(u, labels)
         # the raw table: the softmax normalises only the rows it gathers (`normalize`)
         loss: Tensor = self.softmax(u, self._output_table(), labels, sparse=self.sparse)
         return loss
+
+    def _content_loss(self, u: Tensor, labels: Tensor) -> Tensor:
+        """The loss with the content tower: the id rows the loss scores plus their
+        content vectors, computed for those rows only (the sampled softmax's labels and
+        negatives) or for every item (the full softmax)."""
+        sm, table = self.softmax, self._output_table()
+        negatives = None
+        if sm.full:
+            ids = torch.arange(table.shape[0], device=labels.device)
+        else:
+            negatives = sm.sample(sm.num_negatives)
+            ids = torch.cat([labels, negatives])
+        id_rows = sm.gather_rows(table, ids, self.sparse)
+        p = self.config.id_dropout
+        if self.training and p > 0.0:
+            keep = torch.rand(ids.shape[0], device=ids.device) >= p
+            id_rows = id_rows * keep[:, None].to(id_rows.dtype)
+        rows = id_rows + self._vocab_content(ids)
+        if negatives is None:
+            full: Tensor = sm(u, rows, labels)
+            return full
+        return sm.rows_loss(u, rows, labels, negatives)

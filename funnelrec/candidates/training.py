@@ -21,6 +21,7 @@ from funnelrec.candidates.artifacts import (
     read_candidate_config,
     save_candidate_artifact,
 )
+from funnelrec.candidates.content import model_content
 from funnelrec.candidates.model import CandidateConfig, CandidateInputs, CandidateModel
 from funnelrec.config import load_config
 from funnelrec.data.dataset import AtomicDirectory
@@ -199,8 +200,15 @@ def fit_candidates(
         warm = _WarmStart.open(warm_start, feats, cfg)
         model_config = warm.model.config
         counts = warm.label_counts(counts, cfg.proposal_memory)
+    content_inputs, content_rows = model_content(model_config.item_content, feats)
     seed_everything(tcfg.seed)
-    model = CandidateModel(model_config, inputs, label_counts=counts)
+    model = CandidateModel(
+        model_config,
+        inputs,
+        label_counts=counts,
+        content_inputs=content_inputs,
+        content_rows=content_rows,
+    )
     warm_meta = warm.apply(model, cfg.proposal_memory) if warm is not None else None
     loader = candidate_loader(
         feats,
@@ -257,7 +265,7 @@ def fit_candidates(
             hits, queries = dist.all_reduce_sums([hits, report.queries])
             return hits / queries
 
-    fmeta = features_meta(feats)
+    fmeta = features_meta(feats, model_config.item_content)
     result = train(
         model,
         loader_epochs(loader),
@@ -301,7 +309,7 @@ def fit_candidates(
         target = AtomicDirectory(out, force=force)
         try:
             save_candidate_artifact(
-                model, target.tmp, item_ids=feats.vocab("item").values, meta=meta
+                model, target.tmp, item_ids=feats.vocab("item").values, meta=meta, features=feats
             )
             target.commit()
         except BaseException:
@@ -349,11 +357,12 @@ class _WarmStart:
 
     def apply(self, model: CandidateModel, memory: float) -> dict[str, Any]:
         """Copy the previous weights into `model`; what the artifact records about it."""
-        # the sampler's buffers follow the new label counts, built with the model
+        # the sampler's buffers follow the new label counts, the item content the new
+        # features' table, both built with the model
         grown = load_grown_state(
             model,
             self.model.state_dict(),
-            skip=lambda name: name.startswith("softmax."),
+            skip=lambda name: name.startswith(("softmax.", "content_rows.")),
             where=self.path,
         )
         return {

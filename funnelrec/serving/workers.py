@@ -373,7 +373,8 @@ class _Forkserver:
         self.context.set_forkserver_preload(list(PRELOAD))
         self.env = env
 
-    def Process(  # noqa: N802: the name uvicorn calls
+    # the name uvicorn calls (not snake case)
+    def Process(
         self, target: Callable[..., None], kwargs: dict[str, Any]
     ) -> multiprocessing.process.BaseProcess:
         return self.context.Process(target=_worker_main, args=(self.env, target), kwargs=kwargs)

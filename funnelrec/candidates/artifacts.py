@@ -25,7 +25,7 @@ from funnelrec.candidates.model import CandidateConfig, CandidateInputs, Candida
 from funnelrec.data.dataset import read_artifact_meta, write_json_atomic
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features.batch import CandidateBatch, ItemContent
-from funnelrec.training.loop import check_finite
+from funnelrec.training.loop import check_finite, save_optimizer_state
 
 if TYPE_CHECKING:
     from funnelrec.features import Features
@@ -57,8 +57,10 @@ def save_candidate_artifact(
     item_ids: np.ndarray,
     meta: dict[str, Any],
     features: Features | None = None,
+    optimizer_state: dict[str, Tensor] | None = None,
 ) -> None:
-    """Write weights, exported item embeddings and config.json into directory `out`.
+    """Write weights, exported item embeddings and config.json into directory `out`
+    (and `optimizer_state`, `loop.optimizer_tensors` of the run, when given).
 
     item_ids: [N] dataset item id of vocabulary ids 1..N. meta: extra JSON (training config
     and summary, data fingerprint, vocabulary info). features: with `item_content`, the
@@ -74,6 +76,8 @@ def save_candidate_artifact(
         raise FunnelrecError(f"item_ids has shape {item_ids.shape}, the model has {n} items")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    if optimizer_state:
+        save_optimizer_state(out, optimizer_state)
     with torch.no_grad():
         emb = model.item_embeddings().detach()[1:].to(torch.float32).cpu().contiguous()
         extra: dict[str, Any] = {}

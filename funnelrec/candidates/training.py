@@ -31,6 +31,7 @@ from funnelrec.training.loop import (
     TrainConfig,
     TrainResult,
     load_grown_state,
+    load_optimizer_state,
     loader_epochs,
     seed_everything,
     train,
@@ -149,8 +150,10 @@ def fit_candidates(
     extends (`funnelrec features build --update-from`): the model is built with its model
     config at the new vocabulary sizes, every weight copied from it (tables keep their
     old rows, new rows are initialised as a fresh model's), and the proposal's label
-    frequencies recounted from `feat` (or mixed: `proposal_memory`). The optimizers start
-    fresh (artifacts hold none). Checkpoints and resume work as for a fresh run.
+    frequencies recounted from `feat` (or mixed: `proposal_memory`). The optimizers
+    continue from the previous run's state (`artifacts.OPTIMIZER_FILE`: Adam's moments of
+    the old rows and parameters, zero for new rows; fresh for an artifact without one).
+    Checkpoints and resume work as for a fresh run.
 
     Checkpoints go to `checkpoint_path(out)` (removed once the artifact is written); with
     `resume`, training continues from there. The artifact is built in a temporary
@@ -273,6 +276,7 @@ def fit_candidates(
         steps_per_epoch=len(loader),
         checkpoint=ckpt,
         resume=resume,
+        optimizer_state=warm.optimizer_state if warm is not None else None,
         evaluate=evaluate,
         meta={
             "model": asdict(model_config),
@@ -309,7 +313,12 @@ def fit_candidates(
         target = AtomicDirectory(out, force=force)
         try:
             save_candidate_artifact(
-                model, target.tmp, item_ids=feats.vocab("item").values, meta=meta, features=feats
+                model,
+                target.tmp,
+                item_ids=feats.vocab("item").values,
+                meta=meta,
+                features=feats,
+                optimizer_state=result.optimizer_state,
             )
             target.commit()
         except BaseException:
@@ -328,6 +337,9 @@ class _WarmStart:
     path: Path
     meta: dict[str, Any]
     model: CandidateModel
+    # the previous run's optimizer state ({} for an artifact without one): its moments
+    # continue, grown with the tables, instead of restarting at zero
+    optimizer_state: dict[str, Tensor]
 
     @classmethod
     def open(cls, art: Path | str, feats: Features, cfg: CandidateTrainingConfig) -> _WarmStart:
@@ -341,7 +353,7 @@ class _WarmStart:
             raise FunnelrecError(
                 f"a warm start keeps the model config of {art}; this run sets {diff}"
             )
-        return cls(art, meta, model)
+        return cls(art, meta, model, load_optimizer_state(art))
 
     def label_counts(self, counts: Tensor, memory: float) -> Tensor:
         """The new training label counts, with the previous model's label frequencies
@@ -371,4 +383,5 @@ class _WarmStart:
             "vocab": self.meta.get("vocab", {}),
             "grown": {k: list(v) for k, v in grown.items()},
             "proposal": "recounted" if memory == 0.0 else f"mixed, memory {memory}",
+            "optimizer_state": "continued" if self.optimizer_state else "fresh",
         }

@@ -65,7 +65,9 @@ from funnelrec.training.loop import (
     TrainConfig,
     TrainResult,
     load_grown_state,
+    load_optimizer_state,
     loader_epochs,
+    save_optimizer_state,
     seed_everything,
     train,
 )
@@ -276,8 +278,9 @@ def train_ranker(
     warm_start: a previous ranker artifact to start from, trained on features that FEAT
     extends (`funnelrec features build --update-from`): its model config, every weight
     (tables keep their old rows; new rows are initialised as a fresh model's) and its
-    output bias (`init_bias` is then not applied); fresh optimizers, and the calibration
-    fitted anew after training.
+    output bias (`init_bias` is then not applied); the optimizers continue from its saved
+    state (`loop.OPTIMIZER_FILE`, grown with the tables; fresh for an artifact without
+    one), and the calibration is fitted anew after training.
 
     Returns the summary stored in ART/config.json under "training" (steps, examples/s,
     best validation weighted per-user loss, ...), on every rank.
@@ -304,12 +307,14 @@ def train_ranker(
             previous = _warm_start(Path(warm_start), spec, feats, cfg.model)
         seed_everything(cfg.train.seed)
         model = RankingModel(spec, previous.config if previous is not None else cfg.model)
-        warm_meta = None
-        if previous is not None:
+        warm_meta, optimizer_state = None, None
+        if previous is not None and warm_start is not None:
             grown = load_grown_state(model, previous.state_dict(), where=warm_start)
+            optimizer_state = load_optimizer_state(warm_start)
             warm_meta = {
                 "artifact": str(warm_start),
                 "grown": {k: list(v) for k, v in grown.items()},
+                "optimizer_state": "continued" if optimizer_state else "fresh",
             }
         elif cfg.init_bias:
             t = read_examples(feats, "ranking", "train", ["label", "watch_time"])
@@ -406,6 +411,7 @@ def train_ranker(
             progress=progress,
             description=f"ranker {tower_name(cfg.model.tower)} {cfg.model.objective}",
             dist=dist,
+            optimizer_state=optimizer_state,
         )
         if target is not None:  # rank 0 finishes alone (the replicas are equal)
             # One scoring of the validation split with the saved weights gives both the
@@ -447,6 +453,7 @@ def train_ranker(
                     "training": summary,
                 },
             )
+            save_optimizer_state(target.tmp, result.optimizer_state)
             target.commit()
     except BaseException:
         if target is not None:

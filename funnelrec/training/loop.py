@@ -172,6 +172,9 @@ class TrainResult:
     world_size: int = 1
     comm_bytes_per_step: float = 0.0
     comm_seconds: float = 0.0
+    # the optimizers' state after the last step (`optimizer_tensors`): what an artifact
+    # keeps so that a warm start continues Adam's moments instead of restarting them
+    optimizer_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
 
 EpochBatches = Callable[[int, int], Iterable[Any]]
@@ -232,6 +235,117 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
     if not opts:
         raise FunnelrecError("the model has no trainable parameters")
     return opts
+
+
+def optimizer_tensors(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer]
+) -> dict[str, Tensor]:
+    """The optimizers' per-parameter state as flat tensors named `<parameter>/<key>`
+    (Adam's moments and step count, Adagrad's sums): what an artifact saves (safetensors)
+    and `load_grown_optimizer_state` reads back."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    out: dict[str, Tensor] = {}
+    for opt in optimizers:
+        for p, state in opt.state.items():
+            name = names.get(id(p))
+            if name is None:
+                continue
+            for key, value in state.items():
+                t = value if isinstance(value, Tensor) else torch.tensor(value)
+                out[f"{name}/{key}"] = t.detach().cpu().contiguous()
+    return out
+
+
+# The optimizers' state after a run's last step, in its artifact: what a warm start
+# continues from. Kept in training artifacts only (a package copies what serving needs).
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_FORMAT_VERSION = 1
+
+
+def save_optimizer_state(art: Path, tensors: dict[str, Tensor]) -> None:
+    """Write `optimizer_tensors` of a run into artifact directory `art` (safetensors)."""
+    from safetensors.torch import save_file
+
+    meta = {"format_version": str(OPTIMIZER_FORMAT_VERSION)}
+    save_file(tensors, str(Path(art) / OPTIMIZER_FILE), metadata=meta)
+
+
+def load_optimizer_state(art: Path | str) -> dict[str, Tensor]:
+    """The optimizer state artifact `art` saved; {} for one without (made before it was
+    kept). Refused: an unreadable file, another format version, non-finite values."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(art) / OPTIMIZER_FILE
+    if not path.exists():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            version = (f.metadata() or {}).get("format_version")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: cannot read the optimizer state ({e})") from None
+    if version != str(OPTIMIZER_FORMAT_VERSION):
+        raise ArtifactError(
+            f"{path}: optimizer state format {version}, this funnelrec reads "
+            f"{OPTIMIZER_FORMAT_VERSION}"
+        )
+    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ArtifactError(f"{path}: non-finite values in '{bad}'")
+    return tensors
+
+
+def load_grown_optimizer_state(
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    tensors: dict[str, Tensor],
+    *,
+    where: object = "warm start",
+) -> list[str]:
+    """Give `optimizers` the state `optimizer_tensors` saved for a smaller model, the
+    optimizer side of `load_grown_state`: a table that gained rows keeps its old rows'
+    moments and its new rows start at zero, as a fresh optimizer's would; step counts
+    carry over. Parameters with no saved state start fresh. Returns the parameters
+    given a state."""
+    saved: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, field_name = key.rpartition("/")
+        saved.setdefault(name, {})[field_name] = value
+    params = dict(model.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise ArtifactError(f"{where}: optimizer state of '{unknown[0]}', which the model lacks")
+    loaded: list[str] = []
+    for opt in optimizers:
+        position = {
+            id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])
+        }
+        state: dict[int, dict[str, Any]] = {}
+        for name, fields in saved.items():
+            p = params[name]
+            if id(p) not in position:
+                continue
+            entry: dict[str, Any] = {}
+            for field_name, value in fields.items():
+                if value.dim() == 0:  # a step count
+                    entry[field_name] = (
+                        int(value) if isinstance(opt, RowSparseAdam) else value.clone()
+                    )
+                    continue
+                grows = value.shape[1:] == p.shape[1:] and value.shape[0] <= p.shape[0]
+                if value.dim() != p.dim() or not grows:
+                    raise ArtifactError(
+                        f"{where}: optimizer state '{name}/{field_name}' has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                    )
+                full = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                full[: value.shape[0]].copy_(value.to(full.dtype))
+                entry[field_name] = full
+            state[position[id(p)]] = entry
+            loaded.append(name)
+        if state:
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return sorted(loaded)
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
@@ -460,6 +574,7 @@ def train(
     progress: bool = True,
     description: str = "training",
     dist: Distributed | None = None,
+    optimizer_state: dict[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` in place (see the module docstring).
 
@@ -472,8 +587,13 @@ def train(
     meta:            JSON-able description of what is trained (model and data config); a
                      resumed checkpoint must carry the same
     dist:            this process's place in a data-parallel run (None: one process)
+    optimizer_state: a warm start's optimizer state (`optimizer_tensors` of the previous
+                     model), given to the fresh optimizers (`load_grown_optimizer_state`);
+                     a resumed run takes its checkpoint's instead
     """
     run = _setup(model, config, checkpoint, resume, evaluate, meta, dist or Distributed())
+    if optimizer_state and not resume:
+        load_grown_optimizer_state(model, run.optimizers, optimizer_state)
     pos = run.pos
     model.train()
     t0 = time.perf_counter()
@@ -822,6 +942,7 @@ def _result(run: _Run, seconds: float, examples_before: int, steps_before: int) 
         world_size=run.dist.world_size,
         comm_bytes_per_step=run.comm_bytes / steps if steps else 0.0,
         comm_seconds=run.comm_s,
+        optimizer_state=optimizer_tensors(run.model, run.optimizers),
     )
 
 

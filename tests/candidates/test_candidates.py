@@ -292,6 +292,7 @@ def test_training_beats_popularity_on_the_tiny_worlds_next_watches(
     assert res.exit_code == 0, res.output
     assert {p.name for p in art.iterdir()} == {
         "config.json", "model.safetensors", "item_embeddings.safetensors",
+        "optimizer.safetensors",
     }  # fmt: skip
     assert not (tmp_path / "cand.checkpoint.pt").exists()
     meta = json.loads((art / "config.json").read_text())

@@ -3,6 +3,7 @@ for day 2 (data written by the tests: `tests/features/periods.py`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,43 @@ def test_proposal_memory_mixes_in_the_previous_label_frequencies(
     plain = load_file(str(tmp_path / "r" / "model.safetensors"))["softmax.log_q"]
     assert mixed.shape == plain.shape and not torch.allclose(mixed, plain)
     assert torch.isfinite(mixed[1:]).all()
+
+
+def test_a_warm_start_continues_the_optimizer_state_of_the_old_rows(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from funnelrec.training import loop
+
+    saved = load_file(str(trained["a1"] / "optimizer.safetensors"))
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
+    at_start: dict[str, dict[str, torch.Tensor]] = {}
+    real = loop.load_grown_optimizer_state
+
+    def keep(model: torch.nn.Module, optimizers: Any, tensors: Any, **kw: Any) -> Any:
+        names = real(model, optimizers, tensors, **kw)
+        params = dict(model.named_parameters())
+        for opt in optimizers:
+            for name in names:
+                state = opt.state.get(params[name])
+                if state:
+                    at_start[name] = {k: v.clone() if torch.is_tensor(v) else v
+                                      for k, v in state.items()}  # fmt: skip
+        return names
+
+    monkeypatch.setattr(loop, "load_grown_optimizer_state", keep)
+    cfg = load_training_config(None, OVERRIDES)
+    fit_candidates(trained["f2"], tmp_path / "a2", cfg, progress=False, warm_start=trained["a1"])
+    # a grown table: its old rows' moments as saved, its new rows' zero; a dense
+    # parameter's moments and step count as saved
+    table = at_start["item_output.weight"]
+    old = saved["item_output.weight/exp_avg_sq"]
+    assert table["exp_avg_sq"].shape[0] > old.shape[0]
+    assert torch.equal(table["exp_avg_sq"][: old.shape[0]], old)
+    assert not table["exp_avg_sq"][old.shape[0] :].any()
+    tower = at_start["tower.0.weight"]
+    assert torch.equal(tower["exp_avg"], saved["tower.0.weight/exp_avg"])
+    assert float(tower["step"]) == float(saved["tower.0.weight/step"]) > 0
+    meta = json.loads((tmp_path / "a2" / "config.json").read_text())
+    assert meta["warm_start"]["optimizer_state"] == "continued"
+    # the new artifact keeps its own state for the next day
+    assert (tmp_path / "a2" / "optimizer.safetensors").exists()

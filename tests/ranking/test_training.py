@@ -139,7 +139,7 @@ def test_ranker_reads_the_logging_policys_candidate_source_and_score(
 
 def test_artifact_reloads_to_the_same_scores(world: tuple[Path, Path], trained: Path) -> None:
     names = {p.name for p in trained.iterdir()} - {"metrics.json"}  # evaluate may have run
-    assert names == {"config.json", "model.safetensors"}
+    assert names == {"config.json", "model.safetensors", "optimizer.safetensors"}
     assert not rank.checkpoint_path(trained).exists()  # removed after a finished run
     meta = json.loads((trained / "config.json").read_text())
     assert meta["kind"] == "ranker" and meta["config"]["tower"] == [32]

@@ -49,6 +49,14 @@ def test_a_ranker_warm_start_grows_its_tables_and_keeps_the_old_rows(tmp_path: P
         rows,
         grown[table].shape[0],
     ]
+    # the optimizers continued: one more step on the counts of day 1's run
+    assert read_ranker_config(tmp_path / "r0")["warm_start"]["optimizer_state"] == "continued"
+    before = load_file(str(tmp_path / "r1" / "optimizer.safetensors"))
+    after = load_file(str(tmp_path / "r0" / "optimizer.safetensors"))
+    steps = [k for k in before if k.endswith("/step")]
+    assert steps and all(float(after[k]) == float(before[k]) + 1 for k in steps)
+    moments = f"{table}/exp_avg_sq"
+    assert after[moments].shape[0] == grown[table].shape[0] > before[moments].shape[0]
 
     result = CliRunner().invoke(
         app,

@@ -313,3 +313,61 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
     # fresh pages each time would be 20 x 4,096; reuse leaves at most a growth or two of
     # the heap (in a long test session its layout varies)
     assert faults <= 2 * 4096
+
+
+class _Tables(nn.Module):
+    """A sparse table (lazy Adam) and a dense layer (AdamW)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(rows, 3, sparse=True)
+        self.out = nn.Linear(3, 1)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.table.weight]
+
+    def loss(self) -> torch.Tensor:
+        return self.out(self.table(torch.tensor([0, 2, 2, 4]))).square().mean()
+
+
+def test_optimizer_state_grows_with_the_tables_and_keeps_the_step_counts() -> None:
+    from funnelrec.training.loop import (
+        TrainConfig,
+        build_optimizers,
+        load_grown_optimizer_state,
+        optimizer_tensors,
+    )
+
+    torch.manual_seed(0)
+    small, config = _Tables(5), TrainConfig(lr=0.01)
+    opts = build_optimizers(small, config)
+    assert any(isinstance(o, RowSparseAdam) for o in opts)
+    for _ in range(3):
+        for o in opts:
+            o.zero_grad()
+        small.loss().backward()
+        for o in opts:
+            o.step()
+    saved = optimizer_tensors(small, opts)
+    assert saved["table.weight/exp_avg"].shape == (5, 3)
+
+    big = _Tables(7)
+    grown_opts = build_optimizers(big, config)
+    names = load_grown_optimizer_state(big, grown_opts, saved)
+    assert names == ["out.bias", "out.weight", "table.weight"]
+    sparse = next(o for o in grown_opts if isinstance(o, RowSparseAdam))
+    state = sparse.state[big.table.weight]
+    assert state["step"] == 3 and isinstance(state["step"], int)
+    assert torch.equal(state["exp_avg_sq"][:5], saved["table.weight/exp_avg_sq"])
+    assert not state["exp_avg_sq"][5:].any()
+    dense = next(o for o in grown_opts if not isinstance(o, RowSparseAdam))
+    assert torch.equal(dense.state[big.out.weight]["exp_avg"], saved["out.weight/exp_avg"])
+    # the grown optimizers step as usual
+    for o in grown_opts:
+        o.zero_grad()
+    big.loss().backward()
+    for o in grown_opts:
+        o.step()
+    assert state["step"] == 4 and torch.isfinite(big.table.weight).all()
+    with pytest.raises(ArtifactError, match="lacks"):
+        load_grown_optimizer_state(big, grown_opts, {"missing.weight/exp_avg": torch.zeros(2)})

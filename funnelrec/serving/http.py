@@ -2,7 +2,8 @@
 
     funnelrec serve ART --host 127.0.0.1 --port 8000
 
-Endpoints: POST /v1/recommend, POST /v1/events, GET /v1/items/{item_id}, GET /healthz,
+Endpoints: POST /v1/recommend, POST /v1/events, POST /v1/items (add an item to the live
+catalogue: docs/serving.md, "A live catalogue"), GET /v1/items/{item_id}, GET /healthz,
 GET /readyz, GET /metrics (Prometheus text), POST /admin/reload, and /openapi.json.
 
 A recommendation's `timings_ms` are the `Recommender`'s stages plus "state" (reading the
@@ -36,6 +37,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -46,7 +48,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,7 +63,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from funnelrec.errors import FunnelrecError
 from funnelrec.serving.memory import release_unused_memory
 from funnelrec.serving.recommender import Demographics, Recommender, RecommendRequest, ServingConfig
-from funnelrec.serving.state import ImpressionEvent, SearchEvent, UserStateStore, WatchEvent
+from funnelrec.serving.state import (
+    AddedItem,
+    ImpressionEvent,
+    SearchEvent,
+    UserStateStore,
+    WatchEvent,
+)
 
 MAX_BODY_BYTES = 1 << 20
 ADMIN_TOKEN_ENV = "FUNNELREC_ADMIN_TOKEN"
@@ -106,6 +121,9 @@ _RANGES = {
     "k": "an integer in 1..1000",
     "watch_time_s": f"a finite number in 0..{MAX_WATCH_TIME_S:g}, seconds",
     "age": "a finite number in 0..150",
+    "duration_s": f"a finite number in 0..{MAX_WATCH_TIME_S:g}, seconds",
+    "upload_ts": f"an integer in 0..{MAX_TS}, Unix seconds, not in the future",
+    "channel_id": f"an integer in 1..{MAX_ID}, a channel of the catalogue",
 }
 
 
@@ -155,6 +173,60 @@ EventBody = Annotated[WatchBody | SearchBody | ImpressionBody, Field(discriminat
 
 class EventsBody(_Strict):
     events: Annotated[list[EventBody], Field(min_length=1, max_length=1000)]
+
+
+def _external_id(value: Any) -> str | int:
+    """An external item id: a string of 1..MAX_TEXT characters or an int in 1..MAX_ID
+    (one error naming the field, not one per member of a union)."""
+    if isinstance(value, str) and 1 <= len(value) <= MAX_TEXT:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID:
+        return value
+    raise PydanticCustomError(
+        "external_id",
+        f"Input should be a valid integer in 1..{MAX_ID} or a string of 1..{MAX_TEXT} characters",
+    )
+
+
+CLOCK_SKEW_S = 300  # how far in the future an upload time may be (the sender's clock)
+
+
+class ItemBody(_Strict):
+    """An item to add to the catalogue (POST /v1/items)."""
+
+    item_id: Annotated[
+        str | int,
+        PlainValidator(_external_id),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
+                    {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                ],
+                "description": "the external id, as the catalogue's `raw_id` (string or int)",
+            }
+        ),
+    ]
+    channel_id: Annotated[int, Field(ge=1, lt=MAX_ID + 1, description="a channel of the catalogue")]
+    topic: Text | None = None
+    title: Annotated[str, Field(min_length=1, max_length=1000)]
+    upload_ts: Annotated[
+        int,
+        Field(ge=0, le=MAX_TS, description=f"Unix seconds, at most {CLOCK_SKEW_S} s from now"),
+    ]
+    duration_s: Annotated[float, Field(ge=0, le=MAX_WATCH_TIME_S, description="seconds")]
+
+
+class ItemAddedBody(BaseModel):
+    """The answer of POST /v1/items: the item as served."""
+
+    item_id: int = Field(description="its dataset item id (the id of every other endpoint)")
+    raw_id: str
+    created: bool = Field(description="false: the same item was already in the catalogue")
+    retrievable: bool = Field(
+        description="whether the deep source can retrieve it (a content model); the fresh "
+        "source nominates it either way"
+    )
 
 
 class ReloadBody(_Strict):
@@ -226,7 +298,8 @@ _DESCRIPTIONS = {
     400: "Malformed body: not JSON, not UTF-8, or nested too deeply",
     403: "Forbidden",
     404: "Not found",
-    409: "Conflict: the new artifact was refused, the old model keeps serving",
+    409: "Conflict: the new artifact was refused (the old model keeps serving), or an item "
+    "of this id exists with other data",
     413: f"Body larger than {MAX_BODY_BYTES} bytes",
     422: "Invalid request: the field is named in `field` and in the message",
     500: "Internal error (the connection is closed after it)",
@@ -342,7 +415,23 @@ class ServiceState:
         self.recommender = Recommender.load(self.artifact, config=serving)
         self.recommender.seed_state(store)
         self._reload_lock = threading.Lock()
+        self._items_lock = threading.Lock()
+        self._take_added_items(self.recommender)
         release_unused_memory()  # what loading (and seeding) freed
+
+    def _take_added_items(self, rec: Recommender) -> None:
+        """Add the stored added items to `rec`'s catalogue (those it lacks)."""
+        rec.add_items(self.store.added_items(rec.added_through))
+
+    def sync_items(self) -> Recommender:
+        """The recommender, with every item added to the store so far, by any process:
+        one max(item_id) query when nothing is new (every request of a worker asks)."""
+        rec = self.recommender
+        if self.store.last_added_item() > rec.added_through:
+            with self._items_lock:
+                rec = self.recommender
+                self._take_added_items(rec)
+        return rec
 
     def reload(self, path: Path | None = None) -> str:
         """Load `path` (default: the current artifact again) and swap it in if it loads.
@@ -353,6 +442,7 @@ class ServiceState:
         with self._reload_lock:
             fresh = Recommender.load(target, config=self.serving)  # raises: old model stays
             fresh.check_compatible_state(self.store)
+            self._take_added_items(fresh)
             if self.shared is not None:
                 self.generation = self._seen = self.shared.publish(target)
             else:
@@ -376,6 +466,7 @@ class ServiceState:
             self._seen = generation
             fresh = Recommender.load(target, config=self.serving)
             fresh.check_compatible_state(self.store)
+            self._take_added_items(fresh)
             self.recommender, self.artifact, self.generation = fresh, target, generation
         release_unused_memory()
         return fresh.fingerprint
@@ -484,7 +575,7 @@ def _validation_message(err: dict[str, Any], field: str) -> str:
     message = f"{field}: {err.get('msg', 'invalid value')}"
     names = [p for p in err.get("loc", ()) if isinstance(p, str)]
     allowed = _RANGES.get(names[-1]) if names else None
-    if allowed is not None and err.get("type") not in ("missing", "extra_forbidden"):
+    if allowed is not None and err.get("type") not in ("missing", "extra_forbidden", "external_id"):
         message += f" (allowed: {allowed})"
     return message
 
@@ -567,7 +658,7 @@ def create_app(
         return await anyio.to_thread.run_sync(_recommend, body, limiter=compute)
 
     def _recommend(body: RecommendBody) -> JSONResponse:
-        rec = service.recommender  # one reference for the whole request
+        rec = service.sync_items()  # one reference for the whole request
         if body.history is not None:
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
             if unknown:
@@ -603,7 +694,7 @@ def create_app(
 
     @app.post("/v1/events", responses=_errors(400, 413, 422, 500))
     def events(body: EventsBody) -> EventsResponseBody:
-        rec = service.recommender
+        rec = service.sync_items()
         out: list[WatchEvent | SearchEvent | ImpressionEvent] = []
         for i, ev in enumerate(body.events):
             if isinstance(ev, WatchBody | ImpressionBody) and not rec.has_item(ev.item_id):
@@ -624,10 +715,40 @@ def create_app(
         # document as "ge"/"lt" instead of "minimum"/"exclusiveMaximum".
         item_id: Annotated[int, PathParam(ge=1, lt=MAX_ID + 1), BeforeValidator(_decimal_digits)],
     ) -> dict[str, Any]:
-        meta = service.recommender.item_metadata(item_id)
+        meta = service.sync_items().item_metadata(item_id)
         if meta is None:
             raise ApiError(404, f"item_id: unknown item id {item_id}", "item_id")
         return meta
+
+    @app.post("/v1/items", responses=_errors(400, 409, 413, 422, 500))
+    def add_item(body: ItemBody) -> ItemAddedBody:
+        rec = service.sync_items()
+        if body.upload_ts > time.time() + CLOCK_SKEW_S:
+            raise ApiError(422, f"upload_ts: {body.upload_ts} is in the future", "upload_ts")
+        if not body.title.strip():
+            raise ApiError(422, "title: is blank", "title")
+        if body.channel_id not in rec.channels:
+            message = f"channel_id: unknown channel {body.channel_id} (not in the catalogue)"
+            raise ApiError(422, message, "channel_id")
+        item = AddedItem(
+            0, str(body.item_id), body.channel_id, body.topic, body.title, body.upload_ts,
+            body.duration_s,
+        )  # fmt: skip
+        found = rec.catalogue_item(item.raw_id)
+        created = False
+        if found is None:
+            first = rec.items.num_items + 1
+            found, created = service.store.add_item(item, first)  # returns after the commit
+            rec = service.sync_items()
+        if not found.same_content(replace(item, item_id=found.item_id)):
+            message = f"item_id: item {item.raw_id} exists with other data"
+            raise ApiError(409, message, "item_id")
+        return ItemAddedBody(
+            item_id=found.item_id,
+            raw_id=found.raw_id,
+            created=created,
+            retrievable=rec.retrievable(found.item_id),
+        )
 
     @app.get("/healthz", responses=_errors(500))
     def healthz() -> dict[str, str]:

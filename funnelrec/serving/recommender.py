@@ -21,6 +21,8 @@ context     the user's events and demographics at request time. History and quer
             done in order, `explicit_gap_s` apart, ending just before the request.
 candidates_deep     the candidate model's user vector (example age 0, paper 3.3) searched
             in the ANN index over item embeddings: the main source, `deep_k` items
+            (with a content model, also over the vectors of the items added while
+            serving, `add_items`: docs/serving.md, "A live catalogue")
 candidates_fresh    "fresh and popular now": recent watch counts boosted for new uploads
 candidates_cowatch  "co-watched with the last watch": items watched right after it
 merge       union of the sources' items; each keeps every source that nominated it and
@@ -55,6 +57,7 @@ when loading, a mismatch raises ArtifactError):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -66,6 +69,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from funnelrec import __version__
 from funnelrec.ann.index import ItemIndex, SearchOptions
@@ -89,7 +93,7 @@ from funnelrec.ranking.model import WEIGHTS_FILE as RANKER_WEIGHTS
 from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
 from funnelrec.serving.inference import RequestRanker, RequestUserTower
 from funnelrec.serving.memory import map_embedding_tables
-from funnelrec.serving.state import UserContext, UserStateStore
+from funnelrec.serving.state import AddedItem, UserContext, UserStateStore
 
 __all__ = [
     "Demographics",
@@ -211,6 +215,19 @@ class Response:
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class _Live:
+    """The catalogue a request is served from, swapped whole when items are added:
+    per-item columns, the featurizer over them, the fresh source, and the added items'
+    content vectors ([M] item ids, [M, d] float32; none for an id-only model)."""
+
+    items: ServingItems
+    featurizer: RankingFeaturizer
+    fresh: Popularity
+    added_ids: np.ndarray
+    added_vecs: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -347,6 +364,137 @@ class Recommender:
         self._user_row = np.full(int(ids.max()) + 1 if ids.size else 1, -1, dtype=np.int64)
         self._user_row[ids] = np.arange(len(ids))
         self.featurizer = RankingFeaturizer(feats, self.items)
+        # The catalogue as packaged, which the items added while serving extend.
+        self._base_items = items
+        raw = items.column("raw_id") if "raw_id" in items.column_names else items["item_id"]
+        self._raw_item = {
+            str(r): int(i)
+            for r, i in zip(raw.to_pylist(), items["item_id"].to_pylist(), strict=True)
+            if r is not None
+        }
+        channels = items.column("channel_id") if "channel_id" in items.column_names else None
+        self.channels = frozenset(
+            int(c)
+            for c in (channels.unique().to_pylist() if channels is not None else [])
+            if c is not None
+        )
+        self.added: dict[int, AddedItem] = {}
+        self.added_through = 0  # the largest stored item id `add_items` was given
+        dim = self.index.dim
+        self._live = _Live(
+            self.items, self.featurizer, self.fresh, np.zeros(0, np.int64),
+            np.zeros((0, dim), np.float32),
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- added items
+
+    @property
+    def retrieves_added_items(self) -> bool:
+        """Whether the deep source can return an added item: only a content model gives
+        an item no one has watched a vector (docs/candidates.md, "Item content tower")."""
+        return self.candidate_model.content is not None
+
+    def retrievable(self, item_id: int) -> bool:
+        """Whether the deep source can return item `item_id` (packaged: it is in the index;
+        added: `retrieves_added_items`)."""
+        if item_id in self.added:
+            return self.retrieves_added_items
+        return bool(np.isin(item_id, self.index.item_ids))
+
+    def catalogue_item(self, raw_id: str) -> AddedItem | None:
+        """The item of external id `raw_id`, packaged or added (None: no such item)."""
+        item_id = self._raw_item.get(raw_id)
+        if item_id is None:
+            return None
+        if item_id in self.added:
+            return self.added[item_id]
+        meta = self.item_metadata(item_id) or {}
+        return AddedItem(
+            item_id, raw_id, int(meta.get("channel_id") or 0), meta.get("topic"),
+            str(meta.get("title") or ""), int(meta.get("upload_ts") or 0),
+            float(meta.get("duration_s") or 0.0),
+        )  # fmt: skip
+
+    def add_items(self, new: list[AddedItem]) -> None:
+        """Add items to the served catalogue (already stored: `UserStateStore.add_item`).
+
+        From the swap of one reference on, the fresh source can nominate them (fresh
+        popularity with no watches: the prior times the boost of an upload at its age,
+        age 0 for one after the packaged `now`), the ranker scores them (out-of-vocabulary
+        `rank_item`, their channel, topic, age and duration) and, with a content model,
+        the deep source retrieves them: their content vectors are searched exactly beside
+        the packaged index (the ANN index, built or memory-mapped, is not changed). Items
+        already in the catalogue (by external id), or whose id the packaged catalogue
+        uses, are skipped. Costs O(catalogue) per call: the per-item
+        columns are rebuilt (so add items in batches where there are many).
+        """
+        n0 = int(self._base_items["item_id"].to_numpy().max()) if self._base_items.num_rows else 0
+        self.added_through = max([self.added_through, *(it.item_id for it in new)])
+        new = [
+            it for it in new
+            if it.item_id not in self.added and it.item_id > n0 and it.raw_id not in self._raw_item
+        ]  # fmt: skip
+        if not new:
+            return
+        added = {**self.added, **{it.item_id: it for it in new}}
+        rows = list(added.values())
+        base = self._base_items
+        extra = pa.table(
+            {
+                "item_id": pa.array([it.item_id for it in rows], pa.int64()),
+                "upload_ts": [it.upload_ts for it in rows],
+                "duration_s": [it.duration_s for it in rows],
+                "channel_id": [it.channel_id for it in rows],
+                "topic": pa.array([it.topic for it in rows], pa.string()),
+                "title": [it.title for it in rows],
+                "watches": pa.array([0] * len(rows), pa.int64()),
+                "raw_id": [it.raw_id for it in rows],
+            }
+        )
+        extra = extra.select([c for c in base.column_names if c in extra.column_names])
+        extra = extra.cast(base.select(extra.column_names).schema)
+        table = pa.concat_tables([base, extra], promote_options="default")
+        items = ServingItems.from_table(table)
+        featurizer = RankingFeaturizer(self.features, items)
+        fresh = copy.copy(self.fresh)
+        scores = np.full(items.num_items + 1, -np.inf, dtype=np.float32)
+        scores[: len(self.fresh.scores_)] = self.fresh.scores_[: self.fresh.num_items + 1]
+        cfg = fresh.cfg
+        assert cfg.fresh_half_life_s is not None  # checked when loading
+        for it in rows:
+            age = max(float(fresh.now - it.upload_ts), 0.0)
+            boost = 1 + cfg.fresh_boost * 0.5 ** (age / cfg.fresh_half_life_s)
+            scores[it.item_id] = cfg.fresh_prior * boost
+        fresh.scores_, fresh.num_items = scores, items.num_items
+        live = self._live
+        ids, vecs = live.added_ids, live.added_vecs
+        if self.retrieves_added_items:
+            content = self.features.encode_item_content(extra.slice(len(rows) - len(new)))
+            with torch.no_grad():
+                v = self.candidate_model.content_embeddings(content.content()).cpu().numpy()
+            ids = np.concatenate([ids, np.asarray(content.item_id, dtype=np.int64)])
+            vecs = np.concatenate([vecs, v.astype(np.float32)])
+        item_row = np.full(items.num_items + 1, -1, dtype=np.int64)
+        item_row[np.asarray(table.column("item_id").to_numpy())] = np.arange(table.num_rows)
+        # Readers in other threads: the metadata lookups first (the old items keep their
+        # rows), then what makes the new items known (`has_item`, requests).
+        self._items_table, self._item_row = table.drop_columns(["watches"]), item_row
+        self.added = added
+        self._raw_item.update({it.raw_id: it.item_id for it in new})
+        self.channels = self.channels | {it.channel_id for it in new}
+        self._live = _Live(items, featurizer, fresh, ids, vecs)
+        self.items, self.featurizer, self.fresh = items, featurizer, fresh
+
+    def _search_added(
+        self, live: _Live, u: np.ndarray, k: int, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The added items' exact top `k` by dot product with the user vector u [d]."""
+        ids, scores = live.added_ids, live.added_vecs @ np.asarray(u, np.float32).reshape(-1)
+        if exclude is not None:
+            keep = ~_in_sorted(ids, exclude)
+            ids, scores = ids[keep], scores[keep]
+        order = np.lexsort((ids, -scores))[:k]
+        return ids[order], scores[order]
 
     # ---------------------------------------------------------------- lookups
 
@@ -415,6 +563,7 @@ class Recommender:
         if req.k < 1:
             raise FunnelrecError(f"k: must be at least 1, got {req.k}")
         t = time.perf_counter()
+        live = self._live  # one catalogue for the whole request (items may be added)
         user = self._context(req, ctx)
         history = np.asarray(user.events.history, dtype=np.int64)
         if req.exclude is not None:
@@ -436,18 +585,31 @@ class Recommender:
             k_deep = min(max(self.config.deep_k, req.k), self.index.count)
             ids, scores = self.index.search(u, k_deep, exclude=watched)
             keep = ids >= 0
-            nominated[DEEP] = (ids[keep], scores[keep])
+            ids, scores = ids[keep], scores[keep]
+            if len(live.added_ids):
+                more, more_scores = self._search_added(live, u, k_deep, watched)
+                ids, scores = np.concatenate([ids, more]), np.concatenate([scores, more_scores])
+                order = np.lexsort((ids, -scores))[:k_deep]
+                ids, scores = ids[order], scores[order]
+            nominated[DEEP] = (ids, scores)
         timings["candidates_deep"] = _ms(t)
 
         t = time.perf_counter()
         k_fresh = self.config.fresh_k if DEEP in nominated else max(self.config.fresh_k, req.k)
         if k_fresh > 0:
-            nominated[FRESH] = self.fresh.top_k(history, k_fresh, exclude=watched)
+            nominated[FRESH] = live.fresh.top_k(history, k_fresh, exclude=watched)
         timings["candidates_fresh"] = _ms(t)
 
         t = time.perf_counter()
         if history.size and self.config.cowatch_k > 0:
-            nominated[COWATCH] = self.cowatch.top_k(history, self.config.cowatch_k, exclude=watched)
+            # Added items have no co-watch row: the packaged ones are asked about.
+            n = self.cowatch.num_items
+            packaged = history[history <= n]
+            if packaged.size:
+                excl = watched[watched <= n] if watched is not None else None
+                nominated[COWATCH] = self.cowatch.top_k(
+                    packaged, self.config.cowatch_k, exclude=excl
+                )
         timings["candidates_cowatch"] = _ms(t)
 
         t = time.perf_counter()
@@ -471,7 +633,7 @@ class Recommender:
         t = time.perf_counter()
         features = None
         if len(cand):
-            features = self.featurizer.request(
+            features = live.featurizer.request(
                 user.events,
                 cand,
                 user.ts,

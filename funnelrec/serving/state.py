@@ -23,15 +23,19 @@ transaction. The columns are plain data, no pickle:
                        unknown), little-endian, oldest first (equal times: arrival order)
     searches     TEXT  JSON [[ts, query], ...], oldest first
     impressions  BLOB  [m] records of (item_id int64, shown int64, last_ts int64), by item
+
+Table `items` holds the items added while serving (POST /v1/items, `add_item`), a row
+each with the item id the store gave it: the served catalogue adds them at every load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
     user_id INTEGER PRIMARY KEY, watches BLOB NOT NULL, searches TEXT NOT NULL,
     impressions BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    item_id INTEGER PRIMARY KEY, raw_id TEXT NOT NULL UNIQUE, channel_id INTEGER NOT NULL,
+    topic TEXT, title TEXT NOT NULL, upload_ts INTEGER NOT NULL, duration_s REAL NOT NULL);
 """
 _WATCH = np.dtype([("item", "<i8"), ("ts", "<i8"), ("watch_time", "<f8")])
 _SHOWN = np.dtype([("item", "<i8"), ("shown", "<i8"), ("last_ts", "<i8")])
@@ -78,6 +85,30 @@ class ImpressionEvent:
 
 
 Event = WatchEvent | SearchEvent | ImpressionEvent
+
+
+@dataclass(frozen=True)
+class AddedItem:
+    """An item added to the catalogue while serving (POST /v1/items), as stored.
+
+    item_id: its dataset item id, given by the store (above every catalogue id then)
+    raw_id:  the external id, as text (the catalogue's `raw_id`)
+    """
+
+    item_id: int
+    raw_id: str
+    channel_id: int
+    topic: str | None
+    title: str
+    upload_ts: int
+    duration_s: float
+
+    def same_content(self, other: AddedItem) -> bool:
+        """Whether `other` says the same of the item (its item id aside)."""
+        # The catalogue keeps durations as float32: equal to within its precision.
+        return (self.raw_id, self.channel_id, self.topic, self.title, self.upload_ts) == (
+            other.raw_id, other.channel_id, other.topic, other.title, other.upload_ts
+        ) and math.isclose(self.duration_s, other.duration_s, rel_tol=1e-6)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -362,6 +393,49 @@ class UserStateStore:
             ((user, *row) for user, row in rows.items()),
         )
 
+    # ---------------------------------------------------------------- added items
+
+    def add_item(self, item: AddedItem, first_id: int) -> tuple[AddedItem, bool]:
+        """Store `item` under a new item id (its `item_id` is ignored): the smallest above
+        `first_id - 1` and every stored one. Returns (the stored item, created); an item of
+        the same raw id already stored is returned as it is, not created (the caller
+        compares the content). Returns only once the transaction is committed.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                found = self._db.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE raw_id = ?", (item.raw_id,)
+                ).fetchone()
+                if found is not None:
+                    self._db.execute("COMMIT")
+                    return _added_item(found), False
+                top = self._db.execute("SELECT max(item_id) FROM items").fetchone()[0]
+                stored = replace(item, item_id=max(first_id, (top or 0) + 1))
+                self._db.execute(
+                    f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    _item_row(stored),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return stored, True
+
+    def added_items(self, after: int = 0) -> list[AddedItem]:
+        """The added items with item id above `after`, by item id."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE item_id > ? ORDER BY item_id", (after,)
+            ).fetchall()
+        return [_added_item(r) for r in rows]
+
+    def last_added_item(self) -> int:
+        """The largest added item id (0: none): a cheap check for items added since."""
+        with self._lock:
+            top = self._db.execute("SELECT max(item_id) FROM items").fetchone()[0]
+        return int(top or 0)
+
     # ---------------------------------------------------------------- reads
 
     def context(self, user_id: int) -> UserContext:
@@ -398,6 +472,21 @@ class UserStateStore:
                 (user_id,),
             ).fetchone()
         return row is not None and bool(row[0])
+
+
+_ITEM_COLUMNS = "item_id, raw_id, channel_id, topic, title, upload_ts, duration_s"
+
+
+def _item_row(item: AddedItem) -> tuple[Any, ...]:
+    return (
+        item.item_id, item.raw_id, item.channel_id, item.topic, item.title, item.upload_ts,
+        float(item.duration_s),
+    )  # fmt: skip
+
+
+def _added_item(row: Sequence[Any]) -> AddedItem:
+    i, raw, channel, topic, title, up, duration = row
+    return AddedItem(int(i), str(raw), int(channel), topic, str(title), int(up), float(duration))
 
 
 def _check_event(ev: Event, index: int) -> None:

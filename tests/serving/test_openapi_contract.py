@@ -5,7 +5,8 @@ status the document declares for the route, a declared Content-Type and a body o
 declared schema (ErrorBody for every error); a negative request must be refused (a 4xx).
 
 A positive request may still be refused with a 422 for what the document cannot say: an
-item id that is not in the catalog, an integer spelled as a float (`1.0`, an integer for
+item id that is not in the catalog, an added item's channel not in it, its upload time in
+the future or its title blank, an integer spelled as a float (`1.0`, an integer for
 JSON Schema; the service takes JSON integers only, README "Serving"), or a NUL in a reload
 path; or for an id past 2^63-1 that schemathesis takes for a valid one (below).
 
@@ -38,6 +39,7 @@ OPERATIONS: dict[tuple[str, str], set[int] | None] = {
     ("POST", "/v1/recommend"): {200},
     ("POST", "/v1/events"): {200},
     ("GET", "/v1/items/{item_id}"): {200, 404},  # 404: not in the catalog
+    ("POST", "/v1/items"): {200, 409},  # 409: the external id exists with other data
     # Loopback, no token: reloads the artifact (no path), refuses a path outside the
     # artifacts' root (403) and a directory inside it that is no artifact (409).
     ("POST", "/admin/reload"): {200, 403, 409},
@@ -111,6 +113,12 @@ def _refused_by_design(app: FastAPI, case: schemathesis.Case, error: dict[str, A
         return "less than" in error["error"]
     if isinstance(value, int) and "unknown item id" in error["error"]:
         return not app.state.service.recommender.has_item(value)
+    if field == "channel_id":
+        return "unknown channel" in error["error"]  # not in the catalogue
+    if field == "upload_ts":
+        return "in the future" in error["error"]
+    if field == "title":
+        return "is blank" in error["error"] and not value.strip()
     if isinstance(value, str) and "\x00" in value:
         return field == "path"  # a reload path with NUL: no file has one
     return False

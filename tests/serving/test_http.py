@@ -176,6 +176,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_server(art: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
+    """`funnelrec serve ART` in a child process on `port` with state database `state`,
+    returned once /readyz answers (AssertionError if it exits or takes over a minute)."""
+    cmd = [
+        sys.executable, "-m", "funnelrec.cli", "serve", str(art),
+        "--port", str(port), "--state", str(state),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError("server did not start") from None
+            time.sleep(0.2)
+
+
 def _post(port: int, path: str, body: dict) -> dict:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -189,21 +209,8 @@ def _post(port: int, path: str, body: dict) -> dict:
 def test_acknowledged_events_survive_sigkill_of_the_server(art: Path, tmp_path: Path) -> None:
     state = tmp_path / "state.db"
     port = _free_port()
-    cmd = [
-        sys.executable, "-m", "funnelrec.cli", "serve", str(art),
-        "--port", str(port), "--state", str(state),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_server(art, state, port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError("server did not start") from None
-                time.sleep(0.2)
         user = 20_000_000
         for i in range(1, 6):
             ev = {"type": "watch", "user_id": user, "item_id": i, "ts": 3_000_000_000 + i}

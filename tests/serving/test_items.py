@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from funnelrec.serving.http import create_app
 from funnelrec.serving.package import package
 from funnelrec.serving.recommender import ServingConfig
 from funnelrec.serving.state import UserStateStore
-from tests.serving.test_http import _free_port, _post
+from tests.serving.test_http import _free_port, _post, start_server
 
 # Every candidate the fresh source has (the tiny world has 1000 items), none from the others.
 FRESH_ONLY = ServingConfig(deep_k=0, fresh_k=1000, cowatch_k=0)
@@ -137,21 +135,8 @@ def test_added_items_survive_reload_and_restart_and_reach_every_worker(
 def test_an_acknowledged_item_survives_sigkill_of_the_server(world: Path, tmp_path: Path) -> None:
     state = tmp_path / "state.db"
     port = _free_port()
-    cmd = [
-        sys.executable, "-m", "funnelrec.cli", "serve", str(world / "art"),
-        "--port", str(port), "--state", str(state),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_server(world / "art", state, port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError("server did not start") from None
-                time.sleep(0.2)
         meta = _get(port, "/v1/items/1")
         body = {
             "item_id": 777,

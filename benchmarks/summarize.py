@@ -182,9 +182,12 @@ def machine_text(m: Any) -> str:
 
 
 def read_results(results: Path) -> list[Result]:
-    """Every results/*.json, in the index's order; a file that is not JSON keeps its error."""
+    """Every results/*.json, in the index's order; a file that is not JSON keeps its error.
+    A run's `*.partial.json` (what a long run finished so far, not committed) is left out."""
     out = []
     for path in sorted(results.glob("*.json")):
+        if path.name.endswith(".partial.json"):
+            continue
         try:
             out.append(Result(path.stem, path, json.loads(path.read_text())))
         except (OSError, ValueError) as e:

@@ -227,11 +227,13 @@ def test_unknown_or_changed_structures_get_a_generic_section(tmp_path: Path) -> 
         "ann": {"items": 10, "rows": "not a list"},  # a known name in a shape it no longer has
         "broken": "{not json",
         "listy": [1, 2, 3],
+        "mystery.partial": {"benchmark": "mystery", "speed": 1.0},  # a run's interim file
     }
     root, args = setup(tmp_path, results)
     assert run(args) == 0
     index = (root / "bench" / "README.md").read_text()
     readme = (root / "README.md").read_text()
+    assert "partial" not in index and "partial" not in readme
     assert "## mystery" in index and "| speed | 12.5 |" in index
     assert "date 2026-02-03" in index and "Other fields: `nested`." in index
     assert "structure is not one `summarize.py` knows" in index

@@ -1,11 +1,17 @@
 """Rolling next-day evaluation: a model never updated, one updated every day with
-`funnelrec update` (warm starts) and one retrained from scratch every day, each scored on
-the next day's watches of a simulated world fed in as a user's own logs.
+`funnelrec update` (warm starts) and one retrained from scratch every day, each with the
+id-only candidate model of the paper and with the item content tower, each scored on the
+next day's watches of a simulated world fed in as a user's own logs.
 
     .venv/bin/python benchmarks/rolling.py                          # small world, days 22-27
     .venv/bin/python benchmarks/rolling.py --arms frozen,incremental --days 21:22-24
     .venv/bin/python benchmarks/rolling.py --world tiny --days 21:22-23 --work /tmp/rt \
         --out /tmp/rolling-tiny.json
+    # the content arms (and the id-only ones they are compared with) added to a result,
+    # its other arms kept as they are
+    .venv/bin/python benchmarks/rolling.py \
+        --arms frozen,incremental,frozen_content,incremental_content \
+        --merge-into benchmarks/results/rolling.json
 
 Data: the world (`--world`, `--seed`) is simulated once, and each of its days written under
 WORK/logs as a service's logs would be: a folder of Parquet files per day (watches,
@@ -16,8 +22,11 @@ mapping has no columns for the logging policy's candidate source and score: the
 impressions come without them, as the simulated world's features leave them out anyway.)
 
 Days 1-21 are trained once (leave-last-out features; the training settings of `TRAINING`,
-the demo's on the small world, or `--candidates` / `--ranker`) and packaged. Then, for each
-day D of 22-27, every arm takes in day D and is scored on day D + 1:
+the demo's on the small world, or `--candidates` / `--ranker`) and packaged; the content
+tower's days 1-21 model is the same candidate training plus `--content` (by default
+`item_content=true`), packaged with the same features and ranker (the features always hold
+the items' content, and the ranker does not read the candidate model). Then, for each day
+D of 22-27, every arm takes in day D and is scored on day D + 1:
 
     frozen       never updated
     incremental  `funnelrec update` (`pipeline.update`): append -> features update ->
@@ -25,6 +34,14 @@ day D of 22-27, every arm takes in day D and is scored on day D + 1:
                  default settings (`--update KEY=VALUE` overrides them)
     full         `data append`, then features, both stages and the package built from
                  scratch with the settings days 1-21 were trained with
+    X_content    arm X from the content tower's days 1-21 model (a warm start keeps the
+                 model config, so `incremental_content` stays a content model; `full_content`
+                 retrains with `--content` added; it is not run by default, being the
+                 costliest)
+
+The id-only arms run first each day, as they did before the content arms existed, and
+every arm has its own copy of the dataset and its own run directories, so adding arms
+moves none of their figures.
 
 An update's cost is the wall and CPU seconds of that work, CPU being this process's and
 any children's (`time.process_time` and `RUSAGE_CHILDREN`); torch runs `--threads` threads.
@@ -35,25 +52,52 @@ and their impression counts, seeded from the dataset through day D: `UserStateSt
 same for every arm; the targets are the distinct items the user watched that day. Items
 the user watched before are excluded from every ranking, except the targets (a re-watch
 stays retrievable, the protocol of `candidates.metrics`).
-  recall@100       the candidate model alone: exact scores over its whole item vocabulary
-                   (`target_ranks`, `RetrievalMetrics`); a target outside the vocabulary
-                   is a miss
+  recall@100       the candidate model alone: exact scores over every item it can
+                   represent, i.e. what its export (hence the index) holds: the item
+                   vocabulary, and with the content tower also the catalogue items outside
+                   it, scored by their content alone (`target_ranks`, `RetrievalMetrics`);
+                   a target it cannot represent is a miss
+  fresh_recall@100 recall@100 of the targets uploaded in the `FRESH_DAYS` days before the
+                   query (the items table's `upload_ts` in [start of D + 1 - 2 days, start
+                   of D + 1)), over the queries with at least one such target, from the
+                   same rankings
+  cold_recall@100  likewise of the targets outside the arm's item vocabulary (no id
+                   embedding: never watched in its training data, or uploaded since);
+                   the id-only model cannot represent them, so its figure is 0
   funnel HR@10     the packaged funnel (`Recommender.recommend`: deep, co-watch and fresh
                    candidates ranked by the ranker), its top 100 scored by `list_ranks`
-  unrepresentable  the share of day D + 1's watches whose item is outside the candidate
-                   model's item vocabulary
-The models of days 1-21 are also scored on day 22 (`start`, every arm's first point).
+  unrepresentable  the share of day D + 1's watches whose item the candidate model cannot
+                   represent (outside its export)
+The models of days 1-21 are also scored on day 22 (`start`, and `start_content` for the
+content tower: every arm's first point).
+
+The age of what is recommended, in the spirit of Fig. 4 of Covington et al. 2016 (section
+3.3, example age): each query's top `AGE_K` items of the candidate model (every item the
+user watched before excluded, as a server would; exact scores) and the queries' targets
+(the distinct items each user actually watched that day) are counted by the item's age
+since upload at the query time, in the bins of `AGE_EDGES`, summed over all scored days.
 
 Goals: `incremental` reaches >= 0.97 x `full`'s mean recall@100 at <= 1/10 of its mean
-update CPU seconds; the figure shows the frozen arm's decay. Writes
-benchmarks/results/rolling.json (after every day, `complete` false until the end) and
-benchmarks/results/rolling.png.
+update CPU seconds; `incremental_content` reaches >= 2 x `incremental`'s mean fresh-item
+recall@100, a mean cold-item recall@100 above 0, and >= 0.99 x its mean recall@100 (the
+same for `full_content` against `full`; none for the frozen arms, which know no item
+uploaded after their training window); the figure
+shows the frozen arm's decay. Writes benchmarks/results/rolling.json (after every day,
+`complete` false until the end), benchmarks/results/rolling.png and
+benchmarks/results/rolling_age.png.
+
+`--merge-into RESULT`: the arms of RESULT that this run does not run are kept as they are
+(each arm records the date and code of the run that measured it under `run`), the ones it
+runs are replaced, and what RESULT's own run recorded is kept under `merged.previous`. The
+settings that decide the figures (world, seed, days, training and update settings, users
+scored, split) must be RESULT's; the output is RESULT itself unless `--out` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -76,7 +120,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from funnelrec.candidates import fit_candidates, load_training_config
+from funnelrec.candidates import fit_candidates, load_item_embeddings, load_training_config
 from funnelrec.candidates.metrics import (
     ModelScorer,
     RetrievalMetrics,
@@ -94,19 +138,50 @@ from funnelrec.features.build import build_features
 from funnelrec.pipeline import DEMO, load_update_config, update
 from funnelrec.ranking.training import load_ranker_train_config, train_ranker
 from funnelrec.serving.package import package
-from funnelrec.serving.recommender import Recommender, RecommendRequest
+from funnelrec.serving.recommender import CANDIDATES_DIR, Recommender, RecommendRequest
 from funnelrec.serving.state import UserContext, UserStateStore
 from funnelrec.simulate import generate, preset_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rolling.json"
-ARMS = ("frozen", "incremental", "full")
+ID_ARMS = ("frozen", "incremental", "full")
+CONTENT = "_content"  # the suffix of an arm with the item content tower
+ARMS = (*ID_ARMS, *(f"{a}{CONTENT}" for a in ID_ARMS))
+# full_content retrains both stages every day, as full does: opt-in
+DEFAULT_ARMS = ("frozen", "incremental", "full", f"frozen{CONTENT}", f"incremental{CONTENT}")
 DAY = 86_400
 CANDIDATE_KS = (10, 50, 100)
 FUNNEL_KS = (10, 100)  # the funnel is asked for max(FUNNEL_KS) items
 RECALL_GOAL = 0.97  # incremental's mean recall@100 over full's, at least
 CPU_GOAL = 0.1  # incremental's mean update CPU seconds over full's, at most
 USERS_PER_BATCH = 256  # queries scored against the whole vocabulary at once
+
+# The content tower's goals against the id-only arm it extends (issue of the content
+# tower: fresh items retrievable before their first watch)
+FRESH_GOAL = 2.0  # mean fresh-item recall@100 over the id-only arm's, at least
+OVERALL_GOAL = 0.99  # mean recall@100 over the id-only arm's, at least
+SUBSET_K = 100  # the cut-off of the fresh- and cold-item recall
+FRESH_DAYS = 2  # a target is fresh when uploaded in the days before the query
+
+# The item ages of the figure after Covington et al. 2016, Fig. 4 (days since upload at
+# the query time): bins [0, 1), [1, 2), ... [28, inf), after one for the items uploaded
+# during the scored day (a watch of the data only: no model can know them at its start)
+# and before one for the items without an upload time.
+AGE_K = 100  # each query's top AGE_K items of the candidate model
+AGE_EDGES = (0, 1, 2, 3, 5, 7, 14, 28)
+AGE_LABELS = (
+    "uploaded that day",
+    *(f"{a}-{b}" for a, b in itertools.pairwise(AGE_EDGES)),
+    f"{AGE_EDGES[-1]}+",
+    "no upload time",
+)
+NO_UPLOAD = np.iinfo(np.int64).min
+
+# The settings a result's figures depend on: a run merged into it must have the same.
+MERGE_SETTINGS = (
+    "world", "seed", "train_days", "days", "features", "candidates", "ranker", "update",
+    "eval_users", "split",
+)  # fmt: skip
 
 # The training settings of the days 1-21 models, which the full arm repeats every day
 # (candidate model, ranker). The small world's are the demo's models (`pipeline.DEMO`),
@@ -192,7 +267,8 @@ class Settings:
     the incremental arm; eval_users: score only the first N active users of a day (None:
     all of them); split: the features' split, leave-last-out, so that all but each user's
     last two watches train (those two validate and test) and the day an update takes in
-    is training data (a time split holds the latest watches out, the new day's among them).
+    is training data (a time split holds the latest watches out, the new day's among them);
+    content: the candidate overrides added for the content tower's from-scratch training.
     """
 
     world: str
@@ -207,6 +283,7 @@ class Settings:
     threads: int
     eval_users: int | None = None
     split: Literal["last", "time"] = "last"
+    content: tuple[str, ...] = ("item_content=true",)
 
 
 @dataclass
@@ -381,15 +458,31 @@ def step(cost: Cost, name: str) -> Iterator[None]:
         cost.steps[name] = time.perf_counter() - started
 
 
-def train_from_scratch(data: Path, out: Path, s: Settings, cost: Cost) -> None:
+def is_content(arm: str) -> bool:
+    return arm.endswith(CONTENT)
+
+
+def kind_of(arm: str) -> str:
+    """frozen, incremental or full: how the arm takes a day in."""
+    return arm.removesuffix(CONTENT)
+
+
+def candidate_overrides(s: Settings, content: bool) -> list[str]:
+    """The from-scratch candidate training of the id-only or the content arms."""
+    return [*s.candidates, *(s.content if content else ())]
+
+
+def train_from_scratch(
+    data: Path, out: Path, s: Settings, cost: Cost, *, content: bool = False
+) -> None:
     """Features, candidate model, ranker and package of DATA, built anew into the run
     directory OUT (the layout `funnelrec update` continues from), with the settings of
-    days 1-21."""
+    days 1-21 (content: with the content tower)."""
     fc = load_config(FeaturesConfig, None, list(s.features))
     with step(cost, "features"):
         build_features(data, out / "features", split=s.split, config=fc, force=True, progress=False)
     with step(cost, "candidates"):
-        cand = load_training_config(None, list(s.candidates))
+        cand = load_training_config(None, candidate_overrides(s, content))
         fit_candidates(out / "features", out / "candidates", cand, force=True, progress=False)
     with step(cost, "ranker"):
         rank = load_ranker_train_config(None, list(s.ranker))
@@ -447,6 +540,50 @@ def base_run(s: Settings, logs: Path, work: Path, log: Log) -> tuple[Path, dict[
     return base, {**cost, "reused": False}
 
 
+def base_content_run(s: Settings, base: Path, log: Log) -> tuple[Path, dict[str, Any]]:
+    """The content tower's days 1..train_days model: WORK/base-content, a run directory
+    with BASE's features and ranker (copied) and a candidate model trained with the content
+    overrides, packaged. Reused when made from the same BASE with the same settings."""
+    out = base.parent / "base-content"
+    key = {
+        "base": json.loads((base / "stamp.json").read_text()),
+        "candidates": candidate_overrides(s, True),
+    }
+    stamp = out / "stamp.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        log(f"days 1-{s.train_days}, content tower: trained model found in {out}, reused")
+        return out, {**json.loads(stamp.read_text())["cost"], "reused": True}
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for part in ("features", "ranker"):
+        shutil.copytree(base / part, out / part)
+    with measured() as trained:
+        with step(trained, "candidates"):
+            cand = load_training_config(None, candidate_overrides(s, True))
+            fit_candidates(out / "features", out / "candidates", cand, force=True, progress=False)
+        with step(trained, "artifact"):
+            package(
+                out / "features",
+                out / "candidates",
+                out / "ranker",
+                out / "artifact",
+                data=base / "data",
+                force=True,
+                progress=False,
+            )
+    log(
+        f"days 1-{s.train_days}, content tower trained: {trained.wall_s:.0f} s wall, "
+        f"{trained.cpu_s:.0f} s CPU"
+    )
+    cost = {
+        "train_wall_s": trained.wall_s,
+        "train_cpu_s": trained.cpu_s,
+        "steps_wall_s": trained.steps,
+    }
+    stamp.write_text(json.dumps({"key": key, "cost": cost}, indent=2) + "\n")
+    return out, {**cost, "reused": False}
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -456,7 +593,9 @@ class NextDay:
 
     users [Q] (sorted dataset ids); contexts [Q] their live state at the start of the day;
     watched [Q] the distinct items each watched before the day; targets [Q] the distinct
-    items each watched that day; items [W] the item of every watch of the day (all users).
+    items each watched that day; items [W] the item of every watch of the day (all users);
+    start: the time of the queries (the day's first second); upload [I + 1] the upload
+    time of each dataset item id (the items table's `upload_ts`; NO_UPLOAD: none).
     """
 
     day: int
@@ -466,6 +605,23 @@ class NextDay:
     targets: list[np.ndarray]
     items: np.ndarray
     counts: dict[str, int]
+    start: int
+    upload: np.ndarray
+
+    def fresh(self, items: np.ndarray) -> np.ndarray:
+        """[...] bool: each dataset item id uploaded in the FRESH_DAYS days before the
+        queries (ids <= 0: False)."""
+        ts = self.upload[np.clip(items, 0, None)]
+        return (items > 0) & (ts >= self.start - FRESH_DAYS * DAY) & (ts < self.start)
+
+    def age_counts(self, items: np.ndarray) -> np.ndarray:
+        """[len(AGE_LABELS)] how many of the dataset item ids `items` fall in each age bin."""
+        ts = self.upload[items]
+        known = ts != NO_UPLOAD
+        age = (self.start - ts[known]) / DAY
+        bins = np.searchsorted(np.asarray(AGE_EDGES, dtype=np.float64), age, side="right")
+        counts = np.bincount(bins, minlength=len(AGE_EDGES) + 1)
+        return np.append(counts, np.count_nonzero(~known)).astype(np.int64)
 
 
 def distinct_items(users: np.ndarray, user: np.ndarray, item: np.ndarray) -> list[np.ndarray]:
@@ -503,6 +659,11 @@ def next_day(
     watched = distinct_items(users, user[~today & mine], item[~today & mine])
     contexts = [store.context(int(u)) for u in users]
     store.close()
+    items = Dataset.open(ref).table("items", ["item_id", "upload_ts"])
+    ids = np.asarray(items["item_id"].to_numpy(), dtype=np.int64)
+    upload = np.full(max(int(ids.max(initial=0)), int(item.max(initial=0))) + 1, NO_UPLOAD)
+    upload[ids] = np.asarray(pc.fill_null(items["upload_ts"], NO_UPLOAD).to_numpy(), dtype=np.int64)
+    first = start + (day - 1) * DAY
     counts = {
         "active_users": active,
         "queries": len(users),
@@ -511,17 +672,66 @@ def next_day(
         "new_users": int((users > users_before).sum()),
         "watches_of_new_items": int((item[today] > items_before).sum()),
     }
-    return NextDay(day, users, contexts, watched, targets, item[today], counts)
+    return NextDay(day, users, contexts, watched, targets, item[today], counts, first, upload)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What a packaged candidate model ranks: the columns of its scores. Columns 1..N are
+    its item vocabulary's ids, as `ModelScorer.scores` gives them; an item-content model's
+    export adds the catalogue items outside the vocabulary as columns N + 1..M, scored by
+    their content vectors `cold` [M - N, d]. item_ids [M + 1] the dataset item id of each
+    column (column 0: padding, never ranked); column [I + 1] the column of each dataset
+    item id (0: the model cannot represent it)."""
+
+    vocab_items: int
+    item_ids: np.ndarray
+    column: np.ndarray
+    cold: torch.Tensor
+
+    @classmethod
+    def of(cls, rec: Recommender) -> Corpus:
+        emb, ids = load_item_embeddings(rec.path / CANDIDATES_DIR)
+        item_ids = np.concatenate([[0], ids.numpy().astype(np.int64)])
+        n = len(rec.features.vocab("item")) - 1
+        # the export's first N rows are the vocabulary's (ids 1..N), which the scorer's
+        # columns are: checked, since a content-only column is placed after them
+        if not np.array_equal(
+            rec.features.vocab("item").lookup(item_ids[1 : n + 1]), np.arange(1, n + 1)
+        ):
+            raise RuntimeError(f"{rec.path}: the export's first items are not its vocabulary")
+        column = np.zeros(int(item_ids.max()) + 1, dtype=np.int64)
+        column[item_ids[1:]] = np.arange(1, len(item_ids))
+        return cls(n, item_ids, column, emb[n:].to(torch.float32))
+
+    @property
+    def num_columns(self) -> int:
+        """M + 1."""
+        return len(self.item_ids)
+
+    def lookup(self, items: np.ndarray) -> np.ndarray:
+        """The column of each dataset item id (0: not representable, or not an id)."""
+        items = np.asarray(items, dtype=np.int64)
+        inside = (items > 0) & (items < len(self.column))
+        return np.where(inside, self.column[np.where(inside, items, 0)], 0)
 
 
 def score(rec: Recommender, nd: NextDay) -> dict[str, Any]:
     """The candidate model's and the funnel's metrics on the day's queries (module
-    docstring), and the share of the day's watches the model cannot represent."""
+    docstring), the share of the day's watches the model cannot represent, and how many
+    of its top AGE_K items fall in each age bin (`top_age_counts`)."""
     started = time.perf_counter()
     vocab = rec.features.vocab("item")
-    n1 = len(vocab)
+    corpus = Corpus.of(rec)
+    n1 = corpus.num_columns
     scorer, keys = ModelScorer(rec.candidate_model), tie_keys(n1)
     cand, funnel = RetrievalMetrics(CANDIDATE_KS), RetrievalMetrics(FUNNEL_KS)
+    subsets = {name: RetrievalMetrics((SUBSET_K,)) for name in ("fresh", "cold")}
+    counted = dict.fromkeys(
+        ("fresh_targets", "fresh_queries", "cold_targets", "cold_queries", "cold_representable"),
+        0,
+    )
+    ages = np.zeros(len(AGE_LABELS), dtype=np.int64)
     k = max(FUNNEL_KS)
     sizes = np.array([len(t) for t in nd.targets], dtype=np.int64)
     order = np.argsort(sizes, kind="stable")  # a batch's target slots are about as many
@@ -534,19 +744,38 @@ def score(rec: Recommender, nd: NextDay) -> dict[str, Any]:
             [c.queries for c in ctxs],
             [rec.user_demographics(int(nd.users[r])) for r in rows],
         )
-        scores = scorer.scores(scorer.queries(batch)).float()
+        users = scorer.queries(batch)
+        scores = scorer.scores(users).float()
+        if len(corpus.cold):  # the catalogue outside the vocabulary, by content alone
+            scores = torch.cat([scores, users.float() @ corpus.cold.T], dim=1)
         targets = np.full((len(rows), int(sizes[rows].max())), -1, dtype=np.int64)
         for j, r in enumerate(rows):
             targets[j, : sizes[r]] = nd.targets[r]
-        in_vocab = vocab.lookup(targets.ravel()).reshape(targets.shape).astype(np.int64)
-        vocab_targets = np.where(targets > 0, in_vocab, -1)  # 0: outside the vocabulary
-        seen = [vocab.lookup(nd.watched[r]).astype(np.int64) for r in rows]
+        columns = np.where(targets > 0, corpus.lookup(targets), -1)  # 0: not representable
+        seen = [corpus.lookup(nd.watched[r]) for r in rows]
         starts = np.cumsum([0] + [len(x) for x in seen[:-1]])
         exclude = exclusion_mask(
             torch.from_numpy(np.concatenate(seen)), torch.from_numpy(starts), n1
         )
         n_rel = torch.from_numpy(sizes[rows].astype(np.float64))
-        cand.update(target_ranks(scores, torch.from_numpy(vocab_targets), exclude, keys), n_rel)
+        ranks = target_ranks(scores, torch.from_numpy(columns), exclude, keys)
+        cand.update(ranks, n_rel)
+        # the same ranks, of the fresh and the cold targets only
+        cold = (targets > 0) & (vocab.lookup(targets.ravel()).reshape(targets.shape) == 0)
+        for name, mask in (("fresh", nd.fresh(targets)), ("cold", cold)):
+            m = torch.from_numpy(mask)
+            n = m.sum(1)
+            has = n > 0
+            subsets[name].update(torch.where(m, ranks, math.inf)[has], n[has].to(torch.float64))
+            counted[f"{name}_targets"] += int(n.sum())
+            counted[f"{name}_queries"] += int(has.sum())
+        counted["cold_representable"] += int((cold & (columns > 0)).sum())
+        # the top AGE_K with everything watched before left out, re-watches too: a server
+        # does not know which of them the user will watch again
+        top = scores.masked_fill(exclude, -math.inf)
+        top[:, 0] = -math.inf
+        values, cols = torch.topk(top, min(AGE_K, n1 - 1), dim=1)
+        ages += nd.age_counts(corpus.item_ids[cols[values.isfinite()].numpy()])
         lists = np.zeros((len(rows), k), dtype=np.int64)
         for j, r in enumerate(rows):
             # the items watched before but the targets; those the corpus lacks (a model
@@ -559,6 +788,7 @@ def score(rec: Recommender, nd: NextDay) -> dict[str, Any]:
             lists[j, : len(got)] = got
         funnel.update(list_ranks(torch.from_numpy(lists), torch.from_numpy(targets)), n_rel)
     c, f = cand.compute(), funnel.compute()
+    key = f"recall@{SUBSET_K}"
     return {
         "recall@100": c["recall@100"],
         "recall@10": c["recall@10"],
@@ -568,8 +798,13 @@ def score(rec: Recommender, nd: NextDay) -> dict[str, Any]:
         "funnel_recall@10": f["recall@10"],
         "funnel_ndcg@10": f["ndcg@10"],
         "funnel_recall@100": f["recall@100"],
-        "unrepresentable": float((vocab.lookup(nd.items) == 0).mean()),
-        "vocabulary_items": n1 - 1,
+        "unrepresentable": float((corpus.lookup(nd.items) == 0).mean()),
+        "vocabulary_items": corpus.vocab_items,
+        "content_only_items": len(corpus.cold),
+        f"fresh_{key}": subsets["fresh"].compute()[key],
+        f"cold_{key}": subsets["cold"].compute()[key],
+        **counted,
+        "top_age_counts": ages.tolist(),
         "score_s": time.perf_counter() - started,
     }
 
@@ -587,11 +822,14 @@ def same_ids(data: Path, ref: Path) -> None:
 # --------------------------------------------------------------------------- results
 
 
-def arm_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """An arm's rows and their means (NaN-free: every row has every figure)."""
+def arm_summary(rows: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    """An arm's rows and their means (every row has every figure; the fresh and cold
+    recall are averaged over the days that had such targets), and `run`: when and at
+    which code the arm was measured."""
 
     def mean(key: str) -> float:
-        return float(np.mean([r[key] for r in rows])) if rows else math.nan
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        return float(np.mean(values)) if values else math.nan
 
     return {
         "days": rows,
@@ -600,6 +838,11 @@ def arm_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "unrepresentable_mean": mean("unrepresentable"),
         "update_cpu_s_mean": mean("update_cpu_s"),
         "update_wall_s_mean": mean("update_wall_s"),
+        f"fresh_recall@{SUBSET_K}_mean": mean(f"fresh_recall@{SUBSET_K}"),
+        f"cold_recall@{SUBSET_K}_mean": mean(f"cold_recall@{SUBSET_K}"),
+        "fresh_targets": sum(r["fresh_targets"] for r in rows),
+        "cold_targets": sum(r["cold_targets"] for r in rows),
+        "run": run,
     }
 
 
@@ -622,6 +865,7 @@ def goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "what": "incremental's mean update CPU seconds / full's",
             "met": bool(cpu <= CPU_GOAL),
         }
+    out.update(content_goals(arms))
     frozen = arms.get("frozen")
     if frozen and frozen["days"]:
         first, last = frozen["days"][0], frozen["days"][-1]
@@ -632,6 +876,85 @@ def goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "shown_in": "rolling.png",
         }
     return out
+
+
+def content_goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The content tower's goals, each updated content arm against the id-only arm it
+    extends: fresh-item recall (a ratio), cold-item recall (a value) and overall recall (a
+    ratio). Not the frozen arms': a model never updated knows no item uploaded since."""
+    out: dict[str, Any] = {}
+    fresh, cold = f"fresh_recall@{SUBSET_K}_mean", f"cold_recall@{SUBSET_K}_mean"
+    for base in ("incremental", "full"):
+        mine, theirs = arms.get(f"{base}{CONTENT}"), arms.get(base)
+        if not (mine and theirs and mine["days"] and theirs["days"]):
+            continue
+        name = f"{base}{CONTENT}"
+        if fresh not in theirs:
+            out[name] = {
+                "met": None,
+                "what": f"{base} was measured before the fresh- and cold-item recall "
+                f"were: run it again beside {name}",
+            }
+            continue
+        f_ratio = mine[fresh] / theirs[fresh] if theirs[fresh] > 0 else None
+        overall = mine["recall@100_mean"] / theirs["recall@100_mean"]
+        out[f"{name}:fresh_recall@{SUBSET_K}"] = {
+            "ratio": f_ratio,
+            "values": [mine[fresh], theirs[fresh]],
+            "goal": f">= {FRESH_GOAL}",
+            "what": f"{name}'s mean fresh-item recall@{SUBSET_K} / {base}'s (items uploaded "
+            f"in the {FRESH_DAYS} days before the query)",
+            # with none of the fresh targets retrieved by the id-only model, any is 2x it
+            "met": bool(mine[fresh] > 0 if f_ratio is None else f_ratio >= FRESH_GOAL),
+        }
+        out[f"{name}:cold_recall@{SUBSET_K}"] = {
+            "value": mine[cold],
+            "values": [mine[cold], theirs[cold]],
+            "goal": "> 0",
+            "what": f"{name}'s mean cold-item recall@{SUBSET_K} (items outside its "
+            f"vocabulary; {base}'s beside it, 0 by construction)",
+            "met": bool(mine[cold] > 0),
+        }
+        out[f"{name}:recall@100"] = {
+            "ratio": overall,
+            "values": [mine["recall@100_mean"], theirs["recall@100_mean"]],
+            "goal": f">= {OVERALL_GOAL}",
+            "what": f"{name}'s mean recall@100 / {base}'s",
+            "met": bool(overall >= OVERALL_GOAL),
+        }
+    return out
+
+
+def age_shares(
+    data: np.ndarray, arms: dict[str, dict[str, Any]], kept: dict[str, Any]
+) -> dict[str, Any]:
+    """The Fig. 4-style table: per age bin, the counts and shares of the scored days'
+    targets (`data`) and of each arm's top AGE_K (summed over its rows), beside the series
+    `kept` from a result merged into."""
+
+    def series(counts: np.ndarray) -> dict[str, Any]:
+        total = int(counts.sum())
+        return {
+            "counts": counts.tolist(),
+            "shares": (counts / total).tolist() if total else [math.nan] * len(counts),
+        }
+
+    out = {"data": series(data)} if data.sum() else {}
+    for name, arm in arms.items():
+        if arm["days"] and "top_age_counts" in arm["days"][0]:
+            out[name] = series(np.sum([r["top_age_counts"] for r in arm["days"]], axis=0))
+        elif name in kept:
+            out[name] = kept[name]
+    return {
+        "what": f"share of each arm's top {AGE_K} items of the candidate model (exact scores, "
+        "everything the user watched before left out) and of the queries' targets (the "
+        "distinct items each user watched on the scored day: `data`) by the item's age "
+        "since upload at the query time, the start of the scored day; summed over all "
+        "scored days",
+        "k": AGE_K,
+        "bins_days": list(AGE_LABELS),
+        "series": out,
+    }
 
 
 def load_average() -> dict[str, float]:
@@ -695,54 +1018,75 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 def print_table(console: Console, result: dict[str, Any]) -> None:
     table = Table(title=f"rolling next-day evaluation, {result['settings']['world']} world")
-    # per arm and day taken in: the day scored, the candidate model's recall@100, the
-    # funnel's HR@10, the unrepresentable share and the update's wall and CPU seconds
-    for col in ("arm", "day", "scored", "R@100", "HR@10", "unrepr.", "wall s", "CPU s"):
+    # per arm and day taken in: the day scored, the candidate model's recall@100 (all,
+    # fresh and cold targets), the funnel's HR@10, the unrepresentable share and the
+    # update's wall and CPU seconds
+    fresh, cold = f"fresh_recall@{SUBSET_K}", f"cold_recall@{SUBSET_K}"
+    cols = ("arm", "day", "scored", "R@100", "fresh", "cold", "HR@10", "unrepr.", "wall s", "CPU s")
+    for col in cols:
         table.add_column(col, justify="left" if col == "arm" else "right")
-    start = result.get("start")
-    if start:
-        table.add_row(
-            "start", str(start["day"]), str(start["eval_day"]), f"{start['recall@100']:.4f}",
-            f"{start['funnel_hr@10']:.4f}", f"{start['unrepresentable']:.2%}", "-", "-",
-        )  # fmt: skip
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for name in ("start", "start_content"):
+        start = result.get(name)
+        if start:
+            table.add_row(
+                name, str(start["day"]), str(start["eval_day"]), num(start["recall@100"]),
+                num(start.get(fresh)), num(start.get(cold)), num(start["funnel_hr@10"]),
+                f"{start['unrepresentable']:.2%}", "-", "-",
+            )  # fmt: skip
     for name, arm in result["arms"].items():
         for r in arm["days"]:
             table.add_row(
-                name, str(r["day"]), str(r["eval_day"]), f"{r['recall@100']:.4f}",
-                f"{r['funnel_hr@10']:.4f}", f"{r['unrepresentable']:.2%}",
-                f"{r['update_wall_s']:.1f}", f"{r['update_cpu_s']:.1f}",
+                name, str(r["day"]), str(r["eval_day"]), num(r["recall@100"]),
+                num(r.get(fresh)), num(r.get(cold)), num(r["funnel_hr@10"]),
+                f"{r['unrepresentable']:.2%}", f"{r['update_wall_s']:.1f}",
+                f"{r['update_cpu_s']:.1f}",
             )  # fmt: skip
         if arm["days"]:
             table.add_row(
-                f"[bold]{name}", "mean", "", f"{arm['recall@100_mean']:.4f}",
-                f"{arm['funnel_hr@10_mean']:.4f}", f"{arm['unrepresentable_mean']:.2%}",
+                f"[bold]{name}", "mean", "", num(arm["recall@100_mean"]),
+                num(arm.get(f"{fresh}_mean")), num(arm.get(f"{cold}_mean")),
+                num(arm["funnel_hr@10_mean"]), f"{arm['unrepresentable_mean']:.2%}",
                 f"{arm['update_wall_s_mean']:.1f}", f"{arm['update_cpu_s_mean']:.1f}",
             )  # fmt: skip
     console.print(table)
     for name, g in result["goals"].items():
-        if "ratio" in g:
-            verdict = "met" if g["met"] else "not met"
+        verdict = {True: "met", False: "not met", None: "not measured"}[g.get("met")]
+        if g.get("ratio") is not None:
             console.print(f"{name}: {g['what']} = {g['ratio']:.3f} (goal {g['goal']}: {verdict})")
+        elif "value" in g:
+            console.print(f"{name}: {g['what']} = {g['value']:.4f} (goal {g['goal']}: {verdict})")
+        elif "met" in g:
+            console.print(f"{name}: {g['what']} ({verdict})")
 
 
 def figure(result: dict[str, Any], path: Path) -> None:
-    """recall@100 and funnel HR@10 by scored day, one line per arm, from the start point."""
+    """recall@100 and funnel HR@10 by scored day, one line per arm, from the start point
+    (the content tower's own for the content arms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    start = result["start"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in zip(
         axes, ("recall@100", "funnel_hr@10"), ("candidate model recall@100", "funnel HR@10"),
         strict=True,
     ):  # fmt: skip
         for name, arm in result["arms"].items():
-            days = [start["eval_day"]] + [r["eval_day"] for r in arm["days"]]
-            values = [start[key]] + [r[key] for r in arm["days"]]
-            ax.plot(days, values, marker="o", label=name)
+            start = result.get("start_content" if is_content(name) else "start")
+            first = [start] if start else []
+            days = [r["eval_day"] for r in [*first, *arm["days"]]]
+            values = [r[key] for r in [*first, *arm["days"]]]
+            # an arm and its content twin share a colour, the twin dashed
+            ax.plot(
+                days, values, marker="o", label=name, color=f"C{ID_ARMS.index(kind_of(name))}",
+                linestyle="--" if is_content(name) else "-",
+            )  # fmt: skip
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("day scored (the updated models have taken in every day before it)")
         ax.set_title(label)
@@ -753,7 +1097,68 @@ def figure(result: dict[str, Any], path: Path) -> None:
         f"Rolling next-day evaluation, {s['world']} world (seed {s['seed']}): trained on days "
         f"1-{s['train_days']}, then one day at a time"
     )
+    save_figure(fig, path)
+
+
+def age_figure_path(figure_path: Path) -> Path:
+    """The age figure beside the other: rolling.png -> rolling_age.png."""
+    return figure_path.with_name(f"{figure_path.stem}_age{figure_path.suffix}")
+
+
+# The series of the age figure: the data and the incremental arms (the model a service
+# would serve), id-only and with the content tower
+AGE_SERIES = ("data", "incremental", f"incremental{CONTENT}")
+
+
+def age_figure(result: dict[str, Any], path: Path) -> None:
+    """After Fig. 4 of Covington et al. 2016 (section 3.3): the share of the candidate
+    model's top AGE_K items in each bin of age since upload, for the incremental arms, and
+    of the items actually watched, over all scored days (`age_shares`). Without the
+    incremental arms, every arm is shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ages = result["age_shares"]
+    shown = [n for n in AGE_SERIES if n in ages["series"]]
+    if shown == ["data"] or not shown:
+        shown = list(ages["series"])
+    labels = {"data": "data: next-day watches"}
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    x = np.arange(len(ages["bins_days"]))
+    width = 0.8 / max(len(shown), 1)
+    for n, name in enumerate(shown):
+        ax.bar(
+            x + (n - (len(shown) - 1) / 2) * width,
+            ages["series"][name]["shares"],
+            width,
+            label=labels.get(name, f"{name}: top {ages['k']} of the candidate model"),
+        )
+    ax.set_xticks(x, ages["bins_days"], rotation=20)
+    ax.set_xlabel(
+        "item age since upload at the query time (start of the scored day), days "
+        "(bins of unequal width)"
+    )
+    ax.set_ylabel("share")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    s = result["settings"]
+    days = result["arms"] and next(iter(result["arms"].values()))["days"]
+    scored = f"days {days[0]['eval_day']}-{days[-1]['eval_day']}" if days else "no day"
+    ax.set_title(
+        f"Recommendations and watches by item age, {s['world']} world (seed {s['seed']}), "
+        f"{scored} scored"
+    )
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save to a temporary file beside `path`, then rename it into place."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -787,19 +1192,68 @@ def run(
     figure_path: Path,
     console: Console,
     tuning: Sequence[Path] = (),
+    merge_into: Path | None = None,
 ) -> dict[str, Any]:
     """The whole benchmark (module docstring); returns the results as written to OUT.
-    tuning: results of validation-day runs, summarised under `tuning`."""
+    tuning: results of validation-day runs, summarised under `tuning`; merge_into: a
+    result whose other arms are kept (`merge_base`)."""
+    previous = None
+    if merge_into is not None:
+        previous = merge_base(merge_into, s)
+        previous["merged_into"] = str(merge_into)
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
     try:
-        return _run(s, work, out, figure_path, console, tuning)
+        return _run(s, work, out, figure_path, console, tuning, previous)
     finally:
         torch.set_num_threads(threads)
 
 
+def merge_base(path: Path, s: Settings) -> dict[str, Any]:
+    """The result at PATH, checked to be one this run's arms can join: a rolling result
+    whose settings that decide the figures (MERGE_SETTINGS, and the content overrides when
+    it has content arms that are kept) are this run's."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--merge-into {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(old, dict) or old.get("benchmark") != "rolling" or "arms" not in old:
+        raise SystemExit(f"--merge-into {path}: not a result of benchmarks/rolling.py")
+    mine = json.loads(json.dumps(asdict(s)))
+    keys = list(MERGE_SETTINGS)
+    if any(is_content(a) and a not in s.arms for a in old["arms"]):
+        keys.append("content")
+    differ = [k for k in keys if old["settings"].get(k) != mine[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {old['settings'].get(k)} there, {mine[k]} here" for k in differ)
+        raise SystemExit(f"--merge-into {path}: its settings differ from this run's ({shown})")
+    return dict(old)
+
+
+RUN_KEYS = ("date", "code", "code_after")  # an arm's `run`: when and at which code it ran
+
+
+def previous_run(old: dict[str, Any]) -> dict[str, Any]:
+    """What a result merged into recorded of its own run (its arms' figures excepted)."""
+    keys = (
+        *RUN_KEYS, "wall_s", "machine", "load_average_before", "load_average_after", "base",
+        "base_content", "start", "start_content", "complete",
+    )  # fmt: skip
+    return {
+        **{k: old[k] for k in keys if k in old},
+        "arms": list(old["settings"]["arms"]),
+        "threads": old["settings"].get("threads"),
+    }
+
+
 def _run(
-    s: Settings, work: Path, out: Path, figure_path: Path, console: Console, tuning: Sequence[Path]
+    s: Settings,
+    work: Path,
+    out: Path,
+    figure_path: Path,
+    console: Console,
+    tuning: Sequence[Path],
+    previous: dict[str, Any] | None,
 ) -> dict[str, Any]:
     log = Log(console)
     started = time.perf_counter()
@@ -821,19 +1275,25 @@ def _run(
         marker.write_text(json.dumps({"key": key, "rows": rows}) + "\n")
         log(f"{s.world} world (seed {s.seed}) written as {sim.days} days of logs in {logs}")
     base, base_cost = base_run(s, logs, work, log)
+    bases = {a: base for a in s.arms}
+    base_content_cost = None
+    if any(is_content(a) for a in s.arms):
+        content_base, base_content_cost = base_content_run(s, base, log)
+        bases.update({a: content_base for a in s.arms if is_content(a)})
 
     # Each arm's dataset is its own copy of days 1-21, appended by its own updates; the
     # reference dataset (the same appends, a day ahead) gives the queries.
     arms_dir = work / "arms"
     shutil.rmtree(arms_dir, ignore_errors=True)
-    data = {a: arms_dir / a / "data" for a in s.arms if a != "frozen"}
+    data = {a: arms_dir / a / "data" for a in s.arms if kind_of(a) != "frozen"}
     for path in [*data.values(), arms_dir / "reference"]:
         shutil.copytree(base / "data", path)
     ref, state = arms_dir / "reference", arms_dir / "state.db"
-    current = {a: base for a in s.arms}
+    current = dict(bases)
     update_cfg = load_update_config(None, ["progress=false", *s.update])
     quiet = Console(quiet=True)
 
+    code = code_version()
     result: dict[str, Any] = {
         "benchmark": "rolling",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -844,7 +1304,7 @@ def _run(
             "torch": torch.__version__,
             "torch_threads": s.threads,
         },
-        "code": code_version(),
+        "code": code,
         "load_average_before": load_average(),
         "settings": {
             **asdict(s),
@@ -852,10 +1312,13 @@ def _run(
                 "features": list(s.features),
                 "candidates": list(s.candidates),
                 "ranker": list(s.ranker),
+                "content_candidates": candidate_overrides(s, True),
             },
             "incremental_update": asdict(update_cfg),
             "candidate_ks": list(CANDIDATE_KS),
             "funnel_k": max(FUNNEL_KS),
+            "fresh_days": FRESH_DAYS,
+            "age_k": AGE_K,
         },
         "protocol": {
             "queries": "every user who watched something on the scored day, one query at the "
@@ -864,63 +1327,105 @@ def _run(
             "targets": "the distinct items the user watched on the scored day",
             "exclusion": "items the user watched before the scored day are excluded from "
             "every ranking, except the targets",
-            "recall@100": "candidate model alone, exact scores over its item vocabulary; "
-            "targets outside it are misses",
+            "recall@100": "candidate model alone, exact scores over every item it can "
+            "represent (its export: the item vocabulary, and for a content model also the "
+            "catalogue items outside it, by their content alone); targets outside it are "
+            "misses",
+            f"fresh_recall@{SUBSET_K}": f"recall@{SUBSET_K} of the targets uploaded in the "
+            f"{FRESH_DAYS} days before the query (items table upload_ts in [query time - "
+            f"{FRESH_DAYS} days, query time)), from the same rankings, averaged over the "
+            "queries with at least one such target; fresh_targets counts them",
+            f"cold_recall@{SUBSET_K}": "likewise of the targets outside the arm's item "
+            "vocabulary (0 for an id-only model by construction); cold_representable counts "
+            "those the model can represent",
             "funnel_hr@10": "the packaged Recommender's top 10 (deep, co-watch and fresh "
             "candidates ranked by the ranker)",
-            "unrepresentable": "share of the scored day's watches whose item is outside the "
-            "candidate model's item vocabulary",
+            "unrepresentable": "share of the scored day's watches whose item the candidate "
+            "model cannot represent (outside its export)",
+            "top_age_counts": f"the candidate model's top {AGE_K} items per query (exact "
+            "scores, everything watched before left out) by age since upload at the query "
+            "time, in the bins of age_shares",
             "update_cost": "wall and CPU seconds of taking in one day (CPU: this process "
             "and its children); the frozen arm's is 0",
         },
         "base": base_cost,
+        "base_content": base_content_cost,
         "tuning": tuning_summary(tuning),
         "complete": False,
     }
+    kept: dict[str, Any] = {}
+    if previous is not None:
+        kept = {
+            a: {**arm, "run": arm.get("run") or {k: previous.get(k) for k in RUN_KEYS}}
+            for a, arm in previous["arms"].items()
+            if a not in s.arms
+        }
+        result["merged"] = {
+            "into": previous["merged_into"],
+            "kept_arms": list(kept),
+            "replaced_arms": {
+                a: {"recall@100_mean_before": previous["arms"][a].get("recall@100_mean")}
+                for a in s.arms
+                if a in previous["arms"]
+            },
+            "previous": [*previous.get("merged", {}).get("previous", []), previous_run(previous)],
+        }
+        if result["tuning"] is None:
+            result["tuning"] = previous.get("tuning")
+    kept_ages = (previous or {}).get("age_shares", {}).get("series", {})
     arms: dict[str, list[dict[str, Any]]] = {a: [] for a in s.arms}
+    data_ages = np.zeros(len(AGE_LABELS), dtype=np.int64)
+    run_of = {"date": result["date"], "code": code}
 
     def save() -> None:
-        result["arms"] = {a: arm_summary(rows) for a, rows in arms.items()}
+        mine = {a: arm_summary(rows, run_of) for a, rows in arms.items()}
+        result["arms"] = {a: mine.get(a) or kept[a] for a in ARMS if a in mine or a in kept}
         result["goals"] = goals(result["arms"])
+        result["age_shares"] = age_shares(data_ages, result["arms"], kept_ages)
         result["wall_s"] = time.perf_counter() - started
         result["load_average_after"] = load_average()
         write_json(out, result)
 
     nd = next_day(ref, logs, s.train_days + 1, sim.window_start, state, s.eval_users)
-    start = score(Recommender.load(base / "artifact"), nd)
-    result["start"] = {"day": s.train_days, "eval_day": nd.day, **start, **nd.counts}
-    log(
-        f"start: days 1-{s.train_days} models on day {nd.day} ({nd.counts['queries']:,} "
-        f"users): recall@100 {start['recall@100']:.4f}, funnel HR@10 {start['funnel_hr@10']:.4f}"
-    )
+    starts = {"start": base} if any(not is_content(a) for a in s.arms) or not s.arms else {}
+    if any(is_content(a) for a in s.arms):
+        starts["start_content"] = bases[next(a for a in s.arms if is_content(a))]
+    for name, path in starts.items():
+        row = score(Recommender.load(path / "artifact"), nd)
+        result[name] = {"day": s.train_days, "eval_day": nd.day, **row, **nd.counts}
+        log(
+            f"{name}: days 1-{s.train_days} models on day {nd.day} ({nd.counts['queries']:,} "
+            f"users): recall@100 {row['recall@100']:.4f}, funnel HR@10 {row['funnel_hr@10']:.4f}"
+        )
+    if previous is not None:  # the start point of kept arms of the other kind
+        for name in ("start", "start_content"):
+            if name not in result and name in previous:
+                result[name] = previous[name]
     for day in s.days:
-        costs: dict[str, Cost] = {"frozen": Cost()}
-        if "incremental" in s.arms:
-            target = arms_dir / "incremental" / f"day-{day}"
-            with measured() as cost:
-                res = update(
-                    data["incremental"],
-                    current["incremental"],
-                    target,
-                    day_logs(logs, day),
-                    config=update_cfg,
-                    console=quiet,
-                )
-            cost.steps = dict(res.seconds)
-            costs["incremental"], current["incremental"] = cost, target
-        if "full" in s.arms:
-            target = arms_dir / "full" / f"day-{day}"
-            with measured() as cost:
-                with step(cost, "append"):
-                    append_events(data["full"], day_logs(logs, day))
-                train_from_scratch(data["full"], target, s, cost)
-            costs["full"], current["full"] = cost, target
-        for a, c in costs.items():
-            if a in s.arms and a != "frozen":
-                log(f"day {day}: {a} took it in, {c.wall_s:.1f} s wall, {c.cpu_s:.1f} s CPU")
+        costs: dict[str, Cost] = {a: Cost() for a in s.arms if kind_of(a) == "frozen"}
+        # the id-only arms first, in the order they ran before the content arms existed
+        for a in sorted(s.arms, key=lambda a: (is_content(a), ARMS.index(a))):
+            target = arms_dir / a / f"day-{day}"
+            if kind_of(a) == "incremental":
+                with measured() as cost:
+                    res = update(
+                        data[a], current[a], target, day_logs(logs, day), config=update_cfg,
+                        console=quiet,
+                    )  # fmt: skip
+                cost.steps = dict(res.seconds)
+            elif kind_of(a) == "full":
+                with measured() as cost:
+                    with step(cost, "append"):
+                        append_events(data[a], day_logs(logs, day))
+                    train_from_scratch(data[a], target, s, cost, content=is_content(a))
+            else:
+                continue
+            costs[a], current[a] = cost, target
+            log(f"day {day}: {a} took it in, {cost.wall_s:.1f} s wall, {cost.cpu_s:.1f} s CPU")
         nd = next_day(ref, logs, day + 1, sim.window_start, state, s.eval_users)
+        data_ages += nd.age_counts(np.concatenate(nd.targets))
         for a in s.arms:
-            if a != "frozen":
+            if kind_of(a) != "frozen":
                 same_ids(data[a], ref)
             row = score(Recommender.load(current[a] / "artifact"), nd)
             c = costs[a]
@@ -937,21 +1442,25 @@ def _run(
                 }
             )
             log(
-                f"day {nd.day} scored, {a}: recall@100 {row['recall@100']:.4f}, funnel HR@10 "
-                f"{row['funnel_hr@10']:.4f}, unrepresentable {row['unrepresentable']:.2%}"
+                f"day {nd.day} scored, {a}: recall@100 {row['recall@100']:.4f}, "
+                f"fresh {row[f'fresh_recall@{SUBSET_K}']:.4f}, "
+                f"cold {row[f'cold_recall@{SUBSET_K}']:.4f}, "
+                f"funnel HR@10 {row['funnel_hr@10']:.4f}, "
+                f"unrepresentable {row['unrepresentable']:.2%}"
             )
-        for a in ("incremental", "full"):  # only the latest day's run is needed from here on
+        for a in data:  # only the latest day's run is needed from here on
             for old in (arms_dir / a).glob("day-*"):
-                if a in current and old != current[a]:
+                if old != current[a]:
                     shutil.rmtree(old)
         save()
         figure(result, figure_path)
+        age_figure(result, age_figure_path(figure_path))
     result["complete"] = True
     # the tree is shared: a change of code during the run shows here
-    result["code_after"] = code_version()
+    result["code_after"] = run_of["code_after"] = code_version()
     save()
     print_table(console, result)
-    log(f"wrote {out} and {figure_path}")
+    log(f"wrote {out}, {figure_path} and {age_figure_path(figure_path)}")
     return result
 
 
@@ -966,9 +1475,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="TRAIN:FIRST-LAST: train on days 1..TRAIN, then take in FIRST..LAST one at a "
         "time, each scored on the day after [21:22-27]",
     )
-    p.add_argument("--arms", default=",".join(ARMS), help=f"among {', '.join(ARMS)}")
+    p.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"among {', '.join(ARMS)} [{','.join(DEFAULT_ARMS)}]",
+    )
     p.add_argument("--work", type=Path, default=Path("/tmp/funnelrec-rolling"))
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help="[--merge-into, or rolling.json]")
+    p.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        help="a result of this script: its arms that this run does not run are kept",
+    )
+    p.add_argument(
+        "--content",
+        nargs="*",
+        default=None,
+        help="candidate overrides of the content arms' from-scratch training [item_content=true]",
+    )
     p.add_argument("--figure", type=Path, default=None, help="[--out with .png]")
     p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
     p.add_argument("--features", nargs="*", default=[], help="FeaturesConfig overrides")
@@ -991,6 +1516,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--eval-users", type=int, default=None, help="score the first N users a day")
     args = p.parse_args(argv)
+    out = args.out or args.merge_into or RESULTS
+    if args.merge_into is not None and not args.merge_into.is_file():
+        p.error(f"--merge-into {args.merge_into}: no such file")
     arms = tuple(a for a in ARMS if a in args.arms.split(","))
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown or not arms:
@@ -1013,9 +1541,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         update=tuple(TUNED_UPDATE.get(args.world, ()) if args.update is None else args.update),
         threads=args.threads,
         eval_users=args.eval_users,
+        content=tuple(Settings.content if args.content is None else args.content),
     )
-    figure_path = args.figure or args.out.with_suffix(".png")
-    return run(s, args.work, args.out, figure_path, Console(), tuning=args.tuning)
+    figure_path = args.figure or out.with_suffix(".png")
+    # the results table has ten columns: wider than the 80 a console without a terminal gets
+    console = Console(width=max(Console().width, 132))
+    return run(
+        s, args.work, out, figure_path, console, tuning=args.tuning, merge_into=args.merge_into
+    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from funnelrec.ann.index import ItemIndex
 from funnelrec.candidates import (
@@ -47,12 +48,13 @@ from funnelrec.data import loaders
 from funnelrec.data.append import append_events, parse_new_logs
 from funnelrec.data.dataset import MANIFEST, Dataset, write_json_atomic
 from funnelrec.data.loaders.mapping import COLUMN_KEYS
-from funnelrec.errors import FunnelrecError
+from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.update import FeaturesUpdate
 from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
 from funnelrec.serving.package import PackageConfig, package
+from funnelrec.serving.state import read_live_items, reserve_live_item_ids
 from funnelrec.simulate import generate, preset_config
 
 
@@ -476,6 +478,7 @@ def update(
     mapping: Path | str | None = None,
     config: UpdateConfig | None = None,
     console: Console | None = None,
+    live_items: Path | str | None = None,
 ) -> UpdateResult:
     """The daily update of a served funnel, every step not yet done:
 
@@ -484,7 +487,9 @@ def update(
 
     `previous` is yesterday's run or update directory, `out` today's (its layout is that
     of `run`, so tomorrow's update continues from it). No `new_logs` nor `mapping`: the
-    dataset has been appended already. Steps are stamped as `run`'s stages are: re-running
+    dataset has been appended already. `live_items`: a server's state database, whose
+    items added through POST /v1/items the append merges into the catalogue (with no
+    logs, they are the appended period). Steps are stamped as `run`'s stages are: re-running
     an interrupted update does only what is left. The artifact is built aside and renamed
     into place, so a server reloading it only ever sees a complete one.
     Writes OUT/update.json: the steps and their seconds, what the append added, how the
@@ -501,13 +506,21 @@ def update(
     stage = _Stages(out, console, result.ran, result.skipped, result.seconds)
     logs = parse_new_logs(new_logs) if isinstance(new_logs, Sequence) else new_logs
 
-    if logs or mapping is not None:
+    if logs or mapping is not None or live_items is not None:
         append = {
             "logs": logs,
             "mapping": Path(mapping).read_text() if mapping is not None else None,
             "allow_late": cfg.allow_late,
+            # only when given: the stamps of updates without live items stay valid
+            **({"live_items": str(Path(live_items).resolve())} if live_items is not None else {}),
         }
-        stage("append", append, [], lambda t: _append(t, logs, mapping, cfg), target=ds_path)
+        stage(
+            "append",
+            append,
+            [],
+            lambda t: _append(t, logs, mapping, cfg, live_items, console),
+            target=ds_path,
+        )
     else:
         stage.keys["append"] = ""
         console.print("[dim]append: no new logs given, the dataset as it is[/dim]")
@@ -550,9 +563,27 @@ def update(
 
 
 def _append(
-    target: Path, logs: dict[str, list[str]] | None, mapping: Path | str | None, cfg: UpdateConfig
+    target: Path,
+    logs: dict[str, list[str]] | None,
+    mapping: Path | str | None,
+    cfg: UpdateConfig,
+    live_items: Path | str | None,
+    console: Console,
 ) -> dict[str, Any]:
-    appended = append_events(target, logs, mapping=mapping, allow_late=cfg.allow_late)
+    appended = append_events(
+        target,
+        logs,
+        mapping=mapping,
+        allow_late=cfg.allow_late,
+        live_items=read_live_items(live_items) if live_items is not None else None,
+    )
+    if live_items is not None:
+        try:
+            reserve_live_item_ids(live_items, appended.row_counts["items"])
+        except ArtifactError as e:
+            # The merge is in the dataset: failing the step now would append the logs
+            # again when the update is run again.
+            console.print(f"[yellow]warning:[/yellow] {escape(str(e))}")
     return {"period": appended.period, "row_counts": appended.row_counts}
 
 
@@ -620,6 +651,7 @@ def _update_report(ds: Path, prev: Path, out: Path, stage: _Stages) -> dict[str,
             "new_rows": period.get("rows", {}),
             "new_ids": period.get("new_ids", {}),
             "rejected": period.get("rejected", {}),
+            "live_items": period.get("live_items", {}),
             "vocab_growth": features.get("vocab_growth", {}),
             "train_examples": features.get("train_examples", {}),
         },

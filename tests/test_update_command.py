@@ -1,5 +1,6 @@
 """`funnelrec update`: day 1 trained, day 2 appended and the funnel updated in one command,
-resumed, and refused without a previous stage (data: `tests/features/periods.py`)."""
+resumed, and refused without a previous stage (data: `tests/features/periods.py`); the
+items a server added live merged into the next artifact (data: the tiny simulated world)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fastapi.testclient import TestClient
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -18,10 +20,19 @@ from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
-from funnelrec.pipeline import UPDATE_STEPS, split_update_args, update
+from funnelrec.pipeline import UPDATE_STEPS, load_update_config, split_update_args, update
 from funnelrec.ranking.training import load_ranker_train_config, train_ranker
-from funnelrec.serving.recommender import STATE_DIR, Recommender, RecommendRequest, seed_store
+from funnelrec.serving.http import create_app
+from funnelrec.serving.package import package
+from funnelrec.serving.recommender import (
+    STATE_DIR,
+    Recommender,
+    RecommendRequest,
+    ServingConfig,
+    seed_store,
+)
 from funnelrec.serving.state import UserStateStore
+from funnelrec.simulate import generate, preset_config
 from tests.features.periods import write_periods
 
 # training settings, for day 1 and the update alike (a warm start keeps the model's config)
@@ -139,3 +150,74 @@ def test_arguments_split_into_logs_and_overrides() -> None:
     )
     assert logs == ["day2/w.csv", "impressions=day2/i.csv"]
     assert overrides == ["replay=0.2", "candidates.overrides=epochs=1"]
+
+
+def test_items_added_live_are_in_the_next_daily_artifact_and_served_from_its_index(
+    tmp_path: Path,
+) -> None:
+    """An item added through POST /v1/items -> `update --live-items` on the served state
+    database -> the new artifact holds it (a content model's index, by its content), and
+    after /admin/reload the server answers it from there, once, under the same ids."""
+    day_1 = tmp_path / "day-1"
+    generate(preset_config("tiny", []), seed=0, out=tmp_path / "data", progress=False)
+    build_features(
+        tmp_path / "data",
+        day_1 / "features",
+        split="last",
+        config=FeaturesConfig(n_quantiles=20, seed=0, candidate_columns=False),
+        progress=False,
+    )
+    steps = ["batch_size=256", "max_steps=10", "patience=0", "threads=1"]
+    cand = ["dim=8", "num_negatives=64", "valid_examples=100", "item_content=true", *steps]
+    cand_cfg = load_training_config(None, cand)
+    fit_candidates(day_1 / "features", day_1 / "candidates", cand_cfg, progress=False)
+    rank = ["model.tower=16", "validate=false"]
+    rank += ["train.batch_size=256", "train.max_steps=10", "train.threads=1"]
+    rank_cfg = load_ranker_train_config(None, rank)
+    train_ranker(day_1 / "features", day_1 / "ranker", rank_cfg, progress=False)
+    parts = [day_1 / p for p in ("features", "candidates", "ranker", "artifact")]
+    art = package(*parts, progress=False)
+
+    state = tmp_path / "state.db"
+    deep_only = ServingConfig(deep_k=1000, fresh_k=0, cowatch_k=0)
+    fields = ("channel_id", "topic", "title", "upload_ts", "duration_s")
+    with TestClient(create_app(art, state_path=state, serving=deep_only)) as c:
+        body = {"item_id": "live-1", **{k: c.get("/v1/items/5").json()[k] for k in fields}}
+        added = c.post("/v1/items", json=body).json()
+    assert added["created"] and added["item_id"] == 1001  # the tiny world has 1000 items
+
+    overrides = [
+        f"candidates.overrides={','.join(steps)}",
+        "ranker.overrides=train.batch_size=256,train.max_steps=10,train.threads=1",
+        "index.kind=exact",
+        "progress=false",
+    ]
+    cfg = load_update_config(None, overrides)
+    out = tmp_path / "day-2"
+    result = update(
+        tmp_path / "data", day_1, out, config=cfg, console=Console(quiet=True), live_items=state
+    )
+    assert result.report["counts"]["live_items"]["new"] == 1
+    assert _raw_id(tmp_path / "data", "item", "live-1") == 1001  # the id the service gave
+    content = Features.open(out / "features").item_content()
+    assert 1001 in set(content.item_id.tolist())
+    _, exported = load_item_embeddings(out / "candidates")
+    assert 1001 in set(exported.tolist())  # by its content: no one has watched it
+    with TestClient(create_app(art, state_path=state, serving=deep_only)) as c:
+        # added to the old model after the update: not in the new artifact
+        later = c.post("/v1/items", json={**body, "item_id": "live-2"}).json()["item_id"]
+    assert later == 1002
+
+    app = create_app(art, state_path=state, serving=deep_only, artifacts_root=tmp_path)
+    with TestClient(app) as c:
+        assert c.post("/admin/reload", json={"path": str(out / "artifact")}).status_code == 200
+        rec = app.state.service.recommender
+        # only the item the artifact lacks is scanned beside its index
+        assert rec.path == out / "artifact" and list(rec.added) == [1002]
+        items = c.post("/v1/recommend", json={"user_id": 1, "k": 1000}).json()["items"]
+        ids = [it["item_id"] for it in items]
+        assert ids.count(1001) == 1 and ids.count(1002) == 1
+        assert c.get("/v1/items/1001").json()["raw_id"] == "live-1"
+        again = c.post("/v1/items", json=body).json()
+        assert again == {"item_id": 1001, "raw_id": "live-1", "created": False,
+                         "retrievable": True}  # fmt: skip

@@ -5,6 +5,7 @@ funnelrec data import kuairand kuairand_sample.tsv --out /tmp/kr
 funnelrec data import movielens ml-1m/ --out /tmp/ml1m
 funnelrec data import events mapping.toml --out /tmp/logs [--bad-rows skip]
 funnelrec data append /tmp/logs day2/*.csv impressions=day2/imp.parquet [--allow-late]
+funnelrec data append /tmp/logs day2/*.csv --live-items serve/state.db
 funnelrec data fetch movielens-100k --out /tmp/ml100k
 funnelrec data describe /tmp/ml100k
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 import datetime as dt
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -37,6 +40,8 @@ from funnelrec.data.loaders import (
     import_movielens,
     import_sequence,
 )
+from funnelrec.errors import ArtifactError
+from funnelrec.serving.state import read_live_items, reserve_live_item_ids
 
 app = typer.Typer(
     help="Import, fetch and describe datasets (canonical event tables).", no_args_is_help=True
@@ -141,6 +146,14 @@ def append(
     allow_late: bool = typer.Option(
         False, "--allow-late", help="Accept (and count) events older than the dataset's end."
     ),
+    live_items: Path | None = typer.Option(
+        None,
+        "--live-items",
+        metavar="STATE_DB",
+        help="A server's state database: merge the items added through POST /v1/items "
+        "into the items table (alone, without logs, they are the whole period); the items "
+        "it adds from then on get ids above the grown catalogue.",
+    ),
 ) -> None:
     """Append a new period of logs: known ids keep their numbers, new ones follow."""
     with console.status(f"appending to {dataset}"):
@@ -150,8 +163,15 @@ def append(
             mapping=mapping,
             bad_rows=bad_rows.value,
             allow_late=allow_late,
+            live_items=read_live_items(live_items) if live_items is not None else None,
         )
     _append_summary(result)
+    if live_items is not None:
+        try:
+            reserve_live_item_ids(live_items, result.row_counts["items"])
+        except ArtifactError as e:
+            # the merge is done and kept: the reservation only guards the next reload
+            console.print(f"[yellow]warning:[/yellow] {escape(str(e))}")
 
 
 def _append_summary(result: AppendResult) -> None:
@@ -167,8 +187,24 @@ def _append_summary(result: AppendResult) -> None:
         console.print(f"rejected: {rejected} (in rejected/period-{period['period']}/)")
     if period["late"]:
         console.print(f"late events accepted: {period['late']:,}")
+    live = period.get("live_items")
+    if live:
+        console.print(live_items_line(live))
     totals = ", ".join(f"{n:,} {t}" for t, n in result.row_counts.items())
     console.print(f"dataset: {totals}")
+
+
+def live_items_line(live: dict[str, Any]) -> str:
+    """What an append did with the live items (a period's `live_items`), in one line."""
+    line = (
+        f"live items: {live['new']:,} merged, {live['known']:,} known "
+        f"({live['conflicting']:,} with other metadata: the dataset's kept)"
+    )
+    if live["conflicting_ids"]:
+        line += f": {', '.join(live['conflicting_ids'])}"
+    if live["renumbered"]:
+        line += f"; {live['renumbered']:,} under another id than the service gave them"
+    return line
 
 
 @app.command("fetch")

@@ -4,6 +4,7 @@ funnelrec update --dataset DS --previous runs/day-1 --out runs/day-2 logs/day-2/
 funnelrec update --dataset DS --previous runs/day-1 --out runs/day-2 \\
     watches=day2/w.csv impressions=day2/i.csv candidates.overrides=epochs=2
 funnelrec update ... --serve-url http://127.0.0.1:8000     # then reload the server
+funnelrec update ... --live-items serve/state.db           # + the items added live
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from funnelrec.cli.data import live_items_line
 from funnelrec.pipeline import UpdateResult, load_update_config, reload_server, split_update_args
 from funnelrec.pipeline import update as run_update
 
@@ -56,6 +58,13 @@ def update_command(
     allow_late: bool = typer.Option(
         False, "--allow-late", help="Accept (and count) events older than the dataset's end."
     ),
+    live_items: Path | None = typer.Option(
+        None,
+        "--live-items",
+        metavar="STATE_DB",
+        help="The server's state database: the items added through POST /v1/items are "
+        "merged into the dataset's catalogue by the append.",
+    ),
     serve_url: str | None = typer.Option(
         None, "--serve-url", help="Reload the server there onto the new artifact at the end."
     ),
@@ -77,7 +86,16 @@ def update_command(
         *(["allow_late=true"] if allow_late else []),
     ]
     cfg = load_update_config(config, [*overrides, *flags])
-    result = run_update(dataset, previous, out, logs, mapping=mapping, config=cfg, console=console)
+    result = run_update(
+        dataset,
+        previous,
+        out,
+        logs,
+        mapping=mapping,
+        config=cfg,
+        console=console,
+        live_items=live_items,
+    )
     _summary(result)
     if serve_url:
         answer = reload_server(serve_url, result.artifact, token=token)
@@ -99,6 +117,8 @@ def _summary(result: UpdateResult) -> None:
     new_ids = ", ".join(f"{n:,} {s}s" for s, n in counts["new_ids"].items() if n)
     if added:
         console.print(f"appended: {added}; new ids: {new_ids or 'none'}")
+    if counts.get("live_items"):
+        console.print(live_items_line(counts["live_items"]))
     growth = ", ".join(
         f"{name} {g['old']:,} -> {g['new']:,}"
         for name, g in counts["vocab_growth"].items()

@@ -3,12 +3,22 @@
     funnelrec data append /data/ds logs/2024-05-02/*.csv              # watches
     funnelrec data append /data/ds watches=day2/w.csv impressions=day2/i.parquet
     funnelrec data append /data/ds --mapping day2.toml                # its own paths
+    funnelrec data append /data/ds day2/w.csv --live-items state.db   # + the live catalogue
 
 The new logs are read with the mapping the dataset was imported with (kept in its
 manifest), or with `--mapping`. Ids the dataset knows keep their numbers; new ids get the
 next ones (sorted among themselves, as an import numbers them) and the id maps are
 extended. Events older than the dataset's end (the largest `ts`) are bad rows, unless
 `allow_late`, which accepts and counts them.
+
+`live_items` merges the items a running service added to its catalogue (POST
+/v1/items, kept in its state database) into the items table: the daily artifact built
+from the grown dataset then holds them as catalogue items. A live item the dataset lacks
+gets the next id, the live items first (in the order the service numbered them, so an
+item keeps the id the service gave it whenever the dataset is the one it served), the
+new ids of the logs after them; one the dataset holds keeps its id and its row (the
+dataset's metadata wins; a different one is counted). Every field is checked as the
+import checks an items row.
 
 The new version is built aside and swapped in (`AtomicDirectory`): an interrupted append
 leaves the dataset as it was. A dataset keeps one Parquet file per table, so each table
@@ -25,6 +35,7 @@ import contextlib
 import copy
 import datetime as dt
 import fcntl
+import math
 import os
 import shutil
 import time
@@ -32,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +56,6 @@ from funnelrec.data.loaders.events import (
     EVENT_TABLES,
     META_COLUMNS,
     META_SPACE,
-    IdSpace,
     Period,
     new_spaces,
 )
@@ -90,18 +100,23 @@ def append_events(
     bad_rows: str = "fail",
     allow_late: bool = False,
     on_batch: Callable[[str, int], None] | None = None,
+    live_items: LiveItems | None = None,
 ) -> AppendResult:
     """Append a period of logs to the dataset at `dataset` (see the module's docstring).
 
     `new_logs`: the files of each table (`{"watches": [...], ...}`, or command-line
-    arguments for `parse_new_logs`); None reads the paths of `mapping`.
+    arguments for `parse_new_logs`); None reads the paths of `mapping`, or, with
+    `live_items` and no mapping, no logs (a period of live items alone).
+    `live_items`: the service's added items to merge (`serving.state.read_live_items`).
     """
     started = time.perf_counter()
     path = Path(dataset)
     if bad_rows not in BAD_ROWS:
         raise DataError(f"bad_rows must be one of {', '.join(BAD_ROWS)}, got '{bad_rows}'")
     with _exclusive(path):
-        return _append_period(path, new_logs, mapping, bad_rows, allow_late, on_batch, started)
+        return _append_period(
+            path, new_logs, mapping, bad_rows, allow_late, on_batch, started, live_items
+        )
 
 
 @contextlib.contextmanager
@@ -132,6 +147,7 @@ def _append_period(
     allow_late: bool,
     on_batch: Callable[[str, int], None] | None,
     started: float,
+    live_items: LiveItems | None,
 ) -> AppendResult:
     ds = Dataset.open(path)
     old = ds.manifest
@@ -139,15 +155,32 @@ def _append_period(
         raise DataError(f"{path}: its timestamps are synthetic (an order): no period follows")
     if new_logs is not None and not isinstance(new_logs, MappingABC):
         new_logs = parse_new_logs(new_logs)
-    given, period_mapping = _period_mapping(ds, mapping, new_logs)
-    _check_metadata_columns(ds, period_mapping)
+    given: Mapping | None = None
+    period_mapping: Mapping | None = None
+    if new_logs or mapping is not None or live_items is None:
+        given, period_mapping = _period_mapping(ds, mapping, new_logs)
+        _check_metadata_columns(ds, period_mapping)
 
     periods = list(old.extra.get("periods") or [_first_period(old)])
     number = int(periods[-1].get("period", len(periods))) + 1
+    fingerprint = ds.fingerprint()
+    known = _known_ids(ds)
+    live = None
+    if live_items is not None:
+        lineage = {fingerprint, *(str(p["extends"]) for p in periods if p.get("extends"))}
+        live = _plan_live(ds, live_items, known["item"], lineage)
+        if period_mapping is None and not live.table.num_rows:
+            raise DataError(
+                f"{path}: nothing to append: every live item of {live_items.origin} is in the "
+                "dataset already, and no logs were given"
+            )
+        # Numbered as if the dataset knew them: the logs' events of these items take their
+        # ids, and the logs' new items follow them.
+        known["item"] = pa.concat_arrays([known["item"], live.raw.cast(known["item"].type)])
     target = AtomicDirectory(path, force=True)
     try:
         period = Period(
-            _known_spaces(ds),
+            new_spaces(known),
             target.tmp / _STAGING,
             target.tmp / "rejected" / f"period-{number}",
             bad_rows=bad_rows,
@@ -155,10 +188,11 @@ def _append_period(
             allow_late=allow_late,
             request_offset=_max_request_id(ds),
         )
-        period.read(period_mapping, on_batch)
+        if period_mapping is not None:
+            period.read(period_mapping, on_batch)
         manifest = copy.deepcopy(old)
-        handled = _append_tables(ds, period, target.tmp, manifest)
-        handled |= _append_id_maps(ds, period, target.tmp, manifest)
+        handled = _append_tables(ds, period, target.tmp, manifest, live)
+        handled |= _append_id_maps(ds, period, target.tmp, manifest, live)
         _link_rest(ds.path, target.tmp, handled | {MANIFEST})
         shutil.rmtree(target.tmp / _STAGING, ignore_errors=True)
 
@@ -167,9 +201,13 @@ def _append_period(
         summary = {
             "period": number,
             "added_at": _now(),
-            "extends": ds.fingerprint(),
+            "extends": fingerprint,
             **period.summary(),
         }
+        if live is not None:
+            summary["rows"]["items"] += live.table.num_rows
+            summary["new_ids"]["item"] += live.table.num_rows
+            summary["live_items"] = live.summary
         _merge_time_range(manifest, summary["time_range"])
         manifest.extra["periods"] = [*periods, summary]
         rejected = dict(manifest.extra.get("rejected") or {})
@@ -255,8 +293,8 @@ def _check_metadata_columns(ds: Dataset, mapping: Mapping) -> None:
             )
 
 
-def _known_spaces(ds: Dataset) -> dict[str, IdSpace]:
-    """The dataset's id spaces, each raw id at its id - 1."""
+def _known_ids(ds: Dataset) -> dict[str, pa.Array]:
+    """The raw ids of the dataset's id spaces, each at its id - 1."""
     known: dict[str, pa.Array] = {}
     for space in ("user", "item", "channel"):
         if space not in ds.manifest.id_maps:
@@ -282,7 +320,7 @@ def _known_spaces(ds: Dataset) -> dict[str, IdSpace]:
                 f"{len(known[space])}: new ids would not follow on",
                 path=ds.path / ds.manifest.tables[table],
             )
-    return new_spaces(known)
+    return known
 
 
 def _max_request_id(ds: Dataset) -> int:
@@ -302,7 +340,9 @@ def _max_request_id(ds: Dataset) -> int:
     return best
 
 
-def _append_tables(ds: Dataset, period: Period, out: Path, manifest: Manifest) -> set[str]:
+def _append_tables(
+    ds: Dataset, period: Period, out: Path, manifest: Manifest, live: _LivePlan | None
+) -> set[str]:
     """Each table: its new rows appended to the old file, or the old file linked."""
     handled = set()
     staging = out / _STAGING
@@ -312,11 +352,12 @@ def _append_tables(ds: Dataset, period: Period, out: Path, manifest: Manifest) -
         chunks: Iterable[pa.Table]
         if name in EVENT_TABLES:
             chunks = prefetch(period.events(name))
-        elif period.num_new(META_SPACE[name]):
-            optional = None if schema is None else schema.names[1:]
-            chunks = [period.metadata(name, optional)]
         else:
-            chunks = []
+            # the live items' ids come first (`_plan_live`), the logs' new ids after them
+            chunks = [live.table] if live is not None and name == "items" else []
+            if period.num_new(META_SPACE[name]):
+                optional = None if schema is None else schema.names[1:]
+                chunks.append(period.metadata(name, optional))
         staged = staging / f"{name}.parquet"
         added = _write_rows(name, chunks, schema, staged)
         file_name = manifest.tables.get(name, f"{name}.parquet")
@@ -400,7 +441,9 @@ def _rewrite(old: Path, new: Path, out: Path) -> None:
             writer.write_batch(batch, row_group_size=1 << 20)
 
 
-def _append_id_maps(ds: Dataset, period: Period, out: Path, manifest: Manifest) -> set[str]:
+def _append_id_maps(
+    ds: Dataset, period: Period, out: Path, manifest: Manifest, live: _LivePlan | None
+) -> set[str]:
     handled = set()
     staging = out / _STAGING
     for space, (_, raw) in period.numbering().items():
@@ -408,11 +451,14 @@ def _append_id_maps(ds: Dataset, period: Period, out: Path, manifest: Manifest) 
         old_file = ds.path / old_name if old_name is not None else None
         if old_file is not None:
             handled.add(old_file.name)
+        first = period.spaces[space].num_known + 1
+        if live is not None and space == "item" and len(live.raw):
+            raw = pa.concat_arrays([live.raw.cast(raw.type), raw])
+            first -= len(live.raw)
         if not len(raw):
             if old_file is not None:
                 _link(old_file, out / old_file.name)
             continue
-        first = period.spaces[space].num_known + 1
         table = pa.table(
             {
                 "raw_id": raw.cast(pa.string()),
@@ -461,3 +507,175 @@ def _merge_time_range(manifest: Manifest, added: MappingABC[str, int | None]) ->
         "min_ts": min(lo) if lo else None,
         "max_ts": max(hi) if hi else None,
     }
+
+
+# --------------------------------------------------------------------------- live items
+
+# What an item added while serving says of itself (`serving.state`), in the items
+# table's column names.
+LIVE_FIELDS = ("channel_id", "topic", "title", "upload_ts", "duration_s")
+# Conflicting external ids named in the period (the count is of all).
+_CONFLICTS_LISTED = 10
+
+
+@dataclass(frozen=True)
+class LiveItems:
+    """Items a running service added to its catalogue (POST /v1/items), to be merged into
+    the items table; `serving.state.read_live_items` reads them from a state database.
+
+    rows:        one mapping per item: item_id (the id the service gave it), raw_id (its
+                 external id), and the LIVE_FIELDS (channel_id: a dataset channel id)
+    origin:      where they were read, named in errors and in the period
+    seeded_from: the fingerprint of the data the service's state was seeded from (its
+                 item and channel ids are that data's); None: not recorded
+    """
+
+    rows: Sequence[MappingABC[str, Any]]
+    origin: str
+    seeded_from: str | None = None
+
+
+@dataclass(frozen=True)
+class _LivePlan:
+    """The live items an append merges: the new ones' items rows (their final ids, in id
+    order) and raw ids, and what the period records of them."""
+
+    table: pa.Table
+    raw: pa.Array
+    summary: dict[str, Any]
+
+
+def _plan_live(ds: Dataset, live: LiveItems, known: pa.Array, lineage: set[str]) -> _LivePlan:
+    """Check the live items and decide which are new (`known`: the item ids' raw ids)."""
+    if live.seeded_from is not None and live.seeded_from not in lineage:
+        raise DataError(
+            f"the service's state was seeded from data {live.seeded_from}, not from {ds.path} "
+            "nor a version it extends: its item and channel ids are another dataset's",
+            path=live.origin,
+        )
+    channels = ds.id_map("channel").num_rows if "channel" in ds.manifest.id_maps else 0
+    rows = [_live_row(row, i, live.origin, channels) for i, row in enumerate(live.rows)]
+    first: dict[str, int] = {}
+    for row in rows:
+        seen = first.setdefault(row["raw_id"], row["item_id"])
+        if seen != row["item_id"]:
+            raise DataError(
+                f"live item {row['raw_id']!r}, field 'raw_id': duplicate item (service item "
+                f"ids {seen} and {row['item_id']})",
+                path=live.origin,
+            )
+    raw = pa.array([row["raw_id"] for row in rows], pa.string())
+    found = pc.fill_null(pc.index_in(raw, value_set=known.cast(pa.string())), -1)
+    at = np.asarray(found.to_numpy(zero_copy_only=False), dtype=np.int64)
+    present = ds.columns("items")
+
+    conflicts = _conflicting(ds, [rows[i] for i in np.flatnonzero(at >= 0)], at[at >= 0] + 1)
+    # The service numbered its items in the order it added them, above the catalogue it
+    # served: in that order they take the next ids, which are the service's own when
+    # this dataset is the one it served (its users' live histories name those ids).
+    new = sorted((rows[i] for i in np.flatnonzero(at < 0)), key=lambda r: r["item_id"])
+    for name in LIVE_FIELDS:
+        holding = next((r for r in new if r[name] is not None), None)
+        if name not in present and holding is not None:
+            raise DataError(
+                f"the dataset's items table has no column '{name}': live item "
+                f"{holding['raw_id']!r} cannot be merged with its {name} "
+                f"(its items columns: {', '.join(present)})",
+                path=live.origin,
+            )
+    ids = np.arange(len(known) + 1, len(known) + 1 + len(new), dtype=np.int64)
+    columns: dict[str, pa.Array] = {"item_id": pa.array(ids)}
+    for name in LIVE_FIELDS:
+        if name in present:
+            columns[name] = pa.array([r[name] for r in new], SPECS["items"].columns[name].type)
+    summary = {
+        "from": live.origin,
+        "rows": len(rows),
+        "new": len(new),  # merged under new ids
+        "known": int((at >= 0).sum()),  # already in the dataset: its row is kept
+        "conflicting": len(conflicts),  # of the known: the service said otherwise
+        "conflicting_ids": conflicts[:_CONFLICTS_LISTED],
+        "renumbered": int(sum(r["item_id"] != i for r, i in zip(new, ids.tolist(), strict=True))),
+    }
+    return _LivePlan(pa.table(columns), pa.array([r["raw_id"] for r in new], pa.string()), summary)
+
+
+def _conflicting(ds: Dataset, rows: list[dict[str, Any]], ids: np.ndarray) -> list[str]:
+    """The raw ids of the live `rows` whose metadata differs from the dataset's rows of
+    their item `ids` (a column the dataset lacks counts as missing values)."""
+    if not rows:
+        return []
+    names = [c for c in LIVE_FIELDS if c in ds.columns("items")]
+    table = ds.table("items", ["item_id", *names])
+    item_ids = np.asarray(table.column("item_id").to_numpy(), dtype=np.int64)
+    row_of = np.full(int(item_ids.max()) + 1, -1, dtype=np.int64)
+    row_of[item_ids] = np.arange(item_ids.size)
+    stored = table.take(pa.array(row_of[ids])).to_pylist()
+    out = []
+    for live, have in zip(rows, stored, strict=True):
+        for name in LIVE_FIELDS:
+            a, b = live[name], have.get(name)
+            if name == "duration_s" and a is not None and b is not None:
+                # the items table keeps durations as float32
+                a, b = np.float32(a), np.float32(b)
+            if a != b:
+                out.append(live["raw_id"])
+                break
+    return out
+
+
+def _live_row(row: MappingABC[str, Any], index: int, origin: str, channels: int) -> dict[str, Any]:
+    """One live item, each field checked as the import checks an items row's value (a
+    clear error naming the item and the field), in the items table's types."""
+    raw = _live_text(row.get("raw_id"))
+    store_id = row.get("item_id")
+    if raw is None:
+        raise DataError(
+            f"live item {index + 1} (service item id {store_id}), field 'raw_id': missing value",
+            path=origin,
+        )
+
+    def bad(name: str, message: str) -> DataError:
+        return DataError(f"live item {raw!r}, field '{name}': {message}", path=origin)
+
+    if not _is_int(store_id) or store_id < 1:
+        raise bad("item_id", f"{store_id!r} is not an item id (an integer >= 1)")
+    out: dict[str, Any] = {"item_id": int(store_id), "raw_id": raw}
+    channel = row.get("channel_id")
+    if channel is not None and not (_is_int(channel) and 1 <= channel <= channels):
+        known = f"'s channel ids run 1..{channels}" if channels else " has no channels"
+        raise bad("channel_id", f"unknown channel {channel!r} (the dataset{known})")
+    out["channel_id"] = None if channel is None else int(channel)
+    for name in ("topic", "title"):
+        value = row.get(name)
+        out[name] = _live_text(value)
+        if value is not None and not isinstance(value, str | int | float):
+            raise bad(name, f"{value!r} is not text")
+    upload = row.get("upload_ts")
+    if upload is not None and not (_is_number(upload) and math.isfinite(upload)):
+        raise bad("upload_ts", f"{upload!r} is not a time in s (epoch seconds)")
+    out["upload_ts"] = None if upload is None else math.floor(upload)
+    duration = row.get("duration_s")
+    if duration is not None and not (_is_number(duration) and duration >= 0):
+        raise bad("duration_s", f"{duration!r} is not a duration in s (a number >= 0)")
+    if duration is not None and not math.isfinite(duration):
+        raise bad("duration_s", f"{duration!r} is not a finite duration")
+    out["duration_s"] = None if duration is None else float(duration)
+    return out
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _live_text(value: object) -> str | None:
+    """Text as the import reads it: numbers as their decimal text, blank is missing."""
+    if _is_number(value):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value

@@ -425,8 +425,10 @@ class Recommender:
         the deep source retrieves them: their content vectors are searched exactly beside
         the packaged index (the ANN index, built or memory-mapped, is not changed). Items
         already in the catalogue (by external id), or whose id the packaged catalogue
-        uses, are skipped. Costs O(catalogue) per call: the per-item
-        columns are rebuilt (so add items in batches where there are many).
+        uses, are skipped: an artifact built after the daily merge of the added items
+        (`funnelrec data append --live-items`) serves them from its own index, once, and
+        the store's rows of them are left as they are. Costs O(catalogue) per call: the
+        per-item columns are rebuilt (so add items in batches where there are many).
         """
         n0 = int(self._base_items["item_id"].to_numpy().max()) if self._base_items.num_rows else 0
         self.added_through = max([self.added_through, *(it.item_id for it in new)])

@@ -25,7 +25,9 @@ transaction. The columns are plain data, no pickle:
     impressions  BLOB  [m] records of (item_id int64, shown int64, last_ts int64), by item
 
 Table `items` holds the items added while serving (POST /v1/items, `add_item`), a row
-each with the item id the store gave it: the served catalogue adds them at every load.
+each with the item id the store gave it: the served catalogue adds them at every load,
+and the daily path merges them into the dataset (`read_live_items`, then `funnelrec data
+append --live-items`), after which the artifact's catalogue holds them itself.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from funnelrec.data.append import LiveItems
 from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError, DataError
 
@@ -397,9 +400,10 @@ class UserStateStore:
 
     def add_item(self, item: AddedItem, first_id: int) -> tuple[AddedItem, bool]:
         """Store `item` under a new item id (its `item_id` is ignored): the smallest above
-        `first_id - 1` and every stored one. Returns (the stored item, created); an item of
-        the same raw id already stored is returned as it is, not created (the caller
-        compares the content). Returns only once the transaction is committed.
+        `first_id - 1`, every stored one and the reserved ones (`reserve_item_ids`).
+        Returns (the stored item, created); an item of the same raw id already stored is
+        returned as it is, not created (the caller compares the content). Returns only
+        once the transaction is committed.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -411,7 +415,11 @@ class UserStateStore:
                     self._db.execute("COMMIT")
                     return _added_item(found), False
                 top = self._db.execute("SELECT max(item_id) FROM items").fetchone()[0]
-                stored = replace(item, item_id=max(first_id, (top or 0) + 1))
+                reserved = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'items_reserved_through'"
+                ).fetchone()
+                floor = int(reserved[0]) if reserved is not None else 0
+                stored = replace(item, item_id=max(first_id, (top or 0) + 1, floor + 1))
                 self._db.execute(
                     f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     _item_row(stored),
@@ -421,6 +429,31 @@ class UserStateStore:
                 self._db.execute("ROLLBACK")
                 raise
         return stored, True
+
+    def reserve_item_ids(self, through: int) -> None:
+        """Give the items added from now on ids above `through` (never lowers it).
+
+        The daily path calls it once a dataset's catalogue holds items 1..`through`, the
+        live ones merged among them (`funnelrec data append --live-items`): the next
+        artifact numbers its items so, and an item added before the server reloads onto
+        it must not take one of those ids for another item.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                found = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'items_reserved_through'"
+                ).fetchone()
+                if found is None or int(found[0]) < through:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) "
+                        "VALUES ('items_reserved_through', ?)",
+                        (str(int(through)),),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def added_items(self, after: int = 0) -> list[AddedItem]:
         """The added items with item id above `after`, by item id."""
@@ -475,6 +508,53 @@ class UserStateStore:
 
 
 _ITEM_COLUMNS = "item_id, raw_id, channel_id, topic, title, upload_ts, duration_s"
+
+
+def reserve_live_item_ids(path: Path | str, through: int) -> None:
+    """`UserStateStore.reserve_item_ids` on the state database at `path` (which must
+    exist), after its items were merged into a dataset of `through` items."""
+    if not Path(path).is_file():
+        raise ArtifactError(f"{path}: no such state database")
+    try:
+        store = UserStateStore(path)
+        try:
+            store.reserve_item_ids(through)
+        finally:
+            store.close()
+    except sqlite3.Error as e:
+        raise ArtifactError(f"{path}: cannot reserve the item ids 1..{through} ({e})") from None
+
+
+def read_live_items(path: Path | str) -> LiveItems:
+    """The added items of the state database at `path`, for `data.append`'s `live_items`.
+
+    Opened read-only (a running server may keep writing; a missing file is an error, not
+    a new database). The rows are as stored, unconverted: the append checks each field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such state database")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            rows = (
+                db.execute(f"SELECT {_ITEM_COLUMNS} FROM items ORDER BY item_id").fetchall()
+                if "items" in tables
+                else []  # a store of format 1: no added items
+            )
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise ArtifactError(f"{path}: not a usable state database ({e})") from None
+    names = [c.strip() for c in _ITEM_COLUMNS.split(",")]
+    seeded = meta.get("seeded_from")
+    return LiveItems(
+        [dict(zip(names, row, strict=True)) for row in rows],
+        origin=str(path),
+        seeded_from=None if seeded is None else str(seeded),
+    )
 
 
 def _item_row(item: AddedItem) -> tuple[Any, ...]:

@@ -217,3 +217,15 @@ def test_the_store_gives_each_external_id_one_item_id_above_the_catalogue(
     assert [it.raw_id for it in store.added_items(after=1001)] == ["y"]
     store.close()
     assert UserStateStore(tmp_path / "state.db").added_items() == [first, other]
+
+
+def test_ids_reserved_by_the_daily_merge_are_not_given_to_new_items(tmp_path: Path) -> None:
+    from funnelrec.serving.state import AddedItem, reserve_live_item_ids
+
+    store = UserStateStore(tmp_path / "state.db")
+    store.add_item(AddedItem(0, "x", 3, None, "a title", 100, 60.0), first_id=1001)
+    # the dataset merged x and grew to 1050 items: the next artifact's ids
+    reserve_live_item_ids(tmp_path / "state.db", 1050)
+    store.reserve_item_ids(1020)  # never lowered
+    y, _ = store.add_item(AddedItem(0, "y", 3, None, "b", 100, 1.0), first_id=1002)
+    assert y.item_id == 1051

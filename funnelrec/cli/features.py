@@ -3,6 +3,7 @@
 funnelrec features build --data /tmp/small --split last --out /tmp/small-feat
 funnelrec features build --data /tmp/small --split time --out /tmp/f cap=none labels=random
 funnelrec features build --data /tmp/small --update-from /tmp/small-feat --out /tmp/feat-2
+funnelrec features build --data /shared/large --out /shared/feat --engine dask --cluster tcp://HOST:8786
 funnelrec features describe /tmp/small-feat
 """
 
@@ -22,6 +23,7 @@ from rich.table import Table
 from funnelrec.config import load_config
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
+from funnelrec.features.engines import DaskEngine, Engine
 from funnelrec.features.update import FeaturesUpdate
 
 app = typer.Typer(
@@ -36,22 +38,43 @@ class SplitKind(StrEnum):
     time = "time"
 
 
+class EngineKind(StrEnum):
+    local = "local"
+    dask = "dask"
+
+
 @app.command("build")
 def build(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (canonical tables)."),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Dataset directory (canonical tables): a path or file:// URI."
+    ),
     split: SplitKind | None = typer.Option(
         None,
         "--split",
         help="last: leave-last-out per user; time: global time split (default: last, or "
         "that of --update-from).",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Features directory to create."),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Features directory to create: a path or file:// URI."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing features directory."),
     workers: int = typer.Option(
         1,
         "--workers",
         help="Processes building blocks of users side by side (data over block_events "
-        "events only; each holds one block in memory).",
+        "events only; each holds one block in memory). Local engine only.",
+    ),
+    engine: EngineKind = typer.Option(
+        EngineKind.local,
+        "--engine",
+        help="Where blocks of users are built (data over block_events events): local "
+        "(this machine, --workers processes) or dask (the tasks of a Dask cluster).",
+    ),
+    cluster: str | None = typer.Option(
+        None,
+        "--cluster",
+        help="With --engine dask: the scheduler, e.g. tcp://HOST:8786 (default: "
+        "$DASK_SCHEDULER_ADDRESS), or local:N to start N workers on this machine.",
     ),
     update_from: Path | None = typer.Option(
         None,
@@ -78,6 +101,13 @@ def build(
 ) -> None:
     """Fit transforms on the training split and write example shards for both stages."""
     config = load_config(FeaturesConfig, None, overrides or [])
+    runner: Engine | None = None
+    if engine is EngineKind.dask:
+        if workers != 1:
+            raise typer.BadParameter("--workers is for --engine local; a cluster has its own")
+        runner = DaskEngine(cluster)
+    elif cluster is not None:
+        raise typer.BadParameter("--cluster goes with --engine dask")
     update = None
     if update_from is not None:
         base = Features.open(update_from)
@@ -95,7 +125,7 @@ def build(
         )
     elif refit_normalizers or since is not None:
         raise typer.BadParameter("--refit-normalizers and --since go with --update-from")
-    build_features(
+    built = build_features(
         data,
         out,
         split=(split or SplitKind.last).value,
@@ -103,8 +133,9 @@ def build(
         force=force,
         workers=workers,
         update=update,
+        engine=runner,
     )
-    feats = Features.open(out)
+    feats = Features.open(built)
     _describe(feats)
     if update is not None:
         _describe_update(feats.manifest["update"])

@@ -1,23 +1,24 @@
-"""The build over blocks of users (`funnelrec.features.partition`): resumable, in worker processes.
+"""The build over blocks of users (`funnelrec.features.partition`): resumable, on an engine.
 
 Three passes: partition the events by blocks of users, count each block and fit the
 transforms on the sum (`funnelrec.features.fit`), write each block's examples
-(`funnelrec.features.write`). A worker gets a `_BlockJob` (paths and settings only) and runs
-`_count_block_job` or `_write_block_job`; both are top-level functions so that spawned
-processes can import them.
+(`funnelrec.features.write`). The per-block work of the last two runs on an engine
+(`funnelrec.features.engines`: this process, local worker processes, or a Dask cluster): a
+worker gets a `_BlockJob` (paths and settings only) and runs `_count_block_job` or
+`_write_block_job`; both are top-level functions so that spawned processes and Dask
+workers can import them. The partition, the fit on the summed counts, the progress record
+and the last step run in this process.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from funnelrec.data.dataset import Dataset, write_json_atomic
 from funnelrec.errors import DataError
 from funnelrec.features import FORMAT_VERSION, MANIFEST, FeaturesConfig
 from funnelrec.features.content import fit_item_content
+from funnelrec.features.engines import Engine, check_visible
 from funnelrec.features.finish import _finish
 from funnelrec.features.fit import (
     _count_block,
@@ -57,6 +59,7 @@ class _BlockJob:
     block: int
     part: dict[str, Any]
     fit: dict[str, Any] | None
+    run: str  # this build's id: what a long-lived worker cached for another build is not used
 
     @property
     def blocks(self) -> Path:
@@ -64,12 +67,17 @@ class _BlockJob:
 
 
 # What a worker reads once and keeps for its next blocks: users, items, transforms, the
-# popularity index (memory-mapped: the workers share its pages).
+# popularity index (memory-mapped: the workers of a machine share its pages).
 _JOB_CACHE: dict[str, Any] = {}
 
 
+def _forget_jobs() -> None:
+    """Drop what this process cached for blocks (a Dask worker lives on after a build)."""
+    _JOB_CACHE.clear()
+
+
 def _job_inputs(job: _BlockJob) -> tuple[_Users, _Items]:
-    key = f"users:{job.work}"
+    key = f"users:{job.work}:{job.run}"
     if key not in _JOB_CACHE:
         _JOB_CACHE.clear()
         ds = Dataset.open(job.data)
@@ -111,7 +119,7 @@ def _write_block_job(
     fit, b, cfg, work = job.fit, job.block, job.cfg, job.work
     assert fit is not None
     users, _ = _job_inputs(job)
-    key = f"fit:{work}"
+    key = f"fit:{work}:{job.run}"
     if key not in _JOB_CACHE:
         by_item = CountIndex.load(job.blocks / "item_index.npy", job.part["lo"], job.part["span"])
         _JOB_CACHE[key] = (_load_transforms(work, fit, users), by_item)
@@ -142,35 +150,13 @@ def _write_block_job(
     return b
 
 
-def _run_parallel(
-    fn: Callable[[_BlockJob], Any], jobs: list[_BlockJob], workers: int, done: Callable[..., None]
-) -> None:
-    """Run `fn` over `jobs` in `workers` processes; `done(block, [result])` as each ends.
-
-    Spawned, not forked: a worker starts without the parent's memory."""
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(fn, job): job.block for job in jobs}
-        try:
-            for fut in as_completed(futures):
-                result = fut.result()
-                if isinstance(result, int):
-                    done(result)
-                else:
-                    done(futures[fut], result)
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-
-
 class _BlockedBuild:
     """The build over blocks of users (see `funnelrec.features.partition`), resumable.
 
     It works in `.<out>.partial` beside `out`. `progress.json` there records the data's
     fingerprint and the config (a mismatch starts over), whether the partition and the fit
     are done, and which blocks are written; each block's results are kept in `_blocks/`.
-    A block interrupted half-way is written again from its start.
+    A block interrupted half-way is written again from its start, on any engine.
     """
 
     def __init__(
@@ -181,13 +167,14 @@ class _BlockedBuild:
         cfg: FeaturesConfig,
         progress: bool,
         n_events: int,
-        workers: int,
+        engine: Engine,
     ) -> None:
         self.ds, self.out, self.split_kind, self.cfg = ds, out, split_kind, cfg
-        self.workers = workers
+        self.engine = engine
         self.show = progress
         self.n_events = n_events
-        self.work = out.parent / f".{out.name}.partial"
+        # absolute: a Dask worker's working directory is not this process's
+        self.work = out.resolve().parent / f".{out.name}.partial"
         self.blocks = self.work / "_blocks"
         self.key = {
             "format_version": FORMAT_VERSION,
@@ -215,7 +202,7 @@ class _BlockedBuild:
         if self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
-        state = {"key": self.key, "blocks_done": []}
+        state = {"key": self.key, "blocks_done": [], "run": uuid.uuid4().hex}
         self._save_state(state)
         return state
 
@@ -223,8 +210,16 @@ class _BlockedBuild:
         write_json_atomic(self.work / "progress.json", state)
 
     def run(self, *, force: bool) -> Path:
+        # the engine first: a cluster that cannot be reached fails before the partition
+        with self.engine:
+            return self._run(force=force)
+
+    def _run(self, *, force: bool) -> Path:
         t_start = time.perf_counter()
         state = self._load_state()
+        self.run_id = str(state.setdefault("run", uuid.uuid4().hex))
+        # before the partition pass, which may take long, not after
+        check_visible(self.engine, [self.ds.path.resolve(), self.work])
         users_t = self.ds.table("users", columns=["user_id"]).column("user_id")
         n_users_table = int(pc.max(users_t).as_py() or 0) if len(users_t) else 0
         with progress_bar("examples", enabled=self.show) as bar:
@@ -245,19 +240,19 @@ class _BlockedBuild:
             todo = [b for b in range(plan.n_blocks) if b not in done]
             bars = _Bars(bar, reuse=True)
 
-            def finished(b: int) -> None:
+            def finished(b: int, _: object = None) -> None:
                 state["blocks_done"] = sorted({*state["blocks_done"], b})
                 self._save_state(state)
                 bar.update(blocks_task, advance=1)
 
             jobs = [self._job(b, part, fit) for b in todo]
-            if self.workers > 1 and len(jobs) > 1:
-                _run_parallel(_write_block_job, jobs, self.workers, finished)
-            else:
+            if self.engine.in_process:  # a block's own progress can be drawn
                 for job in jobs:
                     bars.prefix = f"block {job.block + 1}/{plan.n_blocks}: "
                     finished(_write_block_job(job, bars))
-            _JOB_CACHE.clear()
+            else:
+                self.engine.map_blocks(_write_block_job, jobs, finished)
+            self.engine.everywhere(_forget_jobs)
         results = [self._load_result(b) for b in range(plan.n_blocks)]
         sp_meta = {
             "kind": self.split_kind,
@@ -321,13 +316,14 @@ class _BlockedBuild:
 
     def _job(self, b: int, part: dict[str, Any], fit: dict[str, Any] | None) -> _BlockJob:
         return _BlockJob(
-            data=self.ds.path,
+            data=self.ds.path.resolve(),
             work=self.work,
             split_kind=self.split_kind,
             cfg=self.cfg,
             block=b,
             part=part,
             fit=fit,
+            run=self.run_id,
         )
 
     def _fit(
@@ -341,12 +337,8 @@ class _BlockedBuild:
             bar.update(task, advance=1)
 
         jobs = [self._job(b, part, None) for b in range(plan.n_blocks)]
-        if self.workers > 1 and len(jobs) > 1:
-            _run_parallel(_count_block_job, jobs, self.workers, finished)
-        else:
-            for job in jobs:
-                finished(job.block, _count_block_job(job))
-        _JOB_CACHE.clear()
+        self.engine.map_blocks(_count_block_job, jobs, finished)
+        self.engine.everywhere(_forget_jobs)
         acc = _Counts.merge([parts[b] for b in range(plan.n_blocks)])
         ranking = bool(acc.rank_columns) and self.cfg.ranking
         tf = _fit_transforms(acc, users, self.cfg, ranking=ranking)

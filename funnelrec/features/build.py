@@ -4,14 +4,16 @@
 
 Small data is read whole and built as one block. Data of more than `block_events` events
 is cut into blocks of users (`partition.py`) and built in three passes (partition, fit,
-write), resumably, in `--workers` processes if asked. What an example holds, and how each
+write), resumably, with the per-block work on an engine (`engines.py`: this process,
+`--workers` local processes, or a Dask cluster). What an example holds, and how each
 feature is computed, is the rest of `funnelrec.features`; this module runs those functions
 over the data and writes the directory that `reader.Features` reads:
 
 - `fit.py`: the split, the training part's counts and the transforms fitted from them;
 - `write.py`: one block's example shards of both stages;
 - `finish.py`: the blocks' results summed, the ranking normaliser, the manifest;
-- `blocked.py`: the build over blocks of users, resumable, in worker processes.
+- `blocked.py`: the build over blocks of users, resumable, on an engine;
+- `engines.py`: where the per-block work runs (local processes or a Dask cluster).
 
 This file holds `build_features` and the in-memory build (the whole dataset as one block).
 """
@@ -29,6 +31,7 @@ from funnelrec.errors import DataError, FunnelrecError
 from funnelrec.features import MANIFEST, REQUESTS, FeaturesConfig
 from funnelrec.features.blocked import _BlockedBuild
 from funnelrec.features.content import CONTENT_VOCABS, ContentFit, fit_item_content
+from funnelrec.features.engines import Engine, LocalEngine, local_path
 from funnelrec.features.finish import _finish, _split_meta
 from funnelrec.features.fit import _count_block, _Counts, _fit_transforms, _split, _time_bounds
 from funnelrec.features.partition import EVENT_TABLES, CountIndex
@@ -56,6 +59,7 @@ def build_features(
     impressions: pa.Table | None = None,
     workers: int = 1,
     update: FeaturesUpdate | None = None,
+    engine: Engine | None = None,
 ) -> Path:
     """Fit transforms on the training part of `data` and write example shards to `out`.
 
@@ -70,6 +74,10 @@ def build_features(
     `partition.py`), in a folder beside `out` that a later call with the same data and config
     resumes after an interruption. `workers` processes build blocks side by side
     (each holds one block in memory; the examples are the same for any number).
+    `engine`: where the blocks are built instead (`engines.DaskEngine`: a Dask cluster);
+    the examples are the same on every engine. Data of at most `block_events` events is
+    one block, built in this process on any engine. `data` and `out`: local paths or
+    `file://` URIs.
 
     `update`: extend the features at `update.base` instead of fitting anew, for a model
     to continue training from them (`update.py`: vocabularies extended, embedding widths
@@ -77,10 +85,15 @@ def build_features(
     replay sample of older ones). `config` None: the config of `update.base`.
     """
     cfg = config or FeaturesConfig()
-    ds = data if isinstance(data, Dataset) else Dataset.open(data)
+    ds = data if isinstance(data, Dataset) else Dataset.open(local_path(data))
     if split not in ("last", "time"):
         raise FunnelrecError(f"split must be 'last' or 'time', got '{split}'")
-    out = Path(out)
+    if engine is not None and workers != 1:
+        raise FunnelrecError(
+            f"workers={workers} is for the local engine; the {engine.name} engine's "
+            "workers are its cluster's"
+        )
+    out = local_path(out)
     n_events = sum(ds.num_rows(name) for name in EVENT_TABLES if ds.has(name))
     base = None
     if update is not None:
@@ -100,9 +113,15 @@ def build_features(
     if impressions is None and n_events > cfg.block_events:
         if out.exists() and not force:
             raise DataError(f"{out} already exists (use --force to overwrite)")
-        if workers < 1:
-            raise FunnelrecError(f"workers must be >= 1, got {workers}")
-        return _BlockedBuild(ds, out, split, cfg, progress, n_events, workers).run(force=force)
+        engine = engine or LocalEngine(workers)
+        return _BlockedBuild(ds, out, split, cfg, progress, n_events, engine).run(force=force)
+    if engine is not None and engine.name != "local" and progress:
+        why = (
+            "given impressions are built in memory"
+            if impressions is not None
+            else f"{n_events:,} events, at most block_events={cfg.block_events:,}"
+        )
+        print(f"built as one block in this process, not on the {engine.name} engine: {why}")
     target = AtomicDirectory(out, force=force)
     try:
         manifest = _build_in_memory(ds, target.tmp, split, cfg, progress, impressions, update, base)

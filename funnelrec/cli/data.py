@@ -4,6 +4,7 @@ funnelrec data import sequence beauty.txt --out /tmp/beauty
 funnelrec data import kuairand kuairand_sample.tsv --out /tmp/kr
 funnelrec data import movielens ml-1m/ --out /tmp/ml1m
 funnelrec data import events mapping.toml --out /tmp/logs [--bad-rows skip]
+funnelrec data import events mapping.toml --out /shared/logs --engine dask --cluster tcp://HOST:8786
 funnelrec data append /tmp/logs day2/*.csv impressions=day2/imp.parquet [--allow-late]
 funnelrec data append /tmp/logs day2/*.csv --live-items serve/state.db
 funnelrec data fetch movielens-100k --out /tmp/ml100k
@@ -40,6 +41,7 @@ from funnelrec.data.loaders import (
     import_movielens,
     import_sequence,
 )
+from funnelrec.engines import DaskEngine, Engine
 from funnelrec.errors import ArtifactError
 from funnelrec.serving.state import read_live_items, reserve_live_item_ids
 
@@ -67,6 +69,11 @@ BAD_ROWS = typer.Option(
     help="fail: stop at the first bad row, naming it; skip: leave bad rows out, write them "
     "with their reasons to DATASET/rejected/ and count them in the manifest.",
 )
+
+
+class EngineKind(StrEnum):
+    local = "local"
+    dask = "dask"
 
 
 class Fetchable(StrEnum):
@@ -112,17 +119,36 @@ def import_(
     out: Path = OUT,
     force: bool = FORCE,
     bad_rows: BadRows = BAD_ROWS,
+    engine: EngineKind = typer.Option(
+        EngineKind.local,
+        "--engine",
+        help="events: where the files are read and converted: local (this process) or dask "
+        "(one task per file on a Dask cluster; ids, tables and manifest stay here).",
+    ),
+    cluster: str | None = typer.Option(
+        None,
+        "--cluster",
+        help="With --engine dask: the scheduler, e.g. tcp://HOST:8786 (default: "
+        "$DASK_SCHEDULER_ADDRESS), or local:N to start N workers on this machine.",
+    ),
 ) -> None:
     """Import raw logs into a canonical dataset directory (built aside, renamed at the end)."""
     if bad_rows is not BadRows.fail and fmt is not Format.events:
         raise typer.BadParameter("--bad-rows skip applies to the events format")
+    runner: Engine | None = None
+    if engine is EngineKind.dask:
+        if fmt is not Format.events:
+            raise typer.BadParameter("--engine dask applies to the events format")
+        runner = DaskEngine(cluster)
+    elif cluster is not None:
+        raise typer.BadParameter("--cluster goes with --engine dask")
     with console.status(f"importing {fmt.value} from {src}"):
         if fmt is Format.movielens:
             result = import_movielens(src, out, force=force)
         elif fmt is Format.kuairand:
             result = import_kuairand(src, out, force=force)
         elif fmt is Format.events:
-            result = import_events(src, out, force=force, bad_rows=bad_rows.value)
+            result = import_events(src, out, force=force, bad_rows=bad_rows.value, engine=runner)
         else:
             result = import_sequence(src, out, force=force)
     _summary(result)

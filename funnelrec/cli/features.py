@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from funnelrec.config import load_config
+from funnelrec.engines import DaskEngine, Engine
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
-from funnelrec.features.engines import DaskEngine, Engine
 from funnelrec.features.update import FeaturesUpdate
 
 app = typer.Typer(

@@ -3,7 +3,7 @@
 Three passes: partition the events by blocks of users, count each block and fit the
 transforms on the sum (`funnelrec.features.fit`), write each block's examples
 (`funnelrec.features.write`). The per-block work of the last two runs on an engine
-(`funnelrec.features.engines`: this process, local worker processes, or a Dask cluster): a
+(`funnelrec.engines`: this process, local worker processes, or a Dask cluster): a
 worker gets a `_BlockJob` (paths and settings only) and runs `_count_block_job` or
 `_write_block_job`; both are top-level functions so that spawned processes and Dask
 workers can import them. The partition, the fit on the summed counts, the progress record
@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 from rich.progress import Progress
 
 from funnelrec.data.dataset import Dataset, write_json_atomic
+from funnelrec.engines import Engine, check_visible
 from funnelrec.errors import DataError
 from funnelrec.features import FORMAT_VERSION, MANIFEST, FeaturesConfig
 from funnelrec.features.content import fit_item_content
-from funnelrec.features.engines import Engine, check_visible
 from funnelrec.features.finish import _finish
 from funnelrec.features.fit import (
     _count_block,

@@ -27,11 +27,11 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from funnelrec.data.dataset import AtomicDirectory, Dataset, write_json_atomic
+from funnelrec.engines import Engine, LocalEngine, local_path
 from funnelrec.errors import DataError, FunnelrecError
 from funnelrec.features import MANIFEST, REQUESTS, FeaturesConfig
 from funnelrec.features.blocked import _BlockedBuild
 from funnelrec.features.content import CONTENT_VOCABS, ContentFit, fit_item_content
-from funnelrec.features.engines import Engine, LocalEngine, local_path
 from funnelrec.features.finish import _finish, _split_meta
 from funnelrec.features.fit import _count_block, _Counts, _fit_transforms, _split, _time_bounds
 from funnelrec.features.partition import EVENT_TABLES, CountIndex

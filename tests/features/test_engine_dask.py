@@ -17,16 +17,16 @@ from typer.testing import CliRunner
 
 from funnelrec.cli import app
 from funnelrec.data.dataset import Dataset
-from funnelrec.errors import FunnelrecError
-from funnelrec.features import Features, FeaturesConfig, blocked
-from funnelrec.features.build import build_features
-from funnelrec.features.engines import (
+from funnelrec.engines import (
     SCHEDULER_ENV,
     DaskEngine,
     LocalEngine,
     check_visible,
     local_path,
 )
+from funnelrec.errors import FunnelrecError
+from funnelrec.features import Features, FeaturesConfig, blocked
+from funnelrec.features.build import build_features
 
 distributed = pytest.importorskip("distributed")
 

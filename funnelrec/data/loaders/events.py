@@ -2,6 +2,7 @@
 through a mapping (`mapping.py`) of which source column feeds which canonical column.
 
     funnelrec data import events mapping.toml --out DATASET [--bad-rows fail|skip]
+        [--engine dask --cluster tcp://HOST:8786|local:N]
 
 The import streams: every file is read a batch at a time (`sources.py`), each batch's
 columns are converted and checked with vectorised kernels (`values.py`), its raw ids are
@@ -10,6 +11,10 @@ provisional ids in Arrow IPC files inside the dataset's temporary directory. Onc
 source is read the ids are numbered, and the staged rows are written to the canonical
 tables with their final ids. Memory holds a batch, the raw ids and the users' and items'
 metadata, never a whole event table.
+
+On an engine (`funnelrec.engines`: `--engine dask`), each file is read and converted by a
+task (`convert_file`); this process takes the files' batches in the same order and does
+the rest as above, so the dataset is the same, value for value.
 
 Ids: as in the other loaders, the raw ids of a space new in a period are numbered in
 sorted order (numerically when all of them are integers), after the ids of earlier periods,
@@ -27,9 +32,9 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,7 @@ from funnelrec.data.loaders.sources import (
     read_batches,
 )
 from funnelrec.data.schema import SPECS, WATCH_SOURCES
+from funnelrec.engines import Engine, check_visible
 from funnelrec.errors import DataError
 
 BAD_ROWS = ("fail", "skip")
@@ -124,7 +130,14 @@ class IdSpace:
         return self.size - self.num_known
 
     def lookup(self, raw: pa.Array) -> np.ndarray:
-        """The provisional index (int64) of each raw id; ids not seen before are added."""
+        """The provisional index (int64) of each raw id; ids not seen before are added.
+
+        A dictionary array (`convert_file`'s ids) is looked up by its distinct values."""
+        if isinstance(raw, pa.DictionaryArray):
+            if raw.null_count:
+                raise ValueError(f"{self.name} ids with nulls cannot be looked up")
+            distinct = self.lookup(raw.dictionary)
+            return distinct[raw.indices.to_numpy(zero_copy_only=False)]
         if self.size:
             found = pc.index_in(raw, value_set=self._values)
             index = np.asarray(
@@ -232,58 +245,100 @@ class Period:
 
     # --- reading ------------------------------------------------------------------------
 
-    def read(self, mapping: Mapping, on_batch: Callable[[str, int], None] | None = None) -> None:
-        """Read every source of `mapping` (all files are found before any is read)."""
+    def read(
+        self,
+        mapping: Mapping,
+        on_batch: Callable[[str, int], None] | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        """Read every source of `mapping` (all files are found before any is read).
+
+        `engine`: where each file is read and converted (`convert_file`, one job per file);
+        by default here, a batch at a time. Whatever the engine, the files' converted
+        batches are used here in the same order, so ids, rows and bad rows are the same."""
         files = {name: find_files(src, mapping.base) for name, src in mapping.sources.items()}
         self.staging.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnelrec-ids") as pool:
             self._pool = pool
-            self._read(mapping, files, on_batch)
+            converted = (
+                self._here(mapping, files) if engine is None else self._on(engine, mapping, files)
+            )
+            try:
+                for name, source, counts, batches in converted:
+                    for batch, cols, problems in batches:
+                        self._use(name, source, batch, cols, problems, counts)
+                        if on_batch is not None:
+                            on_batch(name, batch.num_rows + len(batch.unreadable))
+            finally:
+                converted.close()  # on an error, the engine's jobs not started are dropped
         self._pool = None
         for writer in self._staged.values():
             writer.close()
         for pwriter in self._rejected.values():
             pwriter.close()
 
-    def _read(
-        self,
-        mapping: Mapping,
-        files: dict[str, list[SourceFile]],
-        on_batch: Callable[[str, int], None] | None,
-    ) -> None:
+    def _sources(
+        self, mapping: Mapping, files: dict[str, list[SourceFile]]
+    ) -> Iterator[tuple[str, SourceMapping, TableCounts, SourceFile]]:
+        """Each file of each source, in reading order, its table's counts started."""
         for name, source in mapping.sources.items():
             counts = self.counts.setdefault(name, TableCounts())
             if name in META_SPACE:
                 self._meta_columns[name] = [
                     META_COLUMNS[name][k] for k in source.columns if k in META_COLUMNS[name]
                 ]
-            types = _parsed_types(source)
             for file in files[name]:
                 counts.files.append(str(file.path.resolve()))
-                batches = read_batches(file, source.source_columns(), source.delimiter, types)
-                for batch in prefetch(batches):
-                    self._batch(name, source, batch, counts)
-                    if on_batch is not None:
-                        on_batch(name, batch.num_rows + len(batch.unreadable))
+                yield name, source, counts, file
                 self._lines.pop(file, None)
 
-    def _batch(self, name: str, source: SourceMapping, batch: Batch, counts: TableCounts) -> None:
-        problems = conv.Problems(batch.num_rows)
-        cols = _CONVERT[name](source, batch.columns, problems)
-        if name in EVENT_TABLES and self.not_before is not None:
-            late = pc.less(cols["ts"], self.not_before)
-            if not self.allow_late:
-                end = _utc(self.not_before)
-                problems.add(
-                    late,
-                    source.columns["time"],
-                    lambda r: pc.binary_join_element_wise(
-                        "time ",
-                        _iso_text(cols["ts"].take(pa.array(r))),
-                        f" is before the dataset's end {end} (--allow-late accepts it)",
-                        "",
-                    ),
-                )
+    def _here(
+        self, mapping: Mapping, files: dict[str, list[SourceFile]]
+    ) -> Generator[tuple[str, SourceMapping, TableCounts, Iterator[Converted]], None, None]:
+        for name, source, counts, file in self._sources(mapping, files):
+            batches = read_batches(
+                file, source.source_columns(), source.delimiter, _parsed_types(source)
+            )
+            yield (
+                name,
+                source,
+                counts,
+                (
+                    (batch, *convert_batch(name, source, batch, self.not_before, self.allow_late))
+                    for batch in prefetch(batches)
+                ),
+            )
+
+    def _on(
+        self, engine: Engine, mapping: Mapping, files: dict[str, list[SourceFile]]
+    ) -> Generator[tuple[str, SourceMapping, TableCounts, Iterator[Converted]], None, None]:
+        cwd = Path.cwd()
+        jobs = [
+            FileJob(name, source, file, cwd, self.bad_rows, self.not_before, self.allow_late)
+            for name, source in mapping.sources.items()
+            for file in files[name]
+        ]
+        folders = sorted({(cwd / f.path).resolve().parent for fs in files.values() for f in fs})
+        check_visible(engine, folders)
+        results = engine.imap(convert_file, jobs)
+        try:
+            for (name, source, counts, _), converted in zip(
+                self._sources(mapping, files), results, strict=True
+            ):
+                yield name, source, counts, _drain(converted)
+        finally:
+            results.close()
+
+    def _use(
+        self,
+        name: str,
+        source: SourceMapping,
+        batch: Batch,
+        cols: Columns,
+        problems: conv.Problems,
+        counts: TableCounts,
+    ) -> None:
+        """What needs every file seen so far: duplicates, bad rows, ids, staging."""
         prov = None
         if name in META_SPACE:
             prov = self._meta_ids(name, source, batch, cols, problems)
@@ -803,6 +858,89 @@ _CONVERT: dict[str, Callable[[SourceMapping, Columns, conv.Problems], Columns]] 
 }
 
 
+# --- a file read and converted, the work an engine runs ----------------------------------
+
+# A batch as read, its converted columns, and the problems found in its rows.
+Converted = tuple[Batch, Columns, conv.Problems]
+
+
+def convert_batch(
+    name: str,
+    source: SourceMapping,
+    batch: Batch,
+    not_before: int | None = None,
+    allow_late: bool = False,
+) -> tuple[Columns, conv.Problems]:
+    """A batch's columns converted to canonical values, and the rows that cannot be used
+    (duplicate users and items aside: those need the rows of every file seen so far)."""
+    problems = conv.Problems(batch.num_rows)
+    cols = _CONVERT[name](source, batch.columns, problems)
+    if name in EVENT_TABLES and not_before is not None and not allow_late:
+        late = pc.less(cols["ts"], not_before)
+        end = _utc(not_before)
+        problems.add(
+            late,
+            source.columns["time"],
+            lambda r: pc.binary_join_element_wise(
+                "time ",
+                _iso_text(cols["ts"].take(pa.array(r))),
+                f" is before the dataset's end {end} (--allow-late accepts it)",
+                "",
+            ),
+        )
+    return cols, problems
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One file to read and convert: what a worker needs, and no data."""
+
+    name: str
+    source: SourceMapping
+    file: SourceFile
+    cwd: Path  # the importing process's: a relative path means the same file on a worker
+    bad_rows: str
+    not_before: int | None
+    allow_late: bool
+
+
+def _drain(items: list[Converted]) -> Iterator[Converted]:
+    """The items in order, each let go of once used: a file's batches are freed one by one
+    as they are staged, whoever else holds the list."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
+def convert_file(job: FileJob) -> list[Converted]:
+    """Read and convert every batch of one file (an engine's task).
+
+    Clean batches of event tables come back without their source text, which only bad
+    rows are written with. Under `bad_rows="fail"` the file stops at its first batch with
+    a bad row: the import stops there, or at an earlier one."""
+    here = SourceFile(job.cwd / job.file.path, job.file.format)
+    source = job.source
+    out: list[Converted] = []
+    for read in read_batches(
+        here, source.source_columns(), source.delimiter, _parsed_types(source)
+    ):
+        # the batch names the file as the mapping did, for messages and the rejected rows
+        batch = replace(read, file=job.file)
+        cols, problems = convert_batch(job.name, source, batch, job.not_before, job.allow_late)
+        bad = problems.any or bool(batch.unreadable)
+        if job.name in EVENT_TABLES and not bad:
+            batch = replace(batch, columns={})
+            # Each distinct id once: the ids are hashed here, and less travels. (Clean
+            # batches only: an id of a bad row alone must not be added to its space.)
+            for key in ("user", "item"):
+                if key in cols:
+                    cols[key] = pc.dictionary_encode(cols[key])
+        out.append((batch, cols, problems))
+        if bad and job.bad_rows == "fail":
+            break
+    return out
+
+
 # --- the import -------------------------------------------------------------------------
 
 
@@ -818,8 +956,14 @@ def import_events(
     force: bool = False,
     bad_rows: str = "fail",
     on_batch: Callable[[str, int], None] | None = None,
+    engine: Engine | None = None,
 ) -> ImportResult:
-    """Import your own logs as described by `mapping` (a TOML file or a `Mapping`)."""
+    """Import your own logs as described by `mapping` (a TOML file or a `Mapping`).
+
+    `engine`: where the files are read and converted (`funnelrec.engines.DaskEngine`: one
+    task per file on a Dask cluster); by default in this process. Numbering the ids, the
+    tables, the manifest and the rename into place are done here on any engine, and the
+    dataset is the same, value for value."""
     started = time.perf_counter()
     out = Path(out)
     m = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
@@ -834,7 +978,11 @@ def import_events(
             w.path / "rejected" / "period-1",
             bad_rows=bad_rows,
         )
-        period.read(m, on_batch)
+        if engine is None:
+            period.read(m, on_batch)
+        else:
+            with engine:
+                period.read(m, on_batch, engine)
         watches = period.counts["watches"]
         if watches.kept == 0:
             raise DataError(

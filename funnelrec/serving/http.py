@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import anyio
 from fastapi import FastAPI, HTTPException, Request
@@ -56,7 +56,7 @@ from pydantic import (
     PlainValidator,
     WithJsonSchema,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,6 +70,9 @@ from funnelrec.serving.state import (
     UserStateStore,
     WatchEvent,
 )
+
+if TYPE_CHECKING:
+    import uvicorn
 
 MAX_BODY_BYTES = 1 << 20
 ADMIN_TOKEN_ENV = "FUNNELREC_ADMIN_TOKEN"
@@ -654,10 +657,10 @@ def create_app(
             **_errors(400, 413, 422, 500),
         },
     )
-    async def recommend(body: RecommendBody) -> JSONResponse:
+    async def recommend(body: RecommendBody) -> Response:
         return await anyio.to_thread.run_sync(_recommend, body, limiter=compute)
 
-    def _recommend(body: RecommendBody) -> JSONResponse:
+    def _recommend(body: RecommendBody) -> Response:
         rec = service.sync_items()  # one reference for the whole request
         if body.history is not None:
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
@@ -686,11 +689,12 @@ def create_app(
         timings["total"] += state_ms
         for stage, ms in timings.items():
             metrics.stage_latency(stage).observe(ms / 1000)
-        # A plain JSON answer: FastAPI's response-model pass over this dict costs more
-        # than the rest of the HTTP layer; RecommendResponseBody documents it.
-        return JSONResponse(
-            {**resp.to_dict(), "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
-        )
+        # Plain JSON, encoded here: FastAPI's response-model pass over this dict costs more
+        # than the rest of the HTTP layer (RecommendResponseBody documents it), and
+        # pydantic's encoder (Rust) a fraction of `json.dumps`'s time. A non-finite float
+        # is null, as the item's scores are already (`RecommendedItem.to_dict`).
+        answer = {**resp.to_dict(), "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        return Response(to_json(answer, inf_nan_mode="null"), media_type="application/json")
 
     @app.post("/v1/events", responses=_errors(400, 413, 422, 500))
     def events(body: EventsBody) -> EventsResponseBody:
@@ -853,11 +857,26 @@ def run_app(
     import uvicorn
 
     set_model_threads(torch_threads)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app, host=host, port=port))
     install_sighup_reload(app)
     freeze_loaded_objects()
     server.run()
+
+
+def server_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Config:
+    """uvicorn's settings for one process serving `app` (`run_app`).
+
+    The HTTP parser and the event loop are named, not left to uvicorn's "auto", which falls
+    back silently to the pure-Python h11 and asyncio's loop when these are missing:
+    httptools parses in C (llhttp) and uvloop runs the loop on libuv, for a fraction of
+    the CPU time of each request (docs/serving.md, "The HTTP stack"). The workers of
+    `serving.workers` run the same two.
+    """
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="info", http="httptools", loop="uvloop"
+    )
 
 
 def set_model_threads(torch_threads: int | None = None) -> int:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 import uvicorn._subprocess
+import uvloop
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
@@ -74,8 +75,9 @@ __all__ = ["ModelRecord", "WorkerSettings", "run_workers", "worker_app"]
 SETTINGS_ENV = "FUNNELREC_SERVE_WORKER"
 WORKER_HEALTHCHECK_S = 30
 # What the forkserver imports before it forks any worker (`serving.preload`: the serving
-# code and its libraries, then frozen out of the garbage collector's sight).
-PRELOAD = ("funnelrec.serving.preload",)
+# code and its libraries, then frozen out of the garbage collector's sight), after the
+# HTTP parser and event loop the workers run (`run_workers`), which it does not import.
+PRELOAD = ("uvloop", "uvicorn.protocols.http.httptools_impl", "funnelrec.serving.preload")
 
 _log = logging.getLogger("uvicorn.error")  # the server's log: uvicorn configures it
 
@@ -248,6 +250,8 @@ def run_workers(
                 host=host,
                 port=port,
                 workers=workers,
+                # As `serving.http.server_config`: httptools and uvloop (`WorkerLoop`).
+                http="httptools",
                 loop="funnelrec.serving.workers:WorkerLoop",
                 log_level="info",
                 # The supervisor kills a worker that does not answer its ping in time. A
@@ -267,12 +271,13 @@ def run_workers(
         raise FunnelrecError("a worker could not start serving (its error is logged above)")
 
 
-class WorkerLoop(asyncio.SelectorEventLoop):
-    """The workers' event loop (uvicorn's `loop` setting names it): asyncio's, listening on
-    a socket of the worker's own where the kernel can balance connections over them.
+class WorkerLoop(uvloop.Loop):
+    """The workers' event loop (uvicorn's `loop` setting names it): uvloop's, as a single
+    process runs (`serving.http.server_config`), listening on a socket of the worker's own
+    where the kernel can balance connections over them.
 
     With one listening socket shared by every worker, the worker awake first takes each
-    new connection (asyncio accepts all that are waiting): a pool of clients connecting at
+    new connection (the loop accepts all that are waiting): a pool of clients connecting at
     once would all be served by one worker, for as long as their keep-alive connections
     last, while the others idle. On Linux each worker listens instead on a socket of its
     own bound to the same address with SO_REUSEPORT (the supervisor's socket, bound
@@ -281,9 +286,9 @@ class WorkerLoop(asyncio.SelectorEventLoop):
     its queue, not yet accepted.
     """
 
-    async def create_server(
+    async def create_server(  # type: ignore[override]
         self, protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any
-    ) -> asyncio.Server:
+    ) -> asyncio.AbstractServer:
         shared = kwargs.get("sock")
         reuse_port = getattr(socket, "SO_REUSEPORT", None)
         if (
@@ -298,9 +303,9 @@ class WorkerLoop(asyncio.SelectorEventLoop):
 def _reuse_port_socket(family: int, address: Any) -> socket.socket:
     """A TCP socket bound to `address` with SO_REUSEPORT (and SO_REUSEADDR).
 
-    Made with its protocol named: asyncio sets TCP_NODELAY on the connections of sockets of
-    protocol IPPROTO_TCP only, and without it a response written in two parts waits for the
-    client's delayed ACK (tens of milliseconds).
+    Made with its protocol named: asyncio's loop sets TCP_NODELAY on the connections of
+    sockets of protocol IPPROTO_TCP only (uvloop on every TCP connection), and without it a
+    response written in two parts waits for the client's delayed ACK (tens of milliseconds).
     """
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:

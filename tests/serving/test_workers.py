@@ -227,8 +227,9 @@ def test_the_model_record_counts_every_publish_once(tmp_path: Path) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing: Linux")
 def test_each_worker_listens_on_a_tcp_socket_of_its_own() -> None:
     """The sockets the workers listen on share the supervisor's address through
-    SO_REUSEPORT, and are of protocol TCP (asyncio sets TCP_NODELAY on such connections
-    only: without it, a response in two writes waits for the client's delayed ACK)."""
+    SO_REUSEPORT, and are of protocol TCP (asyncio's loop sets TCP_NODELAY on such
+    connections only: without it, a response in two writes waits for the client's delayed
+    ACK)."""
     from funnelrec.serving.workers import _bind, _reuse_port_socket
 
     shared = _bind("127.0.0.1", 0)
@@ -241,3 +242,48 @@ def test_each_worker_listens_on_a_tcp_socket_of_its_own() -> None:
     finally:
         for sock in [shared, *own]:
             sock.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing: Linux")
+def test_the_worker_loop_is_uvloop_on_a_socket_of_its_own_without_nagle() -> None:
+    """`WorkerLoop` (uvloop's loop) listens on a socket of its own at the supervisor's
+    address, and the connections it accepts have TCP_NODELAY: without it, a response
+    written in two parts waits for the client's delayed ACK."""
+    import asyncio
+
+    import uvloop
+
+    from funnelrec.serving.workers import WorkerLoop, _bind
+
+    shared = _bind("127.0.0.1", 0)
+    shared_fileno, shared_address = shared.fileno(), shared.getsockname()
+    nodelay: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def serve_one() -> tuple[int, tuple[str, int]]:
+        server = await asyncio.get_running_loop().create_server(Probe, sock=shared)
+        listening = server.sockets[0]
+        fileno, address = listening.fileno(), listening.getsockname()
+        _, writer = await asyncio.open_connection(*shared_address)
+        for _ in range(200):
+            if nodelay:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        return fileno, address
+
+    loop = WorkerLoop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+        fileno, address = loop.run_until_complete(serve_one())
+    finally:
+        loop.close()
+        shared.close()
+    assert fileno != shared_fileno and address == shared_address
+    assert nodelay and nodelay[0] != 0

@@ -24,9 +24,10 @@ process, whatever the engine.
   funnelrec installed. Dask is imported only when this engine starts, so the local path
   never imports it.
 
-Paths: `local_path` accepts plain paths and `file://` URIs. Other filesystems (`s3://`,
-`gs://`) are refused with a clear error for now: the dataset reader, the shard writer and
-the training loader all work on local paths.
+Paths: the feature build reads and writes any filesystem (`funnelrec.filesystems`); its
+per-block work reads and writes a local folder every worker sees (for an object-store
+output, a staging folder the calling process uploads at the end), so a Dask cluster's
+workers must share it.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlparse
 
 from funnelrec.errors import FunnelrecError
+from funnelrec.filesystems import resolve
 
 # Dask's own variable for the scheduler a client connects to (read by `distributed.Client()`).
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -331,24 +332,18 @@ def _missing_paths(paths: list[str]) -> list[str]:
 
 
 def local_path(path: str | Path) -> Path:
-    """A local path from a path or a `file://` URI; other filesystems are refused.
-
-    `file://` URIs are resolved by `pyarrow.fs.FileSystem.from_uri`, as other schemes will
-    be once the reader and writers take a pyarrow filesystem."""
-    if isinstance(path, Path):
-        return path
-    scheme = urlparse(path).scheme
-    if "://" not in path or not scheme:
+    """A local path from a path or a `file://` URI; other filesystems are refused (for the
+    steps that read or write local files only: `funnelrec.filesystems.resolve` gives any
+    filesystem)."""
+    if isinstance(path, Path) or "://" not in path:
         return Path(path)
-    if scheme != "file":
+    scheme = path.split("://", 1)[0]
+    # refused before resolving: opening s3:// asks the network for the bucket's region
+    loc = resolve(path) if scheme == "file" else None
+    if loc is None or not loc.is_local:
         raise FunnelrecError(
-            f"{path}: funnelrec reads and writes local paths and file:// URIs; "
-            f"{scheme}:// is not supported yet (mount the bucket, e.g. with s3fs or gcsfuse, "
-            "and give its local path)"
+            f"{path}: this step reads and writes local paths and file:// URIs; {scheme}:// "
+            "is not supported yet here (copy it to a local folder, or mount the bucket, "
+            "e.g. with s3fs or gcsfuse)"
         )
-    from pyarrow import fs
-
-    filesystem, inner = fs.FileSystem.from_uri(path)
-    if not isinstance(filesystem, fs.LocalFileSystem):
-        raise FunnelrecError(f"{path}: not a local filesystem ({filesystem.type_name})")
-    return Path(inner)
+    return loc.local

@@ -46,7 +46,11 @@ class EngineKind(StrEnum):
 @app.command("build")
 def build(
     data: str = typer.Option(
-        ..., "--data", "-d", help="Dataset directory (canonical tables): a path or file:// URI."
+        ...,
+        "--data",
+        "-d",
+        help="Dataset directory (canonical tables): a path or a URI (file://, s3://, gs://, "
+        "any fsspec scheme).",
     ),
     split: SplitKind | None = typer.Option(
         None,
@@ -55,7 +59,11 @@ def build(
         "that of --update-from).",
     ),
     out: str = typer.Option(
-        ..., "--out", "-o", help="Features directory to create: a path or file:// URI."
+        ...,
+        "--out",
+        "-o",
+        help="Features directory to create: a path or a URI (file://, s3://, gs://, any "
+        "fsspec scheme).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing features directory."),
     workers: int = typer.Option(
@@ -179,7 +187,7 @@ def _num(x: Any) -> str:
 
 
 @app.command("describe")
-def describe(feat: Path = typer.Argument(..., help="Features directory.")) -> None:
+def describe(feat: str = typer.Argument(..., help="Features directory: a path or a URI.")) -> None:
     """Vocabulary sizes, OOV rates per split, example counts, the per-user cap in effect."""
     _describe(Features.open(feat))
 
@@ -200,7 +208,7 @@ def _describe(f: Features) -> None:
     m = f.manifest
     cfg = f.config
     sp = m["split"]
-    console.print(f"[bold]{f.path}[/]  data {m['data']['path']} (fingerprint {f.fingerprint})")
+    console.print(f"[bold]{f.uri}[/]  data {m['data']['path']} (fingerprint {f.fingerprint})")
     if sp["kind"] == "last":
         console.print(
             f"split: leave-last-out (users with >= {sp['min_watches']} watches hold out "

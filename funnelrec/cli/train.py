@@ -36,7 +36,9 @@ def _group() -> None:
 
 @app.command("candidates")
 def candidates(
-    features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
+    features: str = typer.Option(
+        ..., "--features", "-f", help="Features directory: a path or a URI (s3://, gs://, ...)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
     config: Path | None = typer.Option(
         None, "--config", "-c", help=escape("TOML config ([model] and [train] sections).")
@@ -75,7 +77,9 @@ def candidates(
             features, out, cfg, resume=resume, force=force, dist=dist, warm_start=warm_start
         ),
         device=cfg.train.device,
-        features=features,
+        # a URI is handed on as it is (the launcher only formats it into torchrun's
+        # arguments); its annotation still says Path
+        features=features,  # type: ignore[arg-type]
         out=out,
         config=config,
         overrides=overrides,

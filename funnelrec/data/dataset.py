@@ -17,6 +17,11 @@ Example:
         w.add_id_map("user", raw_user_ids)   # raw id of dense id i at position i - 1
     ds = Dataset.open(out)
     ds.table("watches", columns=["user_id", "ts"])
+
+`Dataset.open` also reads a dataset at a URI of another filesystem (`s3://`, `gs://`, any
+fsspec scheme: `funnelrec.filesystems`): its files are copied to a local temporary folder
+first, removed with the `Dataset`, because the checks and the block partition read local
+files. A dataset there is complete once its manifest is: it is written last.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from funnelrec.data.checks import (
 )
 from funnelrec.data.schema import REQUIRED_TABLES, SPECS, TABLE_NAMES, validate_table
 from funnelrec.errors import ArtifactError, DataError
+from funnelrec.filesystems import LocalCopy, resolve
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -335,9 +341,26 @@ class Dataset:
         self._schemas = dict(schemas or {})
         self._checked: set[str] = set()  # tables whose values have been checked
         self._id_sets: dict[str, IdSet] = {}
+        # where it was opened from (a URI when `path` is a local copy of it)
+        self.uri = str(path)
+        self._copy: LocalCopy | None = None
 
     @classmethod
     def open(cls, path: Path | str) -> Dataset:
+        """Open the dataset at a local path or a URI (see the module docstring)."""
+        if isinstance(path, str) and "://" in path:
+            loc = resolve(path)
+            if not loc.is_local:
+                if not loc.join(MANIFEST).is_file():
+                    raise ArtifactError(
+                        f"{loc.uri}: not a funnelrec dataset, or one still being written "
+                        f"(no {MANIFEST}: it is written last)"
+                    )
+                copy = LocalCopy(loc)
+                ds = cls.open(copy.path)
+                ds.uri, ds._copy = loc.uri, copy
+                return ds
+            path = loc.local
         path = Path(path)
         if not path.is_dir():
             raise ArtifactError(f"{path}: no such dataset directory")

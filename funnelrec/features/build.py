@@ -16,10 +16,20 @@ over the data and writes the directory that `reader.Features` reads:
 - `engines.py`: where the per-block work runs (local processes or a Dask cluster).
 
 This file holds `build_features` and the in-memory build (the whole dataset as one block).
+
+`data` and `out` may be URIs of any filesystem (`funnelrec.filesystems`: `s3://`, `gs://`,
+any fsspec scheme). A local `out` is built in a hidden folder beside it and renamed into
+place. An object store has no atomic rename: the build is made in a local staging folder
+(in the temporary directory, named after `out`, so that an interrupted build in blocks
+resumes there), then uploaded with its manifest last; `Features.open` refuses a folder
+without its manifest, so readers never see a half-uploaded build.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +55,7 @@ from funnelrec.features.update import (
     ranking_normalizer,
 )
 from funnelrec.features.write import _Bars, _BlockOut, _write_block
+from funnelrec.filesystems import require_empty, resolve, upload_tree
 from funnelrec.progress import progress_bar
 
 
@@ -60,7 +71,7 @@ def build_features(
     workers: int = 1,
     update: FeaturesUpdate | None = None,
     engine: Engine | None = None,
-) -> Path:
+) -> Path | str:
     """Fit transforms on the training part of `data` and write example shards to `out`.
 
     `impressions` replaces the dataset's impressions table as the source of ranking
@@ -77,15 +88,14 @@ def build_features(
     `engine`: where the blocks are built instead (`engines.DaskEngine`: a Dask cluster);
     the examples are the same on every engine. Data of at most `block_events` events is
     one block, built in this process on any engine. `data` and `out`: local paths or
-    `file://` URIs.
+    URIs of any filesystem (see the module docstring); returns `out` (a URI as given).
 
     `update`: extend the features at `update.base` instead of fitting anew, for a model
     to continue training from them (`update.py`: vocabularies extended, embedding widths
     pinned, normalisers kept with their drift reported, the new period's examples plus a
     replay sample of older ones). `config` None: the config of `update.base`.
     """
-    cfg = config or FeaturesConfig()
-    ds = data if isinstance(data, Dataset) else Dataset.open(local_path(data))
+    ds = data if isinstance(data, Dataset) else Dataset.open(data)
     if split not in ("last", "time"):
         raise FunnelrecError(f"split must be 'last' or 'time', got '{split}'")
     if engine is not None and workers != 1:
@@ -93,13 +103,53 @@ def build_features(
             f"workers={workers} is for the local engine; the {engine.name} engine's "
             "workers are its cluster's"
         )
-    out = local_path(out)
+    dest = resolve(out)
+    if update is not None and _same_place(update.base, dest.uri):
+        raise FunnelrecError(f"{dest.uri}: a features update writes a new directory")
+    args = (split, config, progress, impressions, workers, update, engine)
+    if dest.is_local:
+        return _build_here(ds, local_path(out), *args, force=force)
+    require_empty(dest, force=force, marker=MANIFEST)
+    staging = _staging_folder(dest.uri)
+    _build_here(ds, staging, *args, force=True)
+    upload_tree(staging, dest, marker=MANIFEST)
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    return dest.uri
+
+
+def _same_place(a: Path | str, b: Path | str) -> bool:
+    la, lb = resolve(a), resolve(b)
+    if la.is_local and lb.is_local:
+        return la.local.resolve() == lb.local.resolve()
+    return la.uri.rstrip("/") == lb.uri.rstrip("/")
+
+
+def _staging_folder(uri: str) -> Path:
+    """Where a build for `uri` on another filesystem is made before its upload: the same
+    folder for the same `uri`, so that an interrupted build in blocks resumes."""
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"funnelrec-staging-{key}" / "features"
+
+
+def _build_here(
+    ds: Dataset,
+    out: Path,
+    split: Literal["last", "time"],
+    config: FeaturesConfig | None,
+    progress: bool,
+    impressions: pa.Table | None,
+    workers: int,
+    update: FeaturesUpdate | None,
+    engine: Engine | None,
+    *,
+    force: bool,
+) -> Path:
+    """The build into the local folder `out`."""
+    cfg = config or FeaturesConfig()
     n_events = sum(ds.num_rows(name) for name in EVENT_TABLES if ds.has(name))
     base = None
     if update is not None:
         base = update.open_base()
-        if Path(update.base).resolve() == out.resolve():
-            raise FunnelrecError(f"{out}: a features update writes a new directory")
         if base.split != split:
             raise FunnelrecError(
                 f"{base.path} was built with --split {base.split}; update it with the same"

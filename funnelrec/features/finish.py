@@ -128,7 +128,7 @@ def _finish(
     return {
         "format_version": FORMAT_VERSION,
         "created_by": f"funnelrec {__version__}",
-        "data": {"path": str(ds.path), "fingerprint": ds.fingerprint()},
+        "data": {"path": ds.uri, "fingerprint": ds.fingerprint()},
         "split": {**sp_meta, "train_time_range": [tf.t_min, tf.t_max]},
         "config": asdict(cfg),
         "counts": counts,

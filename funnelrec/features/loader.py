@@ -23,6 +23,9 @@ than 8 row groups per rank, row groups are cut into parts first, to keep shares 
 
     candidate_loader(FEAT, "train", batch_size=512, shuffle=True, rank=1, world_size=2)
 
+Shards on another filesystem (`s3://`, `gs://`, any fsspec scheme: `Features.shard_files`)
+are read where they are, each rank opening its own row groups through the filesystem.
+
 Ranking shards hold raw continuous values; the loader maps them through the fitted
 quantile normaliser into x, x^2, sqrt(x) and missing flags (the columns of the ranking
 spec's `dense_columns`). Their bags (history, search) are per request: the loader keeps the
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pyarrow import fs as pafs
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from funnelrec.errors import ArtifactError
@@ -157,7 +161,7 @@ class RankingConverter:
 class ShardDataset(IterableDataset):
     """An iterable of ready batches over the row groups of some Parquet shards.
 
-    files:          shard paths
+    files:          shard paths (on `filesystem`: any pyarrow filesystem; None: local)
     columns:        columns to read
     convert:        Arrow table of batch rows -> batch object
     batch_size:     rows per batch (the last one may be smaller unless drop_last)
@@ -168,10 +172,11 @@ class ShardDataset(IterableDataset):
 
     def __init__(
         self,
-        files: list[Path],
+        files: Sequence[Path | str],
         columns: list[str],
         convert: Callable[[pa.Table], Any],
         *,
+        filesystem: pafs.FileSystem | None = None,
         batch_size: int,
         shuffle: bool = False,
         seed: int = 0,
@@ -186,7 +191,8 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.rank = rank
         self.world_size = world_size
-        self.files = files
+        self.files = list(files)
+        self.filesystem = filesystem
         self.columns = columns
         self.convert = convert
         self.batch_size = batch_size
@@ -198,7 +204,7 @@ class ShardDataset(IterableDataset):
         groups = []
         for f, path in enumerate(files):
             try:
-                meta = pq.ParquetFile(path).metadata
+                meta = self._open(f).metadata
             except (OSError, pa.ArrowInvalid) as e:
                 raise ArtifactError(f"{path}: unreadable shard ({e})") from None
             groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
@@ -215,6 +221,12 @@ class ShardDataset(IterableDataset):
             cuts = np.linspace(0, rows, min(parts, rows) + 1).astype(np.int64)
             self.units += [(f, g, int(a), int(b - a)) for a, b in itertools.pairwise(cuts)]
         self.num_rows = sum(u[3] for u in self.units)
+
+    def _open(self, f: int) -> pq.ParquetFile:
+        path = self.files[f]
+        if self.filesystem is None:
+            return pq.ParquetFile(path)
+        return pq.ParquetFile(self.filesystem.open_input_file(str(path)))
 
     def __len__(self) -> int:
         """Batches per epoch (exact with one reading process and one rank; with several
@@ -257,7 +269,7 @@ class ShardDataset(IterableDataset):
             parts = []
             for f, g, first, rows in units[k : k + self.buffer_groups]:
                 if f not in handles:
-                    handles[f] = pq.ParquetFile(self.files[f])
+                    handles[f] = self._open(f)
                 group = handles[f].read_row_group(g, columns=self.columns)
                 parts.append(group if rows == group.num_rows else group.slice(first, rows))
             if pending is not None and pending.num_rows:
@@ -319,8 +331,9 @@ def candidate_loader(
     `read_examples`). rank, world_size: this rank's share (see the module docstring)."""
     f = _features(feat)
     n_dense = len(f.candidate_spec["dense_columns"])
+    filesystem, files = f.shard_files("candidates", split)
     ds = ShardDataset(
-        f.shards("candidates", split),
+        files,
         _CANDIDATE_COLUMNS,
         lambda t: to_candidate_batch(t, n_dense),
         batch_size=batch_size,
@@ -330,6 +343,7 @@ def candidate_loader(
         buffer_groups=buffer_groups,
         rank=rank,
         world_size=world_size,
+        filesystem=filesystem,
     )
     return ExampleLoader(ds, num_workers=num_workers)
 
@@ -354,8 +368,9 @@ def ranking_loader(
     rank's share of the row groups (see the module docstring)."""
     f = _features(feat)
     convert = RankingConverter(f, split)
+    filesystem, files = f.shard_files("ranking", split)
     ds = ShardDataset(
-        f.shards("ranking", split),
+        files,
         convert.columns,
         convert,
         batch_size=batch_size,
@@ -365,6 +380,7 @@ def ranking_loader(
         buffer_groups=buffer_groups,
         rank=rank,
         world_size=world_size,
+        filesystem=filesystem,
     )
     return ExampleLoader(ds, num_workers=num_workers)
 
@@ -380,12 +396,15 @@ def read_examples(
     """The rows of a split's shards as one Arrow table (in shard order); with `limit`, only
     the first `limit` rows (row groups past them are not read)."""
     f = _features(feat)
+    filesystem, files = f.shard_files(stage, split)
     if limit is None:
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in f.shards(stage, split)])
+        return pa.concat_tables(
+            [pq.read_table(p, columns=columns, filesystem=filesystem) for p in files]
+        )
     parts: list[pa.Table] = []
     got = 0
-    for path in f.shards(stage, split):
-        pf = pq.ParquetFile(path)
+    for path in files:
+        pf = pq.ParquetFile(filesystem.open_input_file(path))
         for g in range(pf.num_row_groups):
             if got >= limit:
                 break
@@ -406,14 +425,21 @@ def read_requests(
     the request that impression rows with request_index == i belong to. A build in blocks
     of users writes one file per block (requests-bNNNN.parquet), read in block order."""
     f = _features(feat)
-    f.shards("ranking", split)  # checks the stage and split exist
-    folder = f.path / "ranking" / split
-    paths = [folder / REQUESTS] if (folder / REQUESTS).exists() else []
-    paths = paths or sorted(folder.glob("requests-b*.parquet"))
-    if not paths:
-        raise ArtifactError(f"{folder}: no requests table ({REQUESTS})")
+    f.shard_files("ranking", split)  # checks the stage and split exist
+    folder = f"{f.uri}/ranking/{split}"
     try:
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+        filesystem, paths = f.split_files(
+            "ranking", split, lambda n: n == REQUESTS or n.startswith("requests-b")
+        )
+    except ArtifactError:
+        raise ArtifactError(f"{folder}: no requests table ({REQUESTS})") from None
+    # one table, or one per block of users (never both): block order is name order
+    single = [p for p in paths if p.endswith("/" + REQUESTS)]
+    paths = single or paths
+    try:
+        return pa.concat_tables(
+            [pq.read_table(p, columns=columns, filesystem=filesystem) for p in paths]
+        )
     except (OSError, pa.ArrowInvalid) as e:
         raise ArtifactError(f"{folder}: unreadable requests table ({e})") from None
 

@@ -1,12 +1,19 @@
 """Reading back: `Features`, an opened features directory (manifest, transforms, shards),
 and the serving-time candidate batch built with its transforms.
+
+A features directory may be on any filesystem (`funnelrec.filesystems`: `s3://`, `gs://`,
+any fsspec scheme). There its manifest and transforms (small) are copied to a local
+temporary folder, `path`, and the example shards are read where they are
+(`shard_files`): a multi-node training job reads the shards the build wrote, with no copy
+step. A directory without its manifest, which is written last, is refused: its build or
+upload has not finished.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pyarrow import fs as pafs
 
 from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError, FunnelrecError
@@ -27,6 +35,7 @@ from funnelrec.features.tokenize import tokenize_array
 from funnelrec.features.transforms import UserEncoder
 from funnelrec.features.vectorised import drop_zeros
 from funnelrec.features.vocab import Vocabulary
+from funnelrec.filesystems import LocalCopy, Location, resolve
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,10 @@ class Demographics:
 
 @dataclass(eq=False)
 class Features:
-    """An opened features directory: its manifest, transforms and example counts."""
+    """An opened features directory: its manifest, transforms and example counts.
+
+    `location`: where it is, when not on a local filesystem (`path` is then a local copy of
+    its manifest and transforms)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -50,17 +62,46 @@ class Features:
     _vocabs: dict[str, Vocabulary] = field(default_factory=dict)
     _norms: dict[str, QuantileNormalizer] = field(default_factory=dict)
     _content: ContentTable | None = None
+    location: Location | None = None
+    _copy: LocalCopy | None = None
 
     @classmethod
     def open(cls, path: Path | str) -> Features:
+        """Open the features at a local path or a URI (see the module docstring)."""
+        if isinstance(path, str) and "://" in path:
+            loc = resolve(path)
+            if not loc.is_local:
+                return cls._open_remote(loc)
+            path = loc.local
         path = Path(path)
         file = path / MANIFEST
         try:
             manifest = json.loads(file.read_text())
         except FileNotFoundError:
-            raise ArtifactError(f"{path}: not a features directory (no {MANIFEST})") from None
+            raise ArtifactError(
+                f"{path}: not a features directory, or its build has not finished (no {MANIFEST})"
+            ) from None
         except (OSError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{file}: unreadable ({e})") from None
+        return cls._with_manifest(path, manifest, file)
+
+    @classmethod
+    def _open_remote(cls, loc: Location) -> Features:
+        file = loc.join(MANIFEST)
+        if not file.is_file():
+            raise ArtifactError(
+                f"{loc.uri}: not a features directory, or its build or upload has not "
+                f"finished (no {MANIFEST}: it is written last)"
+            )
+        copy = LocalCopy(
+            loc, skip=lambda rel: rel != MANIFEST and not rel.startswith("transforms/")
+        )
+        feats = cls.open(copy.path)
+        feats.location, feats._copy = loc, copy
+        return feats
+
+    @classmethod
+    def _with_manifest(cls, path: Path, manifest: dict[str, Any], file: Path) -> Features:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
                 f"{file}: features format version {manifest.get('format_version')}, "
@@ -77,6 +118,11 @@ class Features:
         dst.mkdir()
         shutil.copy2(self.path / MANIFEST, dst / MANIFEST)
         shutil.copytree(self.path / "transforms", dst / "transforms")
+
+    @property
+    def uri(self) -> str:
+        """Where these features are: their URI, or their local path."""
+        return self.location.uri if self.location is not None else str(self.path)
 
     @property
     def split(self) -> str:
@@ -134,15 +180,35 @@ class Features:
         return int(self.manifest["counts"].get(stage, {}).get(split, 0))
 
     def shards(self, stage: Literal["candidates", "ranking"], split: str) -> list[Path]:
+        """The local paths of a split's shards (`shard_files` for features on any
+        filesystem)."""
+        if self.location is not None:
+            raise ArtifactError(
+                f"{self.location.uri}: not on a local filesystem; read its shards with shard_files"
+            )
+        return [Path(p) for p in self.shard_files(stage, split)[1]]
+
+    def shard_files(
+        self, stage: Literal["candidates", "ranking"], split: str
+    ) -> tuple[pafs.FileSystem, list[str]]:
+        """The filesystem of a split's shards and their paths on it, in order."""
+        return self.split_files(stage, split, lambda n: n.startswith("part-"))
+
+    def split_files(
+        self, stage: Literal["candidates", "ranking"], split: str, wanted: Callable[[str], bool]
+    ) -> tuple[pafs.FileSystem, list[str]]:
+        """The filesystem and paths of a split folder's Parquet files whose names pass
+        `wanted` (a predicate), sorted by name; an error if there is none."""
         if split not in PART_NAMES:
             raise FunnelrecError(f"split must be one of {', '.join(PART_NAMES)}, got '{split}'")
         if stage == "ranking" and not self.has_ranking:
             self.ranking_spec  # raises with the reason  # noqa: B018
-        folder = self.path / stage / split
-        files = sorted(folder.glob("part-*.parquet"))
+        root = self.location or resolve(self.path)
+        folder = root.join(stage, split)
+        files = folder.files(lambda n: n.endswith(".parquet") and wanted(n))
         if not files:
-            raise ArtifactError(f"{folder}: no example shards")
-        return files
+            raise ArtifactError(f"{folder.uri}: no example shards")
+        return folder.fs, [f.path for f in files]
 
     @property
     def has_item_content(self) -> bool:

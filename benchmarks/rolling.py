@@ -199,15 +199,11 @@ TRAINING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 
-# The incremental arm's `UpdateConfig` overrides on the small world: the update's defaults
-# (up to 50 candidate and 20 ranker epochs, each stopped by validation) cost far more than
-# the goal allows, so these were chosen on validation days instead (days 1-14 trained,
-# days 15-16 taken in, scored on days 16-17; docs/freshness.md has the settings tried):
-# the fewest candidate epochs whose recall@100 kept to the goal against the full arm's.
-# `--update` with no values runs the defaults.
-TUNED_UPDATE: dict[str, tuple[str, ...]] = {
-    "small": ("candidates.overrides=epochs=3,patience=0", "ranker.overrides=train.epochs=1"),
-}
+# The incremental arm's `UpdateConfig` overrides per world: none, the update's own
+# defaults run (`funnelrec update` as a user's first run would; they were chosen on the
+# warm starts' validation metrics, docs/freshness.md "One command"). `--update KEY=VALUE`
+# overrides them.
+TUNED_UPDATE: dict[str, tuple[str, ...]] = {}
 
 # The logs' tables, their source columns, and the mapping that imports them (the same
 # columns for every day: `data append` reads a day with the mapping kept by the import).
@@ -1221,6 +1217,8 @@ def merge_base(path: Path, s: Settings) -> dict[str, Any]:
         raise SystemExit(f"--merge-into {path}: not a result of benchmarks/rolling.py")
     mine = json.loads(json.dumps(asdict(s)))
     keys = list(MERGE_SETTINGS)
+    if all(a in s.arms for a in old["arms"] if kind_of(a) == "incremental"):
+        keys.remove("update")  # only the incremental arms read it, and they are all re-run
     if any(is_content(a) and a not in s.arms for a in old["arms"]):
         keys.append("content")
     differ = [k for k in keys if old["settings"].get(k) != mine[k]]

@@ -36,6 +36,7 @@ from rich.markup import escape
 from funnelrec.ann.index import ItemIndex
 from funnelrec.candidates import (
     INDEX_DIR,
+    CandidateTrainingConfig,
     fit_candidates,
     load_candidate_model,
     load_item_embeddings,
@@ -43,6 +44,7 @@ from funnelrec.candidates import (
     split_user_vectors,
 )
 from funnelrec.candidates.metrics import ModelScorer, PopularityScorer, evaluate_split
+from funnelrec.candidates.training import CandidateTrainConfig
 from funnelrec.config import load_config
 from funnelrec.data import loaders
 from funnelrec.data.append import append_events, parse_new_logs
@@ -52,7 +54,13 @@ from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.update import FeaturesUpdate
-from funnelrec.ranking.training import evaluate_ranker, load_ranker_train_config, train_ranker
+from funnelrec.ranking.training import (
+    RANKER_TRAIN_DEFAULTS,
+    RankerTrainConfig,
+    evaluate_ranker,
+    load_ranker_train_config,
+    train_ranker,
+)
 from funnelrec.serving.package import PackageConfig, package
 from funnelrec.serving.state import read_live_items, reserve_live_item_ids
 from funnelrec.simulate import generate, preset_config
@@ -301,8 +309,7 @@ def _features(cfg: RunConfig, out: Path, target: Path) -> None:
 
 def _candidates(cfg: RunConfig, out: Path, target: Path) -> None:
 
-    s = cfg.candidates
-    tc = load_training_config(s.config or None, list(s.overrides))
+    tc = update_candidates_config(cfg.candidates)
     fit_candidates(out / "features", target, tc, force=True, progress=cfg.progress)
 
 
@@ -377,18 +384,37 @@ def _package(out: Path, target: Path, *, data: Path | None = None) -> None:
 # --------------------------------------------------------------------------- daily update
 
 
+# What a warm start trains by default, under its TOML file and overrides (`UpdateConfig`
+# candidates and ranker): a day's worth of news, not a run to convergence. Chosen on the
+# warm starts' own validation metrics (docs/freshness.md, "One command"). The candidate
+# model: three passes over the new day and the replayed share, in batches of the loop's
+# usual 1024 (the fresh run's rule of about 32 steps per epoch gives a day's examples
+# small batches, each paying for its sampled negatives); its validation recall@100 was
+# that of three passes over ten times the replay. Validation scores a quarter of the examples
+# a fresh run does: three full evaluations would cost about as much as the training.
+# The ranker: one pass, its validation loss moved within its noise whatever it trained.
+UPDATE_CANDIDATES = CandidateTrainingConfig(
+    train=CandidateTrainConfig(epochs=3, patience=0, batch_size=1024), valid_examples=5_000
+)
+UPDATE_RANKER = RankerTrainConfig(train=replace(RANKER_TRAIN_DEFAULTS, epochs=1))
+
+
 @dataclass(frozen=True)
 class UpdateConfig:
     """A daily update (`update`): the settings of its steps; every field has a default.
 
-    replay, refit_normalizers, since: the features update's (`FeaturesUpdate`)
+    replay, refit_normalizers, since: the features update's (`FeaturesUpdate`); replay is
+        the share of older training examples the warm starts see beside the new period's
+        [0.01, chosen with UPDATE_CANDIDATES]
     allow_late: the append's: accept (and count) events older than the dataset's end
     candidates, ranker: the warm starts' training settings (a TOML file and overrides, as
-        `funnelrec train ... --config`); the model configs are the previous artifacts'
+        `funnelrec train ... --config`), applied over the update's own defaults
+        (`UPDATE_CANDIDATES`, `UPDATE_RANKER`: three and one epochs); the model configs
+        are the previous artifacts'
     index: the index built over the new item embeddings
     """
 
-    replay: float = 0.1
+    replay: float = 0.01
     refit_normalizers: bool = False
     since: int | None = None
     allow_late: bool = False
@@ -531,7 +557,11 @@ def update(
         **{k: getattr(cfg, k) for k in ("replay", "refit_normalizers", "since")},
     }
     stage("features", features, ["append"], lambda t: _update_features(ds_path, prev, cfg, t))
-    warm = {"previous": str((prev / "candidates").resolve())}
+    # the defaults are part of the settings: a change of them retrains
+    warm = {
+        "previous": str((prev / "candidates").resolve()),
+        "defaults": asdict(UPDATE_CANDIDATES),
+    }
     stage(
         "candidates",
         {**_settings(cfg.candidates), **warm},
@@ -547,7 +577,7 @@ def update(
         ),
         target=out / "candidates" / INDEX_DIR,
     )
-    warm = {"previous": str((prev / "ranker").resolve())}
+    warm = {"previous": str((prev / "ranker").resolve()), "defaults": asdict(UPDATE_RANKER)}
     stage(
         "ranker",
         {**_settings(cfg.ranker), **warm},
@@ -608,9 +638,24 @@ def _update_features(ds: Path, prev: Path, cfg: UpdateConfig, target: Path) -> d
     return dict(Features.open(target).manifest.get("update") or {})
 
 
+def update_candidates_config(s: StageSettings) -> CandidateTrainingConfig:
+    """The candidate warm start's training config: `UPDATE_CANDIDATES`, then the stage's
+    TOML file, then its overrides."""
+    return load_config(
+        CandidateTrainingConfig, s.config or None, list(s.overrides), defaults=UPDATE_CANDIDATES
+    )
+
+
+def update_ranker_config(s: StageSettings) -> RankerTrainConfig:
+    """The ranker warm start's training config: `UPDATE_RANKER`, then the stage's TOML
+    file, then its overrides."""
+    return load_config(
+        RankerTrainConfig, s.config or None, list(s.overrides), defaults=UPDATE_RANKER
+    )
+
+
 def _warm_candidates(out: Path, prev: Path, cfg: UpdateConfig, target: Path) -> None:
-    s = cfg.candidates
-    tc = load_training_config(s.config or None, list(s.overrides))
+    tc = update_candidates_config(cfg.candidates)
     fit_candidates(
         out / "features",
         target,
@@ -618,14 +663,21 @@ def _warm_candidates(out: Path, prev: Path, cfg: UpdateConfig, target: Path) -> 
         force=True,
         progress=cfg.progress,
         warm_start=prev / "candidates",
+        # an interrupted step reruns from its start (force): a checkpoint would go unread
+        checkpoints=False,
     )
 
 
 def _warm_ranker(out: Path, prev: Path, cfg: UpdateConfig, target: Path) -> None:
-    s = cfg.ranker
-    rc = load_ranker_train_config(s.config or None, list(s.overrides))
+    rc = update_ranker_config(cfg.ranker)
     train_ranker(
-        out / "features", target, rc, force=True, progress=cfg.progress, warm_start=prev / "ranker"
+        out / "features",
+        target,
+        rc,
+        force=True,
+        progress=cfg.progress,
+        warm_start=prev / "ranker",
+        checkpoints=False,  # as for the candidate model
     )
 
 

@@ -8,18 +8,26 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from funnelrec.candidates import fit_candidates
 from funnelrec.config import apply_overrides, load_config
 from funnelrec.errors import FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.pipeline import (
+    UPDATE_CANDIDATES,
+    UPDATE_RANKER,
     DataStage,
     FeatureStage,
     RunConfig,
     StageSettings,
+    UpdateConfig,
     _features_overrides,
     load_run_config,
+    load_update_config,
     run,
+    update_candidates_config,
+    update_ranker_config,
 )
+from funnelrec.ranking.training import train_ranker
 from funnelrec.serving.recommender import Recommender
 
 STAGES = ["data", "features", "candidates", "index", "ranker", "evaluation", "artifact"]
@@ -88,3 +96,37 @@ def test_simulated_runs_build_features_without_candidate_columns() -> None:
     cfg = load_config(FeaturesConfig, None, _features_overrides(forced))
     assert cfg.candidate_columns is True and cfg.cap == 5
     assert load_config(FeaturesConfig, None, _features_overrides(sim)).candidate_columns is False
+
+
+def test_warm_starts_train_the_updates_defaults_under_a_file_and_overrides(
+    tmp_path: Path,
+) -> None:
+    # nothing given: a short warm start, not the fresh run's train-to-convergence
+    cand, rank = update_candidates_config(StageSettings()), update_ranker_config(StageSettings())
+    assert cand == UPDATE_CANDIDATES and rank == UPDATE_RANKER
+    assert (cand.train.epochs, cand.train.patience, cand.valid_examples) == (3, 0, 5_000)
+    assert cand.train.batch_size == 1024
+    assert rank.train.epochs == 1 and rank.train.grad_clip == 0.0  # the ranker's own
+    assert UpdateConfig().replay == 0.01
+    # overrides win key by key; what they leave out stays the update's
+    cand = update_candidates_config(StageSettings(overrides=("epochs=1", "lr=0.01")))
+    assert (cand.train.epochs, cand.train.lr, cand.train.patience) == (1, 0.01, 0)
+    assert cand.valid_examples == 5_000
+    # a TOML file setting part of [train] keeps the rest of the update's defaults
+    toml = tmp_path / "update.toml"
+    (tmp_path / "cand.toml").write_text("[train]\nlr = 0.002\n")
+    (tmp_path / "rank.toml").write_text("[train]\nbatch_size = 256\n")
+    toml.write_text('[candidates]\nconfig = "cand.toml"\n[ranker]\nconfig = "rank.toml"\n')
+    cfg = load_update_config(toml, ["ranker.overrides=train.epochs=3"])
+    cand, rank = update_candidates_config(cfg.candidates), update_ranker_config(cfg.ranker)
+    assert (cand.train.lr, cand.train.epochs) == (0.002, 3)
+    assert (rank.train.batch_size, rank.train.epochs, rank.train.patience) == (256, 3, 2)
+    with pytest.raises(FunnelrecError, match="epoch"):
+        update_candidates_config(StageSettings(overrides=("epoch=1",)))
+
+
+def test_a_warm_start_without_checkpoints_cannot_resume(tmp_path: Path) -> None:
+    with pytest.raises(FunnelrecError, match="needs checkpoints"):
+        fit_candidates(tmp_path / "feat", tmp_path / "cand", resume=True, checkpoints=False)
+    with pytest.raises(FunnelrecError, match="needs checkpoints"):
+        train_ranker(tmp_path / "feat", tmp_path / "rank", resume=True, checkpoints=False)

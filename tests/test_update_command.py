@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +21,14 @@ from funnelrec.data.dataset import Dataset
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
-from funnelrec.pipeline import UPDATE_STEPS, load_update_config, split_update_args, update
+from funnelrec.pipeline import (
+    UPDATE_CANDIDATES,
+    UPDATE_STEPS,
+    load_update_config,
+    split_update_args,
+    update,
+)
+from funnelrec.ranking import training as ranking_training
 from funnelrec.ranking.training import load_ranker_train_config, train_ranker
 from funnelrec.serving.http import create_app
 from funnelrec.serving.package import package
@@ -33,6 +41,7 @@ from funnelrec.serving.recommender import (
 )
 from funnelrec.serving.state import UserStateStore
 from funnelrec.simulate import generate, preset_config
+from funnelrec.training import loop as training_loop
 from tests.features.periods import write_periods
 
 # training settings, for day 1 and the update alike (a warm start keeps the model's config)
@@ -74,12 +83,33 @@ def test_update_appends_trains_and_packages_then_resumes(
 ) -> None:
     ds, day_1 = _day_1(tmp_path)
     monkeypatch.chdir(tmp_path)  # the day-2 logs' paths are relative to it
+    scored: list[str] = []
+    score_split = ranking_training.score_split
+
+    def counted(model: Any, feats: Any, split: str, *args: Any, **kwargs: Any) -> Any:
+        scored.append(split)
+        return score_split(model, feats, split, *args, **kwargs)
+
+    monkeypatch.setattr(ranking_training, "score_split", counted)
+    # an interrupted step reruns from its start: the warm starts write no checkpoints
+    saved: list[Path] = []
+    monkeypatch.setattr(training_loop, "_save_atomic", lambda state, path: saved.append(path))
     logs = [f"{t}=day-2/{t}.csv" for t in ("watches", "searches", "users", "impressions")]
     args = ["update", "--dataset", str(ds), "--previous", str(day_1), "--out", "day-2"]
     result = CliRunner().invoke(app, [*args, *logs, "--replay", "0.5", *OVERRIDES])
     assert result.exit_code == 0, result.output
     for step in UPDATE_STEPS:
         assert f"{step}: " in result.output
+
+    # the warm starts: the overrides over the update's defaults (UPDATE_CANDIDATES)
+    cand_meta = json.loads((tmp_path / "day-2" / "candidates" / "config.json").read_text())
+    assert cand_meta["train"]["epochs"] == 1 and cand_meta["train"]["batch_size"] == 16
+    assert cand_meta["valid_examples"] == UPDATE_CANDIDATES.valid_examples
+    # one epoch: its validation scored the weights kept, and the calibration reused it
+    ranker = json.loads((tmp_path / "day-2" / "ranker" / "config.json").read_text())["training"]
+    assert scored == ["valid"]
+    assert saved == []
+    assert ranker["valid"] == ranker["history"][-1][1]
 
     out = tmp_path / "day-2"
     report = json.loads((out / "update.json").read_text())

@@ -143,6 +143,7 @@ def fit_candidates(
     progress: bool = True,
     dist: Distributed | None = None,
     warm_start: Path | str | None = None,
+    checkpoints: bool = True,
 ) -> TrainResult:
     """Train a candidate model on a features directory and write artifact `out`.
 
@@ -156,7 +157,9 @@ def fit_candidates(
     Checkpoints and resume work as for a fresh run.
 
     Checkpoints go to `checkpoint_path(out)` (removed once the artifact is written); with
-    `resume`, training continues from there. The artifact is built in a temporary
+    `resume`, training continues from there. `checkpoints=False` writes none: for a caller
+    that reruns an interrupted training from its start anyway (`funnelrec update`), they
+    would be written only to be removed. The artifact is built in a temporary
     directory and renamed into place.
 
     dist: this process's place in a data-parallel run (`distributed.setup`, under
@@ -177,6 +180,8 @@ def fit_candidates(
 
     cfg = config or CandidateTrainingConfig()
     dist = dist or Distributed()
+    if resume and not checkpoints:
+        raise FunnelrecError("resume continues from a checkpoint: it needs checkpoints")
     feats = feat if isinstance(feat, Features) else Features.open(feat)
     out = Path(out)
     ckpt = checkpoint_path(out)
@@ -274,7 +279,7 @@ def fit_candidates(
         loader_epochs(loader),
         tcfg,
         steps_per_epoch=len(loader),
-        checkpoint=ckpt,
+        checkpoint=ckpt if checkpoints else None,
         resume=resume,
         optimizer_state=warm.optimizer_state if warm is not None else None,
         evaluate=evaluate,

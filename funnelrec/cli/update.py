@@ -47,7 +47,7 @@ def update_command(
         None, "--config", "-c", help=escape("UpdateConfig TOML ([candidates], [ranker], [index]).")
     ),
     replay: float | None = typer.Option(
-        None, "--replay", help="Share of older training examples kept [0.1]."
+        None, "--replay", help="Share of older training examples kept [0.01]."
     ),
     since: int | None = typer.Option(
         None, "--since", help="Training examples from this ts on are new (default: last period)."

@@ -272,6 +272,7 @@ def train_ranker(
     progress: bool = True,
     dist: Distributed | None = None,
     warm_start: Path | str | None = None,
+    checkpoints: bool = True,
 ) -> dict[str, Any]:
     """Train a ranker on FEAT's ranking examples and write the artifact `out`.
 
@@ -281,6 +282,10 @@ def train_ranker(
     output bias (`init_bias` is then not applied); the optimizers continue from its saved
     state (`loop.OPTIMIZER_FILE`, grown with the tables; fresh for an artifact without
     one), and the calibration is fitted anew after training.
+
+    checkpoints: write them (to `checkpoint_path(out)`, removed with the artifact written)
+    so that `resume` can continue; False: none, for a caller that reruns an interrupted
+    training from its start anyway (`funnelrec update`).
 
     Returns the summary stored in ART/config.json under "training" (steps, examples/s,
     best validation weighted per-user loss, ...), on every rank.
@@ -293,6 +298,8 @@ def train_ranker(
     cfg = config or RankerTrainConfig()
     dist = dist or Distributed()
     out = Path(out)
+    if resume and not checkpoints:
+        raise FunnelrecError("resume continues from a checkpoint: it needs checkpoints")
     feats = Features.open(features)
     spec = RankingFeatureSpec.from_dict(feats.ranking_spec)
     if out.exists() and not force:  # every rank fails early, not rank 0 alone
@@ -380,6 +387,9 @@ def train_ranker(
             )
 
         validated: list[float] = []  # this call's validation losses, for the progress lines
+        # the predictions of this call's latest validation: the final scoring below reuses
+        # them when they are of the saved weights
+        latest: list[RankingPredictions] = []
 
         def validation(m: torch.nn.Module) -> float:
             assert isinstance(m, RankingModel)
@@ -387,7 +397,10 @@ def train_ranker(
             # pages, and `valid_impressions` cuts at a user boundary of the whole split) and
             # the all-reduce hands its figure to the other ranks, which the loop requires to
             # agree; they wait in it meanwhile. The split is small next to training.
-            loss = validation_loss(score_valid(m)) if dist.is_main else 0.0
+            loss = 0.0
+            if dist.is_main:
+                latest[:] = [score_valid(m)]
+                loss = validation_loss(latest[0])
             if progress and dist.is_main:
                 _report_validation(validated, loss, metric_name, cfg.train.patience)
             return dist.all_reduce_sums([-loss])[0]  # maximised
@@ -404,7 +417,7 @@ def train_ranker(
             loader_epochs(loader),
             cfg.train,
             steps_per_epoch=len(loader.shards),
-            checkpoint=checkpoint_path(out),
+            checkpoint=checkpoint_path(out) if checkpoints else None,
             resume=resume,
             evaluate=validation if has_valid else None,
             meta=meta,
@@ -417,7 +430,13 @@ def train_ranker(
             # One scoring of the validation split with the saved weights gives both the
             # summary's validation figure and the calibration.
             has_valid_rows = feats.num_examples("ranking", "valid") > 0
-            final = score_valid(model) if (has_valid or cfg.calibrate) and has_valid_rows else None
+            final = None
+            if (has_valid or cfg.calibrate) and has_valid_rows:
+                final = (
+                    latest[0]
+                    if latest and _scored_saved_weights(result, cfg.train.restore_best)
+                    else score_valid(model)
+                )
             if not cfg.calibrate:
                 model.calibration = Calibration(note="not fitted: calibrate = false")
             elif final is None:
@@ -466,6 +485,15 @@ def train_ranker(
     summary = dist.all_gather_objects(summary)[0]
     assert summary is not None
     return summary
+
+
+def _scored_saved_weights(result: TrainResult, restore_best: bool) -> bool:
+    """Whether the latest validation of a run (one made by this call) scored the weights
+    it ends with: it came after the last step, and those are the weights kept (the best,
+    or no best restored)."""
+    if not result.history or result.history[-1][0] != result.steps:
+        return False
+    return not restore_best or result.best_step == result.steps
 
 
 def _report_validation(losses: list[float], loss: float, metric: str, patience: int) -> None:

@@ -383,28 +383,60 @@ def _state(ds: Dataset, dst: Path, n: int) -> dict[str, int]:
             }
         )
     pq.write_table(searches, dst / "searches.parquet", compression="zstd")
-    schema = pa.schema(
-        [
-            ("user_id", pa.int64()),
-            ("item_id", pa.int64()),
-            ("shown", pa.int64()),
-            ("last_ts", pa.int64()),
-        ]
-    )
     if ds.has("impressions"):
-        imp = ds.table("impressions", ["user_id", "item_id", "ts"])
-        agg = imp.group_by(["user_id", "item_id"]).aggregate([("ts", "count"), ("ts", "max")])
-        impressions = pa.table(
-            [agg["user_id"], agg["item_id"], agg["ts_count"], agg["ts_max"]], schema=schema
-        ).sort_by([("user_id", "ascending"), ("item_id", "ascending")])
+        impressions = impression_counts(ds.table("impressions", ["user_id", "item_id", "ts"]))
     else:
-        impressions = schema.empty_table()
+        impressions = IMPRESSION_COUNTS_SCHEMA.empty_table()
     pq.write_table(impressions, dst / "impressions.parquet", compression="zstd")
     return {
         "state_watches": watches.num_rows,
         "state_searches": searches.num_rows,
         "state_impression_pairs": impressions.num_rows,
     }
+
+
+IMPRESSION_COUNTS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("shown", pa.int64()),
+        ("last_ts", pa.int64()),
+    ]
+)
+
+
+def impression_counts(impressions: pa.Table) -> pa.Table:
+    """Every (user, item) pair of `impressions` (user_id, item_id, ts) with how often it
+    was shown and when last, sorted by user then item.
+
+    One sort of a combined key, which costs less CPU than Arrow's hash group-by followed
+    by a sort of its result: the daily update packages every day, over every impression
+    of the dataset."""
+    user = np.asarray(impressions.column("user_id").to_numpy(), dtype=np.int64)
+    item = np.asarray(impressions.column("item_id").to_numpy(), dtype=np.int64)
+    ts = np.asarray(impressions.column("ts").to_numpy(), dtype=np.int64)
+    if not len(user):
+        return IMPRESSION_COUNTS_SCHEMA.empty_table()
+    if min(int(user.min()), int(item.min())) < 0:
+        raise DataError("impressions: negative user or item ids")
+    width = int(item.max()) + 1
+    if int(user.max()) >= np.iinfo(np.int64).max // width:  # the key would overflow
+        order = np.lexsort((item, user))
+    else:
+        order = np.argsort(user * width + item, kind="stable")
+    user, item, ts = user[order], item[order], ts[order]
+    new_pair = np.ones(len(user), dtype=bool)
+    new_pair[1:] = (user[1:] != user[:-1]) | (item[1:] != item[:-1])
+    start = np.flatnonzero(new_pair)
+    return pa.table(
+        [
+            user[start],
+            item[start],
+            np.diff(np.append(start, len(user))).astype(np.int64),
+            np.maximum.reduceat(ts, start),
+        ],
+        schema=IMPRESSION_COUNTS_SCHEMA,
+    )
 
 
 def _files(root: Path) -> dict[str, int]:

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
@@ -18,15 +20,17 @@ from funnelrec.baselines import CoWatch, Popularity, load_baseline
 from funnelrec.candidates import load_item_embeddings
 from funnelrec.cli.package import package_command
 from funnelrec.data.dataset import Dataset, file_sha256
-from funnelrec.errors import ArtifactError, FunnelrecError
+from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 from funnelrec.features import Features
 from funnelrec.pipeline import build_tiny_artifact
 from funnelrec.serving.package import (
+    IMPRESSION_COUNTS_SCHEMA,
+    impression_counts,
     load_package_config,
     package,
     training_watches,
 )
-from funnelrec.serving.recommender import MANIFEST, Recommender
+from funnelrec.serving.recommender import MANIFEST, STATE_DIR, Recommender
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +239,31 @@ def test_cli_command(root: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, [*args, "--force", "serving.fresh_k=5"])
     assert res.exit_code == 0, res.output
     assert Recommender.load(tmp_path / "a").config.fresh_k == 5
+
+
+def _grouped_by_arrow(impressions: pa.Table) -> pa.Table:
+    agg = impressions.group_by(["user_id", "item_id"]).aggregate([("ts", "count"), ("ts", "max")])
+    return pa.table(
+        [agg["user_id"], agg["item_id"], agg["ts_count"], agg["ts_max"]],
+        schema=IMPRESSION_COUNTS_SCHEMA,
+    ).sort_by([("user_id", "ascending"), ("item_id", "ascending")])
+
+
+def test_impression_counts_are_arrows_group_by_sorted(root: Path) -> None:
+    rng = np.random.default_rng(3)
+    n = 5_000
+    shuffled = pa.table(
+        {
+            "user_id": rng.integers(0, 40, n),
+            "item_id": rng.integers(0, 60, n),
+            "ts": rng.integers(0, 1_000, n),
+        }
+    )
+    assert impression_counts(shuffled).equals(_grouped_by_arrow(shuffled))
+    assert impression_counts(shuffled.slice(0, 0)).equals(IMPRESSION_COUNTS_SCHEMA.empty_table())
+    # the artifact's seed is the same table for the tiny world's impressions
+    imp = Dataset.open(root / "data").table("impressions", ["user_id", "item_id", "ts"])
+    seeded = pq.read_table(root / "art" / STATE_DIR / "impressions.parquet")
+    assert seeded.equals(_grouped_by_arrow(imp))
+    with pytest.raises(DataError, match="negative"):
+        impression_counts(pa.table({"user_id": [-1], "item_id": [0], "ts": [0]}))

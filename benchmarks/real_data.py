@@ -446,12 +446,16 @@ def funnel(data: Split) -> ModelRun:
 
 # SASRec with full cross-entropy (benchmarks/sasrec.py): the sequential peer, trained here
 # on the same split, machine and evaluator. SASREC_MAX_SECONDS bounds its training (it
-# then keeps its best epoch so far and says it stopped on time).
+# then keeps its best epoch so far and says it stopped on time); SASREC_OVERRIDES are
+# key=value settings of its SASRecConfig.
 SASREC_MAX_SECONDS: float | None = None
+SASREC_OVERRIDES: list[str] = []
 
 
 def sasrec(data: Split) -> ModelRun:
     from sasrec import SASRecConfig, fit_sasrec
+
+    from funnelrec.config import load_config
 
     va = data.history["+val"]
     valid_target = va.values[va.offsets[1:] - 1]
@@ -460,7 +464,11 @@ def sasrec(data: Split) -> ModelRun:
         data.num_items,
         data.history["train"],
         valid_target,
-        SASRecConfig(max_seconds=SASREC_MAX_SECONDS, seed=TRAIN_SEED),
+        load_config(
+            SASRecConfig,
+            None,
+            [f"max_seconds={SASREC_MAX_SECONDS}", f"seed={TRAIN_SEED}", *SASREC_OVERRIDES],
+        ),
         on_epoch=lambda r: print(
             f"{data.name}: sasrec epoch {r['epoch']}: loss {r['loss']:.4f} valid NDCG@10 "
             f"{r['valid ndcg@10']:.4f} HR@10 {r['valid hr@10']:.4f} ({r['seconds']:.1f} s)",
@@ -732,6 +740,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="bound SASRec's training (it keeps its best epoch so far); default: none",
     )
+    p.add_argument(
+        "--sasrec-overrides",
+        default="",
+        help="space-separated key=value for SASRec (SASRecConfig in benchmarks/sasrec.py)",
+    )
     refit_deep = p.add_mutually_exclusive_group()
     refit_deep.add_argument(
         "--funnel-refit-deep",
@@ -779,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         refit_deep=args.funnel_refit_deep,
     )
     SASREC_MAX_SECONDS = args.sasrec_max_seconds
+    SASREC_OVERRIDES.extend(args.sasrec_overrides.split())
     AGE_AT_REQUEST = args.age_at_target
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     console = Console(width=None if sys.stdout.isatty() else 150)

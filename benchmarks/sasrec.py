@@ -8,7 +8,10 @@ machine of the other models rather than being quoted from another library's run.
 
 The model:
 - item embeddings (id 0 = padding, a zero row) scaled by sqrt(hidden), plus learned
-  positional embeddings, dropout, padded positions zeroed;
+  positional embeddings, dropout, padded positions zeroed. `padding`: "left" (default)
+  puts the most recent item at the last position whatever the history's length, as
+  Kang & McAuley's code does; "right" counts positions from the window's first item, as
+  the cross-entropy reference does (its batches are padded at the end);
 - `blocks` blocks as in SASRec: the queries are the layer-normalised sequence, keys and
   values the sequence itself, causal attention (a position sees itself and the positions
   before it, never padding), the residual added to the normalised queries; then layer
@@ -16,15 +19,20 @@ The model:
   zeroed again after each block; a last layer norm;
 - logits = hidden state @ item embedding table (shared with the input), padding column
   left out of the softmax and set to -inf when scoring.
+Initialisation: normal with std 0.02 (biases zero, layer norms one and zero), except the
+query, key and value projections when `qkv_init="xavier"` (default): Xavier-uniform over
+the three together, which is what the reference's per-module initialisation leaves them
+at, since torch's attention layer holds them as one bare parameter.
 
 Training sequences: each user's training items, oldest first, cut into windows of
-max_len + 1 items, input = window[:-1], target = window[1:], left-padded so that the most
-recent item is always at the last position (the one scored at inference). `windows`:
-"last" (default, as the reference implementations do) keeps only each user's most recent
-window; "all" also cuts the older part of long histories into further windows, so that
-every training transition is a target exactly once per epoch. Every non-padding position
-of every window is a target of a full-softmax cross-entropy, averaged over the targets of
-a batch. Users with fewer than 2 training items give no target and are left out.
+max_len + 1 items, input = window[:-1], target = window[1:], padded on the `padding` side
+(inference scores the position of the most recent item, the last or the last non-padding
+one). `windows`: "last" (default, as the reference implementations do) keeps only each
+user's most recent window; "all" also cuts the older part of long histories into further
+windows, so that every training transition is a target exactly once per epoch. Every
+non-padding position of every window is a target of a full-softmax cross-entropy, averaged
+over the targets of a batch. Users with fewer than 2 training items give no target and are
+left out.
 
 Selection: after each epoch the model ranks all items for every validation user (input:
 their training history, target: their validation item, their training items excluded from
@@ -73,8 +81,9 @@ class SASRecConfig:
     """The settings of the reference SASRec-with-cross-entropy runs. max_seconds: a
     wall-clock budget for the whole fit (validation included), None = none; threads:
     torch's intra-op threads during fit and score (restored afterwards), so that the peer
-    runs on the same cores as the models it is compared with; windows: see the module
-    docstring."""
+    runs on the same cores as the models it is compared with; windows, padding, qkv_init:
+    see the module docstring; betas: Adam's ((0.9, 0.98) as in Kang & McAuley's code; the
+    cross-entropy reference's is torch's default, (0.9, 0.999))."""
 
     hidden: int = 64
     blocks: int = 2
@@ -89,6 +98,16 @@ class SASRecConfig:
     max_seconds: float | None = None
     threads: int = 2
     windows: Literal["last", "all"] = "last"
+    padding: Literal["left", "right"] = "left"
+    qkv_init: Literal["normal", "xavier"] = "xavier"
+    betas: tuple[float, float] = (0.9, 0.98)
+
+    def __post_init__(self) -> None:
+        choices = {"windows": ("last", "all"), "padding": ("left", "right"),
+                   "qkv_init": ("normal", "xavier")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,13 +160,14 @@ class _Block(nn.Module):
 
 
 class SASRec(nn.Module):
-    """ids [B, L] (left-padded with 0) -> hidden states [B, L, D]; `item_weights` are the
-    output table of items 1..N."""
+    """ids [B, L] (padded with 0 on the config's side) -> hidden states [B, L, D];
+    `item_weights` are the output table of items 1..N."""
 
     def __init__(self, num_items: int, config: SASRecConfig) -> None:
         super().__init__()
         self.num_items = num_items
         self.max_len = config.max_len
+        self.padding = config.padding
         self.item_emb = nn.Embedding(num_items + 1, config.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
         self.emb_drop = nn.Dropout(config.dropout)
@@ -156,6 +176,15 @@ class SASRec(nn.Module):
         )
         self.last_norm = nn.LayerNorm(config.hidden, eps=1e-8)
         self.apply(self._init)
+        if config.qkv_init == "xavier":
+            # torch's MultiheadAttention keeps its query/key/value projection as one bare
+            # [3D, D] parameter, which a per-module initialisation of Linear layers never
+            # reaches: it stays at torch's Xavier-uniform over that whole matrix.
+            bound = math.sqrt(6.0 / (4 * config.hidden))
+            for m in self.modules():
+                if isinstance(m, _CausalAttention):
+                    nn.init.uniform_(m.query.weight, -bound, bound)
+                    nn.init.uniform_(m.key_value.weight, -bound, bound)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -177,7 +206,10 @@ class SASRec(nn.Module):
         n = ids.shape[1]
         keep = (ids > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # [B, L, 1]
         x = self.item_emb(ids) * math.sqrt(self.item_emb.embedding_dim)
-        x = x + self.pos_emb.weight[self.max_len - n :]  # the last item at the last position
+        if self.padding == "left":
+            x = x + self.pos_emb.weight[self.max_len - n :]  # the last item at the last position
+        else:
+            x = x + self.pos_emb.weight[:n]  # positions counted from the window's first item
         x = self.emb_drop(x) * keep
         causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device=ids.device))
         # never attend to padding; a position always sees itself, so that a padded query
@@ -194,6 +226,13 @@ class SASRec(nn.Module):
 # Sequences
 
 
+def _right_padded(left: np.ndarray) -> np.ndarray:
+    """Rows padded with 0 on the left, with the padding moved to the right (the items keep
+    their order)."""
+    order = np.argsort(left == 0, axis=1, kind="stable")
+    return np.take_along_axis(left, order, axis=1)
+
+
 def _left_padded(h: Jagged, length: int) -> np.ndarray:
     """[B, length] the last `length` items of each row, left-padded with 0."""
     lengths = np.diff(h.offsets)
@@ -206,10 +245,13 @@ def _left_padded(h: Jagged, length: int) -> np.ndarray:
     return out
 
 
-def training_windows(h: Jagged, max_len: int, windows: str = "last") -> np.ndarray:
-    """[W, max_len + 1] windows of item ids (left-padded): input = [:, :-1], target =
-    [:, 1:]. "last": each user's most recent max_len + 1 items; "all": also the older
-    items, in windows whose targets do not overlap (each transition a target once)."""
+def training_windows(
+    h: Jagged, max_len: int, windows: str = "last", padding: str = "left"
+) -> np.ndarray:
+    """[W, max_len + 1] windows of item ids, padded with 0 on the `padding` side: input =
+    [:, :-1], target = [:, 1:]. "last": each user's most recent max_len + 1 items; "all":
+    also the older items, in windows whose targets do not overlap (each transition a target
+    once)."""
     lengths = np.diff(h.offsets)
     users = np.flatnonzero(lengths >= 2)
     n = lengths[users]
@@ -224,7 +266,12 @@ def training_windows(h: Jagged, max_len: int, windows: str = "last") -> np.ndarr
     end = n[user] - j * max_len  # exclusive end of the window, within the user's row
     local = end[:, None] - (max_len + 1) + np.arange(max_len + 1)[None, :]
     base = h.offsets[users][user][:, None]
-    return np.where(local >= 0, h.values[base + np.maximum(local, 0)], 0).astype(np.int64)
+    out = np.where(local >= 0, h.values[base + np.maximum(local, 0)], 0).astype(np.int64)
+    if padding == "right":
+        return _right_padded(out)
+    if padding != "left":
+        raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,11 +336,23 @@ def _loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def _final_states(model: SASRec, histories: Jagged) -> torch.Tensor:
-    """[B, D] the hidden state after each history's last max_len items."""
-    ids = torch.from_numpy(_left_padded(histories, model.max_len))
-    if len(ids) == 0:
+    """[B, D] the hidden state after each history's last max_len items (zeros for an empty
+    history)."""
+    left = _left_padded(histories, model.max_len)
+    if len(left) == 0:
         return model.item_emb.weight.new_zeros((0, model.item_emb.embedding_dim))
-    return torch.cat([model(ids[lo : lo + 1024])[:, -1] for lo in range(0, len(ids), 1024)])
+    if model.padding == "left":
+        last = np.full(len(left), model.max_len - 1)
+    else:
+        left = _right_padded(left)
+        last = np.maximum((left > 0).sum(axis=1) - 1, 0)
+    ids, at = torch.from_numpy(left), torch.from_numpy(last)
+    return torch.cat(
+        [
+            model(ids[lo : lo + 1024])[torch.arange(min(1024, len(ids) - lo)), at[lo : lo + 1024]]
+            for lo in range(0, len(ids), 1024)
+        ]
+    )
 
 
 def _rows(h: Jagged, lo: int, hi: int) -> Jagged:
@@ -405,11 +464,13 @@ def _fit(
 ) -> SASRecRun:
     rng = np.random.default_rng(config.seed)
     keys = tie_keys(num_items + 1, config.seed)
-    windows = torch.from_numpy(training_windows(train, config.max_len, config.windows))
+    windows = torch.from_numpy(
+        training_windows(train, config.max_len, config.windows, config.padding)
+    )
     if len(windows) == 0:
         raise ValueError("no user has 2 or more training items: nothing to train on")
     model = SASRec(num_items, config)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     history: list[dict[str, float]] = []
     best, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
     stopped_on_time = False

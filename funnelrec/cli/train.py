@@ -77,9 +77,7 @@ def candidates(
             features, out, cfg, resume=resume, force=force, dist=dist, warm_start=warm_start
         ),
         device=cfg.train.device,
-        # a URI is handed on as it is (the launcher only formats it into torchrun's
-        # arguments); its annotation still says Path
-        features=features,  # type: ignore[arg-type]
+        features=features,  # a path or URI, handed on as it is to torchrun's workers
         out=out,
         config=config,
         overrides=overrides,

@@ -363,7 +363,7 @@ def train_here_or_launch(
     fit: Callable[[Distributed], R],
     *,
     device: str,
-    features: Path,
+    features: Path | str,
     out: Path,
     config: Path | None,
     overrides: Sequence[str],

@@ -57,15 +57,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -454,23 +455,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _rolling() -> ModuleType:
+    """benchmarks/rolling.py, loaded by path (benchmarks/ is a folder of scripts), for the
+    run records every benchmark here keeps: `load_average`, `code_version`."""
+    key = "funnelrec_bench_rolling"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "benchmarks" / "rolling.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 def load_average() -> dict[str, float]:
-    one, five, fifteen = os.getloadavg()
-    return {"1m": one, "5m": five, "15m": fifteen}
+    return dict(_rolling().load_average())
 
 
 def code_version() -> dict[str, Any]:
-    """The commit the run's code is at, and whether the tree had changes beside it."""
-
-    def git(*args: str) -> str | None:
-        try:
-            p = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return p.stdout.strip() if p.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"head": git("rev-parse", "--short", "HEAD"), "uncommitted_changes": bool(status)}
+    return dict(_rolling().code_version())
 
 
 def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:

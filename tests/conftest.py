@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,31 @@ def sequence_file(tmp_path: Path) -> Path:
     path = tmp_path / "seq.txt"
     path.write_text("9 1\n10 2\n9 3\n10 1\n9 2\n")
     return path
+
+
+# A hung Dask cluster fails the test instead of the suite (pytest-timeout is not a
+# dependency): `pytestmark = pytest.mark.usefixtures("dask_time_bound")`.
+DASK_TIME_LIMIT_S = 240
+
+
+@pytest.fixture
+def dask_time_bound(request: pytest.FixtureRequest) -> Iterator[None]:
+    def stop(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{request.node.name} ran past {DASK_TIME_LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(DASK_TIME_LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[str]:
+    """A local Dask cluster of two single-threaded worker processes, as a small real
+    cluster would have; its scheduler's address."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as c:
+        yield c.scheduler_address

@@ -4,8 +4,6 @@ value for value (tables, id maps, manifest, rejected rows), and the same bad-row
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +19,11 @@ from funnelrec.data.loaders import import_events
 from funnelrec.engines import SCHEDULER_ENV, DaskEngine, LocalEngine
 from funnelrec.errors import DataError, FunnelrecError
 
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
+pytestmark = pytest.mark.usefixtures("dask_time_bound")
 
-# A hung cluster fails the test instead of the suite (pytest-timeout is not a dependency).
-TIME_LIMIT_S = 240
 DAY = 1714521600  # 2024-05-01T00:00:00Z
 TABLES = ("watches", "impressions", "searches", "users", "items")
-
-
-@pytest.fixture(autouse=True)
-def _time_bound() -> Iterator[None]:
-    def stop(signum: int, frame: object) -> None:
-        raise TimeoutError(f"a Dask import test ran past {TIME_LIMIT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(TIME_LIMIT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """Two single-threaded worker processes, as a small real cluster would have."""
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as c:
-        yield c.scheduler_address
 
 
 def _iso(ts: np.ndarray) -> list[str]:

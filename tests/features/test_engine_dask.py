@@ -4,8 +4,7 @@ resumable by the same progress record; a clear error without a scheduler."""
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +27,8 @@ from funnelrec.errors import FunnelrecError
 from funnelrec.features import Features, FeaturesConfig, blocked
 from funnelrec.features.build import build_features
 
-distributed = pytest.importorskip("distributed")
-
-# A hung cluster fails the test instead of the suite (pytest-timeout is not a dependency).
-TIME_LIMIT_S = 240
-
-
-@pytest.fixture(autouse=True)
-def _time_bound() -> Iterator[None]:
-    def stop(signum: int, frame: object) -> None:
-        raise TimeoutError(f"a Dask engine test ran past {TIME_LIMIT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(TIME_LIMIT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytest.importorskip("distributed")
+pytestmark = pytest.mark.usefixtures("dask_time_bound")
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +40,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
         preset_config("tiny", ["n_users=120", "days=6"]), seed=7, out=root / "d", progress=False
     )
     return Dataset.open(root / "d")
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """Two single-threaded worker processes, as a small real cluster would have."""
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as c:
-        yield c.scheduler_address
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,18 @@ BAD_ROWS = typer.Option(
 
 
 class EngineKind(StrEnum):
+    """Where `data import events` and `features build` run their per-file or per-block work."""
+
     local = "local"
     dask = "dask"
+
+
+CLUSTER = typer.Option(
+    None,
+    "--cluster",
+    help="With --engine dask: the scheduler, e.g. tcp://HOST:8786 (default: "
+    "$DASK_SCHEDULER_ADDRESS), or local:N to start N workers on this machine.",
+)
 
 
 class Fetchable(StrEnum):
@@ -125,12 +135,7 @@ def import_(
         help="events: where the files are read and converted: local (this process) or dask "
         "(one task per file on a Dask cluster; ids, tables and manifest stay here).",
     ),
-    cluster: str | None = typer.Option(
-        None,
-        "--cluster",
-        help="With --engine dask: the scheduler, e.g. tcp://HOST:8786 (default: "
-        "$DASK_SCHEDULER_ADDRESS), or local:N to start N workers on this machine.",
-    ),
+    cluster: str | None = CLUSTER,
 ) -> None:
     """Import raw logs into a canonical dataset directory (built aside, renamed at the end)."""
     if bad_rows is not BadRows.fail and fmt is not Format.events:

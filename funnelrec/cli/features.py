@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from funnelrec.cli.data import CLUSTER, EngineKind
 from funnelrec.config import load_config
 from funnelrec.engines import DaskEngine, Engine
 from funnelrec.features import Features, FeaturesConfig
@@ -36,11 +37,6 @@ console = Console()
 class SplitKind(StrEnum):
     last = "last"
     time = "time"
-
-
-class EngineKind(StrEnum):
-    local = "local"
-    dask = "dask"
 
 
 @app.command("build")
@@ -78,12 +74,7 @@ def build(
         help="Where blocks of users are built (data over block_events events): local "
         "(this machine, --workers processes) or dask (the tasks of a Dask cluster).",
     ),
-    cluster: str | None = typer.Option(
-        None,
-        "--cluster",
-        help="With --engine dask: the scheduler, e.g. tcp://HOST:8786 (default: "
-        "$DASK_SCHEDULER_ADDRESS), or local:N to start N workers on this machine.",
-    ),
+    cluster: str | None = CLUSTER,
     update_from: Path | None = typer.Option(
         None,
         "--update-from",

@@ -42,6 +42,7 @@ A spec with a feature the direct path does not know is served by the reference p
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,9 +91,10 @@ class ServingItems:
     upload_ts: np.ndarray | None
     duration: np.ndarray | None
     channel: np.ndarray | None
-    topic: pa.Array | None
+    topic: pa.Array | pa.ChunkedArray | None
     topic_code: np.ndarray | None
     watches: np.ndarray
+    _growth: GrowingColumns | None = field(default=None, repr=False)
 
     @property
     def num_items(self) -> int:
@@ -152,6 +154,68 @@ class ServingItems:
             watches=np.asarray(watches, dtype=np.int64),
         )
 
+    def extended(self, extra: pa.Table) -> ServingItems:
+        """These columns with the items of `extra` added (item_id, each above `num_items`,
+        and the optional canonical columns; no watches yet). Costs time in the new items
+        alone, amortised: the columns are views of buffers with room past their end, which
+        the newest extension of a chain of them fills in place (an older one, extended
+        again, copies instead, so no view another reader holds ever changes)."""
+        ids = np.asarray(extra.column("item_id").to_numpy(), dtype=np.int64)
+        if not ids.size:
+            return self
+        if int(ids.min()) <= self.num_items:
+            raise FunnelrecError(
+                f"item id {int(ids.min())} is already in the corpus (ids up to {self.num_items})"
+            )
+        n = int(ids.max())
+        grow = self._growth if self._growth is not None and self._growth.holds(self) else None
+        grow = grow if grow is not None else GrowingColumns.of(self)
+        local = ids - self.num_items - 1  # rows of the added range, 0-based
+
+        def rows(name: str, fill: Any, values: np.ndarray | None) -> np.ndarray | None:
+            if name not in grow.columns:
+                return None
+            out = np.full(n - self.num_items, fill, dtype=grow.columns[name].dtype)
+            if values is not None:
+                out[local] = values
+            return grow.append(name, out)
+
+        def floats(name: str) -> np.ndarray | None:
+            if name not in extra.column_names:
+                return None
+            return np.asarray(
+                pc.fill_null(extra.column(name).cast(pa.float64()), np.nan).to_numpy(),
+                dtype=np.float64,
+            )
+
+        channel = None
+        if "channel_id" in extra.column_names:
+            channel = np.asarray(pc.fill_null(extra.column("channel_id"), 0).to_numpy())
+        topic = topic_code = None
+        if self.topic is not None:
+            names: list[str | None] = [None] * (n - self.num_items)
+            given = extra.column("topic").to_pylist() if "topic" in extra.column_names else []
+            for row, name in zip(local.tolist(), given, strict=False):
+                names[row] = name
+            codes = np.array([grow.topic_code(t) for t in names], dtype=np.int64)
+            topic = grow.append_topic(pa.array(names, pa.string()))
+            topic_code = grow.append("topic_code", codes)
+        known = rows("known", False, np.ones(len(ids), dtype=bool))
+        assert known is not None  # every ServingItems has the column
+        watches = rows("watches", 0, None)
+        assert watches is not None
+        out = ServingItems(
+            known=known,
+            upload_ts=rows("upload_ts", np.nan, floats("upload_ts")),
+            duration=rows("duration", np.nan, floats("duration_s")),
+            channel=rows("channel", 0, channel),
+            topic=topic,
+            topic_code=topic_code,
+            watches=watches,
+        )
+        out._growth = grow
+        return out
+
     def local(self, ids: np.ndarray) -> _Items:
         """The columns of dataset items `ids` ([M], sorted, unique) as items 1..M."""
 
@@ -162,7 +226,10 @@ class ServingItems:
 
         topic = None
         if self.topic is not None:
-            topic = pa.concat_arrays([pa.nulls(1, pa.string()), self.topic.take(pa.array(ids))])
+            taken = self.topic.take(pa.array(ids))
+            if isinstance(taken, pa.ChunkedArray):  # an extended corpus' topics
+                taken = taken.combine_chunks()
+            topic = pa.concat_arrays([pa.nulls(1, pa.string()), taken])
         return _Items(
             n=len(ids),
             upload_ts=take(self.upload_ts, np.nan),
@@ -171,6 +238,80 @@ class ServingItems:
             topic_code=take(self.topic_code, 0),
             topic=topic,
         )
+
+
+class GrowingColumns:
+    """The buffers behind a chain of `ServingItems.extended` (and of `_ItemColumns`'
+    extensions): per column, an array with room past the rows handed out (`used`). Rows
+    past `used` belong to no view yet, so the newest view's extension writes them in place
+    and no reader's array changes; capacity grows by half when full (amortised O(1) a row).
+    """
+
+    def __init__(self) -> None:
+        self.columns: dict[str, np.ndarray] = {}
+        self.used: dict[str, int] = {}
+        self._topics: list[pa.Array] = []
+        self._topic_codes: dict[str | None, int] = {}
+
+    @classmethod
+    def of(cls, items: ServingItems) -> GrowingColumns:
+        """Buffers holding copies of `items`' columns (with room for more)."""
+        g = cls()
+        for name in ("known", "upload_ts", "duration", "channel", "topic_code", "watches"):
+            a = getattr(items, name)
+            if a is not None:
+                g.add(name, a)
+        if items.topic is not None:
+            topic = items.topic
+            g._topics = list(topic.chunks) if isinstance(topic, pa.ChunkedArray) else [topic]
+            assert items.topic_code is not None  # from_table sets both
+            codes, first = np.unique(items.topic_code, return_index=True)
+            names = topic.take(pa.array(first)).to_pylist()
+            g._topic_codes = dict(zip(names, codes.tolist(), strict=True))
+            g._topic_codes[None] = 0
+        return g
+
+    def holds(self, items: ServingItems) -> bool:
+        """Whether `items` is the newest view of these buffers (its extension may write
+        in place)."""
+        return all(
+            getattr(items, name) is not None and len(getattr(items, name)) == used
+            for name, used in self.used.items()
+            if name in ("known", "upload_ts", "duration", "channel", "topic_code", "watches")
+        )
+
+    def add(self, name: str, a: np.ndarray) -> None:
+        """Start buffer `name` from `a`'s values (rows along the first axis)."""
+        buf = np.empty((max(len(a) + len(a) // 2, 16), *a.shape[1:]), dtype=a.dtype)
+        buf[: len(a)] = a
+        self.columns[name], self.used[name] = buf, len(a)
+
+    def append(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Buffer `name` with `rows` after its used rows: a view of all of them."""
+        buf, used = self.columns[name], self.used[name]
+        if used + len(rows) > len(buf):
+            size = max(used + len(rows), len(buf) + len(buf) // 2)
+            bigger = np.empty((size, *buf.shape[1:]), dtype=buf.dtype)
+            bigger[:used] = buf[:used]
+            self.columns[name] = buf = bigger
+        buf[used : used + len(rows)] = rows
+        self.used[name] = used + len(rows)
+        return buf[: used + len(rows)]
+
+    def topic_code(self, name: str | None) -> int:
+        """The dense code of topic `name` (a new topic gets the next one; None: 0)."""
+        code = self._topic_codes.get(name)
+        if code is None:
+            code = self._topic_codes[name] = max(self._topic_codes.values(), default=0) + 1
+        return code
+
+    def append_topic(self, names: pa.Array) -> pa.ChunkedArray:
+        """The topic strings with `names` after them, as chunks (merged now and then, so a
+        lookup over them stays cheap)."""
+        self._topics.append(names)
+        if len(self._topics) > 32:
+            self._topics = [pa.concat_arrays(self._topics)]
+        return pa.chunked_array(self._topics, pa.string())
 
 
 @dataclass(frozen=True)
@@ -316,6 +457,15 @@ class RankingFeaturizer:
         self.uses_score = CANDIDATE_SCORE in self.raw
         self._columns = _ItemColumns.of(self)
         self._source_ids: dict[str | None, int] = {}
+
+    def with_items(self, items: ServingItems) -> RankingFeaturizer:
+        """This featurizer over `items`, an extension of its own (`ServingItems.extended`):
+        the per-item inputs of the new items alone are computed."""
+        out = copy.copy(self)
+        out.items = items
+        if self._columns is not None:
+            out._columns = self._columns.extended(out, self.items.num_items)
+        return out
 
     @property
     def vectorised(self) -> bool:
@@ -715,6 +865,41 @@ class _ItemColumns:
     topic_id: np.ndarray | None
     channel_key: np.ndarray | None
     topic_key: np.ndarray | None
+
+    _growth: GrowingColumns | None = field(default=None, repr=False)
+
+    def extended(self, f: RankingFeaturizer, old: int) -> _ItemColumns:
+        """These columns for `f.items`, which extends the corpus of items 1..`old` that
+        they cover: the new items' ids looked up alone (see `ServingItems.extended`)."""
+        items = f.items
+        grow = self._growth
+        if grow is None or grow.used.get("rank_id") != len(self.rank_id):
+            grow = GrowingColumns()
+            for name in ("rank_id", "channel_id", "topic_id"):
+                a = getattr(self, name)
+                if a is not None:
+                    grow.add(name, a)
+        new = np.arange(old + 1, items.num_items + 1, dtype=np.int64)
+        channel_id = topic_id = None
+        if self.channel_id is not None:
+            assert items.channel is not None and f.channel is not None  # as `of` found
+            ch = items.channel[new]
+            ids = f.channel.lookup(pa.array(ch, mask=ch == 0)).astype(np.int64)
+            channel_id = grow.append("channel_id", ids)
+        if self.topic_id is not None:
+            assert items.topic is not None and f.topic is not None
+            topics = items.topic.slice(old + 1)
+            ids = f.topic.lookup(topics).astype(np.int64)
+            topic_id = grow.append("topic_id", ids)
+        out = _ItemColumns(
+            rank_id=grow.append("rank_id", f.rank_item.lookup(new).astype(np.int64)),
+            channel_id=channel_id,
+            topic_id=topic_id,
+            channel_key=items.channel,
+            topic_key=items.topic_code,
+            _growth=grow,
+        )
+        return out
 
     def per_item(self, name: str) -> np.ndarray:
         """The vocabulary ids of categorical feature `name` ("item", "channel", "topic")."""

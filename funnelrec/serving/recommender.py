@@ -87,8 +87,14 @@ from funnelrec.config import from_dict
 from funnelrec.data.dataset import file_sha256
 from funnelrec.errors import ArtifactError, FunnelrecError
 from funnelrec.features import Demographics, Features
+from funnelrec.features.batch import CandidateBatch
 from funnelrec.features.config import COWATCH_SOURCE, DEEP_SOURCE, FRESH_SOURCE
-from funnelrec.features.serving import RankingFeaturizer, ServingItems, UserEvents
+from funnelrec.features.serving import (
+    GrowingColumns,
+    RankingFeaturizer,
+    ServingItems,
+    UserEvents,
+)
 from funnelrec.ranking.model import WEIGHTS_FILE as RANKER_WEIGHTS
 from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
 from funnelrec.serving.inference import RequestRanker, RequestUserTower
@@ -333,6 +339,7 @@ class Recommender:
         items = pq.read_table(path / ITEMS_FILE)
         self.items = ServingItems.from_table(items)
         self._items_table = items.drop_columns(["watches"])
+        self._metadata = frozenset(self._items_table.column_names)
         self._item_row = np.full(self.items.num_items + 1, -1, dtype=np.int64)
         self._item_row[np.asarray(items.column("item_id").to_numpy())] = np.arange(items.num_rows)
         n = self.items.num_items
@@ -380,6 +387,12 @@ class Recommender:
         )
         self.added: dict[int, AddedItem] = {}
         self.added_through = 0  # the largest stored item id `add_items` was given
+        self._packaged_through = self.items.num_items
+        # Room for the added items' fresh scores and content vectors (`add_items`).
+        self._growth = GrowingColumns()
+        self._growth.add("fresh", self.fresh.scores_[: self.fresh.num_items + 1])
+        self._growth.add("added_ids", np.zeros(0, np.int64))
+        self._growth.add("added_vecs", np.zeros((0, self.index.dim), np.float32))
         dim = self.index.dim
         self._live = _Live(
             self.items, self.featurizer, self.fresh, np.zeros(0, np.int64),
@@ -427,65 +440,67 @@ class Recommender:
         already in the catalogue (by external id), or whose id the packaged catalogue
         uses, are skipped: an artifact built after the daily merge of the added items
         (`funnelrec data append --live-items`) serves them from its own index, once, and
-        the store's rows of them are left as they are. Costs O(catalogue) per call: the
-        per-item columns are rebuilt (so add items in batches where there are many).
+        the store's rows of them are left as they are. Costs time in the new items alone
+        (amortised): the per-item columns grow in place (`ServingItems.extended`).
+        `added_through` is raised last, so a reader that sees it has the items too.
         """
-        n0 = int(self._base_items["item_id"].to_numpy().max()) if self._base_items.num_rows else 0
-        self.added_through = max([self.added_through, *(it.item_id for it in new)])
-        new = [
-            it for it in new
-            if it.item_id not in self.added and it.item_id > n0 and it.raw_id not in self._raw_item
-        ]  # fmt: skip
+        n0 = self._packaged_through
+        through = max([self.added_through, *(it.item_id for it in new)])
+        new = sorted(
+            (
+                it for it in new
+                if it.item_id not in self.added and it.item_id > n0
+                and it.raw_id not in self._raw_item
+            ),
+            key=lambda it: it.item_id,
+        )  # fmt: skip
+        # Ids at or below the catalogue's largest were skipped or taken by an earlier call.
+        new = [it for it in new if it.item_id > self.items.num_items]
         if not new:
+            self.added_through = through
             return
-        added = {**self.added, **{it.item_id: it for it in new}}
-        rows = list(added.values())
         base = self._base_items
         extra = pa.table(
             {
-                "item_id": pa.array([it.item_id for it in rows], pa.int64()),
-                "upload_ts": [it.upload_ts for it in rows],
-                "duration_s": [it.duration_s for it in rows],
-                "channel_id": [it.channel_id for it in rows],
-                "topic": pa.array([it.topic for it in rows], pa.string()),
-                "title": [it.title for it in rows],
-                "watches": pa.array([0] * len(rows), pa.int64()),
-                "raw_id": [it.raw_id for it in rows],
+                "item_id": pa.array([it.item_id for it in new], pa.int64()),
+                "upload_ts": [it.upload_ts for it in new],
+                "duration_s": [it.duration_s for it in new],
+                "channel_id": [it.channel_id for it in new],
+                "topic": pa.array([it.topic for it in new], pa.string()),
+                "title": [it.title for it in new],
+                "raw_id": [it.raw_id for it in new],
             }
         )
         extra = extra.select([c for c in base.column_names if c in extra.column_names])
         extra = extra.cast(base.select(extra.column_names).schema)
-        table = pa.concat_tables([base, extra], promote_options="default")
-        items = ServingItems.from_table(table)
-        featurizer = RankingFeaturizer(self.features, items)
+        items = self.items.extended(extra)
+        featurizer = self.featurizer.with_items(items)
         fresh = copy.copy(self.fresh)
-        scores = np.full(items.num_items + 1, -np.inf, dtype=np.float32)
-        scores[: len(self.fresh.scores_)] = self.fresh.scores_[: self.fresh.num_items + 1]
         cfg = fresh.cfg
         assert cfg.fresh_half_life_s is not None  # checked when loading
-        for it in rows:
+        scores = np.full(items.num_items - self.fresh.num_items, -np.inf, dtype=np.float32)
+        for it in new:
             age = max(float(fresh.now - it.upload_ts), 0.0)
             boost = 1 + cfg.fresh_boost * 0.5 ** (age / cfg.fresh_half_life_s)
-            scores[it.item_id] = cfg.fresh_prior * boost
-        fresh.scores_, fresh.num_items = scores, items.num_items
+            scores[it.item_id - self.fresh.num_items - 1] = cfg.fresh_prior * boost
+        fresh.scores_ = self._growth.append("fresh", scores)
+        fresh.num_items = items.num_items
         live = self._live
         ids, vecs = live.added_ids, live.added_vecs
         if self.retrieves_added_items:
-            content = self.features.encode_item_content(extra.slice(len(rows) - len(new)))
+            content = self.features.encode_item_content(extra)
             with torch.no_grad():
                 v = self.candidate_model.content_embeddings(content.content()).cpu().numpy()
-            ids = np.concatenate([ids, np.asarray(content.item_id, dtype=np.int64)])
-            vecs = np.concatenate([vecs, v.astype(np.float32)])
-        item_row = np.full(items.num_items + 1, -1, dtype=np.int64)
-        item_row[np.asarray(table.column("item_id").to_numpy())] = np.arange(table.num_rows)
-        # Readers in other threads: the metadata lookups first (the old items keep their
-        # rows), then what makes the new items known (`has_item`, requests).
-        self._items_table, self._item_row = table.drop_columns(["watches"]), item_row
-        self.added = added
+            ids = self._growth.append("added_ids", np.asarray(content.item_id, dtype=np.int64))
+            vecs = self._growth.append("added_vecs", v.astype(np.float32))
+        # Readers in other threads: the metadata first, then what makes the new items
+        # known (`has_item`, requests), then `added_through` (`ServiceState.sync_items`).
+        self.added = {**self.added, **{it.item_id: it for it in new}}
         self._raw_item.update({it.raw_id: it.item_id for it in new})
         self.channels = self.channels | {it.channel_id for it in new}
         self._live = _Live(items, featurizer, fresh, ids, vecs)
         self.items, self.featurizer, self.fresh = items, featurizer, fresh
+        self.added_through = through
 
     def _search_added(
         self, live: _Live, u: np.ndarray, k: int, exclude: np.ndarray | None
@@ -513,6 +528,14 @@ class Recommender:
         """item_id, raw_id, title, topic, channel_id, upload_ts, duration_s ... where known."""
         if not self.has_item(item_id):
             return None
+        added = self.added.get(item_id)
+        if added is not None:
+            meta = {
+                "item_id": added.item_id, "raw_id": added.raw_id, "title": added.title,
+                "topic": added.topic, "channel_id": added.channel_id,
+                "upload_ts": added.upload_ts, "duration_s": added.duration_s,
+            }  # fmt: skip
+            return {k: v for k, v in meta.items() if v is not None and k in self._metadata}
         row = self._items_table.slice(int(self._item_row[item_id]), 1).to_pylist()[0]
         return {k: v for k, v in row.items() if v is not None}
 
@@ -554,6 +577,22 @@ class Recommender:
 
     # ---------------------------------------------------------------- serving
 
+    def user_vector(
+        self, req: RecommendRequest, ctx: UserContext | None = None
+    ) -> np.ndarray | None:
+        """The deep source's query for a request: the candidate model's user vector, [d]
+        float32, whose dot product with an item's vector is the item's deep score (None:
+        the request has nothing to compute it from, and the deep source is not asked)."""
+        user = self._context(req, ctx)
+        if not user.has_signal:
+            return None
+        return self._user_tower.user_vector(self._candidate_input(user))
+
+    def _candidate_input(self, user: _Context) -> CandidateBatch:
+        return self.features.candidate_batch(
+            [list(user.events.history)], [list(user.events.queries)], [user.demographics]
+        )
+
     def recommend(self, req: RecommendRequest, ctx: UserContext | None = None) -> Response:
         """The top `req.k` items for a request (see the module docstring for the stages).
 
@@ -574,9 +613,7 @@ class Recommender:
             watched = np.unique(history) if req.exclude_watched else None
         # The candidate model's input (also the user's region and device vocabulary ids,
         # which the ranker reads too): the same transforms as the training examples'.
-        cand_batch = self.features.candidate_batch(
-            [list(user.events.history)], [list(user.events.queries)], [user.demographics]
-        )
+        cand_batch = self._candidate_input(user)
         region, device = int(cand_batch.region[0]), int(cand_batch.device[0])
         timings["context"] = _ms(t)
         nominated: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from funnelrec.data.dataset import Dataset
+from funnelrec.errors import FunnelrecError
 from funnelrec.features import Features, FeaturesConfig
 from funnelrec.features.build import build_features
 from funnelrec.features.loader import read_examples, read_requests
@@ -251,3 +252,63 @@ def test_items_from_table_index_by_item_id(tmp_path: Path) -> None:
     assert items.topic is not None and items.topic.to_pylist() == [None, "news", None, "cats"]
     local = items.local(np.array([3]))
     assert local.n == 1 and local.channel is not None and local.channel.tolist() == [0, 7]
+
+
+def _nan_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    assert a is not None and b is not None
+    return bool(np.array_equal(a, b, equal_nan=True))
+
+
+def test_extended_items_equal_the_items_of_the_whole_table() -> None:
+    whole = pa.table(
+        {
+            "item_id": [1, 2, 3, 5, 6, 8],
+            "upload_ts": [10, None, 30, 50, 60, 80],
+            "duration_s": [1.5, 2.5, None, 5.5, 6.5, 8.5],
+            "channel_id": [7, 7, None, 9, 7, 11],
+            "topic": ["cats", None, "news", "news", "sport", "cars"],
+        }
+    )
+    base = ServingItems.from_table(whole.slice(0, 3))
+    once = base.extended(whole.slice(3, 2))  # item 4 is a gap
+    twice = once.extended(whole.slice(5))  # a new topic and a new channel
+    expected = ServingItems.from_table(whole)
+    for got in (twice, twice.extended(whole.slice(0, 0))):
+        assert got.num_items == 8 and got.known.tolist() == expected.known.tolist()
+        assert got.watches.tolist() == expected.watches.tolist()
+        for name in ("upload_ts", "duration", "channel", "topic_code"):
+            assert _nan_equal(getattr(got, name), getattr(expected, name)), name
+        assert got.topic is not None and expected.topic is not None
+        assert got.topic.to_pylist() == expected.topic.to_pylist()
+    local = twice.local(np.array([2, 6, 8]))
+    assert local.topic is not None and local.topic.to_pylist() == [None, None, "sport", "cars"]
+    # An older view extended again copies: what the newer view holds never changes.
+    other = once.extended(pa.table({"item_id": [7], "channel_id": [99], "topic": ["x"]}))
+    assert other.channel is not None and other.channel.tolist()[-1] == 99
+    assert twice.channel is not None and twice.channel.tolist() == expected.channel.tolist()
+    assert once.num_items == 6 and base.num_items == 3
+    with pytest.raises(FunnelrecError, match="item id 8 is already in the corpus"):
+        twice.extended(whole.slice(5))
+
+
+def test_a_featurizer_over_extended_items_equals_one_over_the_whole_catalogue(
+    world: dict[str, tuple[Dataset, Features]],
+) -> None:
+    ds, feats = world["plain"]
+    table = ds.table("items").sort_by("item_id")
+    n = table.num_rows
+    start = RankingFeaturizer(feats, ServingItems.from_table(table.slice(0, n - 40)))
+    grown = start.with_items(start.items.extended(table.slice(n - 40, 25)))
+    grown = grown.with_items(grown.items.extended(table.slice(n - 15)))
+    whole = RankingFeaturizer(feats, ServingItems.from_table(table))
+    assert grown._columns is not None and whole._columns is not None
+    for name in ("rank_id", "channel_id", "topic_id", "channel_key", "topic_key"):
+        assert _nan_equal(getattr(grown._columns, name), getattr(whole._columns, name)), name
+    events = UserEvents(history=[1, 2], history_ts=[100, 200], shown={n: 1}, shown_ts={n: 150})
+    cands = np.array([3, n - 30, n - 1, n])
+    a = grown.batch(events, candidates=cands, ts=300, region=1, device=1)
+    b = whole.batch(events, candidates=cands, ts=300, region=1, device=1)
+    assert a.categorical.keys() == b.categorical.keys()
+    for name in a.categorical:
+        assert torch.equal(a.categorical[name], b.categorical[name]), name
+    assert torch.equal(a.dense, b.dense)

@@ -229,3 +229,43 @@ def test_ids_reserved_by_the_daily_merge_are_not_given_to_new_items(tmp_path: Pa
     store.reserve_item_ids(1020)  # never lowered
     y, _ = store.add_item(AddedItem(0, "y", 3, None, "b", 100, 1.0), first_id=1002)
     assert y.item_id == 1051
+
+
+def test_a_request_during_an_addition_waits_for_the_item(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another request that sees the item stored while it is being added to the catalogue
+    waits for the addition, and never answers as if the item were not there."""
+    import threading
+
+    from funnelrec.features.serving import ServingItems
+    from funnelrec.serving.state import AddedItem
+
+    app = create_app(world / "art", state_path=tmp_path / "state.db", serving=FRESH_ONLY)
+    with TestClient(app):
+        service = app.state.service
+        entered, release = threading.Event(), threading.Event()
+        extended = ServingItems.extended
+
+        def held(self: ServingItems, extra: Any) -> ServingItems:
+            entered.set()
+            assert release.wait(30)
+            return extended(self, extra)
+
+        monkeypatch.setattr(ServingItems, "extended", held)
+        first = service.recommender.items.num_items + 1
+        item, _ = service.store.add_item(AddedItem(0, "held", 1, None, "t", 1, 1.0), first)
+        seen: dict[str, bool] = {}
+        adding = threading.Thread(target=service.sync_items)
+        adding.start()
+        assert entered.wait(30)
+        asking = threading.Thread(
+            target=lambda: seen.update(known=service.sync_items().has_item(item.item_id))
+        )
+        asking.start()
+        asking.join(0.3)
+        assert asking.is_alive() and not seen  # waiting for the addition
+        release.set()
+        adding.join(30)
+        asking.join(30)
+        assert seen == {"known": True}

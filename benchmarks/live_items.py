@@ -36,9 +36,14 @@ How:
 5. Retrievable: every --sample-every-th item added is a copy of the content (channel,
    topic, title, upload time, duration) of a packaged item outside the model's item
    vocabulary. Such an item's vector is its content vector alone, so the copy gets the
-   very vector, and score, of the original. Before the phases, probe users are found for
-   whom the original is among the deep source's candidates (POST /v1/recommend, k=1000:
-   every candidate comes back, with the sources that nominated it). Right after the copy
+   very vector, and score, of the original. Before the phases, probe pairs are found: a
+   user and an original whose deep score for the user (the user vector computed here by
+   the served model, `Recommender.user_vector`, from the state the service seeds) would
+   place it in the top three quarters of the user's deep candidates as the service
+   answers them (POST /v1/recommend, k=1000: every candidate comes back, with the sources
+   that nominated it and their scores). (The original itself may come back with a higher
+   score, from a synthetic row of the grown index that answers it, so its presence alone
+   says nothing of its own vector's place.) Right after the copy
    is acknowledged, the adder asks for that user's recommendations (k=1000, each poll on
    a new connection, so on whichever worker the kernel gives it) until the copy is among
    the candidates the deep source nominated: acknowledgement-to-retrievable is the time
@@ -235,25 +240,51 @@ def out_of_vocabulary(art: Path) -> np.ndarray:
     return ids[np.asarray(vocab.lookup(ids)) == 0]
 
 
-def find_probes(url: str, art: Path, users: list[int], want: int) -> list[dict[str, Any]]:
-    """Up to `want` (item, user) pairs, distinct items outside the vocabulary, each among
-    the deep source's candidates for its user, best placed first."""
+def find_probes(
+    url: str, art: Path, users: list[int], want: int, state: Path
+) -> list[dict[str, Any]]:
+    """Up to `want` (item, user) pairs, distinct packaged items outside the vocabulary,
+    each with a deep score for its user (the user vector, computed here by the served
+    model from the state the service seeds, dot the item's vector, which a copy of its
+    content gets) inside the top three quarters of the user's deep candidates as the
+    service answers them: a copy of the item is then among those candidates exactly when
+    the deep source can retrieve it. Best placed first."""
     import httpx
 
-    oov = set(out_of_vocabulary(art).tolist())
+    from funnelrec.candidates import load_item_embeddings
+    from funnelrec.serving.recommender import Recommender, RecommendRequest
+    from funnelrec.serving.state import UserStateStore
+
+    rec = Recommender.load(art)
+    store = UserStateStore(state)
+    rec.seed_state(store)
+    emb, ids = load_item_embeddings(art / "candidates")
+    oov = np.isin(ids.numpy(), out_of_vocabulary(art))
+    vectors, items = emb.float().numpy()[oov], ids.numpy()[oov].astype(np.int64)
+    deep_k = rec.config.deep_k
     best: dict[int, dict[str, Any]] = {}
     with httpx.Client(base_url=url, timeout=60) as client:
         for user in users:
             r = client.post("/v1/recommend", json={"user_id": user, "k": 1000})
             r.raise_for_status()
-            deep = [it for it in r.json()["items"] if "deep" in it["sources"]]
-            deep.sort(key=lambda it: -it["sources"]["deep"])
-            for rank, it in enumerate(deep):
-                item = int(it["item_id"])
-                if item in oov and (item not in best or rank < best[item]["deep_rank"]):
-                    best[item] = {"item": item, "user": user, "deep_rank": rank}
+            deep = sorted(
+                (it["sources"]["deep"] for it in r.json()["items"] if "deep" in it["sources"]),
+                reverse=True,
+            )
+            u = rec.user_vector(RecommendRequest(user_id=user, k=10), store.context(user))
+            if len(deep) < deep_k or u is None:
+                continue  # no full candidate list to place an item in
+            threshold = deep[(3 * deep_k) // 4]
+            scores = vectors @ u
+            for j in np.argsort(-scores)[:20].tolist():
+                score, item = float(scores[j]), int(items[j])
+                rank = sum(1 for d in deep if d > score)
+                if score > threshold and (item not in best or rank < best[item]["deep_rank"]):
+                    best[item] = {"item": item, "user": user, "deep_rank": rank, "score": score}
+                    break
             if len(best) >= want:
                 break
+    store.close()
     return sorted(best.values(), key=lambda p: (p["deep_rank"], p["item"]))[:want]
 
 
@@ -374,15 +405,20 @@ def _poll(
         polls += 1
         r = httpx.post(f"{url}/v1/recommend", json=body, timeout=60)  # a new connection
         got = time.perf_counter()
-        if r.status_code == 200 and any(
-            it["item_id"] == item and "deep" in it["sources"] for it in r.json()["items"]
-        ):
+        found = [
+            it["sources"]["deep"]
+            for it in (r.json()["items"] if r.status_code == 200 else [])
+            if it["item_id"] == item and "deep" in it["sources"]
+        ]
+        if found:
             return {
                 "item_id": item,
                 "copy_of": probe["item"],
                 "user": probe["user"],
                 "polls": polls,
                 "ack_to_retrievable_s": got - acked,
+                # the service's deep score of the copy, less the one the probe expected
+                "score_error": found[0] - probe["score"],
             }
     return {
         "item_id": item,
@@ -446,8 +482,9 @@ def retrievable_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "for every sampled item (a copy of the content of a packaged item outside the "
             "item vocabulary, so of its vector), the time from reading the POST /v1/items "
             "answer to reading the first POST /v1/recommend answer (k=1000, the probe "
-            "user for whom the original is a deep candidate, each poll on a new connection) "
-            "that holds the item among the candidates the deep source nominated"
+            "user, for whom the item's deep score places it in the top three quarters of "
+            "the deep candidates, each poll on a new connection) that holds the item among "
+            "the candidates the deep source nominated"
         ),
         "samples": len(samples),
         "found": len(secs),
@@ -456,6 +493,9 @@ def retrievable_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
             / max(1, len(samples))
         ),
     }
+    errors = [abs(s["score_error"]) for s in samples if "score_error" in s]
+    if errors:
+        out["max_abs_score_error"] = max(errors)  # the probe's score against the service's
     if secs:
         v = np.asarray(secs)
         out.update(
@@ -573,7 +613,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             users = bench._users(art, 5000, args.seed + 7)
             want = -(-args.items // args.sample_every)
             probes = find_probes(
-                server.url, art, bench._users(art, args.probe_users, args.seed + 11), want
+                server.url,
+                art,
+                bench._users(art, args.probe_users, args.seed + 11),
+                want,
+                tmp / "probe-state.db",
             )
             if not probes:
                 raise RuntimeError("no packaged item outside the vocabulary is a deep candidate")

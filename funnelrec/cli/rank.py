@@ -105,7 +105,9 @@ def print_metrics(result: Mapping[str, Any]) -> None:
 
 
 def train_command(
-    features: Path = typer.Option(..., "--features", "-f", help="Features directory."),
+    features: str = typer.Option(
+        ..., "--features", "-f", help="Features directory: a path or a URI (s3://, gs://, ...)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to create."),
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint.pt."),

@@ -174,6 +174,16 @@ def test_train_candidates_reads_features_on_memory(world, tmp_path):
     assert (art / "config.json").is_file()
 
 
+def test_train_ranker_reads_features_on_memory(world, tmp_path):
+    _, remote = world
+    out = build_features(remote, _memory("feat"), config=CFG, progress=False)
+    art = tmp_path / "ranker"
+    args = ["train", "ranker", "-f", out, "-o", str(art), "model.tower=8", "train.epochs=1"]
+    res = CliRunner().invoke(app, [*args, "train.threads=1"])
+    assert res.exit_code == 0, res.output
+    assert (art / "config.json").is_file()
+
+
 def test_a_copy_of_the_features_sent_to_a_worker_leaves_the_local_files(world):
     _, remote = world
     feats = Features.open(build_features(remote, _memory("feat"), config=CFG, progress=False))

@@ -30,20 +30,19 @@ How:
    one keep-alive connection each) for --quiet-seconds. Phase "adding": the same clients,
    on the same users, for as long as one more client (a process of its own, `--adder`)
    takes to POST --items new items in --streams streams (each item acknowledged before
-   its stream's next; the rate is recorded). Both
+   its stream's next; the rate is recorded), as fast as they are acknowledged or, with
+   --rate R, item i sent no sooner than i / R seconds after the first. Both
    phases run in chunks of --chunk-seconds, so that the adding phase ends when the adding
    does; the quiet one is chunked alike.
 5. Retrievable: every --sample-every-th item added is a copy of the content (channel,
-   topic, title, upload time, duration) of a packaged item outside the model's item
-   vocabulary. Such an item's vector is its content vector alone, so the copy gets the
-   very vector, and score, of the original. Before the phases, probe pairs are found: a
-   user and an original whose deep score for the user (the user vector computed here by
-   the served model, `Recommender.user_vector`, from the state the service seeds) would
-   place it in the top three quarters of the user's deep candidates as the service
-   answers them (POST /v1/recommend, k=1000: every candidate comes back, with the sources
-   that nominated it and their scores). (The original itself may come back with a higher
-   score, from a synthetic row of the grown index that answers it, so its presence alone
-   says nothing of its own vector's place.) Right after the copy
+   topic, title, upload time, duration) of a packaged item. A new item's vector is its
+   content vector alone, so the copy's vector, and its deep score for a user, can be
+   computed beforehand, as the service will compute them (`Recommender` loaded here,
+   its content tower, and `Recommender.user_vector` from the state the service seeds).
+   Before the phases, probe pairs are found: a user and an item whose copy's deep score
+   would place it in the top three quarters of the user's deep candidates as the
+   service answers them (POST /v1/recommend, k=1000: every candidate comes back, with
+   the sources that nominated it and their scores), each item once. Right after the copy
    is acknowledged, the adder asks for that user's recommendations (k=1000, each poll on
    a new connection, so on whichever worker the kernel gives it) until the copy is among
    the candidates the deep source nominated: acknowledgement-to-retrievable is the time
@@ -229,38 +228,34 @@ def check_content_model(art: Path) -> None:
 # --------------------------------------------------------------------------- the items
 
 
-def out_of_vocabulary(art: Path) -> np.ndarray:
-    """Packaged item ids outside the candidate model's item vocabulary: their vector is
-    their content vector alone."""
-    from funnelrec.features.reader import Features
-
-    items = pq.read_table(art / "items.parquet", columns=["item_id"])
-    ids = items.column("item_id").to_numpy().astype(np.int64)
-    vocab = Features.open(art / "features").vocab("item")
-    return ids[np.asarray(vocab.lookup(ids)) == 0]
-
-
 def find_probes(
     url: str, art: Path, users: list[int], want: int, state: Path
 ) -> list[dict[str, Any]]:
-    """Up to `want` (item, user) pairs, distinct packaged items outside the vocabulary,
-    each with a deep score for its user (the user vector, computed here by the served
-    model from the state the service seeds, dot the item's vector, which a copy of its
-    content gets) inside the top three quarters of the user's deep candidates as the
-    service answers them: a copy of the item is then among those candidates exactly when
-    the deep source can retrieve it. Best placed first."""
+    """Up to `want` (item, user) pairs, distinct packaged items, each one whose copy (its
+    content, added as a new item: the content vector alone, which the served model
+    computes here as the service will) has a deep score for its user (the user vector,
+    computed here by the served model from the state the service seeds) inside the top
+    three quarters of the user's deep candidates as the service answers them: the copy
+    is then among those candidates exactly when the deep source can retrieve it. Best
+    placed first."""
     import httpx
+    import pyarrow.compute as pc
+    import torch
 
-    from funnelrec.candidates import load_item_embeddings
     from funnelrec.serving.recommender import Recommender, RecommendRequest
     from funnelrec.serving.state import UserStateStore
 
     rec = Recommender.load(art)
     store = UserStateStore(state)
     rec.seed_state(store)
-    emb, ids = load_item_embeddings(art / "candidates")
-    oov = np.isin(ids.numpy(), out_of_vocabulary(art))
-    vectors, items = emb.float().numpy()[oov], ids.numpy()[oov].astype(np.int64)
+    catalogue = pq.read_table(art / "items.parquet")
+    catalogue = catalogue.select(
+        [c for c in ("item_id", *FIELDS) if c in catalogue.column_names]
+    ).filter(pc.is_valid(catalogue["title"]))
+    content = rec.features.encode_item_content(catalogue)
+    with torch.no_grad():
+        vectors = rec.candidate_model.content_embeddings(content.content()).float().numpy()
+    items = np.asarray(content.item_id, dtype=np.int64)
     deep_k = rec.config.deep_k
     best: dict[int, dict[str, Any]] = {}
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -276,10 +271,13 @@ def find_probes(
                 continue  # no full candidate list to place an item in
             threshold = deep[(3 * deep_k) // 4]
             scores = vectors @ u
-            for j in np.argsort(-scores)[:20].tolist():
+            # the user's best item not yet a probe: as many distinct originals as users
+            for j in np.argsort(-scores)[:50].tolist():
                 score, item = float(scores[j]), int(items[j])
-                rank = sum(1 for d in deep if d > score)
-                if score > threshold and (item not in best or rank < best[item]["deep_rank"]):
+                if score <= threshold:
+                    break
+                if item not in best:
+                    rank = sum(1 for d in deep if d > score)
                     best[item] = {"item": item, "user": user, "deep_rank": rank, "score": score}
                     break
             if len(best) >= want:
@@ -333,7 +331,7 @@ def adder(spec_file: Path, out_file: Path) -> None:
     sys.stdin.readline()
     cpu0, start = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
-        parts = list(pool.map(lambda s: _add_stream(spec, s, streams), range(streams)))
+        parts = list(pool.map(lambda s: _add_stream(spec, s, streams, start), range(streams)))
     elapsed = time.perf_counter() - start
     ack_ms = [x for p in parts for x in p["ack_ms"]]
     errors = [x for p in parts for x in p["errors"]]
@@ -357,8 +355,9 @@ def adder(spec_file: Path, out_file: Path) -> None:
     tmp.replace(out_file)
 
 
-def _add_stream(spec: dict[str, Any], stream: int, streams: int) -> dict[str, Any]:
-    """One stream of the adder: bodies stream, stream + streams, ..."""
+def _add_stream(spec: dict[str, Any], stream: int, streams: int, start: float) -> dict[str, Any]:
+    """One stream of the adder: bodies stream, stream + streams, ... (with a rate, body i
+    no sooner than i / rate seconds after `start`)."""
     import httpx
 
     url, bodies = spec["url"], spec["bodies"]
@@ -369,6 +368,8 @@ def _add_stream(spec: dict[str, Any], stream: int, streams: int) -> dict[str, An
     measured: list[dict[str, Any]] = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for i in range(stream, len(bodies), streams):
+            if spec.get("rate"):
+                time.sleep(max(0.0, start + i / spec["rate"] - time.perf_counter()))
             t = time.perf_counter()
             try:
                 r = client.post("/v1/items", json=bodies[i])
@@ -479,8 +480,8 @@ def retrievable_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     secs = [s["ack_to_retrievable_s"] for s in samples if s["ack_to_retrievable_s"] is not None]
     out: dict[str, Any] = {
         "measured": (
-            "for every sampled item (a copy of the content of a packaged item outside the "
-            "item vocabulary, so of its vector), the time from reading the POST /v1/items "
+            "for every sampled item (a copy of the content of a packaged item, whose "
+            "content vector is computed beforehand), the time from reading the POST /v1/items "
             "answer to reading the first POST /v1/recommend answer (k=1000, the probe "
             "user, for whom the item's deep score places it in the top three quarters of "
             "the deep candidates, each poll on a new connection) that holds the item among "
@@ -565,7 +566,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients,
         "k": args.k,
         "items": args.items,
-        "adding": f"{args.streams} stream(s), each acknowledging an item before its next",
+        "adding": f"{args.streams} stream(s), each acknowledging an item before its next"
+        + (f", at most {args.rate:g} items/s in all" if args.rate else ""),
         "sample_every": args.sample_every,
         "quiet_seconds": args.quiet_seconds,
         "chunk_seconds": args.chunk_seconds,
@@ -631,6 +633,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "url": server.url,
                 "bodies": bodies,
                 "streams": args.streams,
+                "rate": args.rate,
                 "samples": {str(i): p for i, p in samples.items()},
                 "poll_timeout_s": args.poll_timeout,
             }
@@ -768,6 +771,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/live_items"), help="cache folder")
     ap.add_argument("--items", type=int, default=GOAL_ITEMS, help="items to add [10000]")
     ap.add_argument("--streams", type=int, default=1, help="concurrent adding streams [1]")
+    ap.add_argument(
+        "--rate", type=float, default=None, help="items per second at most [as acknowledged]"
+    )
     ap.add_argument("--sample-every", type=int, default=100, help="retrievability sample [100]")
     ap.add_argument("--clients", type=int, default=GOAL_CLIENTS, help="recommend clients [8]")
     ap.add_argument("--workers", type=int, default=2, help="server worker processes [2]")

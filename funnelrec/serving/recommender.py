@@ -223,6 +223,18 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def top_k_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best of `ids` [n] by `scores` [n], best first, ties by smaller id: the first
+    k of a full sort, in time linear in n (the rows at or above the k-th score alone are
+    sorted)."""
+    if len(scores) > k:
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        top = scores >= kth
+        ids, scores = ids[top], scores[top]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
+
+
 @dataclass(frozen=True)
 class _Live:
     """The catalogue a request is served from, swapped whole when items are added:
@@ -510,8 +522,7 @@ class Recommender:
         if exclude is not None:
             keep = ~_in_sorted(ids, exclude)
             ids, scores = ids[keep], scores[keep]
-        order = np.lexsort((ids, -scores))[:k]
-        return ids[order], scores[order]
+        return top_k_by_score(ids, scores, k)
 
     # ---------------------------------------------------------------- lookups
 

@@ -192,11 +192,6 @@ def _external_id(value: Any) -> str | int:
 
 
 CLOCK_SKEW_S = 300  # how far in the future an upload time may be (the sender's clock)
-# How often a recommendation looks for items added by other workers: under a stream of
-# additions each look finds a few items instead of one, and the catalogue work is per look
-# (any other request, and one naming an item this worker does not know yet, looks first).
-ITEMS_SYNC_S = 0.1
-_clock = time.monotonic  # the interval's clock (a test sets its own)
 
 
 class ItemBody(_Strict):
@@ -424,7 +419,6 @@ class ServiceState:
         self.recommender.seed_state(store)
         self._reload_lock = threading.Lock()
         self._items_lock = threading.Lock()
-        self._synced_at = -float("inf")  # when this worker last looked for items (`_clock`)
         self._take_added_items(self.recommender)
         release_unused_memory()  # what loading (and seeding) freed
 
@@ -432,16 +426,10 @@ class ServiceState:
         """Add the stored added items to `rec`'s catalogue (those it lacks)."""
         rec.add_items(self.store.added_items(rec.added_through))
 
-    def sync_items(self, *, lazy: bool = False) -> Recommender:
+    def sync_items(self) -> Recommender:
         """The recommender, with every item added to the store so far, by any process:
-        one max(item_id) query when nothing is new. `lazy`: without looking, where this
-        worker looked less than ITEMS_SYNC_S ago (a recommendation may miss an item added
-        by another worker that long)."""
+        one max(item_id) query when nothing is new (every request of a worker asks)."""
         rec = self.recommender
-        now = _clock()
-        if lazy and now - self._synced_at < ITEMS_SYNC_S:
-            return rec
-        self._synced_at = now
         if self.store.last_added_item() > rec.added_through:
             with self._items_lock:
                 rec = self.recommender
@@ -673,9 +661,7 @@ def create_app(
         return await anyio.to_thread.run_sync(_recommend, body, limiter=compute)
 
     def _recommend(body: RecommendBody) -> Response:
-        rec = service.sync_items(lazy=True)  # one reference for the whole request
-        if body.history is not None and not all(rec.has_item(x) for x in body.history):
-            rec = service.sync_items()  # an item just added on another worker, maybe
+        rec = service.sync_items()  # one reference for the whole request
         if body.history is not None:
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
             if unknown:

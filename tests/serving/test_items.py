@@ -269,30 +269,3 @@ def test_a_request_during_an_addition_waits_for_the_item(
         adding.join(30)
         asking.join(30)
         assert seen == {"known": True}
-
-
-def test_recommendations_look_for_other_workers_items_at_most_every_interval(
-    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An item another worker stored reaches this worker's recommendations by the next
-    look (ITEMS_SYNC_S apart), and at once where a request names it."""
-    from funnelrec.serving import http
-    from funnelrec.serving.state import AddedItem
-
-    clock = [1000.0]
-    monkeypatch.setattr(http, "_clock", lambda: clock[0])
-    app = create_app(world / "art", state_path=tmp_path / "state.db", serving=FRESH_ONLY)
-    with TestClient(app) as c:
-        service = app.state.service
-        service.sync_items()  # looked at t = 1000
-        first = service.recommender.items.num_items + 1
-        item, _ = service.store.add_item(AddedItem(0, "other", 1, None, "t", 1, 1.0), first)
-        assert not service.sync_items(lazy=True).has_item(item.item_id)  # within the interval
-        got = c.post("/v1/recommend", json={"history": [item.item_id], "k": 5})
-        assert got.status_code == 200, got.json()  # named: looked for at once
-        other, _ = service.store.add_item(AddedItem(0, "later", 1, None, "t", 1, 1.0), first)
-        clock[0] += http.ITEMS_SYNC_S / 2
-        assert not service.sync_items(lazy=True).has_item(other.item_id)
-        clock[0] += http.ITEMS_SYNC_S
-        assert service.sync_items(lazy=True).has_item(other.item_id)
-        assert c.get(f"/v1/items/{other.item_id}").status_code == 200

@@ -41,12 +41,13 @@ import os
 import platform
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
+
+from packaging.requirements import Requirement
 
 HERE = Path(__file__).resolve().parent
 # A script's folder comes first on sys.path, and benchmarks/distributed.py would stand in
@@ -249,13 +250,10 @@ def _installed_mib(dist: str, seen: set[str] | None = None) -> float:
     except importlib.metadata.PackageNotFoundError:
         return 0.0
     size = sum((f.size or 0) for f in (d.files or []))
-    for req in d.requires or []:
-        if "extra ==" in req:
-            continue
-        name = req.split(";")[0].split("[")[0].split("(")[0]
-        for sep in "<>=!~ ":
-            name = name.split(sep)[0]
-        size += _installed_mib(name.strip(), seen) * (1 << 20)
+    for text in d.requires or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):  # extras left out
+            size += _installed_mib(req.name, seen) * (1 << 20)
     return size / (1 << 20)
 
 
@@ -334,7 +332,6 @@ def build(kind: str, workers: int, data: Path, out: Path, block_events: int) -> 
         "driver_cpu_s": round(time.process_time() - cpu1, 2),
         "load_average_before": load,
         "load_average_after": os.getloadavg(),
-        "threads_left": threading.active_count(),
     }
 
 

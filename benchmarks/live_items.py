@@ -438,9 +438,7 @@ def phase(
 ) -> dict[str, Any]:
     """The clients in chunks of `chunk_s` until `done(elapsed)`: latencies of all chunks,
     errors, and where the CPU went (the server, this client, everything else)."""
-    load_before = os.getloadavg()
-    cpu, client_cpu = bench._tree_cpu_seconds(server.proc.pid), time.process_time()
-    busy = bench._machine_busy_seconds()
+    usage = bench.Usage(server)
     lat: list[float] = []
     errors: list[str] = []
     chunks: list[list[float]] = []  # [seconds from the start, requests, p50, p99] per chunk
@@ -456,22 +454,11 @@ def phase(
         if done(time.perf_counter() - start):
             break
     elapsed = time.perf_counter() - start
-    cpu = bench._tree_cpu_seconds(server.proc.pid) - cpu
-    client_cpu = time.process_time() - client_cpu
-    busy = bench._machine_busy_seconds() - busy
+    figures, _, client_cpu = usage.report(lat, errors, elapsed)
     return {
-        "seconds": elapsed,
+        **figures,
         "clients": clients,
-        "completed": len(lat),
-        "errors": len(errors),
-        "error_kinds": sorted(set(errors)),
-        "throughput_rps": len(lat) / elapsed,
-        "latency_ms": bench._pct(lat) if lat else {},
-        "server_cores_busy": cpu / elapsed,
         "client_cores_busy": client_cpu / elapsed,
-        "other_cores_busy": max(0.0, busy - cpu - client_cpu) / elapsed,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
         "chunks": {"columns": ["end_s", "requests", "p50_ms", "p99_ms"], "rows": chunks},
     }
 

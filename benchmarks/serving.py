@@ -371,31 +371,50 @@ async def _load(port: int, users: list[int], concurrency: int, seconds: float, k
     return lat, errors, time.perf_counter() - start
 
 
+class Usage:
+    """Where the machine's CPU goes during a load run: the server's process tree, this
+    client process, everything else; started at construction, read by `report`."""
+
+    def __init__(self, server: Server) -> None:
+        self.pid = server.proc.pid
+        self.load_before = os.getloadavg()
+        self.cpu, self.client_cpu = _tree_cpu_seconds(self.pid), time.process_time()
+        self.busy = _machine_busy_seconds()
+
+    def report(
+        self, lat: list[float], errors: list[str], elapsed: float
+    ) -> tuple[dict[str, Any], float, float]:
+        """(the run's figures, server CPU seconds, client CPU seconds) since the start."""
+        cpu = _tree_cpu_seconds(self.pid) - self.cpu
+        client_cpu = time.process_time() - self.client_cpu
+        busy = _machine_busy_seconds() - self.busy
+        figures = {
+            "seconds": elapsed,
+            "completed": len(lat),
+            "errors": len(errors),
+            "error_kinds": sorted(set(errors)),
+            "throughput_rps": len(lat) / elapsed,
+            "latency_ms": _pct(lat) if lat else {},
+            "server_cores_busy": cpu / elapsed,
+            "other_cores_busy": max(0.0, busy - cpu - client_cpu) / elapsed,
+            "load_average_before": self.load_before,
+            "load_average_after": os.getloadavg(),
+        }
+        return figures, cpu, client_cpu
+
+
 def load_run(server: Server, users: list[int], concurrency: int, seconds: float, k: int) -> dict:
     """`concurrency` clients for `seconds`: throughput, latency percentiles, errors, and
     where the machine's CPU went (this server, the client, everything else)."""
-    load_before = os.getloadavg()
-    cpu, client_cpu = _tree_cpu_seconds(server.proc.pid), time.process_time()
-    busy = _machine_busy_seconds()
+    usage = Usage(server)
     lat, errors, elapsed = asyncio.run(_load(server.port, users, concurrency, seconds, k))
-    cpu = _tree_cpu_seconds(server.proc.pid) - cpu
-    client_cpu = time.process_time() - client_cpu
-    busy = _machine_busy_seconds() - busy
+    figures, cpu, client_cpu = usage.report(lat, errors, elapsed)
     done = max(1, len(lat))
     return {
-        "server_cores_busy": cpu / elapsed,
+        **figures,
         "server_cpu_ms_per_request": cpu * 1000.0 / done,
         "client_cpu_ms_per_request": client_cpu * 1000.0 / done,
-        "other_cores_busy": max(0.0, busy - cpu - client_cpu) / elapsed,
         "concurrency": concurrency,
-        "seconds": elapsed,
-        "completed": len(lat),
-        "errors": len(errors),
-        "error_kinds": sorted(set(errors)),
-        "throughput_rps": len(lat) / elapsed,
-        "latency_ms": _pct(lat) if lat else {},
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
     }
 
 

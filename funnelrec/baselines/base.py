@@ -130,15 +130,20 @@ def _top_of(
         _check_ids(ex, num_items, "exclude")
         s[ex] = -np.inf
     ok = np.flatnonzero(s > floor)
-    if ok.size > k:
-        # the k-th best score; take everything above it, then the smallest ids among ties
-        kth = np.partition(s[ok], ok.size - k)[ok.size - k]
-        above = ok[s[ok] > kth]
-        tied = ok[s[ok] == kth][: k - above.size]
-        ok = np.concatenate([above, tied])
-    order = np.lexsort((ok, -s[ok]))
-    ids = ok[order]
-    return ids.astype(np.int64), s[ids].astype(np.float32)
+    ids, scores = top_k_by_score(ok, s[ok], k)
+    return ids.astype(np.int64), scores.astype(np.float32)
+
+
+def top_k_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best of `ids` [n] by `scores` [n], best first, ties by smaller id: the first
+    k of a full sort, in time linear in n (the rows at or above the k-th score alone are
+    sorted)."""
+    if len(scores) > k:
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        top = scores >= kth
+        ids, scores = ids[top], scores[top]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
 
 
 def _with_padding_column(scores: np.ndarray) -> np.ndarray:

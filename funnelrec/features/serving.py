@@ -168,8 +168,12 @@ class ServingItems:
                 f"item id {int(ids.min())} is already in the corpus (ids up to {self.num_items})"
             )
         n = int(ids.max())
-        grow = self._growth if self._growth is not None and self._growth.holds(self) else None
-        grow = grow if grow is not None else GrowingColumns.of(self)
+        grow = self._growth
+        if grow is None or not grow.holds(self):
+            grow = GrowingColumns.of(self, _GROWN_ITEM_COLUMNS)
+            if self.topic is not None:
+                assert self.topic_code is not None  # from_table sets both
+                grow.start_topics(self.topic, self.topic_code)
         local = ids - self.num_items - 1  # rows of the added range, 0-based
 
         def rows(name: str, fill: Any, values: np.ndarray | None) -> np.ndarray | None:
@@ -240,6 +244,10 @@ class ServingItems:
         )
 
 
+# The ServingItems arrays that `ServingItems.extended` grows in place.
+_GROWN_ITEM_COLUMNS = ("known", "upload_ts", "duration", "channel", "topic_code", "watches")
+
+
 class GrowingColumns:
     """The buffers behind a chain of `ServingItems.extended` (and of `_ItemColumns`'
     extensions): per column, an array with room past the rows handed out (`used`). Rows
@@ -254,31 +262,28 @@ class GrowingColumns:
         self._topic_codes: dict[str | None, int] = {}
 
     @classmethod
-    def of(cls, items: ServingItems) -> GrowingColumns:
-        """Buffers holding copies of `items`' columns (with room for more)."""
+    def of(cls, source: object, names: Sequence[str]) -> GrowingColumns:
+        """Buffers holding copies of the array attributes `names` of `source` that are
+        not None (with room for more)."""
         g = cls()
-        for name in ("known", "upload_ts", "duration", "channel", "topic_code", "watches"):
-            a = getattr(items, name)
+        for name in names:
+            a = getattr(source, name)
             if a is not None:
                 g.add(name, a)
-        if items.topic is not None:
-            topic = items.topic
-            g._topics = list(topic.chunks) if isinstance(topic, pa.ChunkedArray) else [topic]
-            assert items.topic_code is not None  # from_table sets both
-            codes, first = np.unique(items.topic_code, return_index=True)
-            names = topic.take(pa.array(first)).to_pylist()
-            g._topic_codes = dict(zip(names, codes.tolist(), strict=True))
-            g._topic_codes[None] = 0
         return g
 
-    def holds(self, items: ServingItems) -> bool:
-        """Whether `items` is the newest view of these buffers (its extension may write
-        in place)."""
-        return all(
-            getattr(items, name) is not None and len(getattr(items, name)) == used
-            for name, used in self.used.items()
-            if name in ("known", "upload_ts", "duration", "channel", "topic_code", "watches")
-        )
+    def holds(self, source: object) -> bool:
+        """Whether `source`'s arrays are the newest views of these buffers (its
+        extension may write in place)."""
+        return all(len(getattr(source, name)) == used for name, used in self.used.items())
+
+    def start_topics(self, topic: pa.Array | pa.ChunkedArray, codes: np.ndarray) -> None:
+        """Start the topic strings and their dense codes from `topic` and its `codes`."""
+        self._topics = list(topic.chunks) if isinstance(topic, pa.ChunkedArray) else [topic]
+        unique, first = np.unique(codes, return_index=True)
+        names = topic.take(pa.array(first)).to_pylist()
+        self._topic_codes = dict(zip(names, unique.tolist(), strict=True))
+        self._topic_codes[None] = 0
 
     def add(self, name: str, a: np.ndarray) -> None:
         """Start buffer `name` from `a`'s values (rows along the first axis)."""
@@ -873,12 +878,8 @@ class _ItemColumns:
         they cover: the new items' ids looked up alone (see `ServingItems.extended`)."""
         items = f.items
         grow = self._growth
-        if grow is None or grow.used.get("rank_id") != len(self.rank_id):
-            grow = GrowingColumns()
-            for name in ("rank_id", "channel_id", "topic_id"):
-                a = getattr(self, name)
-                if a is not None:
-                    grow.add(name, a)
+        if grow is None or not grow.holds(self):
+            grow = GrowingColumns.of(self, ("rank_id", "channel_id", "topic_id"))
         new = np.arange(old + 1, items.num_items + 1, dtype=np.int64)
         channel_id = topic_id = None
         if self.channel_id is not None:
@@ -891,7 +892,7 @@ class _ItemColumns:
             topics = items.topic.slice(old + 1)
             ids = f.topic.lookup(topics).astype(np.int64)
             topic_id = grow.append("topic_id", ids)
-        out = _ItemColumns(
+        return _ItemColumns(
             rank_id=grow.append("rank_id", f.rank_item.lookup(new).astype(np.int64)),
             channel_id=channel_id,
             topic_id=topic_id,
@@ -899,7 +900,6 @@ class _ItemColumns:
             topic_key=items.topic_code,
             _growth=grow,
         )
-        return out
 
     def per_item(self, name: str) -> np.ndarray:
         """The vocabulary ids of categorical feature `name` ("item", "channel", "topic")."""

@@ -74,6 +74,7 @@ import torch
 from funnelrec import __version__
 from funnelrec.ann.index import ItemIndex, SearchOptions
 from funnelrec.baselines import CoWatch, Popularity, load_baseline
+from funnelrec.baselines.base import top_k_by_score
 from funnelrec.candidates import INDEX_DIR as CANDIDATE_INDEX_DIR
 from funnelrec.candidates import WEIGHTS_FILE as CANDIDATE_WEIGHTS
 from funnelrec.candidates import (
@@ -221,18 +222,6 @@ class Response:
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-def top_k_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `k` best of `ids` [n] by `scores` [n], best first, ties by smaller id: the first
-    k of a full sort, in time linear in n (the rows at or above the k-th score alone are
-    sorted)."""
-    if len(scores) > k:
-        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-        top = scores >= kth
-        ids, scores = ids[top], scores[top]
-    order = np.lexsort((ids, -scores))[:k]
-    return ids[order], scores[order]
 
 
 @dataclass(frozen=True)
@@ -466,8 +455,6 @@ class Recommender:
             ),
             key=lambda it: it.item_id,
         )  # fmt: skip
-        # Ids at or below the catalogue's largest were skipped or taken by an earlier call.
-        new = [it for it in new if it.item_id > self.items.num_items]
         if not new:
             self.added_through = through
             return

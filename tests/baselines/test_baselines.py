@@ -21,6 +21,7 @@ from funnelrec.baselines import (
     top_n_per_row,
     upload_times,
 )
+from funnelrec.baselines.base import top_k_by_score
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 
 
@@ -313,3 +314,14 @@ def test_unfitted_and_bad_requests_are_refused() -> None:
         model.top_k([1], 0)
     with pytest.raises(FunnelrecError, match="neighbours must be >= 1"):
         ItemKNN(neighbours=0)
+
+
+def test_top_k_by_score_is_the_head_of_a_full_sort() -> None:
+    rng = np.random.default_rng(0)
+    for n, k in ((0, 5), (3, 5), (50, 5), (1000, 300), (1000, 1000)):
+        ids = rng.permutation(n).astype(np.int64) + 1
+        scores = rng.integers(0, 20, n).astype(np.float32)  # many ties
+        order = np.lexsort((ids, -scores))[:k]
+        got_ids, got_scores = top_k_by_score(ids, scores, k)
+        assert got_ids.tolist() == ids[order].tolist(), (n, k)
+        assert got_scores.tolist() == scores[order].tolist()

@@ -356,16 +356,3 @@ def test_an_exclude_list_replaces_the_historys_exclusion(
     dropped = {it.item_id for it in served.items[:5]}
     shifted = rec.recommend(RecommendRequest(history=history, exclude=[*history, *dropped]))
     assert not {it.item_id for it in shifted.items} & (dropped | set(history))
-
-
-def test_top_k_by_score_is_the_head_of_a_full_sort() -> None:
-    from funnelrec.serving.recommender import top_k_by_score
-
-    rng = np.random.default_rng(0)
-    for n, k in ((0, 5), (3, 5), (50, 5), (1000, 300), (1000, 1000)):
-        ids = rng.permutation(n).astype(np.int64) + 1
-        scores = rng.integers(0, 20, n).astype(np.float32)  # many ties
-        order = np.lexsort((ids, -scores))[:k]
-        got_ids, got_scores = top_k_by_score(ids, scores, k)
-        assert got_ids.tolist() == ids[order].tolist(), (n, k)
-        assert got_scores.tolist() == scores[order].tolist()

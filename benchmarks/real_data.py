@@ -605,21 +605,34 @@ def over_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     return out
 
 
+def _seed_list(text: str, flag: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: seeds are comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise SystemExit(f"{flag}: no seed given")
+    return seeds
+
+
 def run_dataset(
     data: Split,
     models: list[str],
     console: Console,
     seeds: list[int] | None = None,
     on_model: Callable[[dict[str, Any]], None] | None = None,
+    seeds_of: dict[str, list[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every model of `models` on `data` (per seed where it has one); `on_model` gets the
-    results so far after each model (a long run keeps what it finished)."""
+    """Every model of `models` on `data` (per seed where it has one: `seeds_of[model]`
+    where given, else `seeds`); `on_model` gets the results so far after each model (a
+    long run keeps what it finished)."""
     global TRAIN_SEED
     seeds = seeds or [SEED]
+    seeds_of = seeds_of or {}
     out: dict[str, dict[str, Any]] = {}
     for i, key in enumerate(models, 1):
         runs = []
-        todo = seeds if key in SEEDED else seeds[:1]
+        todo = seeds_of.get(key, seeds) if key in SEEDED else seeds[:1]
         try:
             for seed in todo:
                 TRAIN_SEED = seed
@@ -729,6 +742,14 @@ def main(argv: list[str] | None = None) -> int:
         + ") runs once per seed and reports the mean, standard deviation, min and max",
     )
     p.add_argument(
+        "--seeds-of",
+        action="append",
+        default=[],
+        metavar="MODEL=SEEDS",
+        help="one model's own training seeds, e.g. sasrec=0 (a model that takes hours "
+        "runs once while the others run per --seeds); repeatable",
+    )
+    p.add_argument(
         "--age-at-target",
         action="store_true",
         help="score funnelrec's candidate model at example age (t_max - target time), "
@@ -794,7 +815,15 @@ def main(argv: list[str] | None = None) -> int:
     SASREC_MAX_SECONDS = args.sasrec_max_seconds
     SASREC_OVERRIDES.extend(args.sasrec_overrides.split())
     AGE_AT_REQUEST = args.age_at_target
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    seeds = _seed_list(args.seeds, "--seeds")
+    seeds_of: dict[str, list[int]] = {}
+    for item in args.seeds_of:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in SEEDED:
+            p.error(
+                f"--seeds-of {item!r}: expected MODEL=SEEDS with MODEL one of {', '.join(SEEDED)}"
+            )
+        seeds_of[key.strip()] = _seed_list(value, f"--seeds-of {key.strip()}")
     console = Console(width=None if sys.stdout.isatty() else 150)
     torch.set_num_threads(2)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -809,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": PROTOCOL,
         "seed": SEED,
         "train_seeds": seeds,
+        **({"train_seeds_of": seeds_of} if seeds_of else {}),
         "date": time.strftime("%Y-%m-%d"),
         "ks": list(KS),
         "funnelrec_version": __version__,
@@ -845,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         def keep(results: dict[str, Any], name: str = name, to: Path = partial) -> None:
             write_json_atomic(to, {**report, "datasets": {name: {"models": results}}})
 
-        results = run_dataset(data, models, console, seeds, on_model=keep)
+        results = run_dataset(data, models, console, seeds, on_model=keep, seeds_of=seeds_of)
         report["datasets"][name] = {
             "path": str(path),
             "stats": data.stats,

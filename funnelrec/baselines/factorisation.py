@@ -77,7 +77,7 @@ class _MatrixFactorisation(Baseline):
         train: pa.Table | Mapping[str, ArrayLike] | Interactions,
         num_items: int | None = None,
     ) -> Self:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
 
         started = time.perf_counter()
         data = Interactions.of(train, need_ts=False)

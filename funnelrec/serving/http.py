@@ -880,16 +880,22 @@ def server_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) ->
 
 
 def set_model_threads(torch_threads: int | None = None) -> int:
-    """Set the threads of torch's and FAISS's thread pools in this process (see `run_app`);
-    returns the number."""
+    """Set the threads of torch's, FAISS's and numpy's BLAS thread pools in this process
+    (see `run_app`); returns the number."""
     import faiss
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = torch_threads or int(os.environ.get(TORCH_THREADS_ENV, "0") or 0) or 1
     torch.set_num_threads(threads)
     # One query per request: FAISS parallelises over queries, so more threads only add
     # OpenMP start-up and barriers (FAISS keeps its own OpenMP runtime, apart from torch's).
     faiss.omp_set_num_threads(threads)
+    # numpy's BLAS (the added items' exact search is a matrix-vector product) would start
+    # a thread per core in every worker: beside the other workers' requests they spin for
+    # cores already taken, and every request of the worker waits (docs/serving.md,
+    # "Threads").
+    threadpool_limits(threads, user_api="blas")
     return threads
 
 

@@ -364,3 +364,27 @@ def test_the_funnel_recommends_what_the_unoptimised_path_did(
         assert [
             (it.item_id, it.expected_watch_time, it.score, it.sources) for it in got.items
         ] == want
+
+
+def test_model_threads_bound_numpys_blas_too() -> None:
+    """A worker's numpy BLAS (the added items' exact search) runs on the worker's model
+    threads, not one thread per core."""
+    import faiss
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from funnelrec.serving.http import set_model_threads
+
+    def blas_threads() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("numpy has no BLAS that threadpoolctl can see")
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    with threadpool_limits(2, user_api="blas"):
+        try:
+            assert set_model_threads(1) == 1
+            assert blas_threads() == {1}
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(torch_before)
+            faiss.omp_set_num_threads(faiss_before)

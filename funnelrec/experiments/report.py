@@ -773,15 +773,22 @@ class Report:
 
 
 def write_report(
-    run_dir: Path | str, out: Path | str | None = None, *, doc: Path | str | None = None
+    run_dir: Path | str,
+    out: Path | str | None = None,
+    *,
+    doc: Path | str | None = None,
+    preface: str | None = None,
 ) -> Report:
     """Collect the metrics under `run_dir` and write report.md, report.html and figures
     into `out` (default: run_dir).
 
     doc: write a project document instead (docs/results.md): the Markdown at `doc`, its
     figures in the directory of the same name without the suffix (docs/results/), under
-    the results' title and the commands that regenerate it; no HTML page."""
+    the results' title and the commands that regenerate it; no HTML page.
+    preface: Markdown about this run that its documents cannot say (how it was run, what
+    shared the machine), placed before the first section of the Markdown."""
     root = Path(run_dir)
+    extra = [*preface.strip().splitlines(), ""] if preface and preface.strip() else []
     sections = collect(root)
     if doc is not None:
         md = Path(doc)
@@ -812,9 +819,10 @@ def write_report(
         figdir.abort()
         raise
     if doc is not None:
-        text = render_markdown(root, sections, paths, title=DOC_TITLE, preamble=_doc_preamble(md))
+        preamble = [*_doc_preamble(md), *extra]
+        text = render_markdown(root, sections, paths, title=DOC_TITLE, preamble=preamble)
     else:
-        text = render_markdown(root, sections, paths)
+        text = render_markdown(root, sections, paths, preamble=extra)
     _write_text_atomic(md, text)
     if html_page is not None:
         _write_text_atomic(html_page, render_html(root, sections, images))

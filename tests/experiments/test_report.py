@@ -215,3 +215,24 @@ def test_a_project_document_with_its_figures_beside_it(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [str(tmp_path / "run"), "--doc", str(doc)])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "run" / "report.html").exists()
+
+
+def test_a_preface_says_what_the_metrics_cannot(tmp_path: Path) -> None:
+    _experiment_dir(tmp_path / "run")
+    doc = tmp_path / "docs" / "results.md"
+    preface = tmp_path / "how.md"
+    preface.write_text("## How this run was made\n\nResumed twice from its cache.\n")
+    result = CliRunner().invoke(
+        app, [str(tmp_path / "run"), "--doc", str(doc), "--preface", str(preface)]
+    )
+    assert result.exit_code == 0, result.output
+    md = doc.read_text()
+    said = md.index("Resumed twice from its cache.")
+    assert md.index(f"--doc {doc}") < said < md.index("\n## ", md.index("## How this run"))
+    write_report(tmp_path / "run", tmp_path / "rep", preface="A note.")
+    assert "A note." in (tmp_path / "rep" / "report.md").read_text()
+    missing = CliRunner().invoke(
+        app, [str(tmp_path / "run"), "--doc", str(doc), "--preface", str(tmp_path / "no.md")]
+    )
+    assert isinstance(missing.exception, FunnelrecError)
+    assert "no.md" in str(missing.exception)

@@ -624,7 +624,9 @@ def _md_table(t: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _header(root: Path, sections: list[Section]) -> dict[str, str]:
+def _header(
+    root: Path, sections: list[Section], report_commit: str | None = None
+) -> dict[str, str]:
     commits = {
         str(s.provenance.get("environment", {}).get("commit"))
         for s in sections
@@ -634,7 +636,7 @@ def _header(root: Path, sections: list[Section]) -> dict[str, str]:
         "title": f"funnelrec report: {root}",
         "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
-        "report_commit": git_commit() or "unknown",
+        "report_commit": report_commit or git_commit() or "unknown",
         "run_commits": ", ".join(sorted(commits)) or "not recorded",
     }
 
@@ -646,11 +648,13 @@ def render_markdown(
     *,
     title: str | None = None,
     preamble: Sequence[str] = (),
+    report_commit: str | None = None,
 ) -> str:
     """The report as Markdown; `figures` maps id(spec) to the PNG path relative to the
     Markdown file. title (default "funnelrec report: ROOT") and preamble (lines after the
-    generation line): a document's own, e.g. docs/results.md's."""
-    h = _header(root, sections)
+    generation line): a document's own, e.g. docs/results.md's; report_commit: the
+    checkout's commit as the report began (default: now)."""
+    h = _header(root, sections, report_commit)
     lines = [
         f"# {title or h['title']}",
         "",
@@ -703,9 +707,14 @@ def _html_table(t: Mapping[str, Any]) -> str:
     return f"<table>{cap}<tr>{head}</tr>{body}</table>{note}"
 
 
-def render_html(root: Path, sections: list[Section], images: dict[int, bytes]) -> str:
+def render_html(
+    root: Path,
+    sections: list[Section],
+    images: dict[int, bytes],
+    report_commit: str | None = None,
+) -> str:
     """The report as one HTML page; `images` maps id(spec) to PNG bytes (embedded)."""
-    h = _header(root, sections)
+    h = _header(root, sections, report_commit)
     e = html.escape
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{e(h['title'])}</title>"
@@ -788,6 +797,8 @@ def write_report(
     preface: Markdown about this run that its documents cannot say (how it was run, what
     shared the machine), placed before the first section of the Markdown."""
     root = Path(run_dir)
+    # before anything is written: a document's own figures would make the checkout dirty
+    commit = git_commit()
     extra = [*preface.strip().splitlines(), ""] if preface and preface.strip() else []
     sections = collect(root)
     if doc is not None:
@@ -820,12 +831,14 @@ def write_report(
         raise
     if doc is not None:
         preamble = [*_doc_preamble(md), *extra]
-        text = render_markdown(root, sections, paths, title=DOC_TITLE, preamble=preamble)
+        text = render_markdown(
+            root, sections, paths, title=DOC_TITLE, preamble=preamble, report_commit=commit
+        )
     else:
-        text = render_markdown(root, sections, paths, preamble=extra)
+        text = render_markdown(root, sections, paths, preamble=extra, report_commit=commit)
     _write_text_atomic(md, text)
     if html_page is not None:
-        _write_text_atomic(html_page, render_html(root, sections, images))
+        _write_text_atomic(html_page, render_html(root, sections, images, commit))
     return Report(markdown=md, html=html_page, figures=written, sections=len(sections))
 
 

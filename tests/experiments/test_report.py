@@ -236,3 +236,19 @@ def test_a_preface_says_what_the_metrics_cannot(tmp_path: Path) -> None:
     )
     assert isinstance(missing.exception, FunnelrecError)
     assert "no.md" in str(missing.exception)
+
+
+def test_the_generation_line_names_the_checkout_as_the_report_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document's own figures, written first, must not make its commit '+dirty'."""
+    import funnelrec.experiments.report as report
+
+    _experiment_dir(tmp_path / "run")
+    doc = tmp_path / "docs" / "results.md"
+    figures = doc.with_suffix("")
+    monkeypatch.setattr(
+        report, "git_commit", lambda: "abc1234+dirty" if figures.exists() else "abc1234"
+    )
+    write_report(tmp_path / "run", doc=doc)
+    assert "(commit abc1234);" in doc.read_text()

@@ -20,7 +20,6 @@ Beside the online outcomes: each policy's offline metric, to show where they dis
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -265,8 +264,7 @@ def _replay_funnels(
     spec = read_ranker_config(ctr["artifact"]).get("spec")
     if spec != read_ranker_config(wlr["artifact"]).get("spec"):
         raise ArtifactError(f"{ctr['artifact']}: its feature spec differs from the WLR's")
-    rec_ctr = copy.copy(rec)  # the same funnel and candidates, another ranker
-    rec_ctr.ranker = load_ranker(ctr["artifact"])
+    rec_ctr = rec.with_ranker(load_ranker(ctr["artifact"]))
     return replay(h, rec, rec_ctr, pop, users, seed)
 
 

@@ -97,7 +97,12 @@ from funnelrec.features.serving import (
     UserEvents,
 )
 from funnelrec.ranking.model import WEIGHTS_FILE as RANKER_WEIGHTS
-from funnelrec.ranking.model import RankingFeatureSpec, load_ranker, read_ranker_config
+from funnelrec.ranking.model import (
+    RankingFeatureSpec,
+    RankingModel,
+    load_ranker,
+    read_ranker_config,
+)
 from funnelrec.serving.inference import RequestRanker, RequestUserTower
 from funnelrec.serving.memory import map_embedding_tables
 from funnelrec.serving.state import AddedItem, UserContext, UserStateStore
@@ -399,6 +404,15 @@ class Recommender:
             self.items, self.featurizer, self.fresh, np.zeros(0, np.int64),
             np.zeros((0, dim), np.float32),
         )  # fmt: skip
+
+    def with_ranker(self, ranker: RankingModel) -> Recommender:
+        """The same funnel (sources, candidates, features, catalogue) ranked by `ranker`
+        (a loaded ranking model of the same feature spec): an A/B twin. The request path
+        ranks with the `RequestRanker` built from it, so both are replaced together."""
+        twin = copy.copy(self)
+        twin.ranker = ranker
+        twin._request_ranker = RequestRanker(ranker)
+        return twin
 
     # ---------------------------------------------------------------- added items
 

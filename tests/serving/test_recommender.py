@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
@@ -356,3 +357,20 @@ def test_an_exclude_list_replaces_the_historys_exclusion(
     dropped = {it.item_id for it in served.items[:5]}
     shifted = rec.recommend(RecommendRequest(history=history, exclude=[*history, *dropped]))
     assert not {it.item_id for it in shifted.items} & (dropped | set(history))
+
+
+def test_a_twin_with_another_ranker_ranks_with_it(rec: Recommender, store: UserStateStore) -> None:
+    """`with_ranker` (the A/B twin): the same candidates, scored by the other model."""
+    other = copy.deepcopy(rec.ranker)
+    head = [m for m in other.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == 1
+    with torch.no_grad():
+        head.bias += 1.0  # every logit one higher: the same order, other scores
+    twin = rec.with_ranker(other)
+    u = _user_with_history(store, 5)
+    req = RecommendRequest(user_id=u, k=20)
+    a, b = rec.recommend(req, store.context(u)), twin.recommend(req, store.context(u))
+    assert [it.item_id for it in a.items] == [it.item_id for it in b.items]
+    for x, y in zip(a.items, b.items, strict=True):
+        assert y.score == pytest.approx(x.score + 1.0, abs=1e-4)
+    assert rec.ranker is not other and twin.ranker is other

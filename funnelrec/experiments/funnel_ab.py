@@ -215,7 +215,7 @@ def _seed_arm(
     wlr = h.ranker_run(feats, WLR_BEST[1], seed)
     ctr = h.ranker_run(feats, CTR[1], seed)
     result = h.cached(
-        "ab-replay-paired",
+        "ab-replay-paired-v2",  # v2: the CTR twin ranks with its own model
         {
             "cand": cand["artifact"],
             "wlr": wlr["artifact"],

@@ -894,7 +894,7 @@ def set_model_threads(torch_threads: int | None = None) -> int:
     # numpy's BLAS (the added items' exact search is a matrix-vector product) would start
     # a thread per core in every worker: beside the other workers' requests they spin for
     # cores already taken, and every request of the worker waits (docs/serving.md,
-    # "Threads").
+    # "Adding items under load").
     threadpool_limits(threads, user_api="blas")
     return threads
 

@@ -192,6 +192,12 @@ def _external_id(value: Any) -> str | int:
 
 
 CLOCK_SKEW_S = 300  # how far in the future an upload time may be (the sender's clock)
+# How often a worker looks for the items other workers added: a catalogue extension costs
+# about the same for one item as for several, so looking at every request (under load,
+# one new item a look) costs each worker a full extension per item; a look every
+# ITEMS_SYNC_S takes what arrived meanwhile at once. A request that names an item this
+# worker does not know yet looks at once (`ServiceState.sync_items`, `force`).
+ITEMS_SYNC_S = 0.1
 
 
 class ItemBody(_Strict):
@@ -420,16 +426,23 @@ class ServiceState:
         self._reload_lock = threading.Lock()
         self._items_lock = threading.Lock()
         self._take_added_items(self.recommender)
+        self._items_looked = time.monotonic()  # `sync_items`
         release_unused_memory()  # what loading (and seeding) freed
 
     def _take_added_items(self, rec: Recommender) -> None:
         """Add the stored added items to `rec`'s catalogue (those it lacks)."""
         rec.add_items(self.store.added_items(rec.added_through))
 
-    def sync_items(self) -> Recommender:
-        """The recommender, with every item added to the store so far, by any process:
-        one max(item_id) query when nothing is new (every request of a worker asks)."""
+    def sync_items(self, *, force: bool = False) -> Recommender:
+        """The recommender, with the items added to the store by any process: looked for
+        (one max(item_id) query) at most every ITEMS_SYNC_S, or now with `force` (after
+        this process stored an item; a request naming an item not known here). An item
+        added through another worker is served here within ITEMS_SYNC_S."""
         rec = self.recommender
+        now = time.monotonic()
+        if not force and now - self._items_looked < ITEMS_SYNC_S:
+            return rec
+        self._items_looked = now
         if self.store.last_added_item() > rec.added_through:
             with self._items_lock:
                 rec = self.recommender
@@ -663,6 +676,8 @@ def create_app(
     def _recommend(body: RecommendBody) -> Response:
         rec = service.sync_items()  # one reference for the whole request
         if body.history is not None:
+            if not all(rec.has_item(x) for x in body.history):
+                rec = service.sync_items(force=True)  # maybe just added by another worker
             unknown = [(i, x) for i, x in enumerate(body.history) if not rec.has_item(x)]
             if unknown:
                 i, x = unknown[0]
@@ -699,6 +714,9 @@ def create_app(
     @app.post("/v1/events", responses=_errors(400, 413, 422, 500))
     def events(body: EventsBody) -> EventsResponseBody:
         rec = service.sync_items()
+        named = [ev.item_id for ev in body.events if isinstance(ev, WatchBody | ImpressionBody)]
+        if not all(rec.has_item(x) for x in named):
+            rec = service.sync_items(force=True)  # maybe just added by another worker
         out: list[WatchEvent | SearchEvent | ImpressionEvent] = []
         for i, ev in enumerate(body.events):
             if isinstance(ev, WatchBody | ImpressionBody) and not rec.has_item(ev.item_id):
@@ -720,6 +738,8 @@ def create_app(
         item_id: Annotated[int, PathParam(ge=1, lt=MAX_ID + 1), BeforeValidator(_decimal_digits)],
     ) -> dict[str, Any]:
         meta = service.sync_items().item_metadata(item_id)
+        if meta is None:  # maybe just added by another worker
+            meta = service.sync_items(force=True).item_metadata(item_id)
         if meta is None:
             raise ApiError(404, f"item_id: unknown item id {item_id}", "item_id")
         return meta
@@ -743,7 +763,7 @@ def create_app(
         if found is None:
             first = rec.items.num_items + 1
             found, created = service.store.add_item(item, first)  # returns after the commit
-            rec = service.sync_items()
+            rec = service.sync_items(force=True)
         if not found.same_content(replace(item, item_id=found.item_id)):
             message = f"item_id: item {item.raw_id} exists with other data"
             raise ApiError(409, message, "item_id")

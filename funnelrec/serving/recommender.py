@@ -410,6 +410,8 @@ class Recommender:
         (a loaded ranking model of the same feature spec): an A/B twin. The request path
         ranks with the `RequestRanker` built from it, so both are replaced together."""
         twin = copy.copy(self)
+        # Its own lookups of the added items, which `add_items` grows in place.
+        twin.added, twin._raw_item = dict(self.added), dict(self._raw_item)
         twin.ranker = ranker
         twin._request_ranker = RequestRanker(ranker)
         return twin
@@ -508,7 +510,8 @@ class Recommender:
             vecs = self._growth.append("added_vecs", v.astype(np.float32))
         # Readers in other threads: the metadata first, then what makes the new items
         # known (`has_item`, requests), then `added_through` (`ServiceState.sync_items`).
-        self.added = {**self.added, **{it.item_id: it for it in new}}
+        # In place: a copy would cost O(added items) per call; readers only look ids up.
+        self.added.update((it.item_id, it) for it in new)
         self._raw_item.update({it.raw_id: it.item_id for it in new})
         self.channels = self.channels | {it.channel_id for it in new}
         self._live = _Live(items, featurizer, fresh, ids, vecs)

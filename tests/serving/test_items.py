@@ -132,6 +132,44 @@ def test_added_items_survive_reload_and_restart_and_reach_every_worker(
         assert {first, second} <= {it["item_id"] for it in body["items"]}
 
 
+def test_a_worker_looks_for_other_workers_items_on_a_schedule_or_when_named(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between looks, a worker serves the catalogue it has; a request naming an item it
+    does not know yet (a history, an event, the item's page) looks at once."""
+    import funnelrec.serving.http as http
+
+    state = tmp_path / "state.db"
+    monkeypatch.setattr(http, "ITEMS_SYNC_S", 3600.0)
+    with (
+        TestClient(create_app(world / "art", state_path=state, serving=FRESH_ONLY)) as a,
+        TestClient(create_app(world / "art", state_path=state, serving=FRESH_ONLY)) as b,
+    ):
+        item = a.post("/v1/items", json=_new_item(a, "live-a")).json()["item_id"]
+
+        def served(client: TestClient) -> set[int]:
+            body = client.post("/v1/recommend", json={"k": 1000}).json()
+            return {it["item_id"] for it in body["items"]}
+
+        assert item in served(a) and item not in served(b)  # b has not looked yet
+        ask = {"history": [item], "k": 5}
+        assert b.post("/v1/recommend", json=ask).status_code == 200
+        assert item in served(b)
+    with (
+        TestClient(create_app(world / "art", state_path=state, serving=FRESH_ONLY)) as a,
+        TestClient(create_app(world / "art", state_path=state, serving=FRESH_ONLY)) as b,
+    ):
+        second = a.post("/v1/items", json=_new_item(a, "live-b")).json()["item_id"]
+        ev = {"type": "watch", "user_id": 7, "item_id": second, "ts": 2_000_000_000}
+        assert b.post("/v1/events", json={"events": [ev]}).json() == {"accepted": 1}
+        third = a.post("/v1/items", json=_new_item(a, "live-c")).json()["item_id"]
+        assert b.get(f"/v1/items/{third}").json()["raw_id"] == "live-c"
+        fourth = a.post("/v1/items", json=_new_item(a, "live-d")).json()["item_id"]
+        assert fourth not in served(b)
+        monkeypatch.setattr(http, "ITEMS_SYNC_S", 0.0)  # the next request looks
+        assert fourth in served(b)
+
+
 def test_an_acknowledged_item_survives_sigkill_of_the_server(world: Path, tmp_path: Path) -> None:
     state = tmp_path / "state.db"
     port = _free_port()
@@ -256,11 +294,11 @@ def test_a_request_during_an_addition_waits_for_the_item(
         first = service.recommender.items.num_items + 1
         item, _ = service.store.add_item(AddedItem(0, "held", 1, None, "t", 1, 1.0), first)
         seen: dict[str, bool] = {}
-        adding = threading.Thread(target=service.sync_items)
+        adding = threading.Thread(target=lambda: service.sync_items(force=True))
         adding.start()
         assert entered.wait(30)
         asking = threading.Thread(
-            target=lambda: seen.update(known=service.sync_items().has_item(item.item_id))
+            target=lambda: seen.update(known=service.sync_items(force=True).has_item(item.item_id))
         )
         asking.start()
         asking.join(0.3)

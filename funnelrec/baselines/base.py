@@ -136,11 +136,17 @@ def _top_of(
 
 def top_k_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best of `ids` [n] by `scores` [n], best first, ties by smaller id: the first
-    k of a full sort, in time linear in n (the rows at or above the k-th score alone are
-    sorted)."""
+    k of a full sort, in time linear in n (the k rows chosen alone are sorted)."""
     if len(scores) > k:
         kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-        top = scores >= kth
+        above = np.flatnonzero(scores > kth)
+        tied = np.flatnonzero(scores == kth)
+        # Many rows can share the k-th score (fresh items all at their full boost): the
+        # smallest ids among them, found by partition, so that they are not all sorted.
+        need = k - len(above)
+        if len(tied) > need > 0:
+            tied = tied[np.argpartition(ids[tied], need - 1)[:need]]
+        top = np.concatenate([above, tied[:need] if need > 0 else tied[:0]])
         ids, scores = ids[top], scores[top]
     order = np.lexsort((ids, -scores))[:k]
     return ids[order], scores[order]

@@ -233,7 +233,7 @@ def _finite(x: float) -> float | None:
 class _Live:
     """The catalogue a request is served from, swapped whole when items are added:
     per-item columns, the featurizer over them, the fresh source, and the added items'
-    content vectors ([M] item ids, [M, d] float32; none for an id-only model)."""
+    content vectors ([M] item ids, ascending, [M, d] float32; none for an id-only model)."""
 
     items: ServingItems
     featurizer: RankingFeaturizer
@@ -506,7 +506,10 @@ class Recommender:
             content = self.features.encode_item_content(extra)
             with torch.no_grad():
                 v = self.candidate_model.content_embeddings(content.content()).cpu().numpy()
-            ids = self._growth.append("added_ids", np.asarray(content.item_id, dtype=np.int64))
+            got = np.asarray(content.item_id, dtype=np.int64)
+            # Ascending, which `_search_added` relies on: `new` is by id, above every id added.
+            assert bool(np.all(np.diff(got) > 0)) and (not len(ids) or got[0] > ids[-1])
+            ids = self._growth.append("added_ids", got)
             vecs = self._growth.append("added_vecs", v.astype(np.float32))
         # Readers in other threads: the metadata first, then what makes the new items
         # known (`has_item`, requests), then `added_through` (`ServiceState.sync_items`).
@@ -523,10 +526,15 @@ class Recommender:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The added items' exact top `k` by dot product with the user vector u [d]."""
         ids, scores = live.added_ids, live.added_vecs @ np.asarray(u, np.float32).reshape(-1)
-        if exclude is not None:
-            keep = ~_in_sorted(ids, exclude)
-            ids, scores = ids[keep], scores[keep]
-        return top_k_by_score(ids, scores, k)
+        if exclude is None or not len(exclude):
+            return top_k_by_score(ids, scores, k)
+        # The few excluded ids looked up in the added ones (ascending: added in id order),
+        # not each added id in the exclusions; dot products are finite, so -inf marks them.
+        at = np.minimum(np.searchsorted(ids, exclude), len(ids) - 1)
+        scores[at[ids[at] == exclude]] = -np.inf
+        ids, scores = top_k_by_score(ids, scores, k)
+        keep = scores > -np.inf
+        return ids[keep], scores[keep]
 
     # ---------------------------------------------------------------- lookups
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -318,9 +319,10 @@ def test_unfitted_and_bad_requests_are_refused() -> None:
 
 def test_top_k_by_score_is_the_head_of_a_full_sort() -> None:
     rng = np.random.default_rng(0)
-    for n, k in ((0, 5), (3, 5), (50, 5), (1000, 300), (1000, 1000)):
+    cases = ((0, 5), (3, 5), (50, 5), (1000, 300), (1000, 1000), (1000, 1), (5000, 50))
+    for (n, k), levels in itertools.product(cases, (20, 2)):
         ids = rng.permutation(n).astype(np.int64) + 1
-        scores = rng.integers(0, 20, n).astype(np.float32)  # many ties
+        scores = rng.integers(0, levels, n).astype(np.float32)  # many ties at the k-th
         order = np.lexsort((ids, -scores))[:k]
         got_ids, got_scores = top_k_by_score(ids, scores, k)
         assert got_ids.tolist() == ids[order].tolist(), (n, k)

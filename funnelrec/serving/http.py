@@ -192,11 +192,11 @@ def _external_id(value: Any) -> str | int:
 
 
 CLOCK_SKEW_S = 300  # how far in the future an upload time may be (the sender's clock)
-# How often a worker looks for the items other workers added: a catalogue extension costs
-# about the same for one item as for several, so looking at every request (under load,
-# one new item a look) costs each worker a full extension per item; a look every
-# ITEMS_SYNC_S takes what arrived meanwhile at once. A request that names an item this
-# worker does not know yet looks at once (`ServiceState.sync_items`, `force`).
+# How often a worker looks for the items added to the store (by it or another worker): a
+# catalogue extension costs about the same for one item as for several, so extending at
+# every addition (under load, one new item each time) costs each worker a full extension
+# per item; a look every ITEMS_SYNC_S takes what arrived meanwhile at once. A request
+# that names an item this worker does not know yet looks at once (`sync_items`, `force`).
 ITEMS_SYNC_S = 0.1
 
 
@@ -234,7 +234,8 @@ class ItemAddedBody(BaseModel):
     created: bool = Field(description="false: the same item was already in the catalogue")
     retrievable: bool = Field(
         description="whether the deep source can retrieve it (a content model); the fresh "
-        "source nominates it either way"
+        "source nominates it either way. A request 0.1 s or more after this answer, to any "
+        "worker, is served with the item"
     )
 
 
@@ -435,9 +436,9 @@ class ServiceState:
 
     def sync_items(self, *, force: bool = False) -> Recommender:
         """The recommender, with the items added to the store by any process: looked for
-        (one max(item_id) query) at most every ITEMS_SYNC_S, or now with `force` (after
-        this process stored an item; a request naming an item not known here). An item
-        added through another worker is served here within ITEMS_SYNC_S."""
+        (one max(item_id) query) at most every ITEMS_SYNC_S, or now with `force` (a
+        request naming an item not known here). An added item is served within
+        ITEMS_SYNC_S of its commit."""
         rec = self.recommender
         now = time.monotonic()
         if not force and now - self._items_looked < ITEMS_SYNC_S:
@@ -762,8 +763,9 @@ def create_app(
         created = False
         if found is None:
             first = rec.items.num_items + 1
-            found, created = service.store.add_item(item, first)  # returns after the commit
-            rec = service.sync_items(force=True)
+            # Returns after the commit; this worker serves it from its next look, as the
+            # others do (ITEMS_SYNC_S), so that a look takes every item added meanwhile.
+            found, created = service.store.add_item(item, first)
         if not found.same_content(replace(item, item_id=found.item_id)):
             message = f"item_id: item {item.raw_id} exists with other data"
             raise ApiError(409, message, "item_id")

@@ -427,7 +427,7 @@ class Recommender:
     def retrievable(self, item_id: int) -> bool:
         """Whether the deep source can return item `item_id` (packaged: it is in the index;
         added: `retrieves_added_items`)."""
-        if item_id in self.added:
+        if item_id in self.added or item_id > self._packaged_through:  # added (or being)
             return self.retrieves_added_items
         return bool(np.isin(item_id, self.index.item_ids))
 

@@ -26,6 +26,15 @@ from tests.serving.test_http import _free_port, _post, start_server
 FRESH_ONLY = ServingConfig(deep_k=0, fresh_k=1000, cowatch_k=0)
 
 
+@pytest.fixture(autouse=True)
+def look_at_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request looks for added items: these tests' requests come faster than the
+    service's schedule of looks (a test of the schedule sets its own)."""
+    import funnelrec.serving.http as http
+
+    monkeypatch.setattr(http, "ITEMS_SYNC_S", 0.0)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("items")
@@ -135,8 +144,9 @@ def test_added_items_survive_reload_and_restart_and_reach_every_worker(
 def test_a_worker_looks_for_other_workers_items_on_a_schedule_or_when_named(
     world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Between looks, a worker serves the catalogue it has; a request naming an item it
-    does not know yet (a history, an event, the item's page) looks at once."""
+    """Between looks, a worker serves the catalogue it has, even the worker that stored
+    the item; a request naming an item it does not know yet (a history, an event, the
+    item's page) looks at once."""
     import funnelrec.serving.http as http
 
     state = tmp_path / "state.db"
@@ -151,10 +161,13 @@ def test_a_worker_looks_for_other_workers_items_on_a_schedule_or_when_named(
             body = client.post("/v1/recommend", json={"k": 1000}).json()
             return {it["item_id"] for it in body["items"]}
 
-        assert item in served(a) and item not in served(b)  # b has not looked yet
+        assert item not in served(a) and item not in served(b)  # neither has looked yet
         ask = {"history": [item], "k": 5}
         assert b.post("/v1/recommend", json=ask).status_code == 200
-        assert item in served(b)
+        assert item in served(b) and item not in served(a)
+        monkeypatch.setattr(http, "ITEMS_SYNC_S", 0.0)  # the next request looks
+        assert item in served(a)
+        monkeypatch.setattr(http, "ITEMS_SYNC_S", 3600.0)
     with (
         TestClient(create_app(world / "art", state_path=state, serving=FRESH_ONLY)) as a,
         TestClient(create_app(world / "art", state_path=state, serving=FRESH_ONLY)) as b,

@@ -28,9 +28,10 @@ How:
    Each worker says so in the server log, which is checked.
 4. Phase "quiet": C closed-loop clients (benchmarks/serving.py `_load`: plain HTTP/1.1,
    one keep-alive connection each) for --quiet-seconds. Phase "adding": the same clients,
-   on the same users, for as long as one more client (a process of its own, `--adder`)
-   takes to POST --items new items in --streams streams (each item acknowledged before
-   its stream's next; the rate is recorded), as fast as they are acknowledged or, with
+   on the same users, for as long as one more client (a process of its own, `--adder`;
+   the standard library's http.client, one keep-alive connection per stream) takes to
+   POST --items new items in --streams streams (each item acknowledged before its
+   stream's next; the rate is recorded), as fast as they are acknowledged or, with
    --rate R, item i sent no sooner than i / R seconds after the first. Both
    phases run in chunks of --chunk-seconds, so that the adding phase ends when the adding
    does; the quiet one is chunked alike.
@@ -355,38 +356,53 @@ def adder(spec_file: Path, out_file: Path) -> None:
     tmp.replace(out_file)
 
 
+def _post_json(conn: Any, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    """POST `body` as JSON on an `http.client` connection: (status, response body)."""
+    conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+    r = conn.getresponse()
+    return r.status, r.read()
+
+
 def _add_stream(spec: dict[str, Any], stream: int, streams: int, start: float) -> dict[str, Any]:
     """One stream of the adder: bodies stream, stream + streams, ... (with a rate, body i
-    no sooner than i / rate seconds after `start`)."""
-    import httpx
+    no sooner than i / rate seconds after `start`), on one keep-alive connection. The
+    standard library's client, as lean as the recommending clients': the adder shares
+    the cores with the service it measures."""
+    import http.client
+    from urllib.parse import urlsplit
 
     url, bodies = spec["url"], spec["bodies"]
+    host = urlsplit(url)
     samples = {int(k): v for k, v in spec["samples"].items()}
     ack_ms: list[float] = []
     errors: list[str] = []
     not_retrievable: list[int] = []
     measured: list[dict[str, Any]] = []
-    with httpx.Client(base_url=url, timeout=60) as client:
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+    try:
         for i in range(stream, len(bodies), streams):
             if spec.get("rate"):
                 time.sleep(max(0.0, start + i / spec["rate"] - time.perf_counter()))
             t = time.perf_counter()
             try:
-                r = client.post("/v1/items", json=bodies[i])
-            except httpx.HTTPError as e:
+                status, raw = _post_json(conn, "/v1/items", bodies[i])
+            except (OSError, http.client.HTTPException) as e:
                 errors.append(type(e).__name__)
+                conn.close()  # the next request opens a new connection
                 continue
             acked = time.perf_counter()
-            if r.status_code != 200 or not r.json().get("created"):
-                errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+            answer = json.loads(raw) if status == 200 else {}
+            if status != 200 or not answer.get("created"):
+                errors.append(f"HTTP {status}: {raw[:200].decode(errors='replace')}")
                 continue
             ack_ms.append((acked - t) * 1000.0)
-            answer = r.json()
             if not answer["retrievable"]:
                 not_retrievable.append(i)
             if i in samples:
                 got = _poll(url, answer["item_id"], samples[i], acked, spec)
                 measured.append({"index": i, **got})
+    finally:
+        conn.close()
     return {
         "ack_ms": ack_ms,
         "errors": errors,
@@ -398,17 +414,23 @@ def _add_stream(spec: dict[str, Any], stream: int, streams: int, start: float) -
 def _poll(
     url: str, item: int, probe: dict[str, Any], acked: float, spec: dict[str, Any]
 ) -> dict[str, Any]:
-    import httpx
+    import http.client
+    from urllib.parse import urlsplit
 
+    host = urlsplit(url)
     polls = 0
     body = {"user_id": probe["user"], "k": 1000}
     while time.perf_counter() - acked < spec["poll_timeout_s"]:
         polls += 1
-        r = httpx.post(f"{url}/v1/recommend", json=body, timeout=60)  # a new connection
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+        try:  # a new connection each poll: on whichever worker the kernel gives it
+            status, raw = _post_json(conn, "/v1/recommend", body)
+        finally:
+            conn.close()
         got = time.perf_counter()
         found = [
             it["sources"]["deep"]
-            for it in (r.json()["items"] if r.status_code == 200 else [])
+            for it in (json.loads(raw)["items"] if status == 200 else [])
             if it["item_id"] == item and "deep" in it["sources"]
         ]
         if found:

@@ -3,6 +3,7 @@ everyone, and its "fresh and popular now" variant that boosts recent uploads."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -12,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import ArrayLike
 
-from funnelrec.baselines.base import Baseline, _top_of
-from funnelrec.baselines.data import Histories, Interactions, Jagged
+from funnelrec.baselines.base import Baseline
+from funnelrec.baselines.data import Histories, Interactions, Jagged, _check_ids
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 
 
@@ -73,6 +74,8 @@ class Popularity(Baseline):
         )
         self.scores_ = np.zeros(1, dtype=np.float32)
         self.now = 0
+        # (scores_, item ids by them, best first, ties by smaller id): `_ranked`
+        self._ranking: tuple[np.ndarray, np.ndarray] | None = None
 
     def config(self) -> dict[str, Any]:
         return asdict(self.cfg)
@@ -126,10 +129,51 @@ class Popularity(Baseline):
     def top_k(
         self, history: ArrayLike, k: int, exclude: ArrayLike | None = None, **_: Any
     ) -> tuple[np.ndarray, np.ndarray]:
+        """As `Baseline.top_k`; the scores do not depend on the history, so the items are
+        ranked once (`_ranked`) and a request reads the head of that order: time in k and
+        the exclusions, not in the catalogue."""
         self._check_fitted()
         if k < 1:
             raise FunnelrecError(f"k must be at least 1, got {k}")
-        return _top_of(self.scores_, k, exclude, self.min_candidate_score, self.num_items)
+        ex = np.zeros(0, np.int64)
+        if exclude is not None:
+            ex = np.unique(np.asarray(exclude, dtype=np.int64).reshape(-1))
+            _check_ids(ex, self.num_items, "exclude")
+        # k of the first k + |excluded| are not excluded; item 0 scores -inf, below any floor
+        head = self._ranked()[: k + len(ex)]
+        scores = self.scores_[head]
+        keep = scores > self.min_candidate_score
+        if len(ex):
+            at = np.minimum(np.searchsorted(ex, head), len(ex) - 1)
+            keep &= ex[at] != head
+        ids = head[keep][:k]
+        return ids.astype(np.int64), self.scores_[ids].astype(np.float32)
+
+    def _ranked(self) -> np.ndarray:
+        """Every item id (0 included) by score, best first, ties by smaller id: sorted once
+        per score array."""
+        if self._ranking is None or self._ranking[0] is not self.scores_:
+            ids = np.arange(len(self.scores_))
+            self._ranking = (self.scores_, ids[np.lexsort((ids, -self.scores_))])
+        return self._ranking[1]
+
+    def with_more_items(self, scores: np.ndarray) -> Popularity:
+        """A copy over items 1..len(scores) - 1: `scores` holds this model's scores first,
+        unchanged, and new items' after them (items added to a served catalogue). The new
+        items are merged into the ranked order (time linear in the catalogue), not the
+        whole catalogue sorted again."""
+        n0 = self.num_items
+        if len(scores) < n0 + 1:
+            raise FunnelrecError(f"{len(scores) - 1} scores, fewer than the {n0} items held")
+        order = self._ranked()
+        new = np.arange(n0 + 1, len(scores))
+        new = new[np.lexsort((new, -scores[new]))]
+        # After every held item scoring at least as much: their ids are all smaller.
+        at = np.searchsorted(-self.scores_[order], -scores[new], side="right")
+        twin = copy.copy(self)
+        twin.scores_, twin.num_items = scores, len(scores) - 1
+        twin._ranking = (scores, np.insert(order, at, new))
+        return twin
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"scores": self.scores_}

@@ -490,16 +490,14 @@ class Recommender:
         extra = extra.cast(base.select(extra.column_names).schema)
         items = self.items.extended(extra)
         featurizer = self.featurizer.with_items(items)
-        fresh = copy.copy(self.fresh)
-        cfg = fresh.cfg
+        cfg = self.fresh.cfg
         assert cfg.fresh_half_life_s is not None  # checked when loading
         scores = np.full(items.num_items - self.fresh.num_items, -np.inf, dtype=np.float32)
         for it in new:
-            age = max(float(fresh.now - it.upload_ts), 0.0)
+            age = max(float(self.fresh.now - it.upload_ts), 0.0)
             boost = 1 + cfg.fresh_boost * 0.5 ** (age / cfg.fresh_half_life_s)
             scores[it.item_id - self.fresh.num_items - 1] = cfg.fresh_prior * boost
-        fresh.scores_ = self._growth.append("fresh", scores)
-        fresh.num_items = items.num_items
+        fresh = self.fresh.with_more_items(self._growth.append("fresh", scores))
         live = self._live
         ids, vecs = live.added_ids, live.added_vecs
         if self.retrieves_added_items:

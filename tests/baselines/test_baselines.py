@@ -116,6 +116,40 @@ def test_fresh_popularity_formula_and_exclusions() -> None:
         Popularity(fresh_half_life_s=10).fit(train)
 
 
+def test_popularity_top_k_reads_its_ranking_as_a_full_sort_would_also_with_more_items() -> None:
+    """Popularity ranks its items once; the head of that order, with exclusions and the
+    floor, is the top k of a full sort (ties by smaller id), also once items are merged
+    in by `with_more_items` (many of them tied, as fresh uploads at their full boost)."""
+    rng = np.random.default_rng(0)
+    n = 500
+    users, items = rng.integers(1, 50, 3000), rng.integers(1, n + 1, 3000)
+    train = table([(int(u), int(i), 10) for u, i in zip(users, items, strict=True)])
+    m = Popularity().fit(train, num_items=n)
+
+    def expected(scores: np.ndarray, k: int, ex: np.ndarray) -> list[int]:
+        s = scores.astype(np.float64).copy()
+        s[0] = -np.inf
+        s[ex] = -np.inf
+        ids = np.arange(len(s))
+        order = np.lexsort((ids, -s))
+        return [int(i) for i in order[:k] if s[i] > m.min_candidate_score]
+
+    grown = m
+    for step in range(3):
+        for k, size in ((1, 0), (10, 5), (50, 200), (600, 30)):
+            ex = rng.choice(np.arange(1, grown.num_items + 1), size, replace=False)
+            ids, scores = grown.top_k([], k, exclude=ex)
+            assert ids.tolist() == expected(grown.scores_, k, ex), (step, k)
+            assert scores.tolist() == grown.scores_[ids].tolist()
+        tail = np.full(300, 7.0, np.float32)  # many new items tied at one score
+        tail[::7] = rng.integers(0, 12, len(tail[::7]))
+        tail[5] = -np.inf  # an id the catalogue skipped
+        before = grown.scores_.copy()
+        grown = grown.with_more_items(np.concatenate([grown.scores_, tail]))
+        np.testing.assert_array_equal(grown.scores_[: len(before)], before)
+    assert m.num_items == n  # the original is unchanged
+
+
 def test_upload_times_by_item_id() -> None:
     items = pa.table({"item_id": [2, 1], "upload_ts": pa.array([50, None], pa.int64())})
     up = upload_times(items, num_items=3)

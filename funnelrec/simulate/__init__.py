@@ -51,7 +51,8 @@ a ranker trained on them knows only "fresh" among the served names (docs/simulat
 Generation streams over blocks of users (each block runs the whole window, so a user's
 history is complete in one place and "times shown" is exact), so memory depends on
 `block_user_days` and not on the number of events. Each block has its own random stream
-derived from the seed: the same seed and config give byte-identical tables. Events in
+derived from the seed: the same seed and config give byte-identical tables (on one CPU:
+numpy's vectorised exp and log may differ in the last bits on another). Events in
 the tables are ordered by user_id, then time.
 
 The modules:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import ArrayLike
 
-from funnelrec.baselines.base import Baseline
+from funnelrec.baselines.base import Baseline, in_sorted
 from funnelrec.baselines.data import Histories, Interactions, Jagged, _check_ids
 from funnelrec.errors import ArtifactError, DataError, FunnelrecError
 
@@ -142,10 +142,7 @@ class Popularity(Baseline):
         # k of the first k + |excluded| are not excluded; item 0 scores -inf, below any floor
         head = self._ranked()[: k + len(ex)]
         scores = self.scores_[head]
-        keep = scores > self.min_candidate_score
-        if len(ex):
-            at = np.minimum(np.searchsorted(ex, head), len(ex) - 1)
-            keep &= ex[at] != head
+        keep = (scores > self.min_candidate_score) & ~in_sorted(head, ex)
         ids = head[keep][:k]
         return ids.astype(np.int64), self.scores_[ids].astype(np.float32)
 

@@ -234,8 +234,8 @@ class ItemAddedBody(BaseModel):
     created: bool = Field(description="false: the same item was already in the catalogue")
     retrievable: bool = Field(
         description="whether the deep source can retrieve it (a content model); the fresh "
-        "source nominates it either way. A request 0.1 s or more after this answer, to any "
-        "worker, is served with the item"
+        f"source nominates it either way. A request {ITEMS_SYNC_S:g} s or more after this "
+        "answer, to any worker, is served with the item"
     )
 
 

@@ -74,7 +74,7 @@ import torch
 from funnelrec import __version__
 from funnelrec.ann.index import ItemIndex, SearchOptions
 from funnelrec.baselines import CoWatch, Popularity, load_baseline
-from funnelrec.baselines.base import top_k_by_score
+from funnelrec.baselines.base import in_sorted, top_k_by_score
 from funnelrec.candidates import INDEX_DIR as CANDIDATE_INDEX_DIR
 from funnelrec.candidates import WEIGHTS_FILE as CANDIDATE_WEIGHTS
 from funnelrec.candidates import (
@@ -528,8 +528,8 @@ class Recommender:
             return top_k_by_score(ids, scores, k)
         # The few excluded ids looked up in the added ones (ascending: added in id order),
         # not each added id in the exclusions; dot products are finite, so -inf marks them.
-        at = np.minimum(np.searchsorted(ids, exclude), len(ids) - 1)
-        scores[at[ids[at] == exclude]] = -np.inf
+        excluded = exclude[in_sorted(exclude, ids)]
+        scores[np.searchsorted(ids, excluded)] = -np.inf
         ids, scores = top_k_by_score(ids, scores, k)
         keep = scores > -np.inf
         return ids[keep], scores[keep]
@@ -680,7 +680,7 @@ class Recommender:
         )
         all_src = np.repeat(np.arange(len(present)), [len(nominated[s][0]) for s in present])
         if watched is not None:
-            keep = ~_in_sorted(all_ids, watched)
+            keep = ~in_sorted(all_ids, watched)
             all_ids, all_scores, all_src = all_ids[keep], all_scores[keep], all_src[keep]
         # First nomination of each item, in SOURCES order: its primary source and score.
         _, first = np.unique(all_ids, return_index=True)
@@ -713,7 +713,7 @@ class Recommender:
             top = cand[order]
             # Every nomination of the returned items, in SOURCES order: their sources' scores.
             sources: dict[int, dict[str, float]] = {item: {} for item in top.tolist()}
-            hit = np.flatnonzero(_in_sorted(all_ids, np.sort(top)))
+            hit = np.flatnonzero(in_sorted(all_ids, np.sort(top)))
             for item, src, score in zip(
                 all_ids[hit].tolist(), all_src[hit].tolist(), all_scores[hit].tolist(), strict=True
             ):
@@ -808,15 +808,6 @@ def seed_store(art: Path, data_fingerprint: str, store: UserStateStore) -> None:
     store.seed(
         tables["watches"], tables["searches"], tables["impressions"], fingerprint=data_fingerprint
     )
-
-
-def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """[n] bool: which of `values` are in `sorted_set` (sorted ascending): `np.isin` by
-    binary search, cheaper for the few hundred ids of a request."""
-    if not len(sorted_set):
-        return np.zeros(len(values), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return np.asarray(sorted_set[at] == values)
 
 
 def _ms(t0: float) -> float:

@@ -103,7 +103,7 @@ def save_candidate_artifact(
         "created_by": f"funnelrec {__version__}",
         "model": asdict(model.config),
         "inputs": asdict(model.inputs),
-        "dim": model.config.dim,
+        "dim": model.config.out_dim,
         "num_items": n,
         **extra,
         **meta,
@@ -137,7 +137,8 @@ def load_candidate_model(art: Path | str, device: str | torch.device = "cpu") ->
     """The trained model of artifact `art`, in eval mode on `device`."""
     art = Path(art)
     meta = read_candidate_config(art)
-    config = _from_dict(CandidateConfig, meta["model"])
+    # saved before the item-age term existed: a content model without it
+    config = _from_dict(CandidateConfig, {"item_age": False, **meta["model"]})
     inputs = _from_dict(CandidateInputs, meta["inputs"])
     content = meta.get("content_inputs")
     if config.item_content and not content:
@@ -211,7 +212,7 @@ def user_vectors(
                 progress(len(batch))
     model.train(was_training)
     if not vecs:
-        d = model.config.dim
+        d = model.config.out_dim
         empty = torch.zeros(0, dtype=torch.int64)
         return UserVectors(torch.zeros(0, d), empty, empty.clone(), empty.clone())
     return UserVectors(torch.cat(vecs), torch.cat(labels), torch.cat(users), torch.cat(ts))

@@ -11,6 +11,21 @@ recommendations"; the paper of 2016 has only the id table).
     dense            standardised log duration and age at the training window's end,
                      with missing flags (`features.content`)
 
+With `item_age` (`ItemAge`), the score of item j for user u also gets a term for j's age
+at the example's time (Covington et al. 2016, section 3.3: fresh content is what users
+watch, and a model trained on a window learns the window's average popularity unless it
+is told the time; the paper feeds the example's age, this the item's):
+
+    score(u, j, t) = u . v_j + w(u)[bucket(t - upload_j)]        w(u) = A u + a   [K]
+
+with K buckets of age in days (`AGE_EDGES_DAYS`, one more for an unknown upload time).
+In training each example's own time t prices every scored item (the sampled negatives
+too), and an item not yet uploaded at t is no candidate for it (masked, as an
+accidental hit is). At serving the term is two more blocks of the dot product: the query
+is [u ; w(u)] and item j's exported vector [v_j ; onehot(bucket(t_end - upload_j))], the
+age at the training window's end, which serving's example age 0 stands for (items
+uploaded later count as age 0). The index then holds d + K dimensions.
+
 The inputs come from the features' item content table (`Features.item_content`), fitted
 leak-free on the items known at the end of the training window. The candidate model
 keeps the content of its vocabulary's items as buffers (`VocabContent`, saved with the
@@ -23,14 +38,17 @@ the vocabulary are encoded from the table when the artifact is written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from funnelrec.errors import FunnelrecError
 from funnelrec.features.batch import ItemContent
+from funnelrec.features.content import DAY_S
 
 if TYPE_CHECKING:
     from funnelrec.features import Features
@@ -81,14 +99,22 @@ class ContentInputs:
 
 
 def model_content(
-    item_content: bool, feats: Features
-) -> tuple[ContentInputs | None, ItemContent | None]:
+    item_content: bool, feats: Features, *, item_age: bool = False
+) -> tuple[ContentInputs | None, ItemContent | None, int | None]:
     """What a candidate model trained on `feats` is built with: (the content tower's
-    sizes, the content of the item vocabulary's items); (None, None) without the tower."""
+    sizes, the content of the item vocabulary's items, the training window's end, the
+    reference time of the items' ages); (None, None, None) without the tower."""
     if not item_content:
-        return None, None
+        return None, None, None
     inputs = ContentInputs.from_features(feats)
-    return inputs, feats.item_content().vocab_rows(len(feats.vocab("item")))
+    table = feats.item_content()
+    if item_age and not table.has_upload_ts:
+        raise FunnelrecError(
+            f"{feats.path}: the item content table was built before upload times were kept, "
+            "which the item-age term needs; rebuild the features (`funnelrec features "
+            "build`) or train with item_age=false"
+        )
+    return inputs, table.vocab_rows(len(feats.vocab("item"))), table.t_end
 
 
 def _init_rows(weight: Tensor, std: float) -> None:
@@ -157,24 +183,34 @@ class VocabContent(nn.Module):
     title: Tensor
     title_offsets: Tensor
     dense: Tensor
+    upload_ts: Tensor
+    t_end: Tensor
 
-    def __init__(self, rows: ItemContent | None, num_rows: int, num_dense: int) -> None:
+    def __init__(
+        self, rows: ItemContent | None, num_rows: int, num_dense: int, t_end: int | None = None
+    ) -> None:
         super().__init__()
         if rows is None:
             zeros = torch.zeros(num_rows, dtype=torch.int64)
             rows = ItemContent(
                 zeros, zeros.clone(), torch.zeros(0, dtype=torch.int64), zeros.clone(),
-                torch.zeros(num_rows, num_dense),
+                torch.zeros(num_rows, num_dense), torch.full((num_rows,), -math.inf,
+                dtype=torch.float64),
             )  # fmt: skip
         if len(rows) != num_rows:
             raise FunnelrecError(
                 f"item content has {len(rows)} rows, the item vocabulary {num_rows}"
             )
-        for name in ("channel", "topic", "title", "title_offsets", "dense"):
+        for name in ("channel", "topic", "title", "title_offsets", "dense", "upload_ts"):
             self.register_buffer(name, getattr(rows, name).clone())
+        # the reference time of the items' ages at serving (-inf: not known)
+        end = -math.inf if t_end is None else float(t_end)
+        self.register_buffer("t_end", torch.tensor(end, dtype=torch.float64))
 
     def content(self) -> ItemContent:
-        return ItemContent(self.channel, self.topic, self.title, self.title_offsets, self.dense)
+        return ItemContent(
+            self.channel, self.topic, self.title, self.title_offsets, self.dense, self.upload_ts
+        )
 
     def _load_from_state_dict(
         self,
@@ -186,6 +222,11 @@ class VocabContent(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        if prefix + "upload_ts" not in state_dict and prefix + "dense" in state_dict:
+            # saved before upload times were kept: unknown (only the item-age term reads them)
+            rows = state_dict[prefix + "dense"].shape[0]
+            state_dict[prefix + "upload_ts"] = torch.full((rows,), -math.inf, dtype=torch.float64)
+            state_dict[prefix + "t_end"] = torch.tensor(-math.inf, dtype=torch.float64)
         for name, buf in list(self._buffers.items()):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor) and buf is not None and saved.shape != buf.shape:
@@ -193,3 +234,89 @@ class VocabContent(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+# The item-age term's buckets: upper edges in days since upload (the last bucket is open,
+# one more holds items whose upload time is unknown). Finer where popularity changes
+# fastest, right after upload.
+AGE_EDGES_DAYS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 21.0, 30.0, 60.0, 120.0, 365.0)
+AGE_BUCKETS = len(AGE_EDGES_DAYS) + 2
+UNKNOWN_AGE = AGE_BUCKETS - 1
+
+
+def age_buckets(age_days: Tensor) -> Tensor:
+    """The bucket [...] int64 of ages in days (negative: 0; not finite, from an unknown
+    upload or reference time: `UNKNOWN_AGE`)."""
+    edges = torch.tensor(AGE_EDGES_DAYS, dtype=age_days.dtype, device=age_days.device)
+    known = torch.bucketize(age_days.clamp(min=0.0), edges)
+    return torch.where(torch.isfinite(age_days), known, UNKNOWN_AGE)
+
+
+class ItemAge(nn.Module):
+    """The item-age term (module docstring): w(u) = A u + a [K], zero at the start so that
+    training begins from the model without it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weights = nn.Linear(dim, AGE_BUCKETS)
+        with torch.no_grad():
+            self.weights.weight.zero_()
+            self.weights.bias.zero_()
+
+    def query(self, u: Tensor) -> Tensor:
+        """[u ; w(u)]: [B, d + K], the query the exported item vectors answer."""
+        return torch.cat([u, self.weights(u)], dim=1)
+
+    def item_part(self, upload_ts: Tensor, now: Tensor) -> Tensor:
+        """[R, K] one-hot of each item's age bucket at time `now` (seconds, a scalar)."""
+        age = (now.to(torch.float64) - upload_ts.to(torch.float64)) / DAY_S
+        return F.one_hot(age_buckets(age), AGE_BUCKETS).to(torch.float32)
+
+    def label_terms(self, w: Tensor, ts: Tensor, upload: Tensor) -> Tensor:
+        """The term [B] of each example's label (uploaded at `upload` [B]) at the
+        example's time ts [B] (seconds), from the weights w = w(u) [B, K]."""
+        age = (ts.to(torch.float64) - upload.to(torch.float64)) / DAY_S
+        return w.gather(1, age_buckets(age)[:, None])[:, 0]
+
+    def pair_terms(self, w: Tensor, ts: Tensor, upload: Tensor) -> Tensor:
+        """The term [B, n] of every (example, item) pair, the items uploaded at `upload`
+        [n]; -inf where the item was not yet uploaded at the example's time (no
+        candidate then)."""
+        age = (ts.to(torch.float64)[:, None] - upload.to(torch.float64)[None, :]) / DAY_S
+        return w.gather(1, age_buckets(age)).masked_fill(age < 0, float("-inf"))
+
+    def sorted_pair_terms(self, w: Tensor, ts: Tensor, upload: Tensor) -> Tensor:
+        """`pair_terms` for items in ascending order of upload (unknown, -inf, first), in
+        a few passes over the [B, n] matrix where bucketing each age took many.
+
+        In that order an example's ages fall as the column rises, so its buckets are runs
+        of columns, their boundaries where the upload passes t - edge (a search of the
+        sorted uploads per example and edge). The count c of boundaries at or before a
+        column is then a cumulative sum, and it indexes the weights reordered: c = 0 is
+        the oldest bucket, c = len(edges) the newest, one more not yet uploaded (-inf),
+        and unknown uploads take the last index."""
+        b, n = w.shape[0], upload.shape[0]
+        t = ts.to(torch.float64)
+        up = upload.to(torch.float64).contiguous()
+        edges = torch.tensor((*AGE_EDGES_DAYS, 0.0), dtype=torch.float64, device=w.device)
+        # boundaries [B, E + 1]: the first column younger than each edge (left: an age equal
+        # to an edge is in the bucket below it), then the first not yet uploaded (right)
+        at = torch.cat(
+            [
+                torch.searchsorted(up, t[:, None] - edges[None, :-1] * DAY_S),
+                torch.searchsorted(up, t[:, None], right=True),
+            ],
+            dim=1,
+        )
+        marks = torch.zeros(b, n + 1, dtype=torch.int64, device=w.device)
+        marks.scatter_add_(1, at, torch.ones_like(at))
+        count = marks[:, :n].cumsum_(1)
+        unknown = int(torch.isinf(up).sum())
+        last = len(AGE_EDGES_DAYS)
+        # the weights by count: buckets from the oldest known down to 0, then "not yet
+        # uploaded", then the unknown bucket
+        future = torch.full((b, 1), float("-inf"), dtype=w.dtype, device=w.device)
+        reordered = torch.cat([w[:, : last + 1].flip(1), future, w[:, UNKNOWN_AGE:]], dim=1)
+        if unknown:
+            count[:, :unknown] = last + 2
+        return reordered.gather(1, count)

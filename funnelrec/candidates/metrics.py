@@ -110,6 +110,7 @@ class ModelScorer:
                 t_min, t_max = self.time_range
                 age = (t_max - batch.ts).double() / max(t_max - t_min, 1)
                 u = self.model.user_vector(batch, age.clamp(min=0).float())  # type: ignore[operator]
+                u = self.model.query(u)  # type: ignore[operator]
         return u.cpu()
 
     def scores(self, queries: Tensor) -> Tensor:

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funnelrec.candidates.content import ContentEncoder, ContentInputs, VocabContent
+from funnelrec.candidates.content import (
+    AGE_BUCKETS,
+    ContentEncoder,
+    ContentInputs,
+    ItemAge,
+    VocabContent,
+)
 from funnelrec.errors import FunnelrecError
 from funnelrec.features.batch import CandidateBatch, ItemContent
 from funnelrec.kernels.bags import weighted_bag_sum
@@ -80,6 +86,10 @@ class CandidateConfig:
                     left out with this probability: those rows are scored by their content
                     alone, as items outside the vocabulary are at serving (an option to
                     lean the content vectors on; never at serving) [0.0]
+    item_age:       with `item_content`, a term for the item's age since upload at the
+                    example's time, per user (`content.ItemAge`): the query and the
+                    exported item vectors gain `content.AGE_BUCKETS` dimensions. Needs
+                    features whose content table has upload times [True]
     """
 
     dim: int = 256
@@ -111,6 +121,7 @@ class CandidateConfig:
     item_content: bool = False
     title_dim: int | None = None
     id_dropout: float = 0.0
+    item_age: bool = True
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -140,8 +151,25 @@ class CandidateConfig:
             raise FunnelrecError(
                 f"candidate config: temperature must be > 0, got {self.temperature}"
             )
+        if self.ages_items and self.in_batch_negatives:
+            raise FunnelrecError(
+                "candidate config: the item-age term prices the sampled negatives at each "
+                "example's time and does not take in_batch_negatives; set item_age=false "
+                "or in_batch_negatives=false"
+            )
         if self.loss == "sampled" and self.num_negatives < 1 and not self.in_batch_negatives:
             raise FunnelrecError("candidate config: sampled loss needs num_negatives >= 1")
+
+    @property
+    def ages_items(self) -> bool:
+        """Whether the model has the item-age term (`item_age` applies to the tower)."""
+        return self.item_content and self.item_age
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the query and exported item vectors: d, + the age buckets with
+        `item_age`."""
+        return self.dim + (AGE_BUCKETS if self.ages_items else 0)
 
     def tower_widths(self) -> list[int]:
         """Output widths of the tower's layers, e.g. depth 3 -> [4d, 2d, d]."""
@@ -243,11 +271,15 @@ class CandidateModel(nn.Module):
     content_inputs: the content tower's sizes (`config.item_content` needs them).
     content_rows: the content of item vocabulary ids 0..N (`ContentTable.vocab_rows`);
         None: empty (a model rebuilt to load a saved state dict, which holds them).
+    content_t_end: the reference time of the items' ages at serving (the content
+        table's `t_end`); saved with the rows.
 
     With `item_content` the scored vector of item j is id_j + content_j (`content.py`):
     in training only the sampled softmax's label and negative rows are computed (the full
     softmax computes all), with the logQ correction unchanged. The history input stays
-    the id table (with `tie_embeddings` too): a watch is an id the model has seen.
+    the id table (with `tie_embeddings` too): a watch is an id the model has seen. With
+    `item_age` the serving query is [u ; w(u)] and the item vectors [v_j ; age one-hot]
+    (`content.ItemAge`).
     """
 
     def __init__(
@@ -258,6 +290,7 @@ class CandidateModel(nn.Module):
         *,
         content_inputs: ContentInputs | None = None,
         content_rows: ItemContent | None = None,
+        content_t_end: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -339,8 +372,9 @@ class CandidateModel(nn.Module):
                 content_inputs, c.dim, title_dim=c.title_dim, sparse=self.sparse
             )
             self.content_rows = VocabContent(
-                content_rows, inputs.item_vocab, content_inputs.num_dense
+                content_rows, inputs.item_vocab, content_inputs.num_dense, content_t_end
             )
+        self.item_age: ItemAge | None = ItemAge(c.dim) if c.ages_items else None
 
     def item_embeddings(self) -> Tensor:
         """The item vectors v that score u: [N + 1, d] (row 0 = padding, never a
@@ -350,7 +384,13 @@ class CandidateModel(nn.Module):
         if self.content is not None:
             ids = torch.arange(1, table.shape[0], device=table.device)
             table = torch.cat([table[:1], table[1:] + self._vocab_content(ids)])
-        return F.normalize(table, dim=1) if self.config.normalize else table
+        table = F.normalize(table, dim=1) if self.config.normalize else table
+        if self.item_age is not None:
+            assert self.content_rows is not None
+            age = self.item_age.item_part(self.content_rows.upload_ts, self.content_rows.t_end)
+            age[0] = 0.0  # padding, never a candidate
+            table = torch.cat([table, age.to(table.dtype)], dim=1)
+        return table
 
     def content_embeddings(self, content: ItemContent) -> Tensor:
         """The vectors [R, d] of items outside the vocabulary, from their content alone
@@ -358,8 +398,14 @@ class CandidateModel(nn.Module):
         if self.content is None:
             raise FunnelrecError("candidate model: no item content tower (item_content=false)")
         device = self._output_table().device
-        v = self.content(content.to(device))
-        return F.normalize(v, dim=1) if self.config.normalize else v
+        content = content.to(device)
+        v = self.content(content)
+        v = F.normalize(v, dim=1) if self.config.normalize else v
+        if self.item_age is not None:
+            assert self.content_rows is not None
+            age = self.item_age.item_part(content.upload_ts, self.content_rows.t_end)
+            v = torch.cat([v, age.to(v.dtype)], dim=1)
+        return v
 
     def _vocab_content(self, ids: Tensor) -> Tensor:
         """The content vectors [n, d] of item vocabulary ids [n]."""
@@ -420,37 +466,49 @@ class CandidateModel(nn.Module):
         return u
 
     def forward(self, batch: CandidateBatch) -> Tensor:
-        """Serving: u [B, d] with the example age set to `serving_example_age`: the end
-        of the training window, or slightly past it (Covington et al. 2016, section 3.3)."""
+        """Serving: the query [B, out_dim] with the example age set to
+        `serving_example_age`: the end of the training window, or slightly past it
+        (Covington et al. 2016, section 3.3)."""
         age = torch.full_like(batch.example_age, self.config.serving_example_age)
-        return self.user_vector(batch, age)
+        return self.query(self.user_vector(batch, age))
+
+    def query(self, u: Tensor) -> Tensor:
+        """The vector [B, out_dim] that scores the exported items for user vectors u
+        [B, d]: u itself, or [u ; w(u)] with `item_age`."""
+        return u if self.item_age is None else self.item_age.query(u)
 
     def compute_loss(self, batch: CandidateBatch) -> Tensor:
         """Mean softmax loss of predicting each example's label (examples whose label is
         out of vocabulary, id 0, cannot be predicted and are left out)."""
         u = self.user_vector(batch, batch.example_age)
-        labels = batch.label
+        labels, ts = batch.label, batch.ts
         keep = labels > 0
         if not bool(keep.all()):
-            u, labels = u[keep], labels[keep]
+            u, labels, ts = u[keep], labels[keep], ts[keep]
         if labels.numel() == 0:
             return u.sum() * 0.0  # keeps the graph: a batch of only unknown labels
         if self.content is not None:
-            return self._content_loss(u, labels)
+            return self._content_loss(u, labels, ts)
         # the raw table: the softmax normalises only the rows it gathers (`normalize`)
         loss: Tensor = self.softmax(u, self._output_table(), labels, sparse=self.sparse)
         return loss
 
-    def _content_loss(self, u: Tensor, labels: Tensor) -> Tensor:
+    def _content_loss(self, u: Tensor, labels: Tensor, ts: Tensor) -> Tensor:
         """The loss with the content tower: the id rows the loss scores plus their
         content vectors, computed for those rows only (the sampled softmax's labels and
-        negatives) or for every item (the full softmax)."""
+        negatives) or for every item (the full softmax); with `item_age`, each scored
+        item's age term at the example's time ts [B]."""
         sm, table = self.softmax, self._output_table()
         negatives = None
         if sm.full:
             ids = torch.arange(table.shape[0], device=labels.device)
         else:
             negatives = sm.sample(sm.num_negatives)
+            if self.item_age is not None and self.content_rows is not None:
+                # by upload time, as `ItemAge.sorted_pair_terms` reads them (the loss does
+                # not depend on the negatives' order)
+                up = self.content_rows.upload_ts[negatives]
+                negatives = negatives[torch.argsort(up, stable=True)]
             ids = torch.cat([labels, negatives])
         id_rows = sm.gather_rows(table, ids, self.sparse)
         p = self.config.id_dropout
@@ -458,7 +516,23 @@ class CandidateModel(nn.Module):
             keep = torch.rand(ids.shape[0], device=ids.device) >= p
             id_rows = id_rows * keep[:, None].to(id_rows.dtype)
         rows = id_rows + self._vocab_content(ids)
-        if negatives is None:
-            full: Tensor = sm(u, rows, labels)
-            return full
-        return sm.rows_loss(u, rows, labels, negatives)
+        if self.item_age is None:
+            if negatives is None:
+                full: Tensor = sm(u, rows, labels)
+                return full
+            return sm.rows_loss(u, rows, labels, negatives)
+        assert self.content_rows is not None
+        upload = self.content_rows.upload_ts
+        w = self.item_age.weights(u)
+        pos = self.item_age.label_terms(w, ts, upload[labels])
+        if negatives is None:  # every item, row 0 (padding) left out
+            ages = self.item_age.pair_terms(w, ts, upload[1:])
+            # the label's own column: its age as the positive's (never left out)
+            rows_i = torch.arange(len(labels), device=labels.device)
+            ages = ages.index_put((rows_i, labels - 1), pos)
+            if self.config.normalize:
+                rows = F.normalize(rows, dim=1)
+            logits = u @ rows[1:].T + ages
+            return F.cross_entropy(logits, labels - 1)
+        pair = self.item_age.sorted_pair_terms(w, ts, upload[negatives])
+        return sm.rows_loss(u, rows, labels, negatives, extra=(pos, pair))

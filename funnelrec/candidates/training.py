@@ -208,7 +208,9 @@ def fit_candidates(
         warm = _WarmStart.open(warm_start, feats, cfg)
         model_config = warm.model.config
         counts = warm.label_counts(counts, cfg.proposal_memory)
-    content_inputs, content_rows = model_content(model_config.item_content, feats)
+    content_inputs, content_rows, content_t_end = model_content(
+        model_config.item_content, feats, item_age=model_config.ages_items
+    )
     seed_everything(tcfg.seed)
     model = CandidateModel(
         model_config,
@@ -216,6 +218,7 @@ def fit_candidates(
         label_counts=counts,
         content_inputs=content_inputs,
         content_rows=content_rows,
+        content_t_end=content_t_end,
     )
     warm_meta = warm.apply(model, cfg.proposal_memory) if warm is not None else None
     loader = candidate_loader(

@@ -100,6 +100,7 @@ class ItemContent(_Batch):
     channel, topic:       [R]       content vocabulary ids (0 = unknown)
     title, title_offsets: [T], [R]  title token ids (unigrams + bigrams), a bag per item
     dense:                [R, K]    standardised log duration and age, missing flags
+    upload_ts:            [R]       float64 upload time in seconds (-inf: unknown)
     """
 
     channel: Tensor
@@ -107,6 +108,7 @@ class ItemContent(_Batch):
     title: Tensor
     title_offsets: Tensor
     dense: Tensor
+    upload_ts: Tensor
 
     def __len__(self) -> int:
         return int(self.channel.shape[0])
@@ -127,4 +129,5 @@ class ItemContent(_Batch):
             title=self.title[idx],
             title_offsets=offsets,
             dense=self.dense[rows],
+            upload_ts=self.upload_ts[rows],
         )

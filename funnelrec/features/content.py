@@ -18,13 +18,16 @@ vocabularies (what a fresh upload looks like to a model trained on the window). 
 and topics keep the features' `min_count`; title tokens `title_min_count` (a token on
 one title only would just be another item id) and at most `max_title_tokens`.
 
-The age is measured at the training window's end, t_end (not at each example's time): an
-item then has one vector, the one the index holds, and serving's example age 0 stands for
-that same moment. Items uploaded after t_end count as age 0 (brand new).
+The dense age is measured at the training window's end, t_end (not at each example's
+time): an item then has one vector, the one the index holds, and serving's example age 0
+stands for that same moment. Items uploaded after t_end count as age 0 (brand new). The
+raw upload time is kept too (`upload_ts`, NaN unknown): the candidate model's item-age
+term (`CandidateConfig.item_age`) measures each item's age at each training example's
+own time from it.
 
 Written by the features build as FEAT/transforms/item_content.parquet, one row per item
 (item_id, its item vocabulary id or 0, channel, topic, the title's ids as a list, the dense
-columns) with t_end and the dense scaling in the file's metadata, beside the vocabularies
+columns, upload_ts) with t_end and the dense scaling in the file's metadata, beside the vocabularies
 (FEAT/transforms/content_channel.parquet, ...). A features update extends the previous
 vocabularies (old ids keep their values) and keeps the previous dense scaling unless it
 refits the normalisers; the table itself is rebuilt over the grown catalogue.
@@ -57,7 +60,10 @@ from funnelrec.features.vocab import Vocabulary, write_table_atomic
 if TYPE_CHECKING:
     from funnelrec.features.config import FeaturesConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 tables have no upload_ts column: they read with every upload time unknown
+# (`ContentTable.has_upload_ts` False), and a model with the item-age term refuses them.
+READS_VERSIONS = (1, 2)
 CONTENT_FILE = "item_content.parquet"  # under FEAT/transforms/
 # The content vocabularies: the item columns they are fitted on
 CONTENT_VOCABS = {"channel": "content_channel", "topic": "content_topic", "title": "title_token"}
@@ -83,6 +89,8 @@ class ContentTable:
     dense:         [R, len(CONTENT_DENSE)] float32
     t_end:         the training window's end (the ages' reference time)
     scale:         {"duration": [mean, std], "age": [mean, std]} of the log values
+    upload_ts:     [R] float64 upload time in seconds (NaN: unknown)
+    has_upload_ts: False for a table written before upload times were kept
     """
 
     item_id: np.ndarray
@@ -94,6 +102,8 @@ class ContentTable:
     dense: np.ndarray
     t_end: int
     scale: dict[str, list[float]]
+    upload_ts: np.ndarray
+    has_upload_ts: bool = True
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -112,6 +122,10 @@ class ContentTable:
             out[have] = values[safe[have]]
             return out
 
+        # unknown: -inf, not NaN, which a loaded model's buffers may not hold
+        upload = np.full(len(sel), -np.inf)
+        upload[have] = self.upload_ts[safe[have]]
+        upload[np.isnan(upload)] = -np.inf
         starts = take(self.title_offsets[:-1])
         lengths = take(np.diff(self.title_offsets))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -122,6 +136,7 @@ class ContentTable:
             title=torch.from_numpy(self.title[idx].astype(np.int64)),
             title_offsets=torch.from_numpy(offsets[:-1]),
             dense=torch.from_numpy(take(self.dense).astype(np.float32)),
+            upload_ts=torch.from_numpy(upload),
         )
 
     def vocab_rows(self, item_vocab_size: int) -> ItemContent:
@@ -152,6 +167,7 @@ class ContentTable:
         }
         for j, name in enumerate(CONTENT_DENSE):
             cols[name] = pa.array(self.dense[:, j], type=pa.float32())
+        cols["upload_ts"] = pa.array(self.upload_ts, type=pa.float64())
         meta = {"format_version": FORMAT_VERSION, "t_end": self.t_end, "scale": self.scale}
         table = pa.table(cols).replace_schema_metadata({_META_KEY: json.dumps(meta)})
         write_table_atomic(table, path)
@@ -165,10 +181,11 @@ class ContentTable:
             raise ArtifactError(f"{path}: cannot read the item content table ({e})") from None
         raw = (t.schema.metadata or {}).get(_META_KEY)
         meta = json.loads(raw) if raw is not None else {}
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if version not in READS_VERSIONS:
             raise ArtifactError(
-                f"{path}: item content format version {meta.get('format_version')}, "
-                f"this funnelrec reads {FORMAT_VERSION}"
+                f"{path}: item content format version {version}, this funnelrec reads "
+                f"{', '.join(map(str, READS_VERSIONS))}"
             )
         title = t.column("title").combine_chunks()
         offsets = np.asarray(title.offsets.to_numpy(), dtype=np.int64)
@@ -191,6 +208,12 @@ class ContentTable:
             dense=dense,
             t_end=int(meta["t_end"]),
             scale={k: [float(x) for x in v] for k, v in meta["scale"].items()},
+            upload_ts=(
+                np.asarray(t.column("upload_ts").to_numpy(), dtype=np.float64)
+                if "upload_ts" in t.column_names
+                else np.full(t.num_rows, np.nan)
+            ),
+            has_upload_ts="upload_ts" in t.column_names,
         )
 
 
@@ -302,6 +325,7 @@ def encode_items(
         dense=dense,
         t_end=int(t_end),
         scale=scale,
+        upload_ts=_floats(items, "upload_ts"),
     )
 
 

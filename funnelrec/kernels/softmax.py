@@ -221,15 +221,30 @@ class SampledSoftmax(nn.Module):
         rows: Tensor = _GatherRows.apply(item_weight, ids, self.c_row_sums)
         return rows
 
-    def rows_loss(self, u: Tensor, rows: Tensor, labels: Tensor, negatives: Tensor) -> Tensor:
+    def rows_loss(
+        self,
+        u: Tensor,
+        rows: Tensor,
+        labels: Tensor,
+        negatives: Tensor,
+        *,
+        extra: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """The sampled loss from the scored rows themselves: rows [B + n, d] are the
         labels' [B] vectors, then the shared negatives' [n] (negatives: their vocabulary
         ids, for the logQ correction and the accidental hits). A model whose item vectors
         are not rows of one table (the content tower's: id row + content) computes the
-        rows of just these ids and passes them here; `sampled_loss` gathers them."""
+        rows of just these ids and passes them here; `sampled_loss` gathers them.
+
+        extra: (added to the labels' logits [B], added to each (example, negative)
+        logit [B, n], -inf to leave a pair out), for a term that is no dot product of one
+        user vector with one item row (the content tower's item age at the example's
+        time); gradients flow to both."""
         b = labels.shape[0]
         n = int(negatives.shape[0])
         m = b - 1 if self.in_batch_negatives else 0
+        if extra is not None and (m > 0 or n == 0):
+            raise FunnelrecError("sampled softmax: per-pair terms need shared negatives only")
         if self.normalize_items:
             rows = F.normalize(rows, dim=1)
         pos_v = rows[:b]  # [B, d]
@@ -255,8 +270,14 @@ class SampledSoftmax(nn.Module):
             bias = -log_count.to(u.dtype)
         else:
             bias = torch.zeros(ids.shape[0], device=u.device, dtype=u.dtype)
+        if extra is not None:
+            pos_extra, pair_extra = extra
+            out: Tensor = _FusedSoftmaxCERows.apply(
+                u, rows, bias, labels, ids, self.c_softmax_rows, pos_extra, pair_extra
+            )
+            return out
         if m == 0 and n > 0:  # the candidates are rows[B:]: one gradient for the block
-            out: Tensor = _FusedSoftmaxCERows.apply(u, rows, bias, labels, ids, self.c_softmax_rows)
+            out = _FusedSoftmaxCERows.apply(u, rows, bias, labels, ids, self.c_softmax_rows)
             return out
         return softmax_cross_entropy(
             u, pos_v, cand_v, bias, labels, ids, c_softmax_rows=self.c_softmax_rows
@@ -365,15 +386,24 @@ def _loss_and_grads(
     cand_ids: Tensor,
     grads: tuple[Tensor, Tensor, Tensor] | None,
     c_softmax_rows: bool,
+    extra: tuple[Tensor, Tensor] | None = None,
+    extra_grads: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The mean loss of `softmax_cross_entropy`, in row chunks; with `grads` = (grad_u
-    [B, d], grad_pos [B, d], grad_cand [C, d]), its gradients written into them."""
+    [B, d], grad_pos [B, d], grad_cand [C, d]), its gradients written into them. extra:
+    (pos_extra [B], pair_extra [B, C]) added to the positives' and the candidates'
+    logits (-inf: a pair left out, as a hit), their gradients written into
+    `extra_grads`."""
     need_grad = grads is not None
     # (without grads the names are bound to the inputs only to keep one code path; unused)
     grad_u, grad_pos, grad_cand = grads if grads is not None else (u, pos_v, cand_v)
     b, c_count = u.shape[0], cand_v.shape[0]
     hit_rows, hit_cols = _hits(labels, cand_ids)
     pos = (u * pos_v).sum(1)  # [B]: the label's logit, exact
+    pair = None
+    if extra is not None:
+        pos = pos + extra[0].to(pos.dtype)
+        pair = extra[1].to(u.dtype)
     cand_bias = cand_bias.contiguous()
     # the C row pass adds the bias to each row while it is in cache; torch adds it in the
     # matmul (a broadcast copy of the bias, then the product accumulated onto it)
@@ -387,6 +417,8 @@ def _loss_and_grads(
         uc, pc = u[lo:hi], pos[lo:hi]
         logits = torch.mm(uc, cand_v.T) if fused else torch.addmm(cand_bias, uc, cand_v.T)
         sel = (hit_rows >= lo) & (hit_rows < hi)
+        if pair is not None:
+            logits.add_(pair[lo:hi])
         logits[hit_rows[sel] - lo, hit_cols[sel]] = float("-inf")
         # top >= every corrected logit of the row and the positive's (which is finite), so
         # E = exp(o + bias - top) <= 1, with the exponent floored at -50: below ~-87 exp
@@ -399,6 +431,8 @@ def _loss_and_grads(
             top = torch.maximum(logits.amax(1), pc)  # [c]
             logits.sub_(top[:, None]).clamp_(min=-50.0).exp_()
             logits[hit_rows[sel] - lo, hit_cols[sel]] = 0.0  # hits stay out of the sum
+            if pair is not None:  # and the pairs left out
+                logits.masked_fill_(pair[lo:hi] == float("-inf"), 0.0)
             z = logits.sum(1)
         e_pos = torch.exp(pc - top)
         z = z + e_pos  # [c]
@@ -412,6 +446,9 @@ def _loss_and_grads(
                 torch.mm(logits, cand_v).mul_(inv[:, None]).add_(g_pos[:, None] * pos_v[lo:hi])
             )
             grad_pos[lo:hi] = g_pos[:, None] * uc
+            if extra_grads is not None:
+                extra_grads[0][lo:hi] = g_pos
+                torch.mul(logits, inv[:, None], out=extra_grads[1][lo:hi])
             # the first chunk writes grad_cand (beta 0: its contents are ignored), the
             # others add to it
             grad_cand.addmm_(logits.T, uc * inv[:, None], beta=0.0 if lo == 0 else 1.0)
@@ -448,7 +485,8 @@ class _FusedSoftmaxCE(torch.autograd.Function):
 class _FusedSoftmaxCERows(torch.autograd.Function):
     """`_FusedSoftmaxCE` for positives and candidates that are one gathered block, rows[:B]
     and rows[B:]: its gradient is one [B + C, d] tensor, not two that autograd would
-    widen to the block's size with zeros and add."""
+    widen to the block's size with zeros and add. With pos_extra [B] and pair_extra
+    [B, C] (`rows_loss`'s `extra`), their gradients too."""
 
     @staticmethod
     def forward(
@@ -459,21 +497,37 @@ class _FusedSoftmaxCERows(torch.autograd.Function):
         labels: Tensor,
         cand_ids: Tensor,
         c_softmax_rows: bool,
+        pos_extra: Tensor | None = None,
+        pair_extra: Tensor | None = None,
     ) -> Tensor:
         b = u.shape[0]
         grads = None
-        if any(ctx.needs_input_grad[:2]):
+        extra = None if pos_extra is None or pair_extra is None else (pos_extra, pair_extra)
+        extra_grads = None
+        saved: list[Tensor] = []
+        if any(ctx.needs_input_grad[:2]) or (extra is not None and any(ctx.needs_input_grad[6:])):
             grad_u, grad_rows = torch.empty_like(u), torch.empty_like(rows)
             grads = (grad_u, grad_rows[:b], grad_rows[b:])
-            ctx.save_for_backward(grad_u, grad_rows)
+            saved = [grad_u, grad_rows]
+            if extra is not None:
+                extra_grads = (
+                    torch.empty(b, dtype=u.dtype, device=u.device),
+                    torch.empty(b, rows.shape[0] - b, dtype=u.dtype, device=u.device),
+                )
+                saved += list(extra_grads)
+            ctx.save_for_backward(*saved)
         return _loss_and_grads(
-            u, rows[:b], rows[b:], cand_bias, labels, cand_ids, grads, c_softmax_rows
-        )
+            u, rows[:b], rows[b:], cand_bias, labels, cand_ids, grads, c_softmax_rows,
+            extra, extra_grads,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grad_u, grad_rows = _scaled(ctx.saved_tensors, grad_out)
-        return grad_u, grad_rows, None, None, None, None
+        scaled = _scaled(ctx.saved_tensors, grad_out)
+        if len(scaled) == 2:
+            return scaled[0], scaled[1], None, None, None, None, None, None
+        grad_u, grad_rows, grad_pos_extra, grad_pair = scaled
+        return grad_u, grad_rows, None, None, None, None, grad_pos_extra, grad_pair
 
 
 def _scaled(grads: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:

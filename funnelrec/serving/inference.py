@@ -47,7 +47,8 @@ from funnelrec.ranking.model import RankingModel
 
 
 class RequestUserTower:
-    """The user vector u [d] of one user by `model` (a loaded `CandidateModel`, eval mode)."""
+    """The query [out_dim] of one user by `model` (a loaded `CandidateModel`, eval mode):
+    the user vector u [d], with the item-age term's weights after it where it has one."""
 
     def __init__(self, model: CandidateModel) -> None:
         self.model = model
@@ -73,7 +74,7 @@ class RequestUserTower:
             u: Tensor = m.tower(torch.cat(parts, dim=1))
             if c.normalize:
                 u = F.normalize(u, dim=1) / c.temperature
-            return u.float().numpy()[0]
+            return m.query(u).float().numpy()[0]
 
 
 def _bag_mean(table: nn.EmbeddingBag, ids: Tensor, offsets: Tensor, c_row_sums: bool) -> Tensor:

@@ -26,6 +26,7 @@ from funnelrec.candidates import (
     load_training_config,
     synthetic_batch,
 )
+from funnelrec.candidates.content import AGE_BUCKETS
 from funnelrec.candidates.metrics import IndexRetriever, ModelScorer, evaluate_split
 from funnelrec.errors import FunnelrecError
 from funnelrec.features import Features
@@ -73,6 +74,7 @@ def random_content(n: int, seed: int = 0, *, empty_first: bool = True) -> ItemCo
         title=torch.randint(1, CONTENT.title_vocab, (int(lengths.sum()),), generator=g),
         title_offsets=torch.cumsum(lengths, 0) - lengths,
         dense=dense,
+        upload_ts=torch.full((n,), float("-inf"), dtype=torch.float64),
     )
 
 
@@ -103,7 +105,7 @@ def test_the_id_only_model_has_no_content_and_the_content_model_the_same_id_weig
 
 
 def test_an_items_vector_is_its_id_row_plus_its_content_vector() -> None:
-    m = model_of()
+    m = model_of(item_age=False)
     assert m.content is not None and m.item_output is not None
     rows = random_content(INPUTS.item_vocab)
     with torch.no_grad():
@@ -114,7 +116,7 @@ def test_an_items_vector_is_its_id_row_plus_its_content_vector() -> None:
         # items outside the vocabulary: their content alone
         other = random_content(5, seed=3, empty_first=False)
         torch.testing.assert_close(m.content_embeddings(other), m.content(other))
-    cosine = model_of(normalize=True)
+    cosine = model_of(normalize=True, item_age=False)
     with torch.no_grad():
         norms = cosine.content_embeddings(other).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(5))
@@ -122,7 +124,7 @@ def test_an_items_vector_is_its_id_row_plus_its_content_vector() -> None:
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_the_full_loss_is_the_exact_softmax_over_ids_plus_content(sparse: bool) -> None:
-    m = model_of(loss="full", id_dropout=0.0, sparse=sparse)
+    m = model_of(loss="full", id_dropout=0.0, sparse=sparse, item_age=False)
     b = batch()
     loss = m.compute_loss(b)
     with torch.no_grad():
@@ -138,7 +140,7 @@ def test_the_full_loss_is_the_exact_softmax_over_ids_plus_content(sparse: bool) 
 
 
 def test_the_sampled_loss_scores_the_drawn_rows_with_their_content() -> None:
-    m = model_of(id_dropout=0.0)
+    m = model_of(id_dropout=0.0, item_age=False)
     b = batch(8)
     torch.manual_seed(5)
     loss = m.compute_loss(b)
@@ -167,7 +169,8 @@ def test_id_dropout_scores_rows_by_their_content_alone_in_training_only() -> Non
 
 
 def test_with_tied_tables_the_history_stays_the_id_table() -> None:
-    tied, plain = model_of(tie_embeddings=True), model_of(item_content=False, tie_embeddings=True)
+    tied = model_of(tie_embeddings=True, item_age=False)
+    plain = model_of(item_content=False, tie_embeddings=True)
     b = batch()
     with torch.no_grad():
         torch.testing.assert_close(tied(b), plain(b))
@@ -283,7 +286,8 @@ def test_item_content_artifacts_checkpoints_and_the_index(
     # the ANN metrics: items outside the vocabulary are retrieved, never a target
     index = ItemIndex.build(emb.numpy(), ids.numpy(), "exact")
     retriever = IndexRetriever(ModelScorer(model), index, ids.numpy())
-    got = retriever.retrieve(torch.eye(8)[:2], 42, None)
+    assert model.config.out_dim == 8 + AGE_BUCKETS  # the item-age term, by default
+    got = retriever.retrieve(torch.eye(model.config.out_dim)[:2], 42, None)
     assert got.shape == (2, 42) and int((got == 0).sum(1).min()) == len(outside_ids)
     assert got.max() <= n
 

@@ -113,6 +113,9 @@ def test_a_table_round_trips_and_gives_rows_by_vocabulary_id(tmp_path: Path) -> 
     for name in ("item_id", "item", "channel", "topic", "title", "title_offsets", "dense"):
         np.testing.assert_array_equal(getattr(back, name), getattr(t, name))
     assert (back.t_end, back.scale) == (t.t_end, t.scale)
+    np.testing.assert_array_equal(back.upload_ts, t.upload_ts)  # NaN: unknown (item 5)
+    assert back.has_upload_ts and np.isnan(t.upload_ts[4]) and not np.isnan(t.upload_ts[3])
+    assert t.content().upload_ts[4] == -np.inf  # as tensors: -inf, which buffers may hold
 
     rows = t.vocab_rows(4)  # vocabulary ids 0..3
     everything = t.content()
@@ -159,6 +162,39 @@ def test_the_build_writes_the_table_and_serving_copies_carry_it(
     got = again.content()
     for name in ("channel", "topic", "title", "title_offsets", "dense"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_a_table_without_upload_times_reads_and_the_item_age_term_asks_for_a_rebuild(
+    world: Path, tmp_path: Path
+) -> None:
+    """Format version 1 (before upload times were kept) reads with every upload time
+    unknown; the tower trains on it without the item-age term and refuses it with."""
+    import pyarrow.parquet as pq
+
+    from funnelrec.candidates.content import model_content
+    from funnelrec.errors import FunnelrecError
+
+    old = tmp_path / "old"
+    shutil.copytree(world / "f", old)
+    path = old / "transforms" / CONTENT_FILE
+    t = pq.read_table(path)
+    meta = json.loads(t.schema.metadata[b"funnelrec.item_content"])
+    meta["format_version"] = 1
+    t = t.drop_columns(["upload_ts"]).replace_schema_metadata(
+        {b"funnelrec.item_content": json.dumps(meta)}
+    )
+    pq.write_table(t, path)
+    feats = Features.open(old)
+    table = feats.item_content()
+    assert not table.has_upload_ts and bool(np.isnan(table.upload_ts).all())
+    _, rows, t_end = model_content(True, feats, item_age=False)
+    assert rows is not None and t_end == table.t_end
+    with pytest.raises(FunnelrecError, match="rebuild the features"):
+        model_content(True, feats, item_age=True)
+    meta["format_version"] = 3
+    pq.write_table(t.replace_schema_metadata({b"funnelrec.item_content": json.dumps(meta)}), path)
+    with pytest.raises(ArtifactError, match="format version 3"):
+        ContentTable.load(path)
 
 
 def test_features_built_before_the_table_still_open(world: Path, tmp_path: Path) -> None:

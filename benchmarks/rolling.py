@@ -141,6 +141,7 @@ from funnelrec.serving.package import package
 from funnelrec.serving.recommender import CANDIDATES_DIR, Recommender, RecommendRequest
 from funnelrec.serving.state import UserContext, UserStateStore
 from funnelrec.simulate import generate, preset_config
+from funnelrec.simulate.truth import World
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rolling.json"
@@ -805,6 +806,88 @@ def score(rec: Recommender, nd: NextDay) -> dict[str, Any]:
     }
 
 
+def to_world_ids(world: Path, ref: Path, space: str) -> np.ndarray:
+    """[N + 1] the simulated world's dense id of each of the reference dataset's ids (which
+    its import of the logs gave; matched by raw id), 0 for none."""
+    m = Dataset.open(world).id_map(space)
+    ref_raw = raw_ids(Dataset.open(ref), space)
+    pos = pc.fill_null(pc.index_in(ref_raw, value_set=m.column("raw_id").combine_chunks()), -1)
+    p = np.asarray(pos.to_numpy(zero_copy_only=False), dtype=np.int64)
+    world_ids = np.asarray(m.column("id").to_numpy(), dtype=np.int64)
+    out = np.zeros(len(p) + 1, dtype=np.int64)
+    out[1:] = np.where(p >= 0, world_ids[np.clip(p, 0, None)], 0)
+    return out
+
+
+def truth_score(truth: World, world: Path, ref: Path, nd: NextDay) -> dict[str, Any]:
+    """The simulator's own ranking on the day's queries, the reference a model is measured
+    against: each user's top SUBSET_K items by the truth's watch rate at the query time
+    (`World.oracle_top_k`: the true interests, tastes, appeal and freshness of that
+    moment; items watched before left out but the targets, as for the arms), scored as
+    the arms are (recall@100 and fresh-item recall@100); and the same ranking among the
+    fresh items alone (all SUBSET_K places given to items uploaded in the FRESH_DAYS days
+    before: how much of the fresh targets even the truth reaches with every place)."""
+    started = time.perf_counter()
+    items, users = to_world_ids(world, ref, "item"), to_world_ids(world, ref, "user")
+    back = np.zeros(truth.n_items + 1, dtype=np.int64)
+    back[items[items > 0]] = np.flatnonzero(items > 0)
+    every = np.arange(1, len(items), dtype=np.int64)
+    not_fresh = items[every[~nd.fresh(every)]]
+    sizes = np.array([len(t) for t in nd.targets], dtype=np.int64)
+    metrics = {name: RetrievalMetrics((SUBSET_K,)) for name in ("all", "fresh", "fresh_only")}
+    fresh_places = 0
+    for lo in range(0, len(nd.users), USERS_PER_BATCH):
+        rows = np.arange(lo, min(lo + USERS_PER_BATCH, len(nd.users)))
+        targets = np.full((len(rows), int(sizes[rows].max())), -1, dtype=np.int64)
+        for j, r in enumerate(rows):
+            targets[j, : sizes[r]] = nd.targets[r]
+        excluded = [items[np.setdiff1d(nd.watched[r], nd.targets[r])] for r in rows]
+        mask = torch.from_numpy(nd.fresh(targets))
+        n_fresh = mask.sum(1)
+        has = n_fresh > 0
+        for name, exclude in (
+            ("all", excluded),
+            ("fresh_only", [np.concatenate([x, not_fresh]) for x in excluded]),
+        ):
+            top = truth.oracle_top_k(users[nd.users[rows]], nd.start, SUBSET_K, exclude=exclude)
+            lists = torch.from_numpy(back[top])
+            ranks = list_ranks(lists, torch.from_numpy(targets))
+            if name == "all":
+                metrics["all"].update(ranks, torch.from_numpy(sizes[rows].astype(np.float64)))
+                fresh_places += int(nd.fresh(back[top]).sum())
+                key = "fresh"
+            else:
+                key = "fresh_only"
+            metrics[key].update(
+                torch.where(mask, ranks, math.inf)[has], n_fresh[has].to(torch.float64)
+            )
+    got = {name: m.compute()[f"recall@{SUBSET_K}"] for name, m in metrics.items()}
+    return {
+        "day": nd.day,
+        f"recall@{SUBSET_K}": got["all"],
+        f"fresh_recall@{SUBSET_K}": got["fresh"],
+        f"fresh_only_fresh_recall@{SUBSET_K}": got["fresh_only"],
+        "fresh_share_of_top": fresh_places / max(len(nd.users) * SUBSET_K, 1),
+        "queries": len(nd.users),
+        "score_s": time.perf_counter() - started,
+    }
+
+
+def truth_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The truth's rows and their means."""
+    keys = (
+        f"recall@{SUBSET_K}",
+        f"fresh_recall@{SUBSET_K}",
+        f"fresh_only_fresh_recall@{SUBSET_K}",
+        "fresh_share_of_top",
+    )
+    return {
+        "what": truth_score.__doc__ and " ".join(truth_score.__doc__.split()),
+        "days": rows,
+        **{f"{k}_mean": float(np.mean([r[k] for r in rows])) for k in keys if rows},
+    }
+
+
 def same_ids(data: Path, ref: Path) -> None:
     """Refuse an arm's dataset whose user or item ids are not those of the reference
     dataset (both are made by the same import and appends in the same order)."""
@@ -842,7 +925,7 @@ def arm_summary(rows: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, An
     }
 
 
-def goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def goals(arms: dict[str, dict[str, Any]], truth: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each goal's ratio and whether it is met (None: an arm it needs was not run)."""
     out: dict[str, Any] = {}
     inc, full = arms.get("incremental"), arms.get("full")
@@ -861,7 +944,7 @@ def goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "what": "incremental's mean update CPU seconds / full's",
             "met": bool(cpu <= CPU_GOAL),
         }
-    out.update(content_goals(arms))
+    out.update(content_goals(arms, truth))
     frozen = arms.get("frozen")
     if frozen and frozen["days"]:
         first, last = frozen["days"][0], frozen["days"][-1]
@@ -874,10 +957,15 @@ def goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def content_goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def content_goals(
+    arms: dict[str, dict[str, Any]], truth: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The content tower's goals, each updated content arm against the id-only arm it
     extends: fresh-item recall (a ratio), cold-item recall (a value) and overall recall (a
-    ratio). Not the frozen arms': a model never updated knows no item uploaded since."""
+    ratio). Not the frozen arms': a model never updated knows no item uploaded since.
+    With `truth` (`truth_summary`), the fresh goal also gives the ratios the simulator's
+    own rankings reach against the same id-only arm: what the goal asks, next to what
+    the truth attains."""
     out: dict[str, Any] = {}
     fresh, cold = f"fresh_recall@{SUBSET_K}_mean", f"cold_recall@{SUBSET_K}_mean"
     for base in ("incremental", "full"):
@@ -903,6 +991,15 @@ def content_goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
             # with none of the fresh targets retrieved by the id-only model, any is 2x it
             "met": bool(mine[fresh] > 0 if f_ratio is None else f_ratio >= FRESH_GOAL),
         }
+        if truth and truth.get("days") and theirs[fresh] > 0:
+            t_all, t_only = truth[fresh], truth[f"fresh_only_{fresh}"]
+            out[f"{name}:fresh_recall@{SUBSET_K}"]["truth"] = {
+                "values": [t_all, t_only],
+                "ratios": [t_all / theirs[fresh], t_only / theirs[fresh]],
+                "what": f"the truth's mean fresh-item recall@{SUBSET_K} with its own ranking "
+                f"of every item, then with all {SUBSET_K} places given to fresh items, and "
+                f"each over {base}'s (the `truth` entry)",
+            }
         out[f"{name}:cold_recall@{SUBSET_K}"] = {
             "value": mine[cold],
             "values": [mine[cold], theirs[cold]],
@@ -1345,6 +1442,9 @@ def _run(
             "time, in the bins of age_shares",
             "update_cost": "wall and CPU seconds of taking in one day (CPU: this process "
             "and its children); the frozen arm's is 0",
+            "truth": "the simulator's own ranking of the same queries (truth_score): each "
+            "user's top 100 by the true watch rate at the query time, scored as the arms; "
+            "and among the fresh items only",
         },
         "base": base_cost,
         "base_content": base_content_cost,
@@ -1373,12 +1473,15 @@ def _run(
     kept_ages = (previous or {}).get("age_shares", {}).get("series", {})
     arms: dict[str, list[dict[str, Any]]] = {a: [] for a in s.arms}
     data_ages = np.zeros(len(AGE_LABELS), dtype=np.int64)
+    truth = World.load(world)
+    truth_rows: list[dict[str, Any]] = []
     run_of = {"date": result["date"], "code": code}
 
     def save() -> None:
         mine = {a: arm_summary(rows, run_of) for a, rows in arms.items()}
         result["arms"] = {a: mine.get(a) or kept[a] for a in ARMS if a in mine or a in kept}
-        result["goals"] = goals(result["arms"])
+        result["truth"] = truth_summary(truth_rows)
+        result["goals"] = goals(result["arms"], result["truth"])
         result["age_shares"] = age_shares(data_ages, result["arms"], kept_ages)
         result["wall_s"] = time.perf_counter() - started
         result["load_average_after"] = load_average()
@@ -1422,6 +1525,13 @@ def _run(
             log(f"day {day}: {a} took it in, {cost.wall_s:.1f} s wall, {cost.cpu_s:.1f} s CPU")
         nd = next_day(ref, logs, day + 1, sim.window_start, state, s.eval_users)
         data_ages += nd.age_counts(np.concatenate(nd.targets))
+        truth_rows.append(truth_score(truth, world, ref, nd))
+        t = truth_rows[-1]
+        log(
+            f"day {nd.day}, the truth's ranking: recall@100 {t['recall@100']:.4f}, fresh "
+            f"{t['fresh_recall@100']:.4f}; fresh items only: fresh "
+            f"{t['fresh_only_fresh_recall@100']:.4f}"
+        )
         for a in s.arms:
             if kind_of(a) != "frozen":
                 same_ids(data[a], ref)

@@ -126,6 +126,31 @@ def test_fresh_and_cold_recall_of_every_arm(tiny: tuple[Path, Path, dict[str, An
     )
 
 
+def test_the_truths_ranking_is_scored_beside_the_arms(
+    tiny: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    """The simulator's own ranking of the same queries: its ids matched to the
+    reference dataset's (a wrong match would score near zero), above every arm, and with
+    every place given to fresh items at least the fresh targets it reaches otherwise (its
+    fresh items keep their order, so its top 100 among them holds those of its top 100)."""
+    _, _, result = tiny
+    truth, arms = result["truth"], result["arms"]
+    assert [r["day"] for r in truth["days"]] == [24 - 1, 24]
+    for i, row in enumerate(truth["days"]):
+        mine = arms["incremental"]["days"][i]
+        assert row["day"] == mine["eval_day"] and row["queries"] == mine["queries"]
+        assert 0 <= row["fresh_recall@100"] <= row["fresh_only_fresh_recall@100"] <= 1
+        assert 0 < row["fresh_share_of_top"] < 1
+        assert row["recall@100"] > max(arm["days"][i]["recall@100"] for arm in arms.values())
+    fresh = result["goals"]["incremental_content:fresh_recall@100"]["truth"]
+    assert fresh["values"] == [
+        truth["fresh_recall@100_mean"],
+        truth["fresh_only_fresh_recall@100_mean"],
+    ]
+    base = arms["incremental"]["fresh_recall@100_mean"]
+    assert fresh["ratios"] == [pytest.approx(v / base) for v in fresh["values"]]
+
+
 def test_age_shares_and_figure(tiny: tuple[Path, Path, dict[str, Any]]) -> None:
     _, out, result = tiny
     ages = result["age_shares"]

@@ -97,11 +97,13 @@ CONFIG = ROOT / "configs" / "candidates-ml100k.toml"
 # The arms: candidate config overrides. The benchmark's two (DEFAULT_ARMS) differ only in
 # the content tower; `content-id-dropout` is a supplementary one with the tower's
 # documented option of scoring training rows by their content alone (docs/candidates.md),
-# which trains the content vectors the way cold items are scored.
+# which trains the content vectors the way cold items are scored; `content-no-age` the
+# tower without its item-age term (`item_age=false`), to show what the term does.
 ARMS: dict[str, tuple[str, ...]] = {
     "id-only": (),
     "content": ("item_content=true",),
     "content-id-dropout": ("item_content=true", "id_dropout=0.5"),
+    "content-no-age": ("item_content=true", "item_age=false"),
 }
 DEFAULT_ARMS = ("id-only", "content")
 KS = (10, 50)

@@ -526,7 +526,12 @@ class CandidateModel(nn.Module):
         w = self.item_age.weights(u)
         pos = self.item_age.label_terms(w, ts, upload[labels])
         if negatives is None:  # every item, row 0 (padding) left out
-            ages = self.item_age.pair_terms(w, ts, upload[1:])
+            # in upload order (`ItemAge.sorted_pair_terms`), then back in id order
+            order = torch.argsort(upload[1:], stable=True)
+            back = torch.empty_like(order)
+            back[order] = torch.arange(len(order), device=order.device)
+            ages = self.item_age.sorted_pair_terms(w, ts, upload[1:][order])
+            ages = ages.index_select(1, back)
             # the label's own column: its age as the positive's (never left out)
             rows_i = torch.arange(len(labels), device=labels.device)
             ages = ages.index_put((rows_i, labels - 1), pos)

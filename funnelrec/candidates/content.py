@@ -102,8 +102,9 @@ def model_content(
     item_content: bool, feats: Features, *, item_age: bool = False
 ) -> tuple[ContentInputs | None, ItemContent | None, int | None]:
     """What a candidate model trained on `feats` is built with: (the content tower's
-    sizes, the content of the item vocabulary's items, the training window's end, the
-    reference time of the items' ages); (None, None, None) without the tower."""
+    sizes, the content of the item vocabulary's items, the training window's end: the
+    reference time of the items' ages at serving); (None, None, None) without the
+    tower."""
     if not item_content:
         return None, None, None
     inputs = ContentInputs.from_features(feats)
@@ -278,16 +279,12 @@ class ItemAge(nn.Module):
         age = (ts.to(torch.float64) - upload.to(torch.float64)) / DAY_S
         return w.gather(1, age_buckets(age)[:, None])[:, 0]
 
-    def pair_terms(self, w: Tensor, ts: Tensor, upload: Tensor) -> Tensor:
-        """The term [B, n] of every (example, item) pair, the items uploaded at `upload`
-        [n]; -inf where the item was not yet uploaded at the example's time (no
-        candidate then)."""
-        age = (ts.to(torch.float64)[:, None] - upload.to(torch.float64)[None, :]) / DAY_S
-        return w.gather(1, age_buckets(age)).masked_fill(age < 0, float("-inf"))
-
     def sorted_pair_terms(self, w: Tensor, ts: Tensor, upload: Tensor) -> Tensor:
-        """`pair_terms` for items in ascending order of upload (unknown, -inf, first), in
-        a few passes over the [B, n] matrix where bucketing each age took many.
+        """The term [B, n] of every (example, item) pair, from the weights w = w(u)
+        [B, K], the examples' times ts [B] and the items' upload times `upload` [n] in
+        ascending order (unknown, -inf, first); -inf where the item was not yet uploaded
+        at the example's time (no candidate then). The same as `age_buckets` of every
+        age, in a few passes over the [B, n] matrix where bucketing each age took many.
 
         In that order an example's ages fall as the column rises, so its buckets are runs
         of columns, their boundaries where the upload passes t - edge (a search of the

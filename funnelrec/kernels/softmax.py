@@ -270,14 +270,11 @@ class SampledSoftmax(nn.Module):
             bias = -log_count.to(u.dtype)
         else:
             bias = torch.zeros(ids.shape[0], device=u.device, dtype=u.dtype)
-        if extra is not None:
-            pos_extra, pair_extra = extra
+        if m == 0 and n > 0:  # the candidates are rows[B:]: one gradient for the block
+            pos_extra, pair_extra = extra if extra is not None else (None, None)
             out: Tensor = _FusedSoftmaxCERows.apply(
                 u, rows, bias, labels, ids, self.c_softmax_rows, pos_extra, pair_extra
             )
-            return out
-        if m == 0 and n > 0:  # the candidates are rows[B:]: one gradient for the block
-            out = _FusedSoftmaxCERows.apply(u, rows, bias, labels, ids, self.c_softmax_rows)
             return out
         return softmax_cross_entropy(
             u, pos_v, cand_v, bias, labels, ids, c_softmax_rows=self.c_softmax_rows

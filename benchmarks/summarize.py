@@ -53,8 +53,11 @@ ORDER = (
     "ann_settings",
     "ranking_table",
     "serving",
+    "live_items",
     "distributed",
     "scale",
+    "rolling",
+    "cold_items",
 )
 
 # The benchmarks' goals, for results that do not record their own.
@@ -1239,6 +1242,185 @@ def render_scale(d: dict[str, Any], ctx: Context) -> Section:
     return s
 
 
+ROLLING_ARMS = ("frozen", "incremental", "full", "frozen_content", "incremental_content",
+                "full_content")  # fmt: skip
+
+
+def _rolling_goal(goals: dict[str, Any], key: str, unit: str = "x") -> str:
+    """A goal as '≥ 2x (not met)': the result records it as '>= 2.0'."""
+    g = goals.get(key) or {}
+    op, _, bound = str(g.get("goal", "-")).partition(" ")
+    op = {">=": "≥", "<=": "≤"}.get(op, op)
+    return f"{op} {num(float(bound)) if bound else ''}{unit}{met(g.get('met'))}".replace(
+        ".00x", "x"
+    )
+
+
+def render_rolling(d: dict[str, Any], ctx: Context) -> Section:
+    arms = d["arms"]
+    goals = d.get("goals") or {}
+    truth = d.get("truth") or {}
+    days = max((len(a.get("days") or []) for a in arms.values()), default=0)
+    cols = ("recall@100_mean", "fresh_recall@100_mean", "cold_recall@100_mean",
+            "funnel_hr@10_mean", "update_cpu_s_mean")  # fmt: skip
+    names = [a for a in ROLLING_ARMS if a in arms] + sorted(set(arms) - set(ROLLING_ARMS))
+    best = {c: max((arms[a].get(c) for a in names if _is_num(arms[a].get(c))), default=None)
+            for c in cols[:4]}  # fmt: skip
+
+    def cell(a: str, c: str) -> str:
+        x = arms[a].get(c)
+        text = fixed(x) if c != "update_cpu_s_mean" else num(x)
+        return f"**{text}**" if c in best and _is_num(x) and x == best[c] else text
+
+    rows = [[a, *(cell(a, c) for c in cols)] for a in names]
+    if truth:
+        rows.append(["the truth's ranking", fixed(truth.get("recall@100_mean")),
+                     fixed(truth.get("fresh_recall@100_mean")), "-", "-", "-"])  # fmt: skip
+        only = fixed(truth.get("fresh_only_fresh_recall@100_mean"))
+        rows.append(["the truth's ranking, fresh items only", "-", only, "-", "-", "-"])
+    header = ["arm", "recall@100", "fresh recall@100", "cold recall@100", "funnel HR@10",
+              "update CPU s"]  # fmt: skip
+    body = [
+        f"Means over the {days} days scored (one world, seed {d['settings'].get('seed', '-')}"
+        "); fresh: targets uploaded in the 2 days before the query, cold: targets outside "
+        "the arm's vocabulary; the best arm in bold, the simulator's own ranking below.",
+        "",
+        *table(header, rows),
+    ]
+    listed = [(k, g) for k, g in goals.items() if isinstance(g, dict) and "goal" in g]
+    if listed:
+        body += ["", *table(
+            ["goal", "what", "figure", "goal", "met"],
+            [[k, str(g.get("what", "-")), num(g.get("ratio", g.get("value"))),
+              str(g["goal"]), yes_no(g.get("met"))] for k, g in listed],
+        )]  # fmt: skip
+    s = Section(body)
+    inc, full = arms.get("incremental"), arms.get("full")
+    top = max(names, key=lambda a: arms[a].get("recall@100_mean") or -1.0)
+    if inc and full and "recall@100" in goals:
+        s.headline.append((
+            f"Daily update vs retraining from scratch (small world, {days} next days)",
+            f"recall@100 {fixed(inc['recall@100_mean'])} vs {fixed(full['recall@100_mean'])}: "
+            f"{goals['recall@100']['ratio']:.2f}x at {goals['update_cpu']['ratio']:.2f}x its "
+            f"update CPU; the strongest arm, {top}, {fixed(arms[top]['recall@100_mean'])}; the "
+            f"truth's own ranking {fixed(truth.get('recall@100_mean'))}",
+            f"recall {_rolling_goal(goals, 'recall@100')}, CPU "
+            f"{_rolling_goal(goals, 'update_cpu')}",
+        ))  # fmt: skip
+    for base in ("incremental", "full"):
+        name = f"{base}_content"
+        fresh = goals.get(f"{name}:fresh_recall@100")
+        cold = goals.get(f"{name}:cold_recall@100")
+        overall = goals.get(f"{name}:recall@100")
+        if not (fresh and cold and overall and fresh.get("ratio") is not None):
+            continue
+        t = fresh.get("truth") or {}
+        reach = (
+            f"; the truth's own ranking {fixed(t['values'][0])} ({t['ratios'][0]:.2f}x), with "
+            f"all 100 places on fresh items {fixed(t['values'][1])} ({t['ratios'][1]:.2f}x)"
+            if t.get("values") else ""
+        )  # fmt: skip
+        s.headline.append((
+            f"Item content tower, {base} arm: next-day recall of fresh and never-watched items",
+            f"fresh recall@100 {fixed(fresh['values'][0])} vs id-only {fixed(fresh['values'][1])}"
+            f": {fresh['ratio']:.2f}x{reach}; cold {fixed(cold['value'])} (id-only 0); "
+            f"recall@100 {overall['ratio']:.2f}x",
+            f"fresh {_rolling_goal(goals, f'{name}:fresh_recall@100')}, cold "
+            f"{_rolling_goal(goals, f'{name}:cold_recall@100', '')}, recall "
+            f"{_rolling_goal(goals, f'{name}:recall@100')}",
+        ))  # fmt: skip
+    return s
+
+
+def render_live_items(d: dict[str, Any], ctx: Context) -> Section:
+    st, goals, r = d["settings"], d["goals"], d["retrievable"]
+    index = d.get("index") or {}
+    phases = [(name, d[name]) for name in ("quiet", "adding") if name in d]
+    body = [
+        f"{num(st.get('items'))} items added ({st.get('adding', '-')}) to a service of "
+        f"{num(st.get('workers'))} workers whose deep source searches {big(index.get('vectors'))} "
+        f"vectors ({index.get('kind', '-')}), while {num(st.get('clients'))} clients ask for "
+        f"top {num(st.get('k'))}.",
+        "",
+        *table(
+            ["phase", "seconds", "requests", "errors", "req/s", "p50 ms", "p99 ms", "max ms",
+             "server cores busy"],
+            [[name, num(p.get("seconds")), num(p.get("completed")), num(p.get("errors")),
+              num(p.get("throughput_rps")), num(p["latency_ms"].get("p50_ms")),
+              num(p["latency_ms"].get("p99_ms")), num(p["latency_ms"].get("max_ms")),
+              num(p.get("server_cores_busy"))] for name, p in phases],
+        ),
+        "",
+        f"Acknowledgement to retrievable: {num(r.get('found'))} of {num(r.get('samples'))} "
+        f"sampled items found, p50 {num(r.get('p50_s'))} s, p99 {num(r.get('p99_s'))} s, max "
+        f"{num(r.get('max_s'))} s.",
+    ]  # fmt: skip
+    s = Section(body)
+    quiet, adding = d["quiet"]["latency_ms"], d["adding"]["latency_ms"]
+    scale = "" if goals.get("at_goal_scale") else " (not at the goal's scale)"
+    ok = [goals.get(k) for k in ("p99_met", "errors_met", "retrievable_met")]
+    s.headline.append((
+        f"Live catalogue: {num(st.get('items'))} items added to a "
+        f"{big(index.get('vectors'))}-vector index under {num(st.get('clients'))} clients",
+        f"p99 {num(adding.get('p99_ms'))} ms vs quiet {num(quiet.get('p99_ms'))} ms: "
+        f"{goals['p99_ratio']:.2f}x; {num(goals.get('errors'))} errors; retrievable within "
+        f"{goals.get('retrievable_goal_s'):g} s: "
+        f"{pct(goals.get('retrievable_within_1s_share'), 0)} of {num(r.get('samples'))} "
+        f"sampled (max {num(r.get('max_s'))} s){scale}",
+        f"p99 ≤ {goals.get('p99_ratio_goal'):g}x quiet, no errors, retrievable within "
+        f"{goals.get('retrievable_goal_s'):g} s"
+        + met(None if None in ok else all(bool(x) for x in ok)),
+    ))  # fmt: skip
+    return s
+
+
+def _seeded(v: dict[str, Any], part: str, metric: str) -> str:
+    """`metric` of `part` as mean ± the spread over seeds ('PART std'), when recorded."""
+    mean, std = v.get(part, {}).get(metric), v.get(f"{part} std", {}).get(metric)
+    return f"{fixed(mean)} ± {fixed(std)}" if _is_num(std) else fixed(mean)
+
+
+def render_cold_items(d: dict[str, Any], ctx: Context) -> Section:
+    arms, refs, split = d["arms"], d.get("references") or {}, d["split"]
+    seeds = len(d["settings"].get("seeds") or [])
+    cols = (("cold", "hr@50"), ("cold", "recall@50"), ("cold_with_history", "hr@50"),
+            ("all", "hr@50"), ("all", "recall@50"))  # fmt: skip
+    rows = [[a, *(_seeded(v, p, m) for p, m in cols)] for a, v in arms.items()]
+    rows += [[f"reference: {a.replace('_', ' ')}", *(fixed(v.get(p, {}).get(m)) for p, m in cols)]
+             for a, v in refs.items()]  # fmt: skip
+    rows.append(["reference: chance",
+                 *(fixed(split.get("chance", {}).get(p, {}).get(m)) for p, m in cols)])  # fmt: skip
+    q = split.get("queries") or {}
+    header = ["arm", "HR@50 cold", "recall@50 cold", "HR@50 cold, with history", "HR@50 all",
+              "recall@50 all"]  # fmt: skip
+    body = [
+        f"{num(split.get('cold_items'))} cold items of {num(split.get('catalogue_items'))} "
+        f"(first rated after the cut); queries: {num(q.get('cold'))} cold, "
+        f"{num(q.get('cold_with_history'))} of them with history, {num(q.get('all'))} in all. "
+        f"Means ± spread over {seeds} seeds.",
+        "",
+        *table(header, rows),
+    ]
+    s = Section(body)
+    content, idonly = arms.get("content"), arms.get("id-only")
+    if content and idonly:
+        rivals = [(f"the reference {a.replace('_', ' ')}", v["cold"]["hr@50"])
+                  for a, v in refs.items()]  # fmt: skip
+        rivals += [(a, v["cold"]["hr@50"]) for a, v in arms.items() if a != "content"]
+        name, top = max(rivals, key=lambda x: x[1])
+        hr = content["cold"]["hr@50"]
+        data = Path(str(d["settings"].get("data", ""))).name
+        s.headline.append((
+            f"{DATASET_NAMES.get(data, data or 'Real data')}: items first rated after the cut "
+            "(cold)",
+            f"content tower HR@50 {_seeded(content, 'cold', 'hr@50')} ({seeds} seeds) vs id-only "
+            f"{fixed(idonly['cold']['hr@50'])} (by construction); the strongest other in the "
+            f"table: {name} {fixed(top)}",
+            f"above 0{met(bool(hr > 0))}",
+        ))  # fmt: skip
+    return s
+
+
 def render_generic(result: Result, why: str | None) -> Section:
     """Top-level figures of a result this script has no renderer for (or cannot read)."""
     if result.error is not None:
@@ -1273,6 +1455,9 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Context], Section]] = {
     "serving": render_serving,
     "distributed": render_distributed,
     "scale": render_scale,
+    "rolling": render_rolling,
+    "live_items": render_live_items,
+    "cold_items": render_cold_items,
 }
 
 

@@ -554,3 +554,110 @@ def test_serving_workers_table_and_verdict(tmp_path: Path) -> None:
     assert (
         "clients with p99 <= 50.0 ms and 0 errors: met (260 req/s, p99 40.0 ms, 0 errors)." in index
     )
+
+
+def rolling() -> dict[str, Any]:
+    def arm(recall: float, fresh: float, cold: float, cpu: float) -> dict[str, Any]:
+        return {"days": [{"day": 22}, {"day": 23}], "recall@100_mean": recall,
+                "fresh_recall@100_mean": fresh, "cold_recall@100_mean": cold,
+                "funnel_hr@10_mean": 0.2, "update_cpu_s_mean": cpu}  # fmt: skip
+
+    fresh = {"ratio": 1.5, "values": [0.6, 0.4], "goal": ">= 2.0", "what": "f", "met": False,
+             "truth": {"values": [0.7, 0.8], "ratios": [1.75, 2.0]}}  # fmt: skip
+    return {
+        "benchmark": "rolling",
+        "settings": {"seed": 0},
+        "arms": {"incremental": arm(0.3, 0.4, 0.0, 16.0), "full": arm(0.25, 0.3, 0.0, 190.0),
+                 "incremental_content": arm(0.33, 0.6, 0.04, 23.0)},
+        "truth": {"recall@100_mean": 0.42, "fresh_recall@100_mean": 0.7,
+                  "fresh_only_fresh_recall@100_mean": 0.8},
+        "goals": {
+            "recall@100": {"ratio": 1.2, "goal": ">= 0.97", "what": "r", "met": True},
+            "update_cpu": {"ratio": 0.084, "goal": "<= 0.1", "what": "c", "met": True},
+            "incremental_content:fresh_recall@100": fresh,
+            "incremental_content:cold_recall@100": {"value": 0.04, "goal": "> 0", "met": True},
+            "incremental_content:recall@100": {"ratio": 1.1, "goal": ">= 0.99", "met": True},
+            "frozen_decay": {"what": "not a goal", "recall@100": [0.2, 0.1]},
+        },
+    }  # fmt: skip
+
+
+def live_items() -> dict[str, Any]:
+    def phase(p99: float) -> dict[str, Any]:
+        return {"seconds": 90.0, "completed": 900, "errors": 0, "throughput_rps": 10.0,
+                "server_cores_busy": 1.5,
+                "latency_ms": {"p50_ms": 20.0, "p99_ms": p99, "max_ms": 90.0}}  # fmt: skip
+
+    return {
+        "benchmark": "live_items",
+        "settings": {"items": 10000, "workers": 2, "clients": 8, "k": 10, "adding": "4 streams"},
+        "index": {"vectors": 1_000_000, "kind": "ivfpq_fs"},
+        "quiet": phase(40.0),
+        "adding": phase(70.0),
+        "retrievable": {"samples": 100, "found": 100, "p50_s": 0.09, "p99_s": 0.2, "max_s": 0.25},
+        "goals": {"at_goal_scale": True, "p99_ratio": 1.75, "p99_ratio_goal": 1.5,
+                  "p99_met": False, "errors": 0, "errors_met": True,
+                  "retrievable_within_1s_share": 1.0, "retrievable_goal_s": 1.0,
+                  "retrievable_met": True},
+    }  # fmt: skip
+
+
+def cold_items() -> dict[str, Any]:
+    def figs(hr: float) -> dict[str, float]:
+        return {"hr@50": hr, "recall@50": hr / 2}
+
+    def arm(cold: float) -> dict[str, Any]:
+        return {"all": figs(0.85), "all std": figs(0.01), "cold": figs(cold),
+                "cold std": figs(0.04), "cold_with_history": figs(cold)}  # fmt: skip
+
+    return {
+        "benchmark": "cold_items",
+        "settings": {"seeds": [0, 1, 2], "data": "/x/ml-100k"},
+        "arms": {"content": arm(0.44), "id-only": arm(0.0)},
+        "references": {"newest_first": {"all": figs(0.55), "cold": figs(0.8),
+                                        "cold_with_history": figs(0.7)}},
+        "split": {"cold_items": 45, "catalogue_items": 1682,
+                  "queries": {"cold": 47, "cold_with_history": 31, "all": 166},
+                  "chance": {"cold": figs(0.09)}},
+    }  # fmt: skip
+
+
+def test_the_freshness_benchmarks_headline_their_goals_beside_the_strongest(
+    tmp_path: Path,
+) -> None:
+    results = {"rolling": rolling(), "live_items": live_items(), "cold_items": cold_items()}
+    root, args = setup(tmp_path, results)
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "structure is not one" not in index
+    # rolling: the best arm in bold, the truth below, every goal listed, not the decay
+    row = "| incremental_content | **0.3300** | **0.6000** | **0.0400** | **0.2000** | 23.0 |"
+    assert row in index  # the funnel figure ties, so every arm has it in bold
+    assert "| the truth's ranking, fresh items only | - | 0.8000 | - | - | - |" in index
+    assert "| incremental_content:fresh_recall@100 | f | 1.50 | >= 2.0 | no |" in index
+    assert "frozen_decay" not in index
+    assert (
+        "recall@100 0.3000 vs 0.2500: 1.20x at 0.08x its update CPU; the strongest arm, "
+        "incremental_content, 0.3300; the truth's own ranking 0.4200 | recall ≥ 0.97x (met), "
+        "CPU ≤ 0.1x (met) |"
+    ) in readme
+    assert (
+        "fresh recall@100 0.6000 vs id-only 0.4000: 1.50x; the truth's own ranking 0.7000 "
+        "(1.75x), with all 100 places on fresh items 0.8000 (2.00x); cold 0.0400 (id-only 0); "
+        "recall@100 1.10x | fresh ≥ 2x (not met), cold > 0 (met), recall ≥ 0.99x (met) |"
+    ) in readme
+    # live items: both phases, and the goal not met when one of its parts is not
+    assert "| adding | 90.0 | 900 | 0 | 10.0 | 20.0 | 70.0 | 90.0 | 1.50 |" in index
+    assert (
+        "p99 70.0 ms vs quiet 40.0 ms: 1.75x; 0 errors; retrievable within 1 s: 100% of 100 "
+        "sampled (max 0.25 s) | p99 ≤ 1.5x quiet, no errors, retrievable within 1 s (not met) |"
+    ) in readme
+    # cold items: spread over seeds, the references, the strongest beside the headline
+    assert "| content | 0.4400 ± 0.0400 | 0.2200 ± 0.0200 | 0.4400 |" in index
+    assert "| reference: chance | 0.0900 | 0.0450 | - | - | - |" in index
+    assert (
+        "[MovieLens-100k: items first rated after the cut (cold)](bench/README.md#cold_items) | "
+        "content tower HR@50 0.4400 ± 0.0400 (3 seeds) vs id-only 0.0000 (by construction); the "
+        "strongest other in the table: the reference newest first 0.8000 | above 0 (met) |"
+    ) in readme

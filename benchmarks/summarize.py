@@ -1421,6 +1421,77 @@ def render_cold_items(d: dict[str, Any], ctx: Context) -> Section:
     return s
 
 
+def render_import_events(d: dict[str, Any], ctx: Context) -> Section:
+    imports, appends = d.get("imports") or {}, d.get("appends") or {}
+    rows = [
+        [name, num(r["row_counts"].get("watches")), num(r.get("seconds")), num(r.get("cpu_s")),
+         num(r.get("peak_rss_mib")), num(r.get("csv_mib")), num(r.get("dataset_mib"))]
+        for name, r in imports.items()
+    ]  # fmt: skip
+    body = table(["dataset", "rows", "import s", "import CPU s", "peak RSS MiB", "CSV MiB",
+                  "dataset MiB"], rows)  # fmt: skip
+    body += [
+        "",
+        f"Appending one day of {num(d.get('day_rows'))} rows (median of "
+        f"{num(len(appends.get('large') or []))}): {num(d.get('append_large_s'))} s to the large "
+        f"dataset, {num(d.get('append_small_s'))} s to the small one: {d['append_ratio']:.2f}x "
+        f"for a dataset {num(d.get('dataset_ratio'))}x larger. Load average (1 min) at the end "
+        f"{num(d.get('load_average_1m'))}.",
+    ]
+    s = Section(body)
+    s.headline.append((
+        f"Importing {big(d['rows'])} watch rows from CSV",
+        f"{d['rows_per_s'] / 1e6:.2f}M rows/s ({d['rows_per_cpu_s'] / 1e6:.2f}M per CPU s), "
+        f"peak RSS {num(d.get('peak_rss_mib'))} MiB; a day's append {d['append_ratio']:.2f}x "
+        f"the time on a {num(d.get('dataset_ratio'))}x larger dataset",
+        f"≥ {d['goal_rows_per_s'] / 1e6:g}M rows/s{met(d.get('goal_met'))}",
+    ))  # fmt: skip
+    return s
+
+
+def render_engines(d: dict[str, Any], ctx: Context) -> Section:
+    runs = d["runs"]
+    body = [
+        f"The feature build ({d.get('build', '-')}) of {big(d['world'].get('events'))} events, "
+        "its per-block work handed to each engine in turn; every build's output compared "
+        "with the local one-process build's.",
+        "",
+        *table(
+            ["engine", "workers", "start s", "build wall s", "driver CPU s", "same output",
+             "load (1 min) before"],
+            [[r["engine"], num(r.get("workers")), num(r.get("start_s")),
+              num(r.get("build_wall_s")), num(r.get("driver_cpu_s")),
+              yes_no(r.get("same_as_reference")), num((r.get("load_average_before") or [None])[0])]
+             for r in runs],
+        ),
+    ]  # fmt: skip
+    install = d.get("install") or {}
+    if install:
+        body += ["", *table(
+            ["engine", "packages", "installed MiB", "needs"],
+            [[k, ", ".join(v.get("packages") or []), num(v.get("installed_mib")),
+              v.get("needs", "-")] for k, v in install.items()],
+        )]  # fmt: skip
+    s = Section(body)
+    two = {r["engine"]: r for r in runs if r.get("workers") == 2}
+    local = two.get("local")
+    if local:
+        others = "; ".join(
+            f"{name} {num(r['build_wall_s'])} s ({r['build_wall_s'] / local['build_wall_s']:.2f}x "
+            "local)"
+            for name, r in two.items() if name != "local"
+        )  # fmt: skip
+        same = all(r.get("same_as_reference") for r in runs)
+        s.headline.append((
+            f"Feature build on a distributed engine ({big(d['world'].get('events'))} events, "
+            "2 workers)",
+            f"build wall: local {num(local['build_wall_s'])} s; {others}; "
+            + ("every output the same as the local build's" if same else "outputs differ"),
+            "",
+        ))  # fmt: skip
+    return s
+
+
 def render_generic(result: Result, why: str | None) -> Section:
     """Top-level figures of a result this script has no renderer for (or cannot read)."""
     if result.error is not None:
@@ -1458,6 +1529,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Context], Section]] = {
     "rolling": render_rolling,
     "live_items": render_live_items,
     "cold_items": render_cold_items,
+    "import_events": render_import_events,
+    "engines": render_engines,
 }
 
 

@@ -661,3 +661,42 @@ def test_the_freshness_benchmarks_headline_their_goals_beside_the_strongest(
         "content tower HR@50 0.4400 ± 0.0400 (3 seeds) vs id-only 0.0000 (by construction); the "
         "strongest other in the table: the reference newest first 0.8000 | above 0 (met) |"
     ) in readme
+
+
+def test_import_and_engines_headlines(tmp_path: Path) -> None:
+    def run_(engine: str, workers: int, wall: float) -> dict[str, Any]:
+        return {"engine": engine, "workers": workers, "start_s": 1.0, "build_wall_s": wall,
+                "driver_cpu_s": 20.0, "load_average_before": [1.0],
+                "same_as_reference": True}  # fmt: skip
+
+    def imported(rows: int, s: float) -> dict[str, Any]:
+        return {"seconds": s, "cpu_s": s, "peak_rss_mib": 600.0, "csv_mib": 270.0,
+                "dataset_mib": 85.0, "row_counts": {"watches": rows}}  # fmt: skip
+
+    engines = {
+        "benchmark": "engines", "build": "features build", "world": {"events": 46_700_000},
+        "runs": [run_("local", 2, 100.0), run_("dask", 1, 200.0), run_("dask", 2, 125.0)],
+        "install": {"dask": {"packages": ["dask", "distributed"], "installed_mib": 16.4}},
+    }  # fmt: skip
+    imports = {
+        "rows": 10_000_000, "rows_per_s": 1_250_000.0, "rows_per_cpu_s": 1_000_000.0,
+        "peak_rss_mib": 600.0, "goal_rows_per_s": 1_000_000, "goal_met": True,
+        "day_rows": 100_000, "append_large_s": 0.5, "append_small_s": 0.2, "append_ratio": 2.5,
+        "dataset_ratio": 10.0, "imports": {"large": imported(10_000_000, 8.0)},
+        "appends": {"large": [{}, {}, {}]},
+    }  # fmt: skip
+    root, args = setup(tmp_path, {"engines": engines, "import_events": imports})
+    assert run(args) == 0
+    index = (root / "bench" / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "structure is not one" not in index
+    assert "| dask | 1 | 1.00 | 200 | 20.0 | yes | 1.00 |" in index
+    assert "| large | 10,000,000 | 8.00 | 8.00 | 600 | 270 | 85.0 |" in index
+    assert (
+        "build wall: local 100 s; dask 125 s (1.25x local); every output the same as the local "
+        "build's | - |"
+    ) in readme
+    assert (
+        "1.25M rows/s (1.00M per CPU s), peak RSS 600 MiB; a day's append 2.50x the time on a "
+        "10.0x larger dataset | ≥ 1M rows/s (met) |"
+    ) in readme

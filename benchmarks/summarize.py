@@ -1320,10 +1320,20 @@ def render_rolling(d: dict[str, Any], ctx: Context) -> Section:
             f"all 100 places on fresh items {fixed(t['values'][1])} ({t['ratios'][1]:.2f}x)"
             if t.get("values") else ""
         )  # fmt: skip
+        key = "fresh_recall@100_mean"
+        ids = [a for a in names if not a.endswith("_content") and _is_num(arms[a].get(key))]
+        strongest = max(ids, key=lambda a: arms[a][key], default=base)
+        if strongest != base:
+            x = arms[strongest][key]
+            reach += (
+                f"; the strongest id-only arm, {strongest}, {fixed(x)} "
+                f"({fresh['values'][0] / x:.2f}x)"
+            )
         s.headline.append((
             f"Item content tower, {base} arm: next-day recall of fresh and never-watched items",
-            f"fresh recall@100 {fixed(fresh['values'][0])} vs id-only {fixed(fresh['values'][1])}"
-            f": {fresh['ratio']:.2f}x{reach}; cold {fixed(cold['value'])} (id-only 0); "
+            f"fresh recall@100 {fixed(fresh['values'][0])} vs {base} (id-only) "
+            f"{fixed(fresh['values'][1])}: {fresh['ratio']:.2f}x{reach}; cold "
+            f"{fixed(cold['value'])} (id-only 0); "
             f"recall@100 {overall['ratio']:.2f}x",
             f"fresh {_rolling_goal(goals, f'{name}:fresh_recall@100')}, cold "
             f"{_rolling_goal(goals, f'{name}:cold_recall@100', '')}, recall "

@@ -1301,7 +1301,7 @@ def render_rolling(d: dict[str, Any], ctx: Context) -> Section:
         s.headline.append((
             f"Daily update vs retraining from scratch (small world, {days} next days)",
             f"recall@100 {fixed(inc['recall@100_mean'])} vs {fixed(full['recall@100_mean'])}: "
-            f"{goals['recall@100']['ratio']:.2f}x at {goals['update_cpu']['ratio']:.2f}x its "
+            f"{goals['recall@100']['ratio']:.2f}x at {num(goals['update_cpu']['ratio'])}x its "
             f"update CPU; the strongest arm, {top}, {fixed(arms[top]['recall@100_mean'])}; the "
             f"truth's own ranking {fixed(truth.get('recall@100_mean'))}",
             f"recall {_rolling_goal(goals, 'recall@100')}, CPU "

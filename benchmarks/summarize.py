@@ -1251,9 +1251,7 @@ def _rolling_goal(goals: dict[str, Any], key: str, unit: str = "x") -> str:
     g = goals.get(key) or {}
     op, _, bound = str(g.get("goal", "-")).partition(" ")
     op = {">=": "≥", "<=": "≤"}.get(op, op)
-    return f"{op} {num(float(bound)) if bound else ''}{unit}{met(g.get('met'))}".replace(
-        ".00x", "x"
-    )
+    return f"{op} {f'{float(bound):g}' if bound else ''}{unit}{met(g.get('met'))}"
 
 
 def render_rolling(d: dict[str, Any], ctx: Context) -> Section:
